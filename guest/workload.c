@@ -1,0 +1,183 @@
+/*
+ * guest/workload.c - the CPL3 stress loop. Runs natively on our host (no
+ * instruction is emulated), so it must not touch anything CPL0-only and must
+ * not exit to the VMM except to say it is done.
+ *
+ * Each pass visits every page of this vCPU's working set once (sequentially or
+ * in a keyed random order), writes a stamp (vCPU id, generation) to the pages
+ * it writes and reads the others. Progress goes to the mailbox with plain
+ * stores: cursor after every page, the rest once per batch.
+ */
+#include "abi.h"
+
+#define BATCH 64
+
+static inline uint64_t rdtsc(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
+static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
+
+static inline void ring_doorbell(uint64_t call, uint32_t arg)
+{
+    *(volatile uint64_t *)MVM_DOORBELL_GPA = (call << 32) | arg;
+}
+
+static inline uint64_t page_gpa(const struct mvm_vcpu_params *vp, uint64_t idx)
+{
+    const struct mvm_segment *s = vp->seg;
+    while (idx >= s->pages) {
+        idx -= s->pages;
+        s++;
+    }
+    return s->gpa + (idx << MVM_PAGE_SHIFT);
+}
+
+struct watchdog {
+    uint64_t prev;
+    uint64_t threshold;
+};
+
+/* A progress point: note gaps longer than the threshold, like the kernel's
+ * soft-lockup detector does with its per-CPU touch timestamp. */
+static inline uint64_t progress_point(struct watchdog *wd, struct mvm_mailbox *mb)
+{
+    uint64_t now = rdtsc();
+    uint64_t gap = now - wd->prev;
+    if (__builtin_expect(gap > wd->threshold, 0)) {
+        uint64_t n = mb->wd_events;
+        mb->wd[n % MVM_WD_RING].start_tsc = wd->prev;
+        mb->wd[n % MVM_WD_RING].len_tsc = gap;
+        barrier();
+        mb->wd_events = n + 1;
+    }
+    if (gap > mb->wd_max_gap_tsc) {
+        mb->wd_max_gap_tsc = gap;
+        mb->wd_max_gap_at_tsc = wd->prev;
+    }
+    wd->prev = now;
+    mb->last_tsc = now;
+    return now;
+}
+
+static void inject_fault(uint32_t fault)
+{
+    switch (fault) {
+    case MVM_FAULT_UD:
+        __asm__ volatile("ud2");
+        break;
+    case MVM_FAULT_PF:
+        *(volatile uint64_t *)MVM_FAULT_PF_ADDR = 1;
+        break;
+    case MVM_FAULT_DE: {
+        volatile uint64_t zero = 0;
+        uint64_t a = 1, d = 0;
+        __asm__ volatile("divq %2" : "+a"(a), "+d"(d) : "r"(zero));
+        break;
+    }
+    case MVM_FAULT_GP:
+        *(volatile uint64_t *)0x8000000000000000ull = 1;
+        break;
+    default:
+        break;
+    }
+}
+
+__attribute__((noreturn, used, section(".text.user")))
+void user_entry(const struct mvm_boot_params *bp, const struct mvm_vcpu_params *vp,
+                struct mvm_mailbox *mb)
+{
+    const uint32_t vcpu = vp->vcpu_id;
+    const uint64_t n = vp->total_pages;
+    const uint32_t pattern = bp->pattern;
+    const uint32_t touch = bp->touch;
+    const uint32_t write_pct = bp->write_pct;
+    const uint64_t seed = bp->seed;
+    const uint64_t visits = mvm_visits_per_pass(pattern, n);
+    struct watchdog wd = { rdtsc(), bp->watchdog_threshold_tsc };
+    uint64_t written = 0, read = 0, sink = 0;
+    uint64_t deadline = wd.prev; /* rate cap: TSC by which the next batch may start */
+
+    mb->start_tsc = wd.prev;
+    mb->last_tsc = wd.prev;
+    mb->state = MVM_STATE_RUNNING;
+    inject_fault(vp->fault);
+
+    for (uint64_t gen = 1; n != 0 && !mb->stop; gen++) {
+        struct mvm_perm perm = mvm_perm_for(seed, vcpu, gen, n);
+        mb->cursor = 0;
+        barrier();
+        mb->generation = gen;
+        for (uint64_t i = 0; i < visits && !mb->stop;) {
+            uint64_t end = i + BATCH < visits ? i + BATCH : visits;
+            uint64_t batch_start = wd.prev;
+            for (; i < end; i++) {
+                uint64_t idx = pattern == MVM_PATTERN_RANDOM ? mvm_perm_apply(&perm, i) : i;
+                if (idx >= n)
+                    continue; /* cycle walking: the cursor still counts the visit */
+                uint64_t *page = (uint64_t *)page_gpa(vp, idx);
+                if (mvm_writes(write_pct, seed, vcpu, gen, idx)) {
+                    uint64_t stamp = MVM_STAMP(vcpu, gen);
+                    if (touch == MVM_TOUCH_PAGE) {
+                        uint64_t cnt = MVM_PAGE_SIZE / 8;
+                        void *dst = page;
+                        __asm__ volatile("rep stosq" : "+D"(dst), "+c"(cnt) : "a"(stamp) : "memory");
+                    } else {
+                        *(volatile uint64_t *)page = stamp;
+                    }
+                    written++;
+                } else {
+                    sink += *(volatile uint64_t *)page;
+                    read++;
+                }
+                barrier(); /* the stamp is stored before the cursor moves past it */
+                mb->cursor = i + 1;
+            }
+            mb->pages_written = written;
+            mb->pages_read = read;
+            uint64_t now = progress_point(&wd, mb);
+
+            uint64_t rate = mb->rate_pages_per_s;
+            if (rate) {
+                uint64_t step = (mb->tsc_per_page_q16 * BATCH) >> 16;
+                /* After a stall, do not burst to catch up: restart from now. */
+                if (now > deadline + 16 * step)
+                    deadline = now;
+                deadline += step;
+                while (rdtsc() < deadline && !mb->stop) {
+                    cpu_relax();
+                    progress_point(&wd, mb);
+                }
+            }
+            uint64_t thr = mb->throttle_pct;
+            if (thr) {
+                /* Idle thr% of the time: after a batch that took t, spin t*thr/(100-thr). */
+                uint64_t spin_until = now + ((now - batch_start) * thr) / (100 - (thr > 99 ? 99 : thr));
+                while (rdtsc() < spin_until && !mb->stop) {
+                    cpu_relax();
+                    progress_point(&wd, mb);
+                }
+            }
+        }
+        if (mb->cursor == visits) {
+            mb->passes = gen;
+            if (gen == 1) {
+                mb->warm_pages = written;
+                mb->warm_tsc = rdtsc();
+            }
+            if (bp->max_passes && gen >= bp->max_passes)
+                break;
+        }
+    }
+    mb->read_sink = sink;
+    mb->pages_written = written;
+    mb->pages_read = read;
+    barrier();
+    mb->state = MVM_STATE_DONE;
+    for (;;)
+        ring_doorbell(MVM_DOORBELL_DONE, vcpu);
+}

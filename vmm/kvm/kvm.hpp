@@ -1,0 +1,113 @@
+// vmm/kvm/kvm.hpp - RAII owners of the KVM fd hierarchy: Kvm (/dev/kvm),
+// Vm (a VM fd), Vcpu (a vCPU fd with its mmapped kvm_run and, when enabled,
+// its dirty ring). Move-only; nothing here knows about guests or memory.
+#pragma once
+
+#include <linux/kvm.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "vmm/kvm/fd.hpp"
+#include "vmm/kvm/kvm_abi.h"
+
+namespace mvm {
+
+class Vm;
+
+// /dev/kvm. Capability values are probed once and cached.
+class Kvm {
+public:
+    // Opens /dev/kvm (or `path`); throws KvmUnavailable with advice when it cannot.
+    explicit Kvm(const std::string& path = "/dev/kvm");
+
+    int fd() const noexcept { return fd_.get(); }
+    int api_version() const noexcept { return api_version_; }
+    // KVM_CHECK_EXTENSION on /dev/kvm; 0 when absent.
+    int cap(int cap) const;
+    // Throws Unsupported "this host's KVM lacks NAME (needed for WHY)" when cap() == 0.
+    int require(int cap, const std::string& why) const;
+    size_t vcpu_mmap_size() const;
+    // KVM_GET_SUPPORTED_CPUID, grown until it fits.
+    std::vector<kvm_cpuid_entry2> supported_cpuid() const;
+
+    Vm create_vm(unsigned long type = 0) const;
+
+private:
+    UniqueFd fd_;
+    int api_version_ = 0;
+    mutable std::mutex cap_mutex_;
+    mutable std::map<int, int> cap_cache_;
+};
+
+class Vcpu;
+
+class Vm {
+public:
+    Vm(const Kvm& kvm, UniqueFd fd);
+    Vm(Vm&&) noexcept = default;
+    Vm& operator=(Vm&&) noexcept = default;
+
+    int fd() const noexcept { return fd_.get(); }
+    const Kvm& kvm() const noexcept { return *kvm_; }
+    // KVM_CHECK_EXTENSION on the VM fd (values may differ per VM).
+    int cap(int cap) const;
+    int require(int cap, const std::string& why) const;
+    void enable_cap(uint32_t cap, uint64_t arg0 = 0, uint64_t arg1 = 0);
+
+    // KVM_SET_USER_MEMORY_REGION2 when the host has USER_MEMORY2, else the
+    // original ioctl (which cannot express guest_memfd).
+    void set_memory_region(const kvm_userspace_memory_region2& region);
+    int create_guest_memfd(uint64_t size, uint64_t flags);
+    // Enables KVM_CAP_DIRTY_LOG_RING(_ACQ_REL); must precede create_vcpu().
+    void enable_dirty_ring(uint32_t bytes, bool acq_rel);
+    uint32_t dirty_ring_bytes() const noexcept { return dirty_ring_bytes_; }
+
+    Vcpu create_vcpu(uint32_t id);
+    UniqueFd stats_fd() const;
+
+private:
+    const Kvm* kvm_;
+    UniqueFd fd_;
+    uint32_t dirty_ring_bytes_ = 0;
+    bool has_region2_ = false;
+};
+
+class Vcpu {
+public:
+    Vcpu(const Vm& vm, uint32_t id, UniqueFd fd, size_t mmap_size, uint32_t dirty_ring_bytes);
+    Vcpu(Vcpu&&) noexcept = default;
+    Vcpu& operator=(Vcpu&&) noexcept = default;
+
+    uint32_t id() const noexcept { return id_; }
+    int fd() const noexcept { return fd_.get(); }
+    kvm_run* run_struct() const noexcept { return reinterpret_cast<kvm_run*>(run_.get()); }
+    kvm_dirty_gfn* dirty_ring() const noexcept { return reinterpret_cast<kvm_dirty_gfn*>(ring_.get()); }
+    uint32_t dirty_ring_entries() const noexcept { return static_cast<uint32_t>(ring_.size() / sizeof(kvm_dirty_gfn)); }
+
+    // One KVM_RUN; returns 0 or -errno (EINTR when kicked, EAGAIN where KVM asks to retry).
+    int run() noexcept;
+
+    kvm_regs regs() const;
+    void set_regs(const kvm_regs& r);
+    kvm_sregs sregs() const;
+    void set_sregs(const kvm_sregs& s);
+    void set_cpuid(const std::vector<kvm_cpuid_entry2>& entries);
+    // KVM_SET_MSRS / KVM_GET_MSRS; set throws unless every MSR was accepted.
+    void set_msrs(const std::vector<std::pair<uint32_t, uint64_t>>& msrs);
+    std::vector<std::pair<uint32_t, uint64_t>> msrs(const std::vector<uint32_t>& indices) const;
+    uint32_t tsc_khz() const;
+    UniqueFd stats_fd() const;
+
+private:
+    uint32_t id_;
+    UniqueFd fd_;
+    Mapping run_;
+    Mapping ring_;
+};
+
+}  // namespace mvm

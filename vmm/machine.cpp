@@ -1,0 +1,569 @@
+#include "vmm/machine.hpp"
+
+#include <pthread.h>
+#include <signal.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "vmm/guest_image.hpp"
+#include "vmm/kvm/error.hpp"
+#include "vmm/kvm/ioctl.hpp"
+#include "vmm/x86/long_mode.hpp"
+#include "vmm/x86/paging.hpp"
+
+namespace mvm {
+
+namespace {
+
+constexpr uint64_t k4K = 4096, k2M = 2ull << 20, k1G = 1ull << 30;
+constexpr uint64_t kKstackBytes = 2 * k4K;
+constexpr uint64_t kUstackBytes = 4 * k4K;
+constexpr int kKickSignal = SIGUSR1;
+
+uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+// The vCPU's kvm_run, for the kick signal handler on this thread.
+thread_local kvm_run* tl_run = nullptr;
+
+void kick_handler(int)
+{
+    // Async-signal-safe: one byte store. KVM_RUN checks it on entry, which
+    // closes the window between our flag check and the ioctl.
+    if (tl_run)
+        tl_run->immediate_exit = 1;
+}
+
+void install_kick_handler()
+{
+    static std::once_flag once;
+    std::call_once(once, [] {
+        struct sigaction sa {};
+        sa.sa_handler = kick_handler;
+        sigemptyset(&sa.sa_mask);
+        sa.sa_flags = 0;  // no SA_RESTART: KVM_RUN must return EINTR
+        sigaction(kKickSignal, &sa, nullptr);
+    });
+}
+
+const char* exit_reason_name(uint32_t r)
+{
+    switch (r) {
+    case KVM_EXIT_UNKNOWN: return "KVM_EXIT_UNKNOWN";
+    case KVM_EXIT_EXCEPTION: return "KVM_EXIT_EXCEPTION";
+    case KVM_EXIT_IO: return "KVM_EXIT_IO";
+    case KVM_EXIT_HYPERCALL: return "KVM_EXIT_HYPERCALL";
+    case KVM_EXIT_DEBUG: return "KVM_EXIT_DEBUG";
+    case KVM_EXIT_HLT: return "KVM_EXIT_HLT";
+    case KVM_EXIT_MMIO: return "KVM_EXIT_MMIO";
+    case KVM_EXIT_SHUTDOWN: return "KVM_EXIT_SHUTDOWN";
+    case KVM_EXIT_FAIL_ENTRY: return "KVM_EXIT_FAIL_ENTRY";
+    case KVM_EXIT_INTR: return "KVM_EXIT_INTR";
+    case KVM_EXIT_INTERNAL_ERROR: return "KVM_EXIT_INTERNAL_ERROR";
+    case KVM_EXIT_SYSTEM_EVENT: return "KVM_EXIT_SYSTEM_EVENT";
+    case KVM_EXIT_DIRTY_RING_FULL: return "KVM_EXIT_DIRTY_RING_FULL";
+    default: return "KVM_EXIT_?";
+    }
+}
+
+const char* vector_name(int v)
+{
+    static const char* names[] = {"#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS",
+                                  "#NP", "#SS", "#GP", "#PF", "?",   "#MF", "#AC", "#MC", "#XM", "#VE", "#CP"};
+    return v >= 0 && v < static_cast<int>(std::size(names)) ? names[v] : "?";
+}
+
+}  // namespace
+
+GuestLayout plan_layout(const MachineConfig& cfg)
+{
+    GuestLayout l;
+    const uint32_t n = cfg.vcpus;
+    l.idt_gpa = 0x1000;
+    uint64_t a = k2M;  // bump allocation from 2 MiB; the image owns [1M, 2M)
+    for (uint32_t i = 0; i < n; i++) {
+        l.gdt_gpa.push_back(a);
+        l.tss_gpa.push_back(a + 0x800);
+        a += k4K;
+    }
+    // Guest RAM: one range per virtual node from 4 GiB, each 1 GiB aligned so
+    // 1 GiB host pages can back it.
+    uint64_t ram = MVM_RAM_GPA;
+    for (const auto& node : cfg.nodes) {
+        ram = align_up(ram, k1G);
+        l.ram.push_back({node.id, ram, node.mem_bytes});
+        ram += node.mem_bytes;
+    }
+    l.pt_pool_gpa = a;
+    // The system slot is mapped with 4 KiB pages (per-page U/S); bound it generously.
+    uint64_t sys_estimate = a + n * (kKstackBytes + kUstackBytes + 2 * k4K) + 64 * k4K + k2M;
+    l.pt_pool_pages = x86::PageTableBuilder::pages_needed(ram, cfg.nodes.size() + 3, sys_estimate / k4K) + 8;
+    a += l.pt_pool_pages * k4K;
+    for (uint32_t i = 0; i < n; i++) {
+        a += kKstackBytes;
+        l.kstack_top.push_back(a);
+    }
+    l.kernel_area_end = a;
+    // Everything below is CPL3-visible.
+    l.boot_params_gpa = a;
+    l.boot_params_bytes = align_up(sizeof(mvm_boot_params) + n * sizeof(mvm_vcpu_params), k4K);
+    a += l.boot_params_bytes;
+    for (uint32_t i = 0; i < n; i++) {
+        l.mailbox_gpa.push_back(a);
+        a += k4K;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        a += kUstackBytes;
+        l.ustack_top.push_back(a - 8);  // SysV: rsp+8 is 16-byte aligned at function entry
+    }
+    l.system_bytes = align_up(a, k2M);
+    return l;
+}
+
+Machine::Machine(const Kvm& kvm, MachineConfig cfg)
+    : kvm_(&kvm), cfg_(std::move(cfg)), layout_(plan_layout(cfg_)), vm_(kvm.create_vm()),
+      slots_(static_cast<uint32_t>(std::max(1, vm_.cap(KVM_CAP_NR_MEMSLOTS))))
+{
+    static_assert(sizeof(mvm_mailbox) <= 4096);
+    if (cfg_.dirty_ring_bytes)
+        vm_.enable_dirty_ring(cfg_.dirty_ring_bytes, cfg_.dirty_ring_acq_rel);
+    create_memory();
+    load_guest();
+    open_stats();
+}
+
+Machine::~Machine() { kill(); }
+
+void Machine::create_memory()
+{
+    backings_.push_back(Backing::create(BackingKind::Anon, layout_.system_bytes, &vm_, "system"));
+    MemoryRegion sys;
+    sys.slot = 0;
+    sys.gpa = 0;
+    sys.size = layout_.system_bytes;
+    sys.host = backings_[0].host();
+    sys.name = "system";
+    slots_.add(sys);
+
+    for (size_t i = 0; i < cfg_.nodes.size(); i++) {
+        const NodeConfig& node = cfg_.nodes[i];
+        const auto& range = layout_.ram[i];
+        backings_.push_back(
+            Backing::create(node.backing, node.mem_bytes, &vm_, fmt::format("node{}-{}", node.id, backing_name(node.backing))));
+        const Backing& b = backings_.back();
+        MemoryRegion r;
+        r.slot = static_cast<uint32_t>(1 + i);
+        r.gpa = range.gpa;
+        r.size = node.mem_bytes;
+        r.host = b.host();
+        r.backing = node.backing;
+        r.vnode = static_cast<int>(node.id);
+        r.name = fmt::format("node{}", node.id);
+        if (node.backing == BackingKind::Gmem) {
+            r.flags |= KVM_MEM_GUEST_MEMFD;
+            r.gmem_fd = b.fd();
+        }
+        slots_.add(r);
+    }
+    for (const auto& r : slots_.regions()) {
+        kvm_userspace_memory_region2 m{};
+        m.slot = r.slot;
+        m.flags = r.flags;
+        m.guest_phys_addr = r.gpa;
+        m.memory_size = r.size;
+        m.userspace_addr = reinterpret_cast<uint64_t>(r.host);
+        if (r.is_gmem()) {
+            m.guest_memfd = static_cast<uint32_t>(r.gmem_fd);
+            m.guest_memfd_offset = r.gmem_offset;
+        }
+        vm_.set_memory_region(m);
+    }
+}
+
+// Copies the image, builds page tables, descriptor tables and boot
+// parameters, and creates the vCPUs in 64-bit mode at the kernel entry.
+void Machine::load_guest()
+{
+    const auto& hdr = guest_image_header();
+    auto img = guest_image();
+    std::memcpy(host_ptr(MVM_IMAGE_GPA, img.size()), img.data(), img.size());
+
+    // Page tables: identity map, U=1 only where CPL3 code may go.
+    x86::PageTableBuilder pt(layout_.pt_pool_gpa, layout_.pt_pool_pages, [this](uint64_t gpa) { return host_ptr(gpa, k4K); });
+    using namespace x86;
+    pt.map(layout_.idt_gpa, k4K, 0);
+    pt.map(MVM_IMAGE_GPA, hdr.user_start - MVM_IMAGE_GPA, 0);
+    pt.map(hdr.user_start, hdr.image_end - hdr.user_start, kPteUser);
+    pt.map(k2M, layout_.kernel_area_end - k2M, kPteWrite);
+    pt.map(layout_.boot_params_gpa, layout_.boot_params_bytes, kPteUser);  // read-only for the guest
+    uint64_t user_rw = layout_.boot_params_gpa + layout_.boot_params_bytes;
+    pt.map(user_rw, layout_.system_bytes - user_rw, kPteUser | kPteWrite);
+    for (const auto& r : layout_.ram)
+        pt.map(r.gpa, r.bytes, kPteUser | kPteWrite);
+    pt.map(MVM_DOORBELL_GPA, k4K, kPteUser | kPteWrite);  // no memslot: stores exit as MMIO
+
+    uint8_t* idt = host_ptr(layout_.idt_gpa, k4K);
+    std::memset(idt, 0, k4K);
+    for (unsigned v = 0; v < hdr.nr_exceptions; v++) {
+        uint64_t handler;
+        std::memcpy(&handler, host_ptr(hdr.exc_table + v * 8, 8), 8);
+        x86::write_idt_gate(idt, v, handler);
+    }
+
+    // Boot parameters and per-vCPU working sets: each node's memory split
+    // evenly (in pages) among the node's vCPUs.
+    auto* bp = reinterpret_cast<mvm_boot_params*>(host_ptr(layout_.boot_params_gpa, layout_.boot_params_bytes));
+    std::memset(bp, 0, layout_.boot_params_bytes);
+    bp->magic = MVM_BOOT_MAGIC;
+    bp->abi_version = MVM_ABI_VERSION;
+    bp->nr_vcpus = cfg_.vcpus;
+    const WorkloadConfig& w = cfg_.workload;
+    bp->pattern = w.pattern;
+    bp->touch = w.touch;
+    bp->write_pct = w.write_pct;
+    bp->max_passes = w.max_passes;
+    bp->seed = w.seed;
+    bp->nr_vnodes = static_cast<uint32_t>(cfg_.nodes.size());
+    for (size_t i = 0; i < cfg_.nodes.size(); i++) {
+        const NodeConfig& node = cfg_.nodes[i];
+        mvm_vnode& vn = bp->vnode[i];
+        vn.id = node.id;
+        vn.nr_ranges = 1;
+        vn.range[0] = {layout_.ram[i].gpa, node.mem_bytes / k4K};
+        const uint64_t pages = node.mem_bytes / k4K;
+        const uint64_t m = node.vcpus.size();
+        for (uint64_t k = 0; k < m; k++) {
+            uint32_t v = node.vcpus[k];
+            vn.vcpu_mask[v / 64] |= 1ull << (v % 64);
+            mvm_vcpu_params& vp = bp->vcpu[v];
+            vp.vnode = node.id;
+            uint64_t first = pages * k / m, last = pages * (k + 1) / m;
+            vp.nr_segments = 1;
+            vp.seg[0] = {layout_.ram[i].gpa + first * k4K, last - first};
+            vp.total_pages = last - first;
+        }
+    }
+    for (uint32_t v = 0; v < cfg_.vcpus; v++) {
+        mvm_vcpu_params& vp = bp->vcpu[v];
+        vp.vcpu_id = v;
+        vp.mailbox_gpa = layout_.mailbox_gpa[v];
+        vp.user_stack_top = layout_.ustack_top[v];
+        vp.fault = (static_cast<int>(v) == w.fault_vcpu) ? w.fault : static_cast<uint32_t>(MVM_FAULT_NONE);
+        auto* mb = mailbox(v);
+        std::memset(mb, 0, k4K);
+        mb->magic = MVM_MAILBOX_MAGIC;
+        mb->vcpu_id = v;
+        x86::write_gdt(host_ptr(layout_.gdt_gpa[v], x86::kGdtBytes), layout_.tss_gpa[v]);
+        x86::write_tss(host_ptr(layout_.tss_gpa[v], x86::kTssBytes), layout_.kstack_top[v]);
+    }
+
+    auto cpuid = kvm_->supported_cpuid();
+    for (uint32_t v = 0; v < cfg_.vcpus; v++) {
+        auto vcpu = vm_.create_vcpu(v);
+        vcpu.set_cpuid(x86::cpuid_for_vcpu(cpuid, v));
+        kvm_sregs s = vcpu.sregs();
+        x86::setup_long_mode_sregs(s, {layout_.gdt_gpa[v], layout_.tss_gpa[v], layout_.idt_gpa, hdr.nr_exceptions, pt.cr3()});
+        vcpu.set_sregs(s);
+        kvm_regs r{};
+        r.rip = hdr.kernel_entry;
+        r.rsp = layout_.kstack_top[v];
+        r.rflags = x86::kRflagsReserved;
+        r.rdi = layout_.boot_params_gpa;
+        r.rsi = layout_.boot_params_gpa + offsetof(mvm_boot_params, vcpu) + v * sizeof(mvm_vcpu_params);
+        r.rdx = layout_.mailbox_gpa[v];
+        r.rcx = layout_.ustack_top[v];
+        r.r8 = hdr.user_entry;
+        vcpu.set_regs(r);
+        vcpus_.push_back(std::make_unique<VcpuSlot>(std::move(vcpu)));
+    }
+    if (kvm_->cap(KVM_CAP_GET_TSC_KHZ) > 0)
+        tsc_khz_ = vcpus_[0]->vcpu.tsc_khz();
+    if (!tsc_khz_)
+        throw Unsupported("this host's KVM lacks KVM_CAP_GET_TSC_KHZ (needed to time the guest)");
+    bp->tsc_khz = tsc_khz_;
+    bp->watchdog_threshold_tsc = static_cast<uint64_t>(w.watchdog_ms * static_cast<double>(tsc_khz_));
+    for (uint32_t v = 0; v < cfg_.vcpus; v++) {
+        auto* mb = mailbox(v);
+        mb->rate_pages_per_s = w.rate_pages_per_s;
+        mb->tsc_per_page_q16 = w.rate_pages_per_s ? (tsc_khz_ * 1000ull << 16) / w.rate_pages_per_s : 0;
+    }
+}
+
+void Machine::open_stats()
+{
+    if (vm_.cap(KVM_CAP_BINARY_STATS_FD) > 0)
+        vm_stats_ = StatsReader(vm_.stats_fd());
+    bool stats = vm_.cap(KVM_CAP_BINARY_STATS_FD) > 0;
+    for (auto& s : vcpus_)
+        if (stats)
+            s->stats = StatsReader(s->vcpu.stats_fd());
+}
+
+mvm_mailbox* Machine::mailbox(uint32_t i) const
+{
+    return reinterpret_cast<mvm_mailbox*>(host_ptr(layout_.mailbox_gpa.at(i), k4K));
+}
+
+const mvm_boot_params* Machine::boot_params() const
+{
+    return reinterpret_cast<const mvm_boot_params*>(host_ptr(layout_.boot_params_gpa, layout_.boot_params_bytes));
+}
+
+MailboxSnapshot Machine::snapshot(uint32_t i) const
+{
+    const mvm_mailbox* m = mailbox(i);
+    MailboxSnapshot s{};
+    s.generation = m->generation;
+    s.cursor = m->cursor;
+    s.pages_written = m->pages_written;
+    s.pages_read = m->pages_read;
+    s.passes = m->passes;
+    s.last_tsc = m->last_tsc;
+    s.start_tsc = m->start_tsc;
+    s.warm_tsc = m->warm_tsc;
+    s.warm_pages = m->warm_pages;
+    s.wd_events = m->wd_events;
+    s.wd_max_gap_tsc = m->wd_max_gap_tsc;
+    s.state = m->state;
+    return s;
+}
+
+void Machine::start()
+{
+    install_kick_handler();
+    std::lock_guard lk(mu_);
+    if (started_)
+        return;
+    started_ = true;
+    for (auto& s : vcpus_) {
+        live_++;
+        s->thread = std::thread([this, slot = s.get()] { vcpu_loop(*slot); });
+        pthread_setname_np(s->thread.native_handle(), fmt::format("vcpu{}", s->vcpu.id()).c_str());
+    }
+}
+
+void Machine::vcpu_loop(VcpuSlot& s)
+{
+    tl_run = s.vcpu.run_struct();
+    kvm_run* run = s.vcpu.run_struct();
+    for (;;) {
+        if (pause_requested_.load(std::memory_order_acquire) && !stop_all_.load())
+            park();
+        if (stop_all_.load(std::memory_order_acquire))
+            break;
+        int rc = s.vcpu.run();
+        if (rc == -EINTR || rc == -EAGAIN) {
+            // Kicked (or asked to retry): clear the flag only now, after
+            // KVM_RUN returned, so a kick is never lost; then recheck flags.
+            run->immediate_exit = 0;
+            s.kicks++;
+            continue;
+        }
+        if (rc < 0) {
+            fail(s, SysError("KVM_RUN", -1, -rc).what());
+            break;
+        }
+        s.exits++;
+        if (!handle_exit(s))
+            break;
+    }
+    tl_run = nullptr;
+    std::lock_guard lk(mu_);
+    s.finished = true;
+    live_--;
+    cv_.notify_all();
+}
+
+bool Machine::handle_exit(VcpuSlot& s)
+{
+    kvm_run* run = s.vcpu.run_struct();
+    switch (run->exit_reason) {
+    case KVM_EXIT_MMIO:
+        if (run->mmio.is_write && run->mmio.phys_addr == MVM_DOORBELL_GPA && run->mmio.len == 8) {
+            uint64_t v;
+            std::memcpy(&v, run->mmio.data, 8);
+            if (v >> 32 == MVM_DOORBELL_DONE)
+                return false;  // the workload finished
+        }
+        fail(s, fmt::format("unexpected MMIO {} at {:#x} ({} bytes): the guest has no devices",
+                            run->mmio.is_write ? "write" : "read", run->mmio.phys_addr, run->mmio.len));
+        return false;
+    case KVM_EXIT_IO:
+        if (run->io.direction == KVM_EXIT_IO_OUT && run->io.port == MVM_PORT_EXCEPTION) {
+            kvm_regs r = s.vcpu.regs();
+            VcpuFailure f;
+            f.vector = static_cast<int>(r.rdi);
+            f.error_code = r.rsi;
+            f.fault_rip = r.rdx;
+            f.cr2 = r.rcx;
+            std::string where = fmt::format("at rip {:#x} (cs {:#x}, CPL{})", f.fault_rip, r.r8, r.r8 & 3);
+            std::string reason = fmt::format("guest exception {} (vector {}) error code {:#x} {}", vector_name(f.vector),
+                                             f.vector, f.error_code, where);
+            if (f.vector == 14)
+                reason += fmt::format(", address {:#x}", f.cr2);
+            fail(s, reason, f);
+            return false;
+        }
+        fail(s, fmt::format("unexpected port I/O: {} port {:#x} size {}", run->io.direction ? "out" : "in",
+                            run->io.port, run->io.size));
+        return false;
+    case KVM_EXIT_DIRTY_RING_FULL:
+        // The ring must be harvested and reset before this vCPU re-enters,
+        // or KVM_RUN exits with DIRTY_RING_FULL again at once.
+        if (ring_full_) {
+            ring_full_(s.vcpu.id());
+            return true;
+        }
+        fail(s, "KVM_EXIT_DIRTY_RING_FULL with no dirty-ring harvester attached");
+        return false;
+    case KVM_EXIT_HLT:
+        fail(s, "guest halted (KVM_EXIT_HLT) without reporting");
+        return false;
+    case KVM_EXIT_SHUTDOWN:
+        fail(s, "guest shut down (KVM_EXIT_SHUTDOWN: triple fault)");
+        return false;
+    case KVM_EXIT_SYSTEM_EVENT:
+        fail(s, fmt::format("guest system event type {}", run->system_event.type));
+        return false;
+    case KVM_EXIT_INTERNAL_ERROR: {
+        std::string data;
+        for (uint32_t i = 0; i < run->internal.ndata && i < 16; i++)
+            data += fmt::format(" {:#x}", run->internal.data[i]);
+        fail(s, fmt::format("KVM_EXIT_INTERNAL_ERROR suberror {}{}", run->internal.suberror,
+                            data.empty() ? "" : ", data:" + data));
+        return false;
+    }
+    case KVM_EXIT_FAIL_ENTRY:
+        fail(s, fmt::format("KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {:#x}",
+                            run->fail_entry.hardware_entry_failure_reason));
+        return false;
+    default:
+        fail(s, fmt::format("unexpected exit {} ({})", exit_reason_name(run->exit_reason), run->exit_reason));
+        return false;
+    }
+}
+
+void Machine::fail(VcpuSlot& s, std::string reason, std::optional<VcpuFailure> detail)
+{
+    VcpuFailure f = detail.value_or(VcpuFailure{});
+    f.vcpu = s.vcpu.id();
+    f.reason = fmt::format("vCPU {}: {}", s.vcpu.id(), reason);
+    try {
+        f.register_dump = format_registers(s.vcpu.regs(), s.vcpu.sregs());
+    } catch (const std::exception& e) {
+        f.register_dump = fmt::format("(registers unavailable: {})", e.what());
+    }
+    spdlog::debug("{}", f.reason);
+    {
+        std::lock_guard lk(mu_);
+        if (!failure_)
+            failure_ = f;
+    }
+    // An unexpected exit stops the whole VM.
+    stop_all_.store(true);
+    std::lock_guard lk(mu_);
+    kick_all_locked();
+}
+
+std::optional<VcpuFailure> Machine::failure() const
+{
+    std::lock_guard lk(mu_);
+    return failure_;
+}
+
+uint32_t Machine::finished_count() const
+{
+    std::lock_guard lk(mu_);
+    uint32_t n = 0;
+    for (const auto& s : vcpus_)
+        n += s->finished;
+    return n;
+}
+
+void Machine::kick_all_locked()
+{
+    for (auto& s : vcpus_) {
+        if (s->finished || !s->thread.joinable())
+            continue;
+        s->vcpu.run_struct()->immediate_exit = 1;
+        pthread_kill(s->thread.native_handle(), kKickSignal);
+    }
+}
+
+void Machine::park()
+{
+    std::unique_lock lk(mu_);
+    parked_++;
+    cv_.notify_all();
+    cv_.wait(lk, [&] { return !pause_requested_.load() || stop_all_.load(); });
+    parked_--;
+}
+
+void Machine::pause()
+{
+    std::unique_lock lk(mu_);
+    pause_requested_.store(true, std::memory_order_release);
+    kick_all_locked();
+    cv_.wait(lk, [&] { return parked_ == live_; });
+}
+
+void Machine::resume()
+{
+    std::lock_guard lk(mu_);
+    pause_requested_.store(false, std::memory_order_release);
+    cv_.notify_all();
+}
+
+void Machine::request_stop()
+{
+    for (uint32_t i = 0; i < vcpu_count(); i++)
+        mailbox(i)->stop = 1;
+}
+
+bool Machine::wait_finished(std::chrono::milliseconds timeout)
+{
+    std::unique_lock lk(mu_);
+    return cv_.wait_for(lk, timeout, [&] { return live_ == 0; });
+}
+
+void Machine::kill()
+{
+    {
+        std::lock_guard lk(mu_);
+        stop_all_.store(true);
+        cv_.notify_all();
+        kick_all_locked();
+    }
+    for (auto& s : vcpus_) {
+        // A kick may race with a vCPU entering KVM_RUN between our flag store
+        // and its check; immediate_exit covers that, but keep kicking until it is out.
+        while (s->thread.joinable()) {
+            {
+                std::unique_lock lk(mu_);
+                if (cv_.wait_for(lk, std::chrono::milliseconds(50), [&] { return s->finished; }))
+                    break;
+                kick_all_locked();
+            }
+        }
+        if (s->thread.joinable())
+            s->thread.join();
+    }
+}
+
+std::string format_registers(const kvm_regs& r, const kvm_sregs& s)
+{
+    return fmt::format(
+        "rip {:#018x} rsp {:#018x} rflags {:#010x}\n"
+        "rax {:#018x} rbx {:#018x} rcx {:#018x} rdx {:#018x}\n"
+        "rsi {:#018x} rdi {:#018x} rbp {:#018x} r8  {:#018x}\n"
+        "r9  {:#018x} r10 {:#018x} r11 {:#018x} r12 {:#018x}\n"
+        "r13 {:#018x} r14 {:#018x} r15 {:#018x}\n"
+        "cs {:#06x} (dpl {} l {}) ss {:#06x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
+        r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13,
+        r.r14, r.r15, s.cs.selector, s.cs.dpl, s.cs.l, s.ss.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer);
+}
+
+}  // namespace mvm

@@ -1,0 +1,149 @@
+// vmm/machine.hpp - a booted stress guest: the VM, its memslots, the guest
+// layout, and one host thread per vCPU. Pause/resume parks every vCPU thread
+// outside KVM_RUN (kick: immediate_exit + signal, as api.rst recommends).
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "guest/abi.h"
+#include "memory/backing.hpp"
+#include "memory/memslot.hpp"
+#include "vmm/config.hpp"
+#include "vmm/kvm/kvm.hpp"
+#include "vmm/kvm/stats.hpp"
+
+namespace mvm {
+
+// Where the guest's fixed structures live (all in the system memslot, slot 0).
+struct GuestLayout {
+    uint64_t idt_gpa = 0;
+    uint64_t pt_pool_gpa = 0, pt_pool_pages = 0;
+    uint64_t kernel_area_end = 0;   // [2M, kernel_area_end) is CPL0-only
+    uint64_t boot_params_gpa = 0, boot_params_bytes = 0;
+    uint64_t system_bytes = 0;      // size of slot 0
+    std::vector<uint64_t> gdt_gpa, tss_gpa, kstack_top, mailbox_gpa, ustack_top;
+    struct NodeRange {
+        uint32_t node;
+        uint64_t gpa, bytes;
+    };
+    std::vector<NodeRange> ram;     // one per virtual node, from MVM_RAM_GPA up
+};
+
+GuestLayout plan_layout(const MachineConfig& cfg);
+
+// What stopped a vCPU other than finishing its workload.
+struct VcpuFailure {
+    uint32_t vcpu = 0;
+    std::string reason;        // one line: "guest exception #UD (vector 6) at rip 0x..."
+    std::string register_dump;
+    int vector = -1;           // guest exception vector, when that is what it was
+    uint64_t error_code = 0, fault_rip = 0, cr2 = 0;
+};
+
+// A consistent-enough copy of a mailbox's progress fields.
+struct MailboxSnapshot {
+    uint64_t generation, cursor, pages_written, pages_read, passes, last_tsc, start_tsc, warm_tsc, warm_pages;
+    uint64_t wd_events, wd_max_gap_tsc;
+    uint32_t state;
+};
+
+class Machine {
+public:
+    Machine(const Kvm& kvm, MachineConfig cfg);
+    ~Machine();
+    Machine(const Machine&) = delete;
+    Machine& operator=(const Machine&) = delete;
+
+    // Called on the vCPU's thread on KVM_EXIT_DIRTY_RING_FULL; must harvest
+    // and reset the ring before returning (the vCPU re-enters right after).
+    void set_dirty_ring_full_handler(std::function<void(uint32_t vcpu)> fn) { ring_full_ = std::move(fn); }
+
+    void start();
+    // Graceful: every guest finishes its current batch and reports done.
+    void request_stop();
+    // Until every vCPU finished or failed, or timeout. True when none is left running.
+    bool wait_finished(std::chrono::milliseconds timeout);
+    // Kicks every vCPU out of KVM_RUN and ends its thread (idempotent).
+    void kill();
+    // All vCPU threads parked outside KVM_RUN on return.
+    void pause();
+    void resume();
+    bool paused() const { return pause_requested_.load(); }
+
+    const MachineConfig& config() const { return cfg_; }
+    const GuestLayout& layout() const { return layout_; }
+    Vm& vm() { return vm_; }
+    const Kvm& kvm() const { return *kvm_; }
+    const MemslotRegistry& memslots() const { return slots_; }
+    uint32_t vcpu_count() const { return static_cast<uint32_t>(vcpus_.size()); }
+    Vcpu& vcpu(uint32_t i) { return vcpus_[i]->vcpu; }
+    uint64_t tsc_khz() const { return tsc_khz_; }
+
+    mvm_mailbox* mailbox(uint32_t i) const;
+    MailboxSnapshot snapshot(uint32_t i) const;
+    const mvm_boot_params* boot_params() const;
+    const mvm_vcpu_params& vcpu_params(uint32_t i) const { return boot_params()->vcpu[i]; }
+    // Host pointer for a guest-physical range inside one memslot.
+    uint8_t* host_ptr(uint64_t gpa, uint64_t len = 1) const { return slots_.host_ptr(gpa, len); }
+
+    std::optional<VcpuFailure> failure() const;
+    uint32_t finished_count() const;
+    uint64_t kicks(uint32_t i) const { return vcpus_[i]->kicks.load(); }
+    uint64_t exits(uint32_t i) const { return vcpus_[i]->exits.load(); }
+
+    StatSnapshot vm_stats() const { return vm_stats_.read(); }
+    StatSnapshot vcpu_stats(uint32_t i) const { return vcpus_[i]->stats.read(); }
+
+private:
+    struct VcpuSlot {
+        explicit VcpuSlot(Vcpu v) : vcpu(std::move(v)) {}
+        Vcpu vcpu;
+        StatsReader stats;
+        std::thread thread;
+        std::atomic<uint64_t> kicks{0}, exits{0};
+        bool finished = false;  // under Machine::mu_
+    };
+
+    void create_memory();
+    void load_guest();
+    void open_stats();
+    void vcpu_loop(VcpuSlot& s);
+    // Returns false when the vCPU must stop running.
+    bool handle_exit(VcpuSlot& s);
+    void fail(VcpuSlot& s, std::string reason, std::optional<VcpuFailure> detail = {});
+    void kick_all_locked();
+    void park();
+
+    const Kvm* kvm_;
+    MachineConfig cfg_;
+    GuestLayout layout_;
+    Vm vm_;
+    std::vector<Backing> backings_;  // [0] is the system slot
+    MemslotRegistry slots_;
+    std::vector<std::unique_ptr<VcpuSlot>> vcpus_;
+    StatsReader vm_stats_;
+    uint64_t tsc_khz_ = 0;
+    std::function<void(uint32_t)> ring_full_;
+
+    mutable std::mutex mu_;
+    std::condition_variable cv_;
+    std::atomic<bool> pause_requested_{false};
+    std::atomic<bool> stop_all_{false};
+    uint32_t parked_ = 0, live_ = 0;
+    bool started_ = false;
+    std::optional<VcpuFailure> failure_;
+};
+
+std::string format_registers(const kvm_regs& r, const kvm_sregs& s);
+
+}  // namespace mvm
