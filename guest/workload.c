@@ -109,9 +109,13 @@ void user_entry(const struct mvm_boot_params *bp, const struct mvm_vcpu_params *
 
     for (uint64_t gen = 1; n != 0 && !mb->stop; gen++) {
         struct mvm_perm perm = mvm_perm_for(seed, vcpu, gen, n);
-        mb->cursor = 0;
-        barrier();
+        /* Order matters to the VMM's stamp check: `passes` was stored at the
+         * end of the previous pass, then the generation moves, then the
+         * cursor resets. A reader seeing generation == passes + 1 with a
+         * full cursor knows the cursor is still the previous pass's. */
         mb->generation = gen;
+        barrier();
+        mb->cursor = 0;
         for (uint64_t i = 0; i < visits && !mb->stop;) {
             uint64_t end = i + BATCH < visits ? i + BATCH : visits;
             uint64_t batch_start = wd.prev;

@@ -1,30 +1,144 @@
+// minivmm - command line. Each command validates every option before it
+// creates anything; bad input is one line on stderr and exit code 2.
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
 #include <cstdio>
-#include <thread>
+#include <fstream>
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "vmm/cli/options.hpp"
+#include "vmm/host_info.hpp"
+#include "vmm/kvm/error.hpp"
+#include "vmm/kvm/kvm.hpp"
 #include "vmm/machine.hpp"
+#include "vmm/report.hpp"
+#include "vmm/runner.hpp"
+
 using namespace mvm;
+
+namespace {
+
+void write_json(const std::string& dest, const nlohmann::json& j)
+{
+    if (dest == "-") {
+        fmt::print("{}\n", j.dump(2));
+        return;
+    }
+    std::ofstream f(dest);
+    if (!f)
+        throw UsageError(fmt::format("--json: cannot write '{}': {}", dest, errno_text(errno)));
+    f << j.dump(2) << "\n";
+}
+
+// A --json destination must be writable before a guest is booted for it.
+void check_json_dest(const std::string& dest)
+{
+    if (dest.empty() || dest == "-")
+        return;
+    std::ofstream f(dest, std::ios::app);
+    if (!f)
+        throw UsageError(fmt::format("--json: cannot write '{}': {}; give a writable path or - for stdout", dest,
+                                     errno_text(errno)));
+}
+
+int cmd_caps(bool json)
+{
+    Kvm kvm;
+    auto info = host_info(kvm);
+    if (json)
+        fmt::print("{}\n", info.dump(2));
+    else
+        fmt::print("{}", host_info_table(info));
+    return kExitOk;
+}
+
+struct RunArgs {
+    cli::VmOptions vm;
+    std::string duration = "3";
+    std::string json;
+    bool no_verify = false;
+};
+
+int cmd_run(const RunArgs& a)
+{
+    double duration = cli::parse_seconds("--duration", a.duration);
+    check_json_dest(a.json);
+    Kvm kvm;
+    MachineConfig cfg = a.vm.to_config(kvm);
+    if (duration <= 0 && cfg.workload.max_passes == 0)
+        throw UsageError("--duration: must be positive unless --passes is given");
+    install_stop_signals();
+    Machine m(kvm, cfg);
+    RunOptions opt;
+    opt.duration_s = duration;
+    opt.progress = ::isatty(STDERR_FILENO);
+    opt.verify = !a.no_verify;
+    RunReport r = run_workload(m, opt);
+    if (a.json == "-") {
+        fmt::print(stderr, "{}", to_table(r));
+        write_json(a.json, to_json(r));
+    } else {
+        fmt::print("{}", to_table(r));
+        if (!a.json.empty())
+            write_json(a.json, to_json(r));
+    }
+    if (r.failure || (r.stamps && !r.stamps->ok()))
+        return kExitFailure;
+    if (r.interrupted)
+        return 128 + g_stop_signal.load();
+    return kExitOk;
+}
+
+}  // namespace
+
 int main(int argc, char** argv)
 {
+    spdlog::set_pattern("%^%l%$: %v");
+    spdlog::set_level(spdlog::level::warn);
+    CLI::App app{"minivmm - a small VMM for dirty-rate, vNUMA placement and soft-lockup experiments on /dev/kvm"};
+    app.require_subcommand(1);
+    app.set_help_all_flag("--help-all", "help for every command");
+    bool verbose = false;
+    app.add_flag("-v,--verbose", verbose, "debug logging");
+
+    bool caps_json = false;
+    auto* caps = app.add_subcommand("caps", "the host as minivmm sees it: KVM capabilities, module parameters, "
+                                            "THP, hugetlb pools, NUMA");
+    caps->add_flag("--json", caps_json, "JSON instead of a table");
+
+    RunArgs run;
+    auto* runc = app.add_subcommand("run", "boot the stress guest, dirty memory, report");
+    run.vm.add_to(*runc);
+    runc->add_option("--duration", run.duration, "seconds to run")->capture_default_str();
+    runc->add_option("--json", run.json, "also write the report as JSON to FILE, or - for stdout");
+    runc->add_flag("--no-verify", run.no_verify, "skip the stamp check after the run");
+
     try {
-        Kvm kvm;
-        auto cfg = single_node_config(argc > 1 ? atoi(argv[1]) : 2, 256ull << 20);
-        Machine m(kvm, cfg);
-        auto before = m.vcpu_stats(0);
-        m.start();
-        for (int t = 0; t < 20; t++) {
-            std::this_thread::sleep_for(std::chrono::milliseconds(100));
-            auto s = m.snapshot(0);
-            fmt::print("gen {} cursor {} written {} state {}\n", s.generation, s.cursor, s.pages_written, s.state);
-            if (m.failure()) break;
-        }
-        m.request_stop();
-        m.wait_finished(std::chrono::seconds(2));
-        m.kill();
-        if (auto f = m.failure()) fmt::print("FAIL {}\n{}\n", f->reason, f->register_dump);
-        auto d = stat_delta(before, m.vcpu_stats(0));
-        for (auto& [k, v] : d) if (v) fmt::print("{} {}\n", k, v);
-    } catch (const std::exception& e) {
-        fmt::print(stderr, "error: {}\n", e.what());
-        return 1;
+        app.parse(argc, argv);
+    } catch (const CLI::CallForHelp& e) {
+        return app.exit(e);
+    } catch (const CLI::CallForAllHelp& e) {
+        return app.exit(e);
+    } catch (const CLI::ParseError& e) {
+        std::string what = e.what();
+        fmt::print(stderr, "minivmm: {}; see 'minivmm --help'\n", what);
+        return kExitUsage;
     }
+    if (verbose)
+        spdlog::set_level(spdlog::level::debug);
+    try {
+        if (*caps)
+            return cmd_caps(caps_json);
+        if (*runc)
+            return cmd_run(run);
+    } catch (const Error& e) {
+        fmt::print(stderr, "minivmm: {}\n", e.what());
+        return e.exit_code();
+    } catch (const std::exception& e) {
+        fmt::print(stderr, "minivmm: {}\n", e.what());
+        return kExitFailure;
+    }
+    return kExitUsage;
 }

@@ -1,0 +1,203 @@
+#include "vmm/host_info.hpp"
+
+#include <dirent.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <fstream>
+#include <fmt/format.h>
+
+#include "memory/hugetlb.hpp"
+#include "numa/topology.hpp"
+#include "vmm/kvm/caps.hpp"
+#include "vmm/kvm/kvm.hpp"
+#include "vmm/units.hpp"
+
+namespace mvm {
+
+namespace {
+
+std::string read_line(const std::string& path)
+{
+    std::ifstream f(path);
+    std::string s;
+    std::getline(f, s);
+    return s;
+}
+
+// "always [madvise] never" -> "madvise"
+std::string bracketed(const std::string& s)
+{
+    auto a = s.find('['), b = s.find(']');
+    return a != std::string::npos && b != std::string::npos ? s.substr(a + 1, b - a - 1) : s;
+}
+
+nlohmann::json module_params()
+{
+    nlohmann::json out = nlohmann::json::array();
+    for (const char* mod : {"kvm", "kvm_intel", "kvm_amd"}) {
+        std::string dir = fmt::format("/sys/module/{}/parameters", mod);
+        DIR* d = ::opendir(dir.c_str());
+        if (!d)
+            continue;
+        // A module with no initstate file is built into the kernel: its
+        // parameters can only change at runtime if sysfs marks them writable.
+        bool builtin = ::access(fmt::format("/sys/module/{}/initstate", mod).c_str(), F_OK) != 0;
+        std::vector<std::string> names;
+        while (dirent* e = ::readdir(d))
+            if (e->d_name[0] != '.')
+                names.emplace_back(e->d_name);
+        ::closedir(d);
+        std::sort(names.begin(), names.end());
+        for (const auto& n : names) {
+            std::string path = dir + "/" + n;
+            struct stat st {};
+            ::stat(path.c_str(), &st);
+            bool writable = (st.st_mode & S_IWUSR) != 0;
+            out.push_back({{"module", mod}, {"name", n}, {"value", read_line(path)}, {"writable", writable},
+                           {"builtin", builtin}});
+        }
+    }
+    return out;
+}
+
+}  // namespace
+
+std::string kvm_module_param(const std::string& name)
+{
+    for (const char* mod : {"kvm", "kvm_intel", "kvm_amd"}) {
+        std::string path = fmt::format("/sys/module/{}/parameters/{}", mod, name);
+        if (::access(path.c_str(), R_OK) == 0)
+            return read_line(path);
+    }
+    return "";
+}
+
+nlohmann::json host_info(const Kvm& kvm)
+{
+    nlohmann::json j;
+    j["kvm"]["api_version"] = kvm.api_version();
+    Vm vm = kvm.create_vm();
+    nlohmann::json caps = nlohmann::json::array();
+    for (const auto& c : known_caps()) {
+        int v = c.vm_scoped ? vm.cap(c.number) : kvm.cap(c.number);
+        caps.push_back({{"name", c.name}, {"number", c.number}, {"value", v}, {"used_for", c.used_for},
+                        {"scope", c.vm_scoped ? "vm" : "system"}});
+    }
+    j["kvm"]["capabilities"] = caps;
+    int ring = vm.cap(KVM_CAP_DIRTY_LOG_RING_ACQ_REL);
+    if (ring <= 0)
+        ring = vm.cap(KVM_CAP_DIRTY_LOG_RING);
+    j["kvm"]["limits"] = {{"max_vcpus", vm.cap(KVM_CAP_MAX_VCPUS)},
+                          {"recommended_vcpus", vm.cap(KVM_CAP_NR_VCPUS)},
+                          {"max_vcpu_id", vm.cap(KVM_CAP_MAX_VCPU_ID)},
+                          {"memslots", vm.cap(KVM_CAP_NR_MEMSLOTS)},
+                          {"dirty_ring_max_bytes", ring},
+                          {"dirty_ring_max_entries", ring > 0 ? ring / 16 : 0}};
+    int gflags = vm.cap(KVM_CAP_GUEST_MEMFD_FLAGS);
+    nlohmann::json gm = nlohmann::json::array();
+    if (gflags & GUEST_MEMFD_FLAG_MMAP)
+        gm.push_back("MMAP");
+    if (gflags & GUEST_MEMFD_FLAG_INIT_SHARED)
+        gm.push_back("INIT_SHARED");
+    j["kvm"]["guest_memfd"] = {{"supported", vm.cap(KVM_CAP_GUEST_MEMFD) > 0}, {"flags", gm}, {"flags_value", gflags}};
+    int types = kvm.cap(KVM_CAP_VM_TYPES);
+    nlohmann::json vt = nlohmann::json::array();
+    const char* names[] = {"DEFAULT", "SW_PROTECTED", "SEV", "SEV_ES", "SNP", "TDX"};
+    for (int t = 0; t < 6; t++)
+        if (types & (1 << t))
+            vt.push_back(names[t]);
+    if (types <= 0)
+        vt.push_back("DEFAULT");
+    j["kvm"]["vm_types"] = vt;
+    int manual = vm.cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2);
+    j["kvm"]["manual_dirty_log_protect"] = {{"value", manual},
+                                           {"enable", (manual & 1) != 0},
+                                           {"initially_set", (manual & 2) != 0}};
+    j["kvm"]["module_params"] = module_params();
+    std::string eager = kvm_module_param("eager_page_split"), tdp = kvm_module_param("tdp_mmu");
+    j["kvm"]["eager_page_split"] = {
+        {"eager_page_split", eager},
+        {"tdp_mmu", tdp},
+        {"effective", eager == "Y" && tdp == "Y"},
+        {"note", eager == "Y" && tdp != "Y"
+                     ? "eager_page_split=Y but tdp_mmu=N: upstream KVM splits eagerly only on the TDP MMU"
+                     : ""}};
+
+    j["thp"] = {{"enabled", bracketed(read_line("/sys/kernel/mm/transparent_hugepage/enabled"))},
+                {"defrag", bracketed(read_line("/sys/kernel/mm/transparent_hugepage/defrag"))}};
+    nlohmann::json pools = nlohmann::json::array();
+    for (const auto& p : hugetlb_pools())
+        pools.push_back({{"page_bytes", p.page_bytes}, {"node", p.node}, {"nr", p.nr}, {"free", p.free},
+                         {"surplus", p.surplus}, {"sysfs", p.nr_path}});
+    j["hugetlb_pools"] = pools;
+    nlohmann::json nodes = nlohmann::json::array();
+    auto topo = numa::host_topology();
+    for (size_t i = 0; i < topo.nodes.size(); i++) {
+        const auto& n = topo.nodes[i];
+        nodes.push_back({{"id", n.id}, {"cpus", numa::format_cpu_list(n.cpus)}, {"mem_total_bytes", n.mem_total_bytes},
+                         {"mem_free_bytes", n.mem_free_bytes}, {"distances", topo.distance[i]}});
+    }
+    j["numa"]["nodes"] = nodes;
+    std::string bal = read_line("/proc/sys/kernel/numa_balancing");
+    j["numa"]["numa_balancing"] = bal.empty() ? "unavailable" : bal;
+    return j;
+}
+
+std::string host_info_table(const nlohmann::json& j)
+{
+    std::string o;
+    const auto& k = j["kvm"];
+    o += fmt::format("KVM API version {}\n\nCapabilities\n", k["api_version"].get<int>());
+    for (const auto& c : k["capabilities"])
+        o += fmt::format("  {:<38} {:>8}  {}\n", c["name"].get<std::string>(), c["value"].get<int>(),
+                         c["used_for"].get<std::string>());
+    const auto& l = k["limits"];
+    o += fmt::format("\nLimits\n  vCPUs: max {} (recommended {}), memslots {}, dirty ring up to {} bytes ({} entries) per vCPU\n",
+                     l["max_vcpus"].get<int>(), l["recommended_vcpus"].get<int>(), l["memslots"].get<int>(),
+                     l["dirty_ring_max_bytes"].get<int>(), l["dirty_ring_max_entries"].get<int>());
+    std::string gflags;
+    for (const auto& f : k["guest_memfd"]["flags"])
+        gflags += (gflags.empty() ? "" : "|") + f.get<std::string>();
+    o += fmt::format("  guest_memfd: {}{}\n", k["guest_memfd"]["supported"].get<bool>() ? "yes" : "no",
+                     gflags.empty() ? "" : ", flags " + gflags);
+    std::string vt;
+    for (const auto& t : k["vm_types"])
+        vt += (vt.empty() ? "" : ", ") + t.get<std::string>();
+    o += fmt::format("  VM types: {}\n", vt);
+    o += fmt::format("  manual dirty-log protect: {}{}\n",
+                     k["manual_dirty_log_protect"]["enable"].get<bool>() ? "yes" : "no",
+                     k["manual_dirty_log_protect"]["initially_set"].get<bool>() ? " (INITIALLY_SET)" : "");
+    const auto& e = k["eager_page_split"];
+    o += fmt::format("  eager page split: eager_page_split={} tdp_mmu={} -> {}\n", e["eager_page_split"].get<std::string>(),
+                     e["tdp_mmu"].get<std::string>(), e["effective"].get<bool>() ? "effective" : "not effective");
+    if (!e["note"].get<std::string>().empty())
+        o += fmt::format("    ({})\n", e["note"].get<std::string>());
+    o += "\nKVM module parameters\n";
+    for (const auto& p : k["module_params"])
+        o += fmt::format("  {:<10} {:<34} {:<10} {}\n", p["module"].get<std::string>(), p["name"].get<std::string>(),
+                         p["value"].get<std::string>(),
+                         p["writable"].get<bool>() ? "writable" : "read-only");
+    o += fmt::format("\nTHP: enabled [{}] defrag [{}]\n", j["thp"]["enabled"].get<std::string>(),
+                     j["thp"]["defrag"].get<std::string>());
+    o += "\nhugetlb pools\n";
+    o += fmt::format("  {:>9} {:>6} {:>8} {:>8} {:>8}\n", "page", "node", "nr", "free", "surplus");
+    for (const auto& p : j["hugetlb_pools"]) {
+        int node = p["node"].get<int>();
+        o += fmt::format("  {:>9} {:>6} {:>8} {:>8} {:>8}\n", format_size(p["page_bytes"].get<uint64_t>()),
+                         node < 0 ? std::string("all") : std::to_string(node), p["nr"].get<uint64_t>(),
+                         p["free"].get<uint64_t>(), p["surplus"].get<uint64_t>());
+    }
+    o += "\nNUMA nodes\n";
+    for (const auto& n : j["numa"]["nodes"])
+        o += fmt::format("  node {}: cpus {}, {} total, {} free\n", n["id"].get<int>(), n["cpus"].get<std::string>(),
+                         human_bytes(static_cast<double>(n["mem_total_bytes"].get<uint64_t>())),
+                         human_bytes(static_cast<double>(n["mem_free_bytes"].get<uint64_t>())));
+    std::string bal = j["numa"]["numa_balancing"].get<std::string>();
+    o += fmt::format("  numa_balancing: {}{}\n", bal,
+                     bal == "1" ? " (advice: bind guest memory to nodes or disable balancing for VMs)" : "");
+    return o;
+}
+
+}  // namespace mvm

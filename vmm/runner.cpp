@@ -1,0 +1,98 @@
+#include "vmm/runner.hpp"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fmt/format.h>
+#include <thread>
+
+namespace mvm {
+
+std::atomic<int> g_stop_signal{0};
+
+static void on_stop_signal(int sig) { g_stop_signal.store(sig); }
+
+void install_stop_signals()
+{
+    struct sigaction sa {};
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, nullptr);
+    sigaction(SIGTERM, &sa, nullptr);
+}
+
+ProgressLine::ProgressLine(const Machine& m, bool enabled) : m_(m), enabled_(enabled), last_pages_(m.vcpu_count(), 0) {}
+
+void ProgressLine::update(double t, double total)
+{
+    if (!enabled_ || t - last_t_ < 0.2)
+        return;
+    std::string line;
+    double dt = t - last_t_;
+    size_t shown = 0;
+    double sum = 0;
+    for (uint32_t i = 0; i < m_.vcpu_count(); i++) {
+        auto s = m_.snapshot(i);
+        uint64_t pages = s.pages_written + s.pages_read;
+        double r = static_cast<double>(pages - last_pages_[i]) / dt;
+        sum += r;
+        last_pages_[i] = pages;
+        if (shown++ < 8)
+            line += fmt::format("vcpu{} {:.1f}M/s  ", i, r / 1e6);
+    }
+    if (m_.vcpu_count() > 8)
+        line += fmt::format("... total {:.1f}M/s  ", sum / 1e6);
+    line += total > 0 ? fmt::format("[{:.1f}/{:.1f} s]", t, total) : fmt::format("[{:.1f} s]", t);
+    fmt::print(stderr, "\r\033[K{}", line);
+    std::fflush(stderr);
+    last_t_ = t;
+}
+
+void ProgressLine::finish()
+{
+    if (enabled_) {
+        fmt::print(stderr, "\r\033[K");
+        std::fflush(stderr);
+    }
+}
+
+RunReport run_workload(Machine& m, const RunOptions& opt)
+{
+    using clock = std::chrono::steady_clock;
+    StatsBaseline before = read_stats(m);
+    ProgressLine progress(m, opt.progress);
+    auto t0 = clock::now();
+    m.start();
+    auto elapsed = [&] { return std::chrono::duration<double>(clock::now() - t0).count(); };
+    bool interrupted = false;
+    for (;;) {
+        if (m.wait_finished(std::chrono::milliseconds(100)))
+            break;  // every vCPU is done (pass count reached) or failed
+        if (m.failure())
+            break;
+        if (g_stop_signal.load()) {
+            interrupted = true;
+            break;
+        }
+        double t = elapsed();
+        if (opt.on_tick)
+            opt.on_tick(t);
+        progress.update(t, opt.duration_s);
+        if (opt.duration_s > 0 && t >= opt.duration_s)
+            break;
+    }
+    double duration = elapsed();
+    progress.finish();
+    // Graceful stop: guests finish their batch and ring the done doorbell.
+    m.request_stop();
+    if (!m.wait_finished(std::chrono::seconds(5)))
+        m.kill();
+    RunReport r = collect_report(m, before, duration);
+    r.interrupted = interrupted;
+    if (opt.verify && !r.failure)
+        r.stamps = verify_stamps(m);
+    return r;
+}
+
+}  // namespace mvm

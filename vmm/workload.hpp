@@ -1,0 +1,49 @@
+// vmm/workload.hpp - what the guest workload must have left in memory.
+//
+// Every pass visits each page of a vCPU's working set once; written pages
+// hold MVM_STAMP(vcpu, generation). From the mailbox (generation, cursor,
+// passes) the VMM recomputes, for every page, the stamp the guest last wrote,
+// and checks memory against it. This is the lost-page check of the dirty
+// tracking and migration work: run it on paused or finished vCPUs.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "guest/abi.h"
+
+namespace mvm {
+
+class Machine;
+
+struct StampMismatch {
+    uint32_t vcpu;
+    uint64_t gpa;
+    uint64_t expected;  // stamp; 0 = never written
+    uint64_t found;
+};
+
+struct StampCheck {
+    uint64_t pages_checked = 0;
+    uint64_t mismatches = 0;
+    std::vector<StampMismatch> first;  // up to 16
+    bool ok() const { return mismatches == 0; }
+    std::string summary() const;  // "32768 pages checked, 0 mismatches" or names the first GPAs
+};
+
+struct WorkloadProgress {
+    uint64_t generation, cursor, passes;
+};
+
+// Host view of guest memory: pointer to the 4 KiB page at `gpa`.
+using PageReader = std::function<const uint8_t*(uint64_t gpa)>;
+
+// Checks one vCPU's working set given its progress.
+void verify_vcpu_stamps(const mvm_boot_params& bp, const mvm_vcpu_params& vp, WorkloadProgress progress,
+                        const PageReader& page, StampCheck& out);
+// Every vCPU of a machine whose vCPUs are paused or finished.
+StampCheck verify_stamps(const Machine& m);
+
+}  // namespace mvm
