@@ -5,6 +5,7 @@
 
 #include <sched.h>
 
+#include <algorithm>
 #include <set>
 #include <stdexcept>
 #include <string>

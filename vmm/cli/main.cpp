@@ -4,6 +4,7 @@
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -43,9 +44,17 @@ void check_json_dest(const std::string& dest)
                                      errno_text(errno)));
 }
 
+// The KVM device; MINIVMM_KVM_DEVICE overrides it (tests use it to show the
+// message a host without KVM gets).
+std::string kvm_device()
+{
+    const char* dev = std::getenv("MINIVMM_KVM_DEVICE");
+    return dev && *dev ? dev : "/dev/kvm";
+}
+
 int cmd_caps(bool json)
 {
-    Kvm kvm;
+    Kvm kvm(kvm_device());
     auto info = host_info(kvm);
     if (json)
         fmt::print("{}\n", info.dump(2));
@@ -65,7 +74,7 @@ int cmd_run(const RunArgs& a)
 {
     double duration = cli::parse_seconds("--duration", a.duration);
     check_json_dest(a.json);
-    Kvm kvm;
+    Kvm kvm(kvm_device());
     MachineConfig cfg = a.vm.to_config(kvm);
     if (duration <= 0 && cfg.workload.max_passes == 0)
         throw UsageError("--duration: must be positive unless --passes is given");
@@ -115,6 +124,19 @@ int main(int argc, char** argv)
     runc->add_option("--json", run.json, "also write the report as JSON to FILE, or - for stdout");
     runc->add_flag("--no-verify", run.no_verify, "skip the stamp check after the run");
 
+    if (argc > 1 && argv[1][0] != '-') {
+        std::string cmd = argv[1];
+        bool known = false;
+        std::string names;
+        for (const auto* sc : app.get_subcommands([](const CLI::App*) { return true; })) {
+            known |= sc->get_name() == cmd;
+            names += (names.empty() ? "" : ", ") + sc->get_name();
+        }
+        if (!known) {
+            fmt::print(stderr, "minivmm: unknown command '{}'; use one of {} (see 'minivmm --help')\n", cmd, names);
+            return kExitUsage;
+        }
+    }
     try {
         app.parse(argc, argv);
     } catch (const CLI::CallForHelp& e) {

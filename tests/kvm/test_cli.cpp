@@ -1,0 +1,187 @@
+// The minivmm binary as users meet it: bad input, missing KVM, signals, JSON.
+#include <gtest/gtest.h>
+
+#include <signal.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "kvm_test_util.hpp"
+
+using mvm::test::run_minivmm;
+
+namespace {
+
+struct BadInput {
+    const char* args;
+    const char* must_mention;  // the option or resource the one line names
+    const char* hint;          // and part of the fix
+};
+
+std::ostream& operator<<(std::ostream& os, const BadInput& b) { return os << b.args; }
+
+size_t lines(const std::string& s) { return static_cast<size_t>(std::count(s.begin(), s.end(), '\n')); }
+
+}  // namespace
+
+class BadInputTest : public ::testing::TestWithParam<BadInput> {};
+
+// One clear line naming the option and the fix, exit code 2, nothing run.
+TEST_P(BadInputTest, OneLineNamingTheOptionAndExit2)
+{
+    REQUIRE_KVM();
+    auto r = run_minivmm(GetParam().args);
+    EXPECT_EQ(r.exit_code, 2) << r.err;
+    EXPECT_EQ(lines(r.err), 1u) << r.err;
+    EXPECT_NE(r.err.find(GetParam().must_mention), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find(GetParam().hint), std::string::npos) << r.err;
+    EXPECT_EQ(r.out, "") << "a report was printed for bad input";
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Run, BadInputTest,
+    ::testing::Values(BadInput{"run --vcpus 0", "--vcpus", "at least 1"},
+                      BadInput{"run --vcpus 5000", "--vcpus", "KVM_CAP_MAX_VCPUS"},
+                      BadInput{"run --vcpus two", "--vcpus", "whole number"},
+                      BadInput{"run --vcpus -1", "--vcpus", "whole number"},
+                      BadInput{"run --mem 1000", "--mem", "multiple of 4 KiB"},
+                      BadInput{"run --mem 12345K", "--mem", "multiple of 4 KiB"},
+                      BadInput{"run --mem lots", "--mem", "not a size"},
+                      BadInput{"run --mem 64T", "available memory", "smaller --mem"},
+                      BadInput{"run --mem 4K --vcpus 2", "--mem", "too small"},
+                      BadInput{"run --pattern zigzag", "--pattern", "seq or random"},
+                      BadInput{"run --touch byte", "--touch", "qword or page"},
+                      BadInput{"run --write-pct 150", "--write-pct", "0..100"},
+                      BadInput{"run --backing tmpfs", "--backing", "anon|shm"},
+                      BadInput{"run --mem 3M --backing hugetlb2m", "--mem", "page size 2M"},
+                      BadInput{"run --duration soon", "--duration", "seconds"},
+                      BadInput{"run --rate fast", "--rate", "whole number"},
+                      BadInput{"run --watchdog-ms 0", "--watchdog-ms", "positive"},
+                      BadInput{"run --json /nonexistent-dir/x.json", "--json", "writable path"},
+                      BadInput{"run --no-such-option", "--no-such-option", "minivmm --help"},
+                      BadInput{"frobnicate", "frobnicate", "minivmm --help"}));
+
+TEST(Cli, MissingKvmDeviceGetsItsOwnExitCode)
+{
+    auto r = run_minivmm("caps");
+    if (r.exit_code != 0)
+        GTEST_SKIP() << "needs a working /dev/kvm for the baseline: " << r.err;
+    r = run_minivmm("");  // no command
+    EXPECT_EQ(r.exit_code, 2);
+    setenv("MINIVMM_KVM_DEVICE", "/nonexistent/kvm", 1);
+    r = run_minivmm("run --duration 1");
+    unsetenv("MINIVMM_KVM_DEVICE");
+    EXPECT_EQ(r.exit_code, 4) << r.err;
+    EXPECT_EQ(lines(r.err), 1u) << r.err;
+    EXPECT_NE(r.err.find("/nonexistent/kvm does not exist"), std::string::npos) << r.err;
+}
+
+TEST(Cli, NoPermissionOnKvmGetsItsOwnExitCode)
+{
+    REQUIRE_KVM();
+    if (geteuid() != 0)
+        GTEST_SKIP() << "needs root to drop to an unprivileged user";
+    if (std::system("command -v setpriv >/dev/null") != 0)
+        GTEST_SKIP() << "needs setpriv (util-linux)";
+    struct stat st {};
+    if (stat("/dev/kvm", &st) != 0 || (st.st_mode & S_IROTH && st.st_mode & S_IWOTH))
+        GTEST_SKIP() << "/dev/kvm is world-accessible here; nobody would be allowed in";
+    std::string cmd = std::string("setpriv --reuid=65534 --regid=65534 --clear-groups ") + MINIVMM_BINARY +
+                      " caps >/dev/null 2>/tmp/minivmm-perm.err";
+    int st2 = std::system(cmd.c_str());
+    std::ifstream f("/tmp/minivmm-perm.err");
+    std::stringstream ss;
+    ss << f.rdbuf();
+    EXPECT_EQ(WEXITSTATUS(st2), 4) << ss.str();
+    EXPECT_NE(ss.str().find("no permission to open /dev/kvm"), std::string::npos) << ss.str();
+}
+
+TEST(Cli, CapsJsonHasWhatTheToolUses)
+{
+    REQUIRE_KVM();
+    auto r = run_minivmm("caps --json");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    auto j = nlohmann::json::parse(r.out);
+    EXPECT_EQ(j["kvm"]["api_version"], 12);
+    EXPECT_GE(j["kvm"]["limits"]["max_vcpus"].get<int>(), 1);
+    EXPECT_GE(j["kvm"]["limits"]["memslots"].get<int>(), 1);
+    EXPECT_TRUE(j["kvm"]["capabilities"].is_array());
+    EXPECT_TRUE(j["kvm"]["eager_page_split"].contains("tdp_mmu"));
+    EXPECT_TRUE(j["hugetlb_pools"].is_array());
+    EXPECT_FALSE(j["numa"]["nodes"].empty());
+    EXPECT_TRUE(j["numa"].contains("numa_balancing"));
+    auto t = run_minivmm("caps");
+    EXPECT_NE(t.out.find("hugetlb pools"), std::string::npos);
+    EXPECT_NE(t.out.find("KVM_CAP_DIRTY_LOG_RING_ACQ_REL"), std::string::npos);
+}
+
+TEST(Cli, RunJsonToStdoutHasTheDocumentedKeys)
+{
+    REQUIRE_KVM();
+    auto r = run_minivmm("run --vcpus 2 --mem 32M --duration 0.5 --json -");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    auto j = nlohmann::json::parse(r.out);
+    ASSERT_EQ(j["vcpus"].size(), 2u);
+    for (const char* k : {"id", "pages_written", "passes", "max_stall_ms", "watchdog_events"})
+        EXPECT_TRUE(j["vcpus"][1].contains(k)) << k;
+    EXPECT_EQ(j["vcpus"][1]["id"], 1);
+    EXPECT_GT(j["vcpus"][0]["pages_written"].get<uint64_t>(), 0u);
+    EXPECT_TRUE(j["kvm_stats"]["vm"].is_object());
+    EXPECT_EQ(j["kvm_stats"]["vcpus"].size(), 2u);
+    EXPECT_GT(j["duration_s"].get<double>(), 0.4);
+    EXPECT_EQ(j["verify"]["mismatches"], 0);
+    EXPECT_EQ(j["status"], "completed");
+    EXPECT_NE(r.err.find("pages written"), std::string::npos) << "the table goes to stderr when JSON takes stdout";
+}
+
+TEST(Cli, GuestExceptionFailsTheRunWithTheVector)
+{
+    REQUIRE_KVM();
+    auto r = run_minivmm("run --vcpus 2 --mem 16M --duration 5 --guest-fault ud:1");
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_NE(r.out.find("vCPU 1: guest exception #UD (vector 6)"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("rip 0x"), std::string::npos) << "register dump missing";
+}
+
+TEST(Cli, SigintStopsCleanlyAndStillReports)
+{
+    REQUIRE_KVM();
+    int out[2];
+    ASSERT_EQ(pipe(out), 0);
+    pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+        dup2(out[1], 1);
+        int devnull = open("/dev/null", O_WRONLY);
+        dup2(devnull, 2);
+        execl(MINIVMM_BINARY, "minivmm", "run", "--vcpus", "2", "--mem", "32M", "--duration", "60", nullptr);
+        _exit(127);
+    }
+    close(out[1]);
+    std::this_thread::sleep_for(std::chrono::milliseconds(800));
+    auto t0 = std::chrono::steady_clock::now();
+    kill(pid, SIGINT);
+    std::string text;
+    char buf[4096];
+    ssize_t n;
+    while ((n = read(out[0], buf, sizeof buf)) > 0)
+        text.append(buf, static_cast<size_t>(n));
+    close(out[0]);
+    int st = 0;
+    waitpid(pid, &st, 0);
+    double stop_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    ASSERT_TRUE(WIFEXITED(st)) << "killed by signal " << WTERMSIG(st);
+    EXPECT_EQ(WEXITSTATUS(st), 128 + SIGINT);
+    EXPECT_LT(stop_s, 10.0);
+    EXPECT_NE(text.find("interrupted: stopped cleanly"), std::string::npos) << text;
+    EXPECT_NE(text.find("0 mismatches"), std::string::npos) << text;
+}
