@@ -21,6 +21,9 @@ const MemoryRegion& MemslotRegistry::add(MemoryRegion r)
                                      r.describe(), max_slots_));
     if (r.size == 0 || r.size % 4096 || r.gpa % 4096)
         throw UsageError(fmt::format("cannot add {}: gpa and size must be non-zero multiples of 4 KiB", r.describe()));
+    if (r.gpa + r.size < r.gpa)
+        throw UsageError(fmt::format("cannot add {}: the range wraps around the guest-physical address space",
+                                     r.describe()));
     for (const auto& o : regions_) {
         if (o.slot == r.slot)
             throw UsageError(fmt::format("duplicate memslot: {} and {}", o.describe(), r.describe()));
@@ -64,7 +67,9 @@ const MemoryRegion* MemslotRegistry::by_host(const void* p) const
 uint8_t* MemslotRegistry::host_ptr(uint64_t gpa, uint64_t len) const
 {
     const MemoryRegion* r = by_gpa(gpa);
-    if (!r || !r->host || gpa + len > r->gpa_end())
+    // gpa is inside r, so gpa_end() - gpa cannot wrap; comparing len to it
+    // (not gpa + len to the end) keeps a huge len from wrapping past the check.
+    if (!r || !r->host || len > r->gpa_end() - gpa)
         return nullptr;
     return r->host + (gpa - r->gpa);
 }

@@ -82,11 +82,12 @@ Topology host_topology()
 
 std::vector<int> parse_cpu_list(const std::string& s)
 {
+    constexpr int kMaxCpu = 65535;  // keeps a range like 0-2147483647 from exhausting memory
     std::vector<int> out;
     size_t i = 0;
     auto number = [&](int& v) {
         auto [p, ec] = std::from_chars(s.data() + i, s.data() + s.size(), v);
-        if (ec != std::errc() || v < 0)
+        if (ec != std::errc() || v < 0 || v > kMaxCpu)
             throw std::invalid_argument(fmt::format("'{}' is not a CPU list like 0-3,8", s));
         i = static_cast<size_t>(p - s.data());
     };

@@ -212,3 +212,12 @@ TEST(HostTopology, IsConsistent)
 
 }  // namespace
 }  // namespace mvm::numa
+
+// Regression: a range up to INT_MAX once looped until memory ran out (and
+// overflowed int at the end). CPU numbers are bounded.
+TEST(CpuList, HugeRangeIsRefusedNotExpanded)
+{
+    EXPECT_THROW(mvm::numa::parse_cpu_list("0-2147483647"), std::invalid_argument);
+    EXPECT_THROW(mvm::numa::parse_cpu_list("70000"), std::invalid_argument);
+    EXPECT_EQ(mvm::numa::parse_cpu_list("65535").size(), 1u);
+}

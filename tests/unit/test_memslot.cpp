@@ -282,20 +282,18 @@ TEST_F(MemslotLookupTest, HostPtrOutsideOrWithoutHostMapping)
     EXPECT_EQ(reg.host_ptr(16 * kGiB, 1), nullptr);       // above everything
 }
 
-// BUG (memory/memslot.cpp, MemslotRegistry::host_ptr): `gpa + len > r->gpa_end()`
-// wraps around for a huge len, so a range that runs far past the region (and
-// off the end of the address space) is reported as inside it. The header
-// promises nullptr unless [gpa, gpa+len) lies inside one region.
+// Regression: host_ptr once checked `gpa + len > r->gpa_end()`, which wraps
+// for a huge len, so a range running off the end of the address space was
+// reported as inside the region. nullptr unless [gpa, gpa+len) is inside one.
 TEST_F(MemslotLookupTest, HostPtrHugeLengthDoesNotWrap)
 {
     EXPECT_EQ(reg.host_ptr(0x1000, ~0ull), nullptr);
     EXPECT_EQ(reg.host_ptr(4 * kGiB + k4K, ~0ull - 100), nullptr);
 }
 
-// BUG (memory/memslot.cpp, MemslotRegistry::add): the overlap test uses
-// gpa_end() = gpa + size, which wraps for a region at the top of the address
-// space, so a region that wraps around into [0, ...) is accepted although it
-// covers the system slot (and KVM would refuse it only later).
+// Regression: add() once accepted a region at the top of the address space
+// whose gpa + size wraps into [0, ...), over the system slot (KVM would
+// refuse it only later).
 TEST_F(MemslotLookupTest, RefusesRegionThatWrapsAroundTheAddressSpace)
 {
     MemoryRegion r = region(9, ~0ull - k4K + 1, 2, host(48), "wraps");  // [2^64 - 4K, 2^64 + 4K)

@@ -240,6 +240,21 @@ TEST(Paging, MixedPermissionsInsideOne2MRegionStay4K)
     EXPECT_EQ(last.flags, kPtePresent | kPteWrite | kPteUser);
 }
 
+TEST(Paging, A2MPageNeverReplacesAnExistingPageTable)
+{
+    // The 4K kernel page at 2M+4K is mapped first; a later aligned 2M range
+    // over it must go through the existing table, not drop it for a 2M page.
+    Pool pool(0x10000, 8);
+    PageTableBuilder pt = pool.builder();
+    pt.map(k2M + k4K, k4K, 0);
+    pt.map(k2M, k2M, kUserRW);
+    Walk w = walk(pt, k2M);
+    EXPECT_EQ(w.page_size, k4K);
+    EXPECT_EQ(w.flags, kPtePresent | kPteWrite | kPteUser);
+    EXPECT_EQ(walk(pt, 2 * k2M - 1).page_size, k4K);
+    EXPECT_EQ(pt.pages_used(), 4u);
+}
+
 TEST(Paging, FourKInsideExisting2MPageThrows)
 {
     Pool pool(0x10000, 8);
@@ -352,6 +367,17 @@ TEST(PagesNeeded, IsAnUpperBoundForSyntheticLayouts)
          {0x100000000 + k4K, 1, kRW}},
         // Many small ranges in different GiBs.
         {{0, k4K, 0}, {k1G, k4K, kRW}, {2 * k1G, k4K, kUser}, {3 * k1G, k4K, kUserRW}, {7 * k1G + k4K, k4K, kRW}},
+        // Ranges that each straddle a 2M boundary: two page tables apiece.
+        {{0 * 4 * k2M + k2M - k4K, 2 * k4K, kRW},
+         {1 * 4 * k2M + k2M - k4K, 2 * k4K, kRW},
+         {2 * 4 * k2M + k2M - k4K, 2 * k4K, kUser},
+         {3 * 4 * k2M + k2M - k4K, 2 * k4K, kRW},
+         {4 * 4 * k2M + k2M - k4K, 2 * k4K, kUserRW},
+         {5 * 4 * k2M + k2M - k4K, 2 * k4K, kRW},
+         {6 * 4 * k2M + k2M - k4K, 2 * k4K, kRW},
+         {7 * 4 * k2M + k2M - k4K, 2 * k4K, kRW},
+         {8 * 4 * k2M + k2M - k4K, 2 * k4K, kRW},
+         {9 * 4 * k2M + k2M - k4K, 2 * k4K, kRW}},
         // Large RAM with non-1G-aligned node boundaries.
         {{0, 3 * k2M + 12 * k4K, kRW}, {4 * k1G, 3 * k1G + 6 * k2M, kUserRW}, {8 * k1G, 17 * k1G, kUserRW}},
     };
