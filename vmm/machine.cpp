@@ -128,6 +128,8 @@ Machine::Machine(const Kvm& kvm, MachineConfig cfg)
       slots_(static_cast<uint32_t>(std::max(1, vm_.cap(KVM_CAP_NR_MEMSLOTS))))
 {
     static_assert(sizeof(mvm_mailbox) <= 4096);
+    // Pausing kicks vCPUs out of KVM_RUN with a signal plus kvm_run.immediate_exit.
+    kvm.require(KVM_CAP_IMMEDIATE_EXIT, "kicking vCPUs out of KVM_RUN to pause them");
     if (cfg_.dirty_ring_bytes)
         vm_.enable_dirty_ring(cfg_.dirty_ring_bytes, cfg_.dirty_ring_acq_rel);
     create_memory();

@@ -216,3 +216,22 @@ TEST(Run, ReportHasStatsAndNativeExecution)
     EXPECT_EQ(j["kvm_stats"]["vcpus"].size(), 2u);
     EXPECT_GT(j["duration_s"].get<double>(), 0.4);
 }
+
+// --rate caps each vCPU's pages/s (the guest paces itself against the TSC).
+// Only the upper bound is checked: a shared machine may run slower, never faster.
+TEST(Workload, RateCapLimitsPagesPerSecond)
+{
+    REQUIRE_KVM();
+    MachineConfig c = small_config(2, 16ull << 20);
+    c.workload.rate_pages_per_s = 100000;
+    Machine m(kvm, c);
+    RunOptions opt;
+    opt.duration_s = 0.5;
+    RunReport r = run_workload(m, opt);
+    ASSERT_FALSE(r.failure) << r.failure->reason;
+    for (const auto& v : r.vcpus) {
+        EXPECT_GT(v.pages_written, 0u);
+        EXPECT_LT(v.pages_per_s, 100000 * 1.25) << "vCPU " << v.id << " exceeded its rate cap";
+    }
+    EXPECT_TRUE(r.stamps->ok()) << r.stamps->summary();
+}
