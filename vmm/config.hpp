@@ -10,6 +10,7 @@
 
 #include "guest/abi.h"
 #include "memory/backing.hpp"
+#include "numa/policy.hpp"
 
 namespace mvm {
 
@@ -27,15 +28,12 @@ struct WorkloadConfig {
     int fault_vcpu = -1;              // ... on this vCPU (-1: none)
 };
 
-enum class NumaPolicy { Default, Bind, Preferred, Interleave };
-
 struct NodeConfig {
     uint32_t id = 0;
     std::vector<uint32_t> vcpus;
     uint64_t mem_bytes = 0;
     BackingKind backing = BackingKind::Anon;
-    std::vector<int> host_nodes;  // empty: no policy
-    NumaPolicy policy = NumaPolicy::Default;
+    numa::NodePolicy host_policy;  // where on the host its memory goes (mbind)
     bool prealloc = false;
     std::string origin = "--mem";  // how the user spelled it, for error messages
 };

@@ -1,0 +1,28 @@
+// numa/placement.hpp - where the pages of a range actually are (move_pages(2)).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <vector>
+
+namespace mvm::numa {
+
+struct Placement {
+    uint64_t pages_total = 0;    // pages in the range
+    uint64_t pages_queried = 0;  // pages actually asked about (< total when sampled)
+    bool sampled = false;
+    std::map<int, uint64_t> pages_per_node;  // of the queried, present pages
+    uint64_t pages_not_present = 0;          // queried pages with a negative status (-ENOENT, ...)
+    uint64_t first_unexpected_offset = ~uint64_t{0};  // bytes; ~0 if none / no expectation
+};
+
+// Queries the node of each page of [addr, addr+len) with move_pages(2) in
+// batches. max_pages == 0 queries every page; otherwise at most max_pages
+// pages spread evenly over the range are queried and `sampled` is set.
+// With expected_nodes non-empty, first_unexpected_offset is the offset of the
+// first present queried page on another node. Throws SysError on failure.
+Placement query_placement(const void* addr, size_t len, size_t page_size = 4096,
+                          const std::vector<int>& expected_nodes = {}, size_t max_pages = 0);
+
+}  // namespace mvm::numa
