@@ -1,8 +1,6 @@
 #include "vmm/config.hpp"
 
-#include <fstream>
 #include <set>
-#include <sstream>
 
 #include <fmt/format.h>
 

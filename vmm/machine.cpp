@@ -540,18 +540,16 @@ void Machine::kill()
         kick_all_locked();
     }
     for (auto& s : vcpus_) {
-        // A kick may race with a vCPU entering KVM_RUN between our flag store
-        // and its check; immediate_exit covers that, but keep kicking until it is out.
-        while (s->thread.joinable()) {
-            {
-                std::unique_lock lk(mu_);
-                if (cv_.wait_for(lk, std::chrono::milliseconds(50), [&] { return s->finished; }))
-                    break;
+        if (!s->thread.joinable())
+            continue;
+        {
+            // immediate_exit closes the race with a vCPU about to enter
+            // KVM_RUN; re-kicking on a timeout is a backstop.
+            std::unique_lock lk(mu_);
+            while (!cv_.wait_for(lk, std::chrono::milliseconds(50), [&] { return s->finished; }))
                 kick_all_locked();
-            }
         }
-        if (s->thread.joinable())
-            s->thread.join();
+        s->thread.join();
     }
 }
 

@@ -45,4 +45,4 @@ CmdResult run_minivmm(const std::string& args);
     const ::mvm::Kvm* kvm_ptr_ = ::mvm::test::host_kvm(&kvm_why_);   \
     if (!kvm_ptr_)                                                   \
         GTEST_SKIP() << "needs /dev/kvm: " << kvm_why_;              \
-    const ::mvm::Kvm& kvm = *kvm_ptr_
+    [[maybe_unused]] const ::mvm::Kvm& kvm = *kvm_ptr_

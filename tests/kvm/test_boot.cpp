@@ -150,8 +150,9 @@ TEST_P(GuestFaultTest, ExceptionIsReportedWithItsVector)
     EXPECT_EQ(f->vector, GetParam().vector) << f->reason;
     EXPECT_NE(f->reason.find(fmt::format("vector {}", GetParam().vector)), std::string::npos) << f->reason;
     EXPECT_FALSE(f->register_dump.empty());
-    if (GetParam().fault == MVM_FAULT_PF)
+    if (GetParam().fault == MVM_FAULT_PF) {
         EXPECT_EQ(f->cr2, MVM_FAULT_PF_ADDR);
+    }
 }
 
 INSTANTIATE_TEST_SUITE_P(Faults, GuestFaultTest,

@@ -31,6 +31,7 @@ Kvm::Kvm(const std::string& path)
     api_version_ = KVM_IOCTL(fd_.get(), KVM_GET_API_VERSION, 0);
     if (api_version_ != KVM_API_VERSION)
         throw KvmUnavailable(fmt::format("{} speaks KVM API {}, minivmm needs {}", path, api_version_, KVM_API_VERSION));
+    vcpu_mmap_size_ = static_cast<size_t>(KVM_IOCTL(fd_.get(), KVM_GET_VCPU_MMAP_SIZE, 0));
 }
 
 int Kvm::cap(int c) const
@@ -51,11 +52,6 @@ int Kvm::require(int c, const std::string& why) const
     if (v <= 0)
         throw Unsupported(fmt::format("this host's KVM lacks {} (needed for {})", cap_name(c), why));
     return v;
-}
-
-size_t Kvm::vcpu_mmap_size() const
-{
-    return static_cast<size_t>(KVM_IOCTL(fd_.get(), KVM_GET_VCPU_MMAP_SIZE, 0));
 }
 
 std::vector<kvm_cpuid_entry2> Kvm::supported_cpuid() const
@@ -153,7 +149,7 @@ void Vm::enable_dirty_ring(uint32_t bytes, bool acq_rel)
 Vcpu Vm::create_vcpu(uint32_t id)
 {
     int fd = KVM_IOCTL(fd_.get(), KVM_CREATE_VCPU, static_cast<unsigned long>(id));
-    return Vcpu(*this, id, UniqueFd(fd), kvm_->vcpu_mmap_size(), dirty_ring_bytes_);
+    return Vcpu(id, UniqueFd(fd), kvm_->vcpu_mmap_size(), dirty_ring_bytes_);
 }
 
 UniqueFd Vm::stats_fd() const
@@ -162,7 +158,7 @@ UniqueFd Vm::stats_fd() const
     return UniqueFd(KVM_IOCTL(fd_.get(), KVM_GET_STATS_FD, 0));
 }
 
-Vcpu::Vcpu(const Vm&, uint32_t id, UniqueFd fd, size_t mmap_size, uint32_t dirty_ring_bytes)
+Vcpu::Vcpu(uint32_t id, UniqueFd fd, size_t mmap_size, uint32_t dirty_ring_bytes)
     : id_(id), fd_(std::move(fd))
 {
     run_ = Mapping::map(fmt::format("kvm_run of vCPU {}", id), mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED,

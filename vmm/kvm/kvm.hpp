@@ -31,7 +31,7 @@ public:
     int cap(int cap) const;
     // Throws Unsupported "this host's KVM lacks NAME (needed for WHY)" when cap() == 0.
     int require(int cap, const std::string& why) const;
-    size_t vcpu_mmap_size() const;
+    size_t vcpu_mmap_size() const noexcept { return vcpu_mmap_size_; }
     // KVM_GET_SUPPORTED_CPUID, grown until it fits.
     std::vector<kvm_cpuid_entry2> supported_cpuid() const;
 
@@ -40,6 +40,7 @@ public:
 private:
     UniqueFd fd_;
     int api_version_ = 0;
+    size_t vcpu_mmap_size_ = 0;  // KVM_GET_VCPU_MMAP_SIZE, the same for every vCPU
     mutable std::mutex cap_mutex_;
     mutable std::map<int, int> cap_cache_;
 };
@@ -79,7 +80,7 @@ private:
 
 class Vcpu {
 public:
-    Vcpu(const Vm& vm, uint32_t id, UniqueFd fd, size_t mmap_size, uint32_t dirty_ring_bytes);
+    Vcpu(uint32_t id, UniqueFd fd, size_t mmap_size, uint32_t dirty_ring_bytes);
     Vcpu(Vcpu&&) noexcept = default;
     Vcpu& operator=(Vcpu&&) noexcept = default;
 
