@@ -13,7 +13,7 @@
 #include <stdint.h>
 #endif
 
-#define MVM_ABI_VERSION 1u
+#define MVM_ABI_VERSION 2u
 #define MVM_PAGE_SIZE 4096ull
 #define MVM_PAGE_SHIFT 12
 
@@ -74,7 +74,9 @@ struct mvm_image_header {
 /* A contiguous piece of a vCPU's working set. The working set is the
  * concatenation of its segments; page index i of the set lives at
  * seg[k].gpa + (i - sum(seg[<k].pages)) * 4K. */
-#define MVM_MAX_SEGMENTS 4
+/* One local piece plus one from each other virtual node (--access mixed/remote,
+ * memory-only nodes). */
+#define MVM_MAX_SEGMENTS 16
 struct mvm_segment {
     uint64_t gpa;
     uint64_t pages;

@@ -52,6 +52,7 @@ HugetlbPool read_pool(uint64_t bytes, int node, const std::string& dir)
     p.nr = read_u64(dir + "/nr_hugepages");
     p.free = read_u64(dir + "/free_hugepages");
     p.surplus = read_u64(dir + "/surplus_hugepages");
+    p.resv = read_u64(dir + "/resv_hugepages");  // absent per node: reads 0
     p.nr_path = dir + "/nr_hugepages";
     return p;
 }

@@ -12,6 +12,7 @@ struct HugetlbPool {
     uint64_t page_bytes = 0;
     int node = -1;  // -1: the global pool
     uint64_t nr = 0, free = 0, surplus = 0;
+    uint64_t resv = 0;    // reserved by mappings but not yet faulted (global pools only)
     std::string nr_path;  // the file to write to resize it
 };
 

@@ -159,6 +159,18 @@ NodePolicy current_thread_policy() {
     return from_kernel(mode, mask);
 }
 
+void set_current_thread_policy(const NodePolicy& p) {
+    size_t bits = mask_bits();
+    int rc;
+    if (p.policy == Policy::Default) {
+        rc = set_mempolicy(MPOL_DEFAULT, nullptr, 0);
+    } else {
+        auto mask = make_mask(p.nodes, bits);
+        rc = set_mempolicy(to_mode(p.policy), mask.data(), bits + 1);
+    }
+    if (rc != 0) throw SysError(fmt::format("set_mempolicy {}", to_string(p)), errno);
+}
+
 ThreadPolicyScope::ThreadPolicyScope(const NodePolicy& p) {
     size_t bits = mask_bits();
     saved_mask_.assign(bits / kBitsPerLong, 0);

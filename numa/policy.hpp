@@ -43,6 +43,9 @@ NodePolicy query_range_policy(void* addr);
 // The calling thread's policy (get_mempolicy, flags 0).
 NodePolicy current_thread_policy();
 
+// Sets the calling thread's policy for the rest of its life (set_mempolicy).
+void set_current_thread_policy(const NodePolicy& p);
+
 // Saves the calling thread's mempolicy, sets `p` (set_mempolicy), and restores
 // the saved one on destruction. Must be destroyed on the thread that made it.
 class ThreadPolicyScope {

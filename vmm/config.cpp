@@ -1,11 +1,14 @@
 #include "vmm/config.hpp"
 
+#include <algorithm>
+#include <map>
 #include <set>
 
 #include <fmt/format.h>
 
 #include "vmm/kvm/error.hpp"
 #include "vmm/kvm/kvm.hpp"
+#include "memory/hugetlb.hpp"
 #include "vmm/units.hpp"
 
 namespace mvm {
@@ -25,16 +28,20 @@ MachineConfig single_node_config(uint32_t vcpus, uint64_t mem, BackingKind backi
 }
 
 
-void validate_config(const MachineConfig& cfg, const Kvm& kvm)
+std::string to_string(const AccessConfig& a)
+{
+    switch (a.mode) {
+    case Access::Local: return "local";
+    case Access::Remote: return "remote";
+    case Access::Mixed: return fmt::format("mixed:{}", a.remote_pct);
+    }
+    return "?";
+}
+
+void validate_config(const MachineConfig& cfg, const numa::Topology& topo)
 {
     if (cfg.vcpus == 0)
         throw UsageError("--vcpus must be at least 1");
-    int max_vcpus = kvm.cap(KVM_CAP_MAX_VCPUS);
-    if (max_vcpus <= 0)
-        max_vcpus = kvm.cap(KVM_CAP_NR_VCPUS);
-    if (max_vcpus > 0 && cfg.vcpus > static_cast<uint32_t>(max_vcpus))
-        throw UsageError(fmt::format("--vcpus {} exceeds this host's KVM_CAP_MAX_VCPUS ({}); use at most {}", cfg.vcpus,
-                                     max_vcpus, max_vcpus));
     if (cfg.vcpus > 1024)
         throw UsageError(fmt::format("--vcpus {} exceeds minivmm's limit of 1024", cfg.vcpus));
     if (cfg.nodes.empty())
@@ -45,11 +52,13 @@ void validate_config(const MachineConfig& cfg, const Kvm& kvm)
     std::vector<int> owner(cfg.vcpus, -1);
     std::set<uint32_t> ids;
     uint64_t total = 0;
+    uint32_t cpu_nodes = 0;
     for (const auto& n : cfg.nodes) {
         if (!ids.insert(n.id).second)
             throw UsageError(fmt::format("{}: virtual node {} is given twice", n.origin, n.id));
         if (n.id >= cfg.nodes.size())
             throw UsageError(fmt::format("{}: virtual node ids must be 0..{} without gaps", n.origin, cfg.nodes.size() - 1));
+        cpu_nodes += !n.vcpus.empty();
         for (uint32_t v : n.vcpus) {
             if (v >= cfg.vcpus)
                 throw UsageError(fmt::format("{}: vCPU {} does not exist (--vcpus {}); use cpus= within 0-{}", n.origin, v,
@@ -70,19 +79,127 @@ void validate_config(const MachineConfig& cfg, const Kvm& kvm)
         if (!n.vcpus.empty() && n.mem_bytes / 4096 < n.vcpus.size())
             throw UsageError(fmt::format("{}: {} is too small for {} vCPUs (each needs at least one 4 KiB page)",
                                          n.origin, format_size(n.mem_bytes), n.vcpus.size()));
+        try {
+            n.host_policy.validate(topo);
+        } catch (const UsageError& e) {
+            throw UsageError(fmt::format("{}: {}", n.origin, e.what()));
+        }
+        for (int c : n.host_cpus)
+            if (!topo.has_cpu(c))
+                throw UsageError(fmt::format("{}: host CPU {} does not exist (host CPUs: {}); use host-cpus= within {}",
+                                             n.origin, c, numa::format_cpu_list(topo.all_cpus()),
+                                             numa::format_cpu_list(topo.all_cpus())));
+        if (n.host_cpus_given && n.vcpus.empty())
+            throw UsageError(fmt::format("{}: host-cpus= given for a node without vCPUs; add cpus= or drop host-cpus=",
+                                         n.origin));
+        for (int hn : n.host_policy.nodes) {
+            const numa::Node* node = topo.node(hn);
+            if (node && node->mem_total_bytes == 0 && n.host_policy.policy == numa::Policy::Bind &&
+                n.host_policy.nodes.size() == 1)
+                throw UsageError(fmt::format("{}: host node {} has no memory; bind to a node with memory", n.origin, hn));
+        }
         total += n.mem_bytes;
     }
     for (uint32_t v = 0; v < cfg.vcpus; v++)
         if (owner[v] < 0)
             throw UsageError(fmt::format("vCPU {} belongs to no virtual node; list it in some --numa cpus=", v));
-    uint64_t avail = host_mem_available_bytes();
-    if (avail && total > avail)
-        throw UsageError(fmt::format("{} of guest memory exceeds the host's available memory ({}); use a smaller --mem",
-                                     format_size(total), format_size(avail)));
+    if (cfg.access.mode != Access::Local && cpu_nodes < 2)
+        throw UsageError(fmt::format("--access {}: remote access needs vCPUs on at least 2 virtual nodes; "
+                                     "give two --numa with cpus= or use --access local",
+                                     to_string(cfg.access)));
+    if (cfg.access.remote_pct > 100)
+        throw UsageError(fmt::format("--access mixed:{}: the remote share is out of range; use 0..100", cfg.access.remote_pct));
     if (cfg.workload.write_pct > 100)
         throw UsageError(fmt::format("--write-pct {} is out of range; use 0..100", cfg.workload.write_pct));
     if (cfg.workload.watchdog_ms <= 0)
         throw UsageError("--watchdog-ms must be positive");
+    (void)total;
+}
+
+std::string check_hugetlb_pools(const MachineConfig& cfg, const std::vector<HugetlbPool>& pools)
+{
+    auto find = [&](uint64_t bytes, int node) -> const HugetlbPool* {
+        for (const auto& p : pools)
+            if (p.page_bytes == bytes && p.node == node)
+                return &p;
+        return nullptr;
+    };
+    // Global need per page size, and per host node for single-node binds.
+    std::map<uint64_t, uint64_t> need;
+    std::map<std::pair<uint64_t, int>, uint64_t> need_on;
+    std::map<uint64_t, const NodeConfig*> first;
+    for (const auto& n : cfg.nodes) {
+        if (n.backing != BackingKind::Hugetlb2M && n.backing != BackingKind::Hugetlb1G)
+            continue;
+        const uint64_t page = backing_page_size(n.backing);
+        const uint64_t pages = n.mem_bytes / page;
+        if (!find(page, -1))
+            return fmt::format("{}: backing {} needs {} hugetlb pages, which this kernel does not offer "
+                               "(no /sys/kernel/mm/hugepages/hugepages-{}kB); use another backing",
+                               n.origin, backing_name(n.backing), format_size(page), page / 1024);
+        need[page] += pages;
+        first.emplace(page, &n);
+        if (n.host_policy.policy == numa::Policy::Bind && n.host_policy.nodes.size() == 1) {
+            const int hn = n.host_policy.nodes[0];
+            uint64_t& want = need_on[{page, hn}];
+            want += pages;
+            const HugetlbPool* p = find(page, hn);
+            if (p && p->free < want)
+                return fmt::format("{}: backing {} needs {} free {} pages on host node {} but {} are free ({} missing); "
+                                   "raise {} by {}",
+                                   n.origin, backing_name(n.backing), want, format_size(page), hn, p->free,
+                                   want - p->free, p->nr_path, want - p->free);
+        }
+    }
+    for (const auto& [page, pages] : need) {
+        const HugetlbPool* p = find(page, -1);
+        const uint64_t avail = p->free > p->resv ? p->free - p->resv : 0;
+        if (avail < pages)
+            return fmt::format("{}: hugetlb needs {} free {} pages in all but {} are available ({} missing); raise {} by {}",
+                               first[page]->origin, pages, format_size(page), avail, pages - avail, p->nr_path,
+                               pages - avail);
+    }
+    return {};
+}
+
+void check_host_resources(const MachineConfig& cfg, const Kvm& kvm)
+{
+    int max_vcpus = kvm.cap(KVM_CAP_MAX_VCPUS);
+    if (max_vcpus <= 0)
+        max_vcpus = kvm.cap(KVM_CAP_NR_VCPUS);
+    if (max_vcpus > 0 && cfg.vcpus > static_cast<uint32_t>(max_vcpus))
+        throw UsageError(fmt::format("--vcpus {} exceeds this host's KVM_CAP_MAX_VCPUS ({}); use at most {}", cfg.vcpus,
+                                     max_vcpus, max_vcpus));
+    uint64_t total = 0;
+    for (const auto& n : cfg.nodes) {
+        total += n.mem_bytes;
+        if (n.backing == BackingKind::Gmem) {
+            const uint64_t want = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+            if (kvm.cap(KVM_CAP_GUEST_MEMFD) <= 0)
+                throw UsageError(fmt::format("{}: backing gmem needs guest_memfd, which this kernel's KVM lacks "
+                                             "(no KVM_CAP_GUEST_MEMFD); use another backing",
+                                             n.origin));
+            const auto have = static_cast<uint64_t>(std::max(0, kvm.cap(KVM_CAP_GUEST_MEMFD_FLAGS)));
+            if ((have & want) != want)
+                throw UsageError(fmt::format("{}: backing gmem needs guest_memfd flags MMAP|INIT_SHARED ({:#x}) but this "
+                                             "kernel offers {:#x}; use another backing",
+                                             n.origin, want, have));
+        }
+    }
+    uint64_t avail = host_mem_available_bytes();
+    if (avail && total > avail)
+        throw UsageError(fmt::format("{} of guest memory exceeds the host's available memory ({}); use a smaller --mem",
+                                     format_size(total), format_size(avail)));
+    // Pinning: the CPUs must be ones this process may run on (cpusets, taskset).
+    std::vector<int> allowed = numa::current_thread_cpus();
+    for (const auto& n : cfg.nodes)
+        for (int c : n.host_cpus)
+            if (!std::binary_search(allowed.begin(), allowed.end(), c))
+                throw UsageError(fmt::format("{}: host CPU {} is outside this process's CPU affinity ({}); use CPUs "
+                                             "within {} or run minivmm with a wider taskset/cpuset",
+                                             n.origin, c, numa::format_cpu_list(allowed), numa::format_cpu_list(allowed)));
+    if (std::string why = check_hugetlb_pools(cfg, hugetlb_pools()); !why.empty())
+        throw UsageError(why);
 }
 
 }  // namespace mvm

@@ -28,13 +28,23 @@ struct WorkloadConfig {
     int fault_vcpu = -1;              // ... on this vCPU (-1: none)
 };
 
+// Which virtual nodes' memory a vCPU works in (--access).
+enum class Access { Local, Remote, Mixed };
+struct AccessConfig {
+    Access mode = Access::Local;
+    uint32_t remote_pct = 0;  // share of each vCPU's pages on the next node: 0 local, 100 remote
+};
+std::string to_string(const AccessConfig& a);  // "local", "remote", "mixed:30"
+
 struct NodeConfig {
     uint32_t id = 0;
     std::vector<uint32_t> vcpus;
     uint64_t mem_bytes = 0;
     BackingKind backing = BackingKind::Anon;
     numa::NodePolicy host_policy;  // where on the host its memory goes (mbind)
-    bool prealloc = false;
+    std::vector<int> host_cpus;    // host CPUs its vCPU threads are pinned to; empty: not pinned
+    bool host_cpus_given = false;  // host-cpus= was spelled out (else derived from the host nodes)
+    bool prealloc = false;         // MADV_POPULATE_WRITE before boot, by a thread on the node
     std::string origin = "--mem";  // how the user spelled it, for error messages
 };
 
@@ -42,16 +52,29 @@ struct MachineConfig {
     uint32_t vcpus = 2;
     std::vector<NodeConfig> nodes;  // at least one; every vCPU in exactly one node
     WorkloadConfig workload;
+    AccessConfig access;
     uint32_t dirty_ring_bytes = 0;  // >0: enable the dirty ring before creating vCPUs
     bool dirty_ring_acq_rel = true;
-    bool pin_vcpus = false;          // pin each vCPU thread to its node's host CPUs
+    bool show_progress = false;      // progress display for long setup steps (prealloc)
 };
 
 // One node holding every vCPU and `mem` bytes of `backing`.
 MachineConfig single_node_config(uint32_t vcpus, uint64_t mem, BackingKind backing = BackingKind::Anon);
 
-// Throws UsageError naming the offending option when cfg cannot work on this
-// host (vCPU limits, sizes, memory available, node coverage).
-void validate_config(const MachineConfig& cfg, const Kvm& kvm);
+// Checks that need no host: sizes, node ids, vCPU coverage and overlap,
+// workload knobs, and host nodes/CPUs against `topo` (the host's, or one a
+// test supplies). Throws UsageError naming the offending option.
+void validate_config(const MachineConfig& cfg, const numa::Topology& topo);
+
+// Checks against this host and its KVM: vCPU limits, guest_memfd support,
+// memory available, CPUs this process may run on, hugetlb pools.
+void check_host_resources(const MachineConfig& cfg, const Kvm& kvm);
+
+// The hugetlb pages each node needs, checked against the pools: global free
+// minus reserved, and per host node when the policy binds to one node.
+// Returns "" when they suffice, else one line naming the node, the missing
+// page count and the sysfs file to raise.
+struct HugetlbPool;
+std::string check_hugetlb_pools(const MachineConfig& cfg, const std::vector<HugetlbPool>& pools);
 
 }  // namespace mvm

@@ -1,7 +1,9 @@
 #include "vmm/machine.hpp"
 
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -12,6 +14,8 @@
 #include "vmm/guest_image.hpp"
 #include "vmm/kvm/error.hpp"
 #include "vmm/kvm/ioctl.hpp"
+#include "vmm/units.hpp"
+#include "vmm/vnuma.hpp"
 #include "vmm/x86/long_mode.hpp"
 #include "vmm/x86/paging.hpp"
 
@@ -132,6 +136,10 @@ Machine::Machine(const Kvm& kvm, MachineConfig cfg)
     kvm.require(KVM_CAP_IMMEDIATE_EXIT, "kicking vCPUs out of KVM_RUN to pause them");
     if (cfg_.dirty_ring_bytes)
         vm_.enable_dirty_ring(cfg_.dirty_ring_bytes, cfg_.dirty_ring_acq_rel);
+    vcpu_node_.assign(cfg_.vcpus, 0);
+    for (size_t i = 0; i < cfg_.nodes.size(); i++)
+        for (uint32_t v : cfg_.nodes[i].vcpus)
+            vcpu_node_.at(v) = static_cast<int>(i);
     create_memory();
     load_guest();
     open_stats();
@@ -156,6 +164,14 @@ void Machine::create_memory()
         backings_.push_back(
             Backing::create(node.backing, node.mem_bytes, &vm_, fmt::format("node{}-{}", node.id, backing_name(node.backing))));
         const Backing& b = backings_.back();
+        // Before anything touches it: where its pages may come from. For
+        // guest_memfd this sets the file's shared policy through our mmap.
+        try {
+            numa::apply_to_range(b.host(), b.size(), node.host_policy);
+        } catch (const Error& e) {
+            throw Error(fmt::format("{}: applying policy {} to {}: {}", node.origin, numa::to_string(node.host_policy),
+                                    backing_name(node.backing), e.what()));
+        }
         MemoryRegion r;
         r.slot = static_cast<uint32_t>(1 + i);
         r.gpa = range.gpa;
@@ -183,6 +199,40 @@ void Machine::create_memory()
         }
         vm_.set_memory_region(m);
     }
+    preallocate();
+}
+
+void Machine::preallocate()
+{
+    std::vector<PreallocJob> jobs;
+    for (size_t i = 0; i < cfg_.nodes.size(); i++) {
+        const NodeConfig& node = cfg_.nodes[i];
+        if (!node.prealloc)
+            continue;
+        const Backing& b = node_backing(i);
+        PreallocJob j;
+        j.name = fmt::format("node{}", node.id);
+        j.addr = b.host();
+        j.len = b.size();
+        j.page_size = b.page_size();
+        // The node's CPUs: its vCPUs' pinning, else those of its host nodes.
+        j.cpus = node.host_cpus;
+        j.policy = node.host_policy;
+        jobs.push_back(std::move(j));
+    }
+    if (jobs.empty())
+        return;
+    uint64_t total = 0;
+    for (const auto& j : jobs)
+        total += j.len;
+    const bool show = cfg_.show_progress && total >= (256ull << 20);
+    prealloc_ = prealloc_parallel(jobs, [&](uint64_t done, uint64_t all) {
+        if (show)
+            fmt::print(stderr, "\r\033[Kprealloc: {} of {} ({:.0f}%) on {} thread(s)", human_bytes(done), human_bytes(all),
+                       100.0 * static_cast<double>(done) / static_cast<double>(all), jobs.size());
+    });
+    if (show)
+        fmt::print(stderr, "\r\033[K");
 }
 
 // Copies the image, builds page tables, descriptor tables and boot
@@ -215,8 +265,7 @@ void Machine::load_guest()
         x86::write_idt_gate(idt, v, handler);
     }
 
-    // Boot parameters and per-vCPU working sets: each node's memory split
-    // evenly (in pages) among the node's vCPUs.
+    // Boot parameters, the vNUMA table and per-vCPU working sets (vnuma.hpp).
     auto* bp = reinterpret_cast<mvm_boot_params*>(host_ptr(layout_.boot_params_gpa, layout_.boot_params_bytes));
     std::memset(bp, 0, layout_.boot_params_bytes);
     bp->magic = MVM_BOOT_MAGIC;
@@ -228,26 +277,7 @@ void Machine::load_guest()
     bp->write_pct = w.write_pct;
     bp->max_passes = w.max_passes;
     bp->seed = w.seed;
-    bp->nr_vnodes = static_cast<uint32_t>(cfg_.nodes.size());
-    for (size_t i = 0; i < cfg_.nodes.size(); i++) {
-        const NodeConfig& node = cfg_.nodes[i];
-        mvm_vnode& vn = bp->vnode[i];
-        vn.id = node.id;
-        vn.nr_ranges = 1;
-        vn.range[0] = {layout_.ram[i].gpa, node.mem_bytes / k4K};
-        const uint64_t pages = node.mem_bytes / k4K;
-        const uint64_t m = node.vcpus.size();
-        for (uint64_t k = 0; k < m; k++) {
-            uint32_t v = node.vcpus[k];
-            vn.vcpu_mask[v / 64] |= 1ull << (v % 64);
-            mvm_vcpu_params& vp = bp->vcpu[v];
-            vp.vnode = node.id;
-            uint64_t first = pages * k / m, last = pages * (k + 1) / m;
-            vp.nr_segments = 1;
-            vp.seg[0] = {layout_.ram[i].gpa + first * k4K, last - first};
-            vp.total_pages = last - first;
-        }
-    }
+    write_vnuma_table(cfg_, layout_, bp);
     for (uint32_t v = 0; v < cfg_.vcpus; v++) {
         mvm_vcpu_params& vp = bp->vcpu[v];
         vp.vcpu_id = v;
@@ -336,7 +366,7 @@ MailboxSnapshot Machine::snapshot(uint32_t i) const
 void Machine::start()
 {
     install_kick_handler();
-    std::lock_guard lk(mu_);
+    std::unique_lock lk(mu_);
     if (started_)
         return;
     started_ = true;
@@ -345,10 +375,54 @@ void Machine::start()
         s->thread = std::thread([this, slot = s.get()] { vcpu_loop(*slot); });
         pthread_setname_np(s->thread.native_handle(), fmt::format("vcpu{}", s->vcpu.id()).c_str());
     }
+    // Every thread has pinned itself and set its policy (or failed) on return.
+    cv_.wait(lk, [&] {
+        return std::all_of(vcpus_.begin(), vcpus_.end(), [](const auto& s) { return s->ready; });
+    });
+}
+
+void Machine::enter_node(VcpuSlot& s)
+{
+    const NodeConfig& node = cfg_.nodes[static_cast<size_t>(vcpu_node_.at(s.vcpu.id()))];
+    VcpuThreadInfo info;
+    info.tid = static_cast<int>(::gettid());
+    // Pinned to the node's CPUs and under its policy, so what KVM allocates
+    // on this thread's faults (page tables, rmaps) lands on the node too.
+    if (!node.host_cpus.empty())
+        numa::pin_current_thread(node.host_cpus);
+    if (node.host_policy.policy != numa::Policy::Default)
+        numa::set_current_thread_policy(node.host_policy);
+    info.affinity = numa::current_thread_cpus();
+    info.mempolicy = numa::current_thread_policy();
+    std::lock_guard lk(mu_);
+    s.info = std::move(info);
+    s.ready = true;
+    cv_.notify_all();
+}
+
+VcpuThreadInfo Machine::vcpu_thread_info(uint32_t i) const
+{
+    std::unique_lock lk(mu_);
+    return vcpus_.at(i)->info;
 }
 
 void Machine::vcpu_loop(VcpuSlot& s)
 {
+    try {
+        enter_node(s);
+    } catch (const std::exception& e) {
+        {
+            std::lock_guard lk(mu_);
+            s.ready = true;
+            cv_.notify_all();
+        }
+        fail(s, fmt::format("placing the vCPU thread on its node: {}", e.what()));
+        std::lock_guard lk(mu_);
+        s.finished = true;
+        live_--;
+        cv_.notify_all();
+        return;
+    }
     tl_run = s.vcpu.run_struct();
     kvm_run* run = s.vcpu.run_struct();
     for (;;) {

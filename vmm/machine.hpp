@@ -18,6 +18,8 @@
 #include "guest/abi.h"
 #include "memory/backing.hpp"
 #include "memory/memslot.hpp"
+#include "memory/prealloc.hpp"
+#include "numa/policy.hpp"
 #include "vmm/config.hpp"
 #include "vmm/kvm/kvm.hpp"
 #include "vmm/kvm/stats.hpp"
@@ -51,6 +53,14 @@ struct VcpuFailure {
 };
 
 // A consistent-enough copy of a mailbox's progress fields.
+// What a vCPU thread looks like from the host, read on that thread after
+// it pinned itself and set its memory policy (or did not).
+struct VcpuThreadInfo {
+    int tid = 0;
+    std::vector<int> affinity;    // sched_getaffinity, sorted
+    numa::NodePolicy mempolicy;   // get_mempolicy as the thread sees it
+};
+
 struct MailboxSnapshot {
     uint64_t generation, cursor, pages_written, pages_read, passes, last_tsc, start_tsc, warm_tsc, warm_pages;
     uint64_t wd_events, wd_max_gap_tsc;
@@ -99,6 +109,12 @@ public:
     std::optional<VcpuFailure> failure() const;
     uint32_t finished_count() const;
     uint64_t kicks(uint32_t i) const { return vcpus_[i]->kicks.load(); }
+    // Valid once the vCPU thread has started (start() waits for that).
+    VcpuThreadInfo vcpu_thread_info(uint32_t i) const;
+    // The backing of virtual node i (index into config().nodes).
+    const Backing& node_backing(size_t i) const { return backings_.at(1 + i); }
+    // Per node with prealloc=on, in node order.
+    const std::vector<PreallocResult>& prealloc_results() const { return prealloc_; }
     uint64_t exits(uint32_t i) const { return vcpus_[i]->exits.load(); }
 
     StatSnapshot vm_stats() const { return vm_stats_.read(); }
@@ -112,9 +128,14 @@ private:
         std::thread thread;
         std::atomic<uint64_t> kicks{0}, exits{0};
         bool finished = false;  // under Machine::mu_
+        bool ready = false;     // under mu_: pinned, policy set, info filled
+        VcpuThreadInfo info;    // under mu_
     };
 
     void create_memory();
+    void preallocate();
+    // On the vCPU thread: pin and set the node's policy; fills s.info.
+    void enter_node(VcpuSlot& s);
     void load_guest();
     void open_stats();
     void vcpu_loop(VcpuSlot& s);
@@ -134,6 +155,8 @@ private:
     StatsReader vm_stats_;
     uint64_t tsc_khz_ = 0;
     std::function<void(uint32_t)> ring_full_;
+    std::vector<PreallocResult> prealloc_;
+    std::vector<int> vcpu_node_;  // vCPU -> index into cfg_.nodes
 
     mutable std::mutex mu_;
     std::condition_variable cv_;

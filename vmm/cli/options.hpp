@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "vmm/config.hpp"
 
@@ -15,6 +16,18 @@ namespace mvm::cli {
 
 uint64_t parse_uint(std::string_view option, const std::string& value, uint64_t min, uint64_t max);
 double parse_seconds(std::string_view option, const std::string& value);
+
+// One --numa value, in the spirit of QEMU's -numa node + memory-backend:
+//   node=0,cpus=0-1,mem=512M,backing=hugetlb2m,host-nodes=0,policy=bind,prealloc=on
+// plus host-cpus= to pin the node's vCPU threads to other CPUs than those of
+// host-nodes. cpus= and host-nodes= may repeat (cpus=0-1,cpus=4). `index` is
+// the 0-based position among the --numa options (the default node id) and
+// names the option in errors ("--numa #2"). `default_backing` is --backing.
+// Throws UsageError naming the key and the fix.
+NodeConfig parse_numa_option(const std::string& value, uint32_t index, BackingKind default_backing);
+
+// --access local|remote|mixed:P
+AccessConfig parse_access(const std::string& value);
 
 // Raw strings from the command line; to_config() validates them.
 struct VmOptions {
@@ -29,9 +42,15 @@ struct VmOptions {
     std::string watchdog_ms = "20";
     std::string passes = "0";
     std::string guest_fault;  // test hook: ud|pf|de|gp[:VCPU]
+    std::vector<std::string> numa;  // one per virtual node
+    std::string access = "local";
+    bool vcpus_given = false, mem_given = false;  // spelled out on the command line
 
     void add_to(CLI::App& app);
-    // Parses and validates against the host; throws UsageError first.
+    // Parses and checks against `topo` (no KVM, no host resources): what
+    // tests with a supplied topology call.
+    MachineConfig parse(const numa::Topology& topo) const;
+    // parse() against the host's topology, then check_host_resources().
     MachineConfig to_config(const Kvm& kvm) const;
 };
 
