@@ -47,15 +47,28 @@ Placement query_placement(const void* addr, size_t len, size_t page_size, const 
                                        n * page_size),
                            errno);
         for (uint64_t i = 0; i < n; ++i) {
-            int s = status[i];
+            const int s = status[i];
+            const uint64_t off = index_of(start + i) * page_size;
+            // The stride between queried pages (page_size unless sampled).
+            const uint64_t stride = start + i + 1 < count ? index_of(start + i + 1) * page_size - off : page_size;
             if (s < 0) {
                 ++pl.pages_not_present;
+                if (pl.first_not_present_offset == ~uint64_t{0})
+                    pl.first_not_present_offset = off;
+                if (off == pl.first_not_present_offset + pl.first_not_present_len)
+                    pl.first_not_present_len += stride;
                 continue;
             }
             ++pl.pages_per_node[s];
-            if (!expected_nodes.empty() && pl.first_unexpected_offset == ~uint64_t{0} &&
-                std::find(expected_nodes.begin(), expected_nodes.end(), s) == expected_nodes.end())
-                pl.first_unexpected_offset = index_of(start + i) * page_size;
+            if (expected_nodes.empty() ||
+                std::find(expected_nodes.begin(), expected_nodes.end(), s) != expected_nodes.end())
+                continue;
+            if (pl.first_unexpected_offset == ~uint64_t{0}) {
+                pl.first_unexpected_offset = off;
+                pl.first_unexpected_node = s;
+            }
+            if (s == pl.first_unexpected_node && off == pl.first_unexpected_offset + pl.first_unexpected_len)
+                pl.first_unexpected_len += stride;
         }
     }
     return pl;

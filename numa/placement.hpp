@@ -15,6 +15,10 @@ struct Placement {
     std::map<int, uint64_t> pages_per_node;  // of the queried, present pages
     uint64_t pages_not_present = 0;          // queried pages with a negative status (-ENOENT, ...)
     uint64_t first_unexpected_offset = ~uint64_t{0};  // bytes; ~0 if none / no expectation
+    uint64_t first_unexpected_len = 0;   // bytes of the run of queried pages from there on the same wrong node
+    int first_unexpected_node = -1;      // the node they are on
+    uint64_t first_not_present_offset = ~uint64_t{0};  // bytes; ~0 if every queried page is present
+    uint64_t first_not_present_len = 0;  // bytes of the run of not-present queried pages from there
 };
 
 // Queries the node of each page of [addr, addr+len) with move_pages(2) in

@@ -214,13 +214,15 @@ void pin_current_thread(const std::vector<int>& cpus) {
     if (err != 0) throw SysError(fmt::format("pthread_setaffinity_np {}", format_cpu_list(cpus)), err);
 }
 
-std::vector<int> current_thread_cpus() {
+std::vector<int> current_thread_cpus() { return task_cpus(0); }
+
+std::vector<int> task_cpus(int tid) {
     for (size_t ncpus = CPU_SETSIZE;; ncpus *= 2) {
         cpu_set_t* set = CPU_ALLOC(ncpus);
         if (!set) throw SysError("CPU_ALLOC", ENOMEM);
         size_t size = CPU_ALLOC_SIZE(ncpus);
         CPU_ZERO_S(size, set);
-        if (sched_getaffinity(0, size, set) != 0) {
+        if (sched_getaffinity(tid, size, set) != 0) {
             int err = errno;
             CPU_FREE(set);
             if (err == EINVAL && ncpus < (1u << 20)) continue;

@@ -64,6 +64,8 @@ private:
 void pin_current_thread(const std::vector<int>& cpus);
 // The calling thread's CPU affinity, sorted.
 std::vector<int> current_thread_cpus();
+// Another thread's (by TID), sorted: what the scheduler will use for it now.
+std::vector<int> task_cpus(int tid);
 
 // Sorted union of the CPUs of `nodes`; throws UsageError for an unknown node.
 std::vector<int> cpus_for_nodes(const Topology& topo, const std::vector<int>& nodes);

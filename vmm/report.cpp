@@ -27,6 +27,14 @@ RunReport collect_report(const Machine& m, const StatsBaseline& before, double d
         if (r.backing.find(backing_name(n.backing)) == std::string::npos)
             r.backing += (r.backing.empty() ? "" : ",") + std::string(backing_name(n.backing));
     }
+    r.access = to_string(cfg.access);
+    for (size_t i = 0; i < cfg.nodes.size(); i++) {
+        const NodeConfig& n = cfg.nodes[i];
+        std::vector<int> v(n.vcpus.begin(), n.vcpus.end());
+        r.vnodes.push_back({n.id, m.layout().ram[i].gpa, n.mem_bytes, std::string(backing_name(n.backing)),
+                            numa::to_string(n.host_policy), numa::format_cpu_list(v), numa::format_cpu_list(n.host_cpus),
+                            n.prealloc});
+    }
     r.pattern = cfg.workload.pattern == MVM_PATTERN_RANDOM ? "random" : "seq";
     r.touch = cfg.workload.touch == MVM_TOUCH_PAGE ? "page" : "qword";
     r.write_pct = cfg.workload.write_pct;
@@ -80,7 +88,18 @@ nlohmann::json to_json(const RunReport& r)
     nlohmann::json j;
     j["duration_s"] = r.duration_s;
     j["config"] = {{"vcpus", r.nr_vcpus}, {"mem_bytes", r.mem_bytes}, {"backing", r.backing}, {"pattern", r.pattern},
-                   {"touch", r.touch},    {"write_pct", r.write_pct}, {"watchdog_ms", r.watchdog_ms}};
+                   {"touch", r.touch},    {"write_pct", r.write_pct}, {"watchdog_ms", r.watchdog_ms},
+                   {"access", r.access}};
+    j["vnodes"] = nlohmann::json::array();
+    for (const auto& n : r.vnodes)
+        j["vnodes"].push_back({{"id", n.id},
+                               {"gpa", n.gpa},
+                               {"bytes", n.bytes},
+                               {"backing", n.backing},
+                               {"policy", n.policy},
+                               {"vcpus", n.vcpus},
+                               {"host_cpus", n.host_cpus},
+                               {"prealloc", n.prealloc}});
     j["vcpus"] = nlohmann::json::array();
     for (const auto& v : r.vcpus) {
         nlohmann::json e = {{"id", v.id},
@@ -127,6 +146,17 @@ std::string to_table(const RunReport& r)
     std::string out = fmt::format("minivmm run: {} vCPUs, {} {} memory, pattern {}, touch {}, write {}%, {:.2f} s\n\n",
                                   r.nr_vcpus, human_bytes(static_cast<double>(r.mem_bytes)), r.backing, r.pattern,
                                   r.touch, r.write_pct, r.duration_s);
+    if (r.vnodes.size() > 1 || r.access != "local" || (!r.vnodes.empty() && r.vnodes[0].policy != "default"))
+        for (const auto& n : r.vnodes)
+            out += fmt::format("vnode {}: {} {} at GPA {:#x}, host policy {}, vCPUs {}, {}{}\n", n.id,
+                               human_bytes(static_cast<double>(n.bytes)), n.backing, n.gpa, n.policy,
+                               n.vcpus.empty() ? "none" : n.vcpus,
+                               n.host_cpus.empty() ? "unpinned" : "pinned to host CPUs " + n.host_cpus,
+                               n.prealloc ? ", preallocated" : "");
+    if (r.access != "local")
+        out += fmt::format("access: {} (vCPUs also work in the next node's memory)\n", r.access);
+    if (out.back() == '\n' && out[out.size() - 2] != '\n')
+        out += "\n";
     out += fmt::format("{:>5} {:>5} {:>14} {:>10} {:>12} {:>12} {:>14} {:>9}\n", "vCPU", "node", "pages written",
                        "passes", "pages/s", "warm pg/s", "max stall ms", "wd events");
     for (const auto& v : r.vcpus)

@@ -32,6 +32,13 @@ struct VcpuReport {
     uint64_t exits = 0, kicks = 0;
 };
 
+struct VnodeSummary {
+    uint32_t id = 0;
+    uint64_t gpa = 0, bytes = 0;
+    std::string backing, policy, vcpus, host_cpus;  // host_cpus "" when unpinned
+    bool prealloc = false;
+};
+
 struct RunReport {
     double duration_s = 0;
     uint32_t nr_vcpus = 0;
@@ -39,6 +46,8 @@ struct RunReport {
     std::string pattern, touch, backing;
     uint32_t write_pct = 100;
     double watchdog_ms = 0;
+    std::string access = "local";
+    std::vector<VnodeSummary> vnodes;
     std::vector<VcpuReport> vcpus;
     StatDelta vm_stats;
     std::vector<StatDelta> vcpu_stats;

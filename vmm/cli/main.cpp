@@ -14,6 +14,7 @@
 #include "vmm/kvm/error.hpp"
 #include "vmm/kvm/kvm.hpp"
 #include "vmm/machine.hpp"
+#include "vmm/numa_check.hpp"
 #include "vmm/report.hpp"
 #include "vmm/runner.hpp"
 
@@ -79,6 +80,7 @@ int cmd_run(const RunArgs& a)
     if (duration <= 0 && cfg.workload.max_passes == 0)
         throw UsageError("--duration: must be positive unless --passes is given");
     install_stop_signals();
+    cfg.show_progress = ::isatty(STDERR_FILENO);
     Machine m(kvm, cfg);
     RunOptions opt;
     opt.duration_s = duration;
@@ -97,6 +99,50 @@ int cmd_run(const RunArgs& a)
         return kExitFailure;
     if (r.interrupted)
         return 128 + g_stop_signal.load();
+    return kExitOk;
+}
+
+struct NumaCheckArgs {
+    cli::VmOptions vm;
+    std::string json;
+    std::string sample = "0";
+    std::string expect_nodes;  // test hook
+};
+
+int cmd_numa_check(const NumaCheckArgs& a)
+{
+    check_json_dest(a.json);
+    NumaCheckOptions opt;
+    opt.sample_pages = cli::parse_uint("--sample", a.sample, 0, 1ull << 40);
+    if (!a.expect_nodes.empty()) {
+        try {
+            opt.expect_override = numa::parse_cpu_list(a.expect_nodes);
+        } catch (const std::exception&) {
+            throw UsageError(fmt::format("--expect-host-nodes: '{}' is not a node list like 0-1", a.expect_nodes));
+        }
+    }
+    Kvm kvm(kvm_device());
+    MachineConfig cfg = a.vm.to_config(kvm);
+    // One pass that writes every page: each page then exists where it was faulted.
+    cfg.workload.max_passes = 1;
+    cfg.workload.write_pct = 100;
+    cfg.show_progress = ::isatty(STDERR_FILENO);
+    opt.progress = cfg.show_progress;
+    install_stop_signals();
+    Machine m(kvm, cfg);
+    NumaCheckReport r = numa_check(m, opt);
+    std::FILE* table_out = a.json == "-" ? stderr : stdout;
+    fmt::print(table_out, "{}", to_table(r));
+    if (!a.json.empty())
+        write_json(a.json, to_json(r));
+    if (r.failure || (r.stamps && !r.stamps->ok()))
+        return kExitFailure;
+    if (r.interrupted)
+        return 128 + g_stop_signal.load();
+    if (!r.placement_ok()) {
+        fmt::print(stderr, "minivmm: misplaced memory: {}\n", r.first_offender());
+        return kExitMisplaced;
+    }
     return kExitOk;
 }
 
@@ -123,6 +169,16 @@ int main(int argc, char** argv)
     runc->add_option("--duration", run.duration, "seconds to run")->capture_default_str();
     runc->add_option("--json", run.json, "also write the report as JSON to FILE, or - for stdout");
     runc->add_flag("--no-verify", run.no_verify, "skip the stamp check after the run");
+
+    NumaCheckArgs nc;
+    auto* ncc = app.add_subcommand("numa-check", "boot the VM, write every page once, then report where each virtual "
+                                                 "node's memory landed on the host (exit 3 if off-policy)");
+    nc.vm.add_to(*ncc);
+    ncc->add_option("--json", nc.json, "also write the report as JSON to FILE, or - for stdout");
+    ncc->add_option("--sample", nc.sample, "query at most this many pages per node, spread evenly (0 = every page)")
+        ->capture_default_str();
+    ncc->add_option("--expect-host-nodes", nc.expect_nodes, "test hook: judge placement against these host nodes")
+        ->group("");
 
     if (argc > 1 && argv[1][0] != '-') {
         std::string cmd = argv[1];
@@ -155,6 +211,8 @@ int main(int argc, char** argv)
             return cmd_caps(caps_json);
         if (*runc)
             return cmd_run(run);
+        if (*ncc)
+            return cmd_numa_check(nc);
     } catch (const Error& e) {
         fmt::print(stderr, "minivmm: {}\n", e.what());
         return e.exit_code();
