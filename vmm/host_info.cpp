@@ -129,8 +129,17 @@ nlohmann::json host_info(const Kvm& kvm)
                 {"defrag", bracketed(read_line("/sys/kernel/mm/transparent_hugepage/defrag"))}};
     nlohmann::json pools = nlohmann::json::array();
     for (const auto& p : hugetlb_pools())
-        pools.push_back({{"page_bytes", p.page_bytes}, {"node", p.node}, {"nr", p.nr}, {"free", p.free},
-                         {"surplus", p.surplus}, {"sysfs", p.nr_path}});
+        pools.push_back({{"page_bytes", p.page_bytes},
+                         {"node", p.node},
+                         {"nr", p.nr},
+                         {"free", p.free},
+                         {"in_use", p.nr > p.free ? p.nr - p.free : 0},
+                         {"resv", p.resv},
+                         {"surplus", p.surplus},
+                         {"backing", p.page_bytes == (2ull << 20)   ? "hugetlb2m"
+                                     : p.page_bytes == (1ull << 30) ? "hugetlb1g"
+                                                                    : ""},
+                         {"sysfs", p.nr_path}});
     j["hugetlb_pools"] = pools;
     nlohmann::json nodes = nlohmann::json::array();
     auto topo = numa::host_topology();
@@ -182,12 +191,16 @@ std::string host_info_table(const nlohmann::json& j)
     o += fmt::format("\nTHP: enabled [{}] defrag [{}]\n", j["thp"]["enabled"].get<std::string>(),
                      j["thp"]["defrag"].get<std::string>());
     o += "\nhugetlb pools\n";
-    o += fmt::format("  {:>9} {:>6} {:>8} {:>8} {:>8}\n", "page", "node", "nr", "free", "surplus");
+    o += fmt::format("  {:>9} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<10} {}\n", "page", "node", "nr", "free", "in use",
+                     "resv", "surplus", "backing", "resize with");
     for (const auto& p : j["hugetlb_pools"]) {
         int node = p["node"].get<int>();
-        o += fmt::format("  {:>9} {:>6} {:>8} {:>8} {:>8}\n", format_size(p["page_bytes"].get<uint64_t>()),
+        o += fmt::format("  {:>9} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<10} {}\n",
+                         format_size(p["page_bytes"].get<uint64_t>()),
                          node < 0 ? std::string("all") : std::to_string(node), p["nr"].get<uint64_t>(),
-                         p["free"].get<uint64_t>(), p["surplus"].get<uint64_t>());
+                         p["free"].get<uint64_t>(), p["in_use"].get<uint64_t>(),
+                         node < 0 ? std::to_string(p["resv"].get<uint64_t>()) : std::string("-"),
+                         p["surplus"].get<uint64_t>(), p["backing"].get<std::string>(), p["sysfs"].get<std::string>());
     }
     o += "\nNUMA nodes\n";
     for (const auto& n : j["numa"]["nodes"])
