@@ -170,22 +170,18 @@ void check_host_resources(const MachineConfig& cfg, const Kvm& kvm)
     if (max_vcpus > 0 && cfg.vcpus > static_cast<uint32_t>(max_vcpus))
         throw UsageError(fmt::format("--vcpus {} exceeds this host's KVM_CAP_MAX_VCPUS ({}); use at most {}", cfg.vcpus,
                                      max_vcpus, max_vcpus));
-    uint64_t total = 0;
+    uint64_t total = 0;  // outside hugetlb pools, which MemAvailable does not count
     for (const auto& n : cfg.nodes) {
-        total += n.mem_bytes;
-        if (n.backing == BackingKind::Gmem) {
-            const uint64_t want = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
-            if (kvm.cap(KVM_CAP_GUEST_MEMFD) <= 0)
-                throw UsageError(fmt::format("{}: backing gmem needs guest_memfd, which this kernel's KVM lacks "
-                                             "(no KVM_CAP_GUEST_MEMFD); use another backing",
-                                             n.origin));
-            const auto have = static_cast<uint64_t>(std::max(0, kvm.cap(KVM_CAP_GUEST_MEMFD_FLAGS)));
-            if ((have & want) != want)
-                throw UsageError(fmt::format("{}: backing gmem needs guest_memfd flags MMAP|INIT_SHARED ({:#x}) but this "
-                                             "kernel offers {:#x}; use another backing",
-                                             n.origin, want, have));
-        }
+        if (n.backing != BackingKind::Hugetlb2M && n.backing != BackingKind::Hugetlb1G)
+            total += n.mem_bytes;
+        if (n.backing == BackingKind::Gmem)
+            if (std::string why = check_gmem_support(n.origin, kvm.cap(KVM_CAP_GUEST_MEMFD),
+                                                     kvm.cap(KVM_CAP_GUEST_MEMFD_FLAGS));
+                !why.empty())
+                throw UsageError(why);
     }
+    if (std::string why = check_hugetlb_pools(cfg, hugetlb_pools()); !why.empty())
+        throw UsageError(why);
     uint64_t avail = host_mem_available_bytes();
     if (avail && total > avail)
         throw UsageError(fmt::format("{} of guest memory exceeds the host's available memory ({}); use a smaller --mem",
@@ -198,8 +194,21 @@ void check_host_resources(const MachineConfig& cfg, const Kvm& kvm)
                 throw UsageError(fmt::format("{}: host CPU {} is outside this process's CPU affinity ({}); use CPUs "
                                              "within {} or run minivmm with a wider taskset/cpuset",
                                              n.origin, c, numa::format_cpu_list(allowed), numa::format_cpu_list(allowed)));
-    if (std::string why = check_hugetlb_pools(cfg, hugetlb_pools()); !why.empty())
-        throw UsageError(why);
+}
+
+std::string check_gmem_support(const std::string& origin, int cap_guest_memfd, int cap_guest_memfd_flags)
+{
+    const uint64_t want = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+    if (cap_guest_memfd <= 0)
+        return fmt::format("{}: backing gmem needs guest_memfd, which this kernel's KVM lacks (no KVM_CAP_GUEST_MEMFD); "
+                           "use another backing",
+                           origin);
+    const auto have = static_cast<uint64_t>(std::max(0, cap_guest_memfd_flags));
+    if ((have & want) != want)
+        return fmt::format("{}: backing gmem needs guest_memfd flags MMAP|INIT_SHARED ({:#x}) to map and mbind it, but "
+                           "this kernel offers {:#x}; use another backing",
+                           origin, want, have);
+    return {};
 }
 
 }  // namespace mvm

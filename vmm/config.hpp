@@ -75,6 +75,10 @@ void check_host_resources(const MachineConfig& cfg, const Kvm& kvm);
 // Returns "" when they suffice, else one line naming the node, the missing
 // page count and the sysfs file to raise.
 struct HugetlbPool;
+
+// "" when KVM's guest_memfd caps allow a gmem backing (MMAP|INIT_SHARED), else
+// one line naming `origin` and what is missing.
+std::string check_gmem_support(const std::string& origin, int cap_guest_memfd, int cap_guest_memfd_flags);
 std::string check_hugetlb_pools(const MachineConfig& cfg, const std::vector<HugetlbPool>& pools);
 
 }  // namespace mvm

@@ -381,3 +381,14 @@ TEST(HugetlbCheck, NamesMissingPagesAndTheSysfsFile)
     MachineConfig gig = parse(topo, {"cpus=0-1,mem=1G,backing=hugetlb1g"});
     EXPECT_NE(check_hugetlb_pools(gig, {global}).find("does not offer"), std::string::npos);
 }
+
+TEST(GmemCheck, KernelWithoutGuestMemfdOrItsMmapGetsOneLine)
+{
+    EXPECT_EQ(check_gmem_support("--backing", 1, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED), "");
+    std::string none = check_gmem_support("--numa node=1", 0, 0);
+    EXPECT_NE(none.find("--numa node=1"), std::string::npos) << none;
+    EXPECT_NE(none.find("KVM_CAP_GUEST_MEMFD"), std::string::npos) << none;
+    EXPECT_NE(none.find("use another backing"), std::string::npos) << none;
+    std::string nommap = check_gmem_support("--backing", 1, 0);
+    EXPECT_NE(nommap.find("MMAP|INIT_SHARED"), std::string::npos) << nommap;
+}
