@@ -162,7 +162,7 @@ std::string check_hugetlb_pools(const MachineConfig& cfg, const std::vector<Huge
     return {};
 }
 
-void check_host_resources(const MachineConfig& cfg, const Kvm& kvm)
+void check_kvm_vcpu_limit(const MachineConfig& cfg, const Kvm& kvm)
 {
     int max_vcpus = kvm.cap(KVM_CAP_MAX_VCPUS);
     if (max_vcpus <= 0)
@@ -170,6 +170,11 @@ void check_host_resources(const MachineConfig& cfg, const Kvm& kvm)
     if (max_vcpus > 0 && cfg.vcpus > static_cast<uint32_t>(max_vcpus))
         throw UsageError(fmt::format("--vcpus {} exceeds this host's KVM_CAP_MAX_VCPUS ({}); use at most {}", cfg.vcpus,
                                      max_vcpus, max_vcpus));
+}
+
+void check_host_resources(const MachineConfig& cfg, const Kvm& kvm)
+{
+    check_kvm_vcpu_limit(cfg, kvm);
     uint64_t total = 0;  // outside hugetlb pools, which MemAvailable does not count
     for (const auto& n : cfg.nodes) {
         if (n.backing != BackingKind::Hugetlb2M && n.backing != BackingKind::Hugetlb1G)

@@ -69,6 +69,8 @@ void validate_config(const MachineConfig& cfg, const numa::Topology& topo);
 // Checks against this host and its KVM: vCPU limits, guest_memfd support,
 // memory available, CPUs this process may run on, hugetlb pools.
 void check_host_resources(const MachineConfig& cfg, const Kvm& kvm);
+// --vcpus against KVM_CAP_MAX_VCPUS (part of check_host_resources).
+void check_kvm_vcpu_limit(const MachineConfig& cfg, const Kvm& kvm);
 
 // The hugetlb pages each node needs, checked against the pools: global free
 // minus reserved, and per host node when the policy binds to one node.

@@ -191,7 +191,7 @@ void VmOptions::add_to(CLI::App& app)
     app.add_option("--guest-fault", guest_fault, "test hook: make the guest fault: ud|pf|de|gp[:VCPU]")->group("");
 }
 
-MachineConfig VmOptions::parse(const numa::Topology& topo) const
+MachineConfig VmOptions::parse(const numa::Topology& topo, const Kvm* kvm) const
 {
     uint32_t n = static_cast<uint32_t>(parse_uint("--vcpus", vcpus, 0, 1u << 20));
     uint64_t bytes = parse_size_option("--mem", mem);
@@ -275,13 +275,15 @@ MachineConfig VmOptions::parse(const numa::Topology& topo) const
                            ? 0
                            : static_cast<int>(parse_uint("--guest-fault", guest_fault.substr(colon + 1), 0, n ? n - 1 : 0));
     }
+    if (kvm)
+        check_kvm_vcpu_limit(cfg, *kvm);
     validate_config(cfg, topo);
     return cfg;
 }
 
 MachineConfig VmOptions::to_config(const Kvm& kvm) const
 {
-    MachineConfig cfg = parse(numa::host_topology());
+    MachineConfig cfg = parse(numa::host_topology(), &kvm);
     check_host_resources(cfg, kvm);
     return cfg;
 }

@@ -49,7 +49,8 @@ struct VmOptions {
     void add_to(CLI::App& app);
     // Parses and checks against `topo` (no KVM, no host resources): what
     // tests with a supplied topology call.
-    MachineConfig parse(const numa::Topology& topo) const;
+    // With `kvm`, its vCPU limit is checked first (it is the one users hit).
+    MachineConfig parse(const numa::Topology& topo, const Kvm* kvm = nullptr) const;
     // parse() against the host's topology, then check_host_resources().
     MachineConfig to_config(const Kvm& kvm) const;
 };
