@@ -108,6 +108,17 @@ void user_entry(const struct mvm_boot_params *bp, const struct mvm_vcpu_params *
     inject_fault(vp->fault);
 
     for (uint64_t gen = 1; n != 0 && !mb->stop; gen++) {
+        /* Lock-step iterations: until the VMM opens the gate, wait in the
+         * VMM (an exit, like the selftests' ucall) so an idle vCPU costs no
+         * host CPU. Waiting by design is not a stall: restart the watchdog. */
+        if (mb->pass_gate && gen > mb->pass_gate && !mb->stop) {
+            while (mb->pass_gate && gen > mb->pass_gate && !mb->stop)
+                ring_doorbell(MVM_DOORBELL_GATE, vcpu);
+            wd.prev = rdtsc();
+            mb->last_tsc = wd.prev;
+        }
+        if (mb->stop)
+            break;
         struct mvm_perm perm = mvm_perm_for(seed, vcpu, gen, n);
         /* Order matters to the VMM's stamp check: `passes` was stored at the
          * end of the previous pass, then the generation moves, then the

@@ -74,4 +74,14 @@ uint8_t* MemslotRegistry::host_ptr(uint64_t gpa, uint64_t len) const
     return r->host + (gpa - r->gpa);
 }
 
+void MemslotRegistry::set_flags(uint32_t slot, uint32_t flags)
+{
+    for (auto& r : regions_)
+        if (r.slot == slot) {
+            r.flags = flags;
+            return;
+        }
+    throw Error(fmt::format("memslot {} does not exist", slot));
+}
+
 }  // namespace mvm

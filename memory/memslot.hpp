@@ -44,6 +44,8 @@ public:
     // Host pointer for [gpa, gpa+len) if it lies inside one region, else nullptr.
     uint8_t* host_ptr(uint64_t gpa, uint64_t len = 1) const;
     const std::vector<MemoryRegion>& regions() const { return regions_; }
+    // Changes a slot's KVM_MEM_* flags (the caller re-registers it with KVM).
+    void set_flags(uint32_t slot, uint32_t flags);
     uint32_t max_slots() const { return max_slots_; }
 
 private:

@@ -79,6 +79,9 @@ void validate_config(const MachineConfig& cfg, const numa::Topology& topo)
         if (!n.vcpus.empty() && n.mem_bytes / 4096 < n.vcpus.size())
             throw UsageError(fmt::format("{}: {} is too small for {} vCPUs (each needs at least one 4 KiB page)",
                                          n.origin, format_size(n.mem_bytes), n.vcpus.size()));
+        if (cfg.slots_per_node == 0 || n.mem_bytes / page < cfg.slots_per_node)
+            throw UsageError(fmt::format("{}: {} cannot be split into {} memslots of whole {} pages; use fewer slots",
+                                         n.origin, format_size(n.mem_bytes), cfg.slots_per_node, format_size(page)));
         try {
             n.host_policy.validate(topo);
         } catch (const UsageError& e) {

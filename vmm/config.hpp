@@ -56,6 +56,7 @@ struct MachineConfig {
     uint32_t dirty_ring_bytes = 0;  // >0: enable the dirty ring before creating vCPUs
     bool dirty_ring_acq_rel = true;
     bool show_progress = false;      // progress display for long setup steps (prealloc)
+    uint32_t slots_per_node = 1;     // each node's memory split over this many memslots
 };
 
 // One node holding every vCPU and `mem` bytes of `backing`.

@@ -158,6 +158,7 @@ void Machine::create_memory()
     sys.name = "system";
     slots_.add(sys);
 
+    uint32_t next_slot = 1;
     for (size_t i = 0; i < cfg_.nodes.size(); i++) {
         const NodeConfig& node = cfg_.nodes[i];
         const auto& range = layout_.ram[i];
@@ -172,34 +173,97 @@ void Machine::create_memory()
             throw Error(fmt::format("{}: applying policy {} to {}: {}", node.origin, numa::to_string(node.host_policy),
                                     backing_name(node.backing), e.what()));
         }
-        MemoryRegion r;
-        r.slot = static_cast<uint32_t>(1 + i);
-        r.gpa = range.gpa;
-        r.size = node.mem_bytes;
-        r.host = b.host();
-        r.backing = node.backing;
-        r.vnode = static_cast<int>(node.id);
-        r.name = fmt::format("node{}", node.id);
-        if (node.backing == BackingKind::Gmem) {
-            r.flags |= KVM_MEM_GUEST_MEMFD;
-            r.gmem_fd = b.fd();
+        // The node's memory as slots_per_node memslots over one backing.
+        const uint64_t page = b.page_size(), pages = node.mem_bytes / page, k = cfg_.slots_per_node;
+        for (uint64_t j = 0; j < k; j++) {
+            const uint64_t first = pages * j / k * page, last = pages * (j + 1) / k * page;
+            MemoryRegion r;
+            r.slot = next_slot++;
+            r.gpa = range.gpa + first;
+            r.size = last - first;
+            r.host = b.host() + first;
+            r.backing = node.backing;
+            r.vnode = static_cast<int>(node.id);
+            r.name = k == 1 ? fmt::format("node{}", node.id) : fmt::format("node{}.{}", node.id, j);
+            if (node.backing == BackingKind::Gmem) {
+                r.flags |= KVM_MEM_GUEST_MEMFD;
+                r.gmem_fd = b.fd();
+                r.gmem_offset = first;
+            }
+            slots_.add(r);
         }
-        slots_.add(r);
     }
-    for (const auto& r : slots_.regions()) {
-        kvm_userspace_memory_region2 m{};
-        m.slot = r.slot;
-        m.flags = r.flags;
-        m.guest_phys_addr = r.gpa;
-        m.memory_size = r.size;
-        m.userspace_addr = reinterpret_cast<uint64_t>(r.host);
-        if (r.is_gmem()) {
-            m.guest_memfd = static_cast<uint32_t>(r.gmem_fd);
-            m.guest_memfd_offset = r.gmem_offset;
-        }
-        vm_.set_memory_region(m);
-    }
+    for (const auto& r : slots_.regions())
+        vm_.set_memory_region(region2_of(r));
     preallocate();
+}
+
+kvm_userspace_memory_region2 Machine::region2_of(const MemoryRegion& r)
+{
+    kvm_userspace_memory_region2 m{};
+    m.slot = r.slot;
+    m.flags = r.flags;
+    m.guest_phys_addr = r.gpa;
+    m.memory_size = r.size;
+    m.userspace_addr = reinterpret_cast<uint64_t>(r.host);
+    if (r.is_gmem()) {
+        m.guest_memfd = static_cast<uint32_t>(r.gmem_fd);
+        m.guest_memfd_offset = r.gmem_offset;
+    }
+    return m;
+}
+
+void Machine::set_slot_flags(uint32_t slot, uint32_t flags)
+{
+    kvm_userspace_memory_region2 m;
+    {
+        std::lock_guard lk(slots_mu_);
+        const MemoryRegion* r = slots_.by_slot(slot);
+        if (!r)
+            throw Error(fmt::format("memslot {} does not exist", slot));
+        MemoryRegion copy = *r;
+        copy.flags = flags;
+        m = region2_of(copy);
+    }
+    // KVM serialises memslot updates itself (slots_lock); the slow part (write-
+    // protecting or splitting for dirty logging) runs on the calling thread.
+    vm_.set_memory_region(m);
+    std::lock_guard lk(slots_mu_);
+    slots_.set_flags(slot, flags);
+}
+
+void Machine::set_pass_gate(uint64_t gate)
+{
+    std::lock_guard lk(mu_);
+    for (uint32_t i = 0; i < vcpu_count(); i++)
+        mailbox(i)->pass_gate = gate;
+    cv_.notify_all();
+}
+
+bool Machine::sync_vcpus(std::chrono::milliseconds timeout)
+{
+    std::vector<uint64_t> before(vcpus_.size());
+    {
+        std::lock_guard lk(mu_);
+        for (size_t i = 0; i < vcpus_.size(); i++)
+            before[i] = vcpus_[i]->kicks.load();
+        kick_all_locked();
+    }
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+        bool all = true;
+        {
+            std::lock_guard lk(mu_);
+            for (size_t i = 0; i < vcpus_.size(); i++)
+                all &= vcpus_[i]->finished || vcpus_[i]->held || vcpus_[i]->kicks.load() != before[i] ||
+                       !vcpus_[i]->thread.joinable() || pause_requested_.load();
+        }
+        if (all)
+            return true;
+        if (std::chrono::steady_clock::now() > deadline)
+            return false;
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
 }
 
 void Machine::preallocate()
@@ -463,6 +527,20 @@ bool Machine::handle_exit(VcpuSlot& s)
             std::memcpy(&v, run->mmio.data, 8);
             if (v >> 32 == MVM_DOORBELL_DONE)
                 return false;  // the workload finished
+            if (v >> 32 == MVM_DOORBELL_GATE) {
+                // Hold the vCPU outside KVM_RUN until its next pass may start
+                // (or it must stop or park); the guest re-checks on return.
+                const mvm_mailbox* mb = mailbox(s.vcpu.id());
+                std::unique_lock lk(mu_);
+                s.held = true;
+                cv_.notify_all();
+                cv_.wait(lk, [&] {
+                    return mb->pass_gate == 0 || mb->passes + 1 <= mb->pass_gate || mb->stop ||
+                           stop_all_.load() || pause_requested_.load();
+                });
+                s.held = false;
+                return true;
+            }
         }
         fail(s, fmt::format("unexpected MMIO {} at {:#x} ({} bytes): the guest has no devices",
                             run->mmio.is_write ? "write" : "read", run->mmio.phys_addr, run->mmio.len));
@@ -489,9 +567,16 @@ bool Machine::handle_exit(VcpuSlot& s)
     case KVM_EXIT_DIRTY_RING_FULL:
         // The ring must be harvested and reset before this vCPU re-enters,
         // or KVM_RUN exits with DIRTY_RING_FULL again at once.
-        if (ring_full_) {
-            ring_full_(s.vcpu.id());
-            return true;
+        {
+            std::function<void(uint32_t)> fn;
+            {
+                std::lock_guard lk(ring_full_mu_);
+                fn = ring_full_;
+            }
+            if (fn) {
+                fn(s.vcpu.id());
+                return true;
+            }
         }
         fail(s, "KVM_EXIT_DIRTY_RING_FULL with no dirty-ring harvester attached");
         return false;
@@ -582,6 +667,7 @@ void Machine::pause()
 {
     std::unique_lock lk(mu_);
     pause_requested_.store(true, std::memory_order_release);
+    cv_.notify_all();  // vCPUs held at the pass gate go and park
     kick_all_locked();
     cv_.wait(lk, [&] { return parked_ == live_; });
 }
@@ -595,8 +681,10 @@ void Machine::resume()
 
 void Machine::request_stop()
 {
+    std::lock_guard lk(mu_);
     for (uint32_t i = 0; i < vcpu_count(); i++)
         mailbox(i)->stop = 1;
+    cv_.notify_all();  // vCPUs held at the pass gate
 }
 
 bool Machine::wait_finished(std::chrono::milliseconds timeout)

@@ -76,7 +76,12 @@ public:
 
     // Called on the vCPU's thread on KVM_EXIT_DIRTY_RING_FULL; must harvest
     // and reset the ring before returning (the vCPU re-enters right after).
-    void set_dirty_ring_full_handler(std::function<void(uint32_t vcpu)> fn) { ring_full_ = std::move(fn); }
+    // May be changed while vCPUs run.
+    void set_dirty_ring_full_handler(std::function<void(uint32_t vcpu)> fn)
+    {
+        std::lock_guard lk(ring_full_mu_);
+        ring_full_ = std::move(fn);
+    }
 
     void start();
     // Graceful: every guest finishes its current batch and reports done.
@@ -113,6 +118,15 @@ public:
     VcpuThreadInfo vcpu_thread_info(uint32_t i) const;
     // The backing of virtual node i (index into config().nodes).
     const Backing& node_backing(size_t i) const { return backings_.at(1 + i); }
+    // Re-registers a memslot with new KVM_MEM_* flags (dirty logging on/off).
+    // Safe to call from several threads for different slots.
+    void set_slot_flags(uint32_t slot, uint32_t flags);
+    // Lock-step passes: each vCPU starts pass g only once g <= gate (0: free running).
+    void set_pass_gate(uint64_t gate);
+    // Kicks every running vCPU out of KVM_RUN and waits until each has left
+    // it once (flushes per-vCPU dirty state such as PML buffers into the
+    // rings). False on timeout.
+    bool sync_vcpus(std::chrono::milliseconds timeout = std::chrono::milliseconds(1000));
     // Per node with prealloc=on, in node order.
     const std::vector<PreallocResult>& prealloc_results() const { return prealloc_; }
     uint64_t exits(uint32_t i) const { return vcpus_[i]->exits.load(); }
@@ -129,11 +143,13 @@ private:
         std::atomic<uint64_t> kicks{0}, exits{0};
         bool finished = false;  // under Machine::mu_
         bool ready = false;     // under mu_: pinned, policy set, info filled
+        bool held = false;      // under mu_: waiting at the pass gate, outside KVM_RUN
         VcpuThreadInfo info;    // under mu_
     };
 
     void create_memory();
     void preallocate();
+    static kvm_userspace_memory_region2 region2_of(const MemoryRegion& r);
     // On the vCPU thread: pin and set the node's policy; fills s.info.
     void enter_node(VcpuSlot& s);
     void load_guest();
@@ -151,10 +167,12 @@ private:
     Vm vm_;
     std::vector<Backing> backings_;  // [0] is the system slot
     MemslotRegistry slots_;
+    mutable std::mutex slots_mu_;  // set_slot_flags from several threads
     std::vector<std::unique_ptr<VcpuSlot>> vcpus_;
     StatsReader vm_stats_;
     uint64_t tsc_khz_ = 0;
     std::function<void(uint32_t)> ring_full_;
+    std::mutex ring_full_mu_;
     std::vector<PreallocResult> prealloc_;
     std::vector<int> vcpu_node_;  // vCPU -> index into cfg_.nodes
 

@@ -13,10 +13,12 @@
 #include "vmm/host_info.hpp"
 #include "vmm/kvm/error.hpp"
 #include "vmm/kvm/kvm.hpp"
+#include "migration/dirty/perf.hpp"
 #include "vmm/machine.hpp"
 #include "vmm/numa_check.hpp"
 #include "vmm/report.hpp"
 #include "vmm/runner.hpp"
+#include "vmm/units.hpp"
 
 using namespace mvm;
 
@@ -146,6 +148,66 @@ int cmd_numa_check(const NumaCheckArgs& a)
     return kExitOk;
 }
 
+struct DirtyLogPerfArgs {
+    std::string vcpus = "1", bytes = "1G", iterations = "2", write_pct = "100", slots = "1", backing = "anon";
+    bool random = false, no_manual = false, no_initially_set = false;
+    std::string ring, clear_chunk, eager_split, json;
+};
+
+int cmd_dirty_log_perf(const DirtyLogPerfArgs& a)
+{
+    using namespace mvm::dirty;
+    check_json_dest(a.json);
+    PerfOptions o;
+    o.vcpus = static_cast<uint32_t>(cli::parse_uint("-v", a.vcpus, 1, 1024));
+    o.bytes_per_vcpu = parse_size_option("-b", a.bytes);
+    o.iterations = static_cast<uint32_t>(cli::parse_uint("-i", a.iterations, 1, 1000000));
+    o.write_pct = static_cast<uint32_t>(cli::parse_uint("-w", a.write_pct, 0, 100));
+    o.slots = static_cast<uint32_t>(cli::parse_uint("-x", a.slots, 1, 32000));
+    o.random = a.random;
+    o.backing = cli::parse_backing_option("-s", a.backing);
+    if (o.backing == BackingKind::Gmem)
+        throw UsageError("-s gmem: guest_memfd slots cannot be dirty-logged; use anon, thp, shm, hugetlb2m or hugetlb1g");
+    o.manual_protect = !a.no_manual;
+    o.initially_set = !a.no_initially_set;
+    if (!a.clear_chunk.empty()) {
+        o.clear_chunk_bytes = parse_size_option("--clear-chunk", a.clear_chunk);
+        if (o.clear_chunk_bytes < 64 * 4096 || o.clear_chunk_bytes % (64 * 4096))
+            throw UsageError(fmt::format("--clear-chunk {}: must be a multiple of 256K (64 pages, KVM_CLEAR_DIRTY_LOG's "
+                                         "granule), e.g. 1M",
+                                         a.clear_chunk));
+        if (a.no_manual)
+            throw UsageError("--clear-chunk needs manual protection (KVM_CLEAR_DIRTY_LOG); drop -g");
+    }
+    if (!a.eager_split.empty()) {
+        if (a.eager_split != "on" && a.eager_split != "off")
+            throw UsageError(fmt::format("--eager-split: '{}' is not on or off", a.eager_split));
+        o.eager_split = a.eager_split == "on";
+    }
+    Kvm kvm(kvm_device());
+    if (!a.ring.empty()) {
+        o.ring_bytes = cli::parse_ring_size("--ring", a.ring, kvm);
+        if (a.no_manual || !a.clear_chunk.empty())
+            throw UsageError("--ring: -g and --clear-chunk are bitmap options; drop them with --ring");
+    }
+    o.progress = ::isatty(STDERR_FILENO);
+    // The same checks as every VM: vCPU limit, memory, hugetlb pools.
+    MachineConfig probe = single_node_config(o.vcpus, o.bytes_per_vcpu * o.vcpus, o.backing);
+    probe.nodes[0].origin = "-b";
+    probe.slots_per_node = o.slots;
+    validate_config(probe, numa::host_topology());
+    check_host_resources(probe, kvm);
+    install_stop_signals();
+    PerfResult r = run_dirty_log_perf(kvm, o);
+    std::FILE* out = a.json == "-" ? stderr : stdout;
+    fmt::print(out, "{}", to_text(r));
+    if (!a.json.empty())
+        write_json(a.json, to_json(r));
+    if (r.failure || (r.stamps && !r.stamps->ok()))
+        return kExitFailure;
+    return kExitOk;
+}
+
 }  // namespace
 
 int main(int argc, char** argv)
@@ -180,6 +242,25 @@ int main(int argc, char** argv)
     ncc->add_option("--expect-host-nodes", nc.expect_nodes, "test hook: judge placement against these host nodes")
         ->group("");
 
+    DirtyLogPerfArgs dlp;
+    auto* dlpc = app.add_subcommand("dirty-log-perf", "the kernel's dirty_log_perf_test with minivmm's native guest: "
+                                                      "populate, enable logging, N lock-step dirtying iterations with "
+                                                      "a harvest after each, disable; same knobs and figures");
+    dlpc->add_option("-v", dlp.vcpus, "vCPUs")->capture_default_str();
+    dlpc->add_option("-b", dlp.bytes, "bytes dirtied by each vCPU, e.g. 256M")->capture_default_str();
+    dlpc->add_option("-i", dlp.iterations, "iterations")->capture_default_str();
+    dlpc->add_option("-w", dlp.write_pct, "percentage of pages written (the rest are read)")->capture_default_str();
+    dlpc->add_flag("-a", dlp.random, "access memory in a random order");
+    dlpc->add_option("-x", dlp.slots, "split the memory into this many memslots")->capture_default_str();
+    dlpc->add_option("-s", dlp.backing, "backing: anon|thp|shm|hugetlb2m|hugetlb1g (selftest names accepted too)")
+        ->capture_default_str();
+    dlpc->add_flag("-g", dlp.no_manual, "no KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: GET_DIRTY_LOG clears the log");
+    dlpc->add_flag("--no-initially-set", dlp.no_initially_set, "manual protect without KVM_DIRTY_LOG_INITIALLY_SET");
+    dlpc->add_option("--ring", dlp.ring, "use per-vCPU dirty rings of this many bytes (16 per entry), e.g. 64K");
+    dlpc->add_option("--clear-chunk", dlp.clear_chunk, "bytes per KVM_CLEAR_DIRTY_LOG call (multiple of 256K)");
+    dlpc->add_option("--eager-split", dlp.eager_split, "on|off: set eager_page_split for the run where writable");
+    dlpc->add_option("--json", dlp.json, "also write the results as JSON to FILE, or - for stdout");
+
     if (argc > 1 && argv[1][0] != '-') {
         std::string cmd = argv[1];
         bool known = false;
@@ -213,6 +294,8 @@ int main(int argc, char** argv)
             return cmd_run(run);
         if (*ncc)
             return cmd_numa_check(nc);
+        if (*dlpc)
+            return cmd_dirty_log_perf(dlp);
     } catch (const Error& e) {
         fmt::print(stderr, "minivmm: {}\n", e.what());
         return e.exit_code();

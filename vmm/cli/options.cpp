@@ -7,6 +7,8 @@
 #include <fmt/format.h>
 
 #include "vmm/kvm/error.hpp"
+#include "vmm/kvm/ioctl.hpp"
+#include "vmm/kvm/kvm.hpp"
 #include "vmm/units.hpp"
 
 namespace mvm::cli {
@@ -142,6 +144,59 @@ NodeConfig parse_numa_option(const std::string& value, uint32_t index, BackingKi
     n.host_cpus = host_cpus;
     n.host_cpus_given = !host_cpus.empty();
     return n;
+}
+
+BackingKind parse_backing_option(std::string_view option, const std::string& value)
+{
+    static const std::pair<const char*, BackingKind> aliases[] = {
+        {"anonymous", BackingKind::Anon},         {"anonymous_thp", BackingKind::Thp},
+        {"anonymous_hugetlb", BackingKind::Hugetlb2M}, {"anonymous_hugetlb_2mb", BackingKind::Hugetlb2M},
+        {"anonymous_hugetlb_1gb", BackingKind::Hugetlb1G}, {"shmem", BackingKind::Shm},
+        {"shared_hugetlb", BackingKind::Hugetlb2M}};
+    if (auto k = parse_backing(value))
+        return *k;
+    for (const auto& [name, kind] : aliases)
+        if (value == name)
+            return kind;
+    throw UsageError(fmt::format("{}: unknown backing '{}'; use one of {}", option, value, backing_names()));
+}
+
+uint32_t min_dirty_ring_bytes(const Kvm& kvm)
+{
+    static uint32_t cached = ~0u;
+    if (cached != ~0u)
+        return cached;
+    int cap = kvm.cap(KVM_CAP_DIRTY_LOG_RING_ACQ_REL) > 0 ? KVM_CAP_DIRTY_LOG_RING_ACQ_REL : KVM_CAP_DIRTY_LOG_RING;
+    const int max = kvm.cap(cap);
+    cached = 0;
+    for (uint32_t b = 4096; max > 0 && b <= static_cast<uint32_t>(max); b *= 2) {
+        Vm vm = kvm.create_vm();
+        kvm_enable_cap ec{};
+        ec.cap = static_cast<uint32_t>(cap);
+        ec.args[0] = b;
+        if (kvm_ioctl_raw(vm.fd(), KVM_ENABLE_CAP, &ec) == 0) {
+            cached = b;
+            break;
+        }
+    }
+    return cached;
+}
+
+uint32_t parse_ring_size(std::string_view option, const std::string& value, const Kvm& kvm)
+{
+    const int cap = kvm.cap(KVM_CAP_DIRTY_LOG_RING_ACQ_REL) > 0 ? kvm.cap(KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
+                                                                : kvm.cap(KVM_CAP_DIRTY_LOG_RING);
+    if (cap <= 0)
+        throw UsageError(fmt::format("{}: this host's KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING); use the bitmap "
+                                     "(drop {})",
+                                     option, option));
+    const uint64_t bytes = parse_size_option(option, value);
+    const uint32_t min = min_dirty_ring_bytes(kvm), max = static_cast<uint32_t>(cap);
+    if (bytes < min || bytes > max || (bytes & (bytes - 1)))
+        throw UsageError(fmt::format("{} {}: a dirty ring must be a power of two from {} to {} here ({} to {} entries "
+                                     "of 16 bytes)",
+                                     option, value, format_size(min), format_size(max), min / 16, max / 16));
+    return static_cast<uint32_t>(bytes);
 }
 
 AccessConfig parse_access(const std::string& value)

@@ -26,6 +26,16 @@ double parse_seconds(std::string_view option, const std::string& value);
 // Throws UsageError naming the key and the fix.
 NodeConfig parse_numa_option(const std::string& value, uint32_t index, BackingKind default_backing);
 
+// A backing name, also the selftests' (anonymous, anonymous_thp,
+// anonymous_hugetlb, shmem, shared_hugetlb).
+BackingKind parse_backing_option(std::string_view option, const std::string& value);
+
+// A dirty ring size in bytes: a power of two between the host's minimum
+// (probed once) and KVM_CAP_DIRTY_LOG_RING's maximum.
+uint32_t parse_ring_size(std::string_view option, const std::string& value, const Kvm& kvm);
+// Smallest ring KVM accepts here (probed on a scratch VM; 0 when rings are absent).
+uint32_t min_dirty_ring_bytes(const Kvm& kvm);
+
 // --access local|remote|mixed:P
 AccessConfig parse_access(const std::string& value);
 

@@ -152,6 +152,29 @@ Vcpu Vm::create_vcpu(uint32_t id)
     return Vcpu(id, UniqueFd(fd), kvm_->vcpu_mmap_size(), dirty_ring_bytes_);
 }
 
+void Vm::get_dirty_log(uint32_t slot, uint64_t* bitmap)
+{
+    kvm_dirty_log d{};
+    d.slot = slot;
+    d.dirty_bitmap = bitmap;
+    KVM_IOCTL(fd_.get(), KVM_GET_DIRTY_LOG, &d);
+}
+
+void Vm::clear_dirty_log(uint32_t slot, uint64_t first_page, uint32_t num_pages, uint64_t* bitmap)
+{
+    kvm_clear_dirty_log c{};
+    c.slot = slot;
+    c.first_page = first_page;
+    c.num_pages = num_pages;
+    c.dirty_bitmap = bitmap;
+    KVM_IOCTL(fd_.get(), KVM_CLEAR_DIRTY_LOG, &c);
+}
+
+uint64_t Vm::reset_dirty_rings()
+{
+    return static_cast<uint64_t>(KVM_IOCTL(fd_.get(), KVM_RESET_DIRTY_RINGS, 0));
+}
+
 UniqueFd Vm::stats_fd() const
 {
     require(KVM_CAP_BINARY_STATS_FD, "KVM stats");

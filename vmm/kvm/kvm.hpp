@@ -71,6 +71,15 @@ public:
     Vcpu create_vcpu(uint32_t id);
     UniqueFd stats_fd() const;
 
+    // KVM_GET_DIRTY_LOG into `bitmap` (one bit per page of the slot).
+    void get_dirty_log(uint32_t slot, uint64_t* bitmap);
+    // KVM_CLEAR_DIRTY_LOG: clears and write-protects the set bits of `bitmap`
+    // for pages [first_page, first_page + num_pages); first_page must be a
+    // multiple of 64 and num_pages too unless the range ends at the slot's end.
+    void clear_dirty_log(uint32_t slot, uint64_t first_page, uint32_t num_pages, uint64_t* bitmap);
+    // KVM_RESET_DIRTY_RINGS: returns how many entries KVM reset (re-protected).
+    uint64_t reset_dirty_rings();
+
 private:
     const Kvm* kvm_;
     UniqueFd fd_;
