@@ -10,6 +10,7 @@
 
 #include "numa/policy.hpp"
 #include "vmm/kvm/error.hpp"
+#include "vmm/kvm/ioctl.hpp"
 #include "vmm/units.hpp"
 
 namespace mvm::dirty {
@@ -63,7 +64,7 @@ public:
     Harvest harvest() override
     {
         Harvest h = empty_harvest();
-        if (opt_.sync_before_harvest) {
+        if (opt_.kick == Kick::On) {
             auto t0 = clock::now();
             m_.sync_vcpus();
             h.sync_s = since(t0);
@@ -105,17 +106,20 @@ class RingTracker : public Tracker {
 public:
     RingTracker(Machine& m, const TrackerOptions& opt) : Tracker(m, opt), rings_(m.vcpu_count())
     {
+        kick_ = opt.kick == Kick::On || (opt.kick == Kick::Auto && ring_needs_kick(m.kvm()));
         pending_ = empty_harvest();
         for (uint32_t i = 0; i < m.vcpu_count(); i++)
             rings_[i].size = m.vcpu(i).dirty_ring_entries();
         // A vCPU whose ring is full exits; harvest its ring on its own thread
         // and re-arm it before it re-enters (it would exit again at once).
+        // pending_mu_ is held from collecting to merging, so a concurrent
+        // harvest() either sees these entries in pending_ or after them.
         m.set_dirty_ring_full_handler([this](uint32_t vcpu) {
+            std::lock_guard lk(pending_mu_);
             Harvest h = empty_harvest();
             collect(vcpu, h);
             h.reset = m_.vm().reset_dirty_rings();
             h.ring_full_harvests = 1;
-            std::lock_guard lk(pending_mu_);
             merge(pending_, h);
         });
     }
@@ -132,7 +136,7 @@ public:
     Harvest harvest() override
     {
         Harvest h = empty_harvest();
-        if (opt_.sync_before_harvest) {
+        if (kick_) {
             auto t0 = clock::now();
             m_.sync_vcpus();
             h.sync_s = since(t0);
@@ -155,10 +159,11 @@ public:
 
     // Soft limit: harvest rings holding at least ring_soft_limit entries now,
     // before KVM has to stop their vCPUs. Returns the entries collected.
-    uint64_t poll_soft_limit()
+    uint64_t poll() override
     {
         if (!opt_.ring_soft_limit)
             return 0;
+        std::lock_guard plk(pending_mu_);
         Harvest h = empty_harvest();
         for (uint32_t v = 0; v < m_.vcpu_count(); v++) {
             Ring& r = rings_[v];
@@ -171,7 +176,6 @@ public:
         if (!h.entries)
             return 0;
         h.reset = m_.vm().reset_dirty_rings();
-        std::lock_guard lk(pending_mu_);
         merge(pending_, h);
         return h.entries;
     }
@@ -214,11 +218,42 @@ private:
     }
 
     std::vector<Ring> rings_;
+    bool kick_ = false;
     std::mutex pending_mu_;
     Harvest pending_;  // what ring-full and soft-limit harvests collected meanwhile
 };
 
 }  // namespace
+
+uint32_t min_dirty_ring_bytes(const Kvm& kvm)
+{
+    static uint32_t cached = ~0u;
+    if (cached != ~0u)
+        return cached;
+    int cap = kvm.cap(KVM_CAP_DIRTY_LOG_RING_ACQ_REL) > 0 ? KVM_CAP_DIRTY_LOG_RING_ACQ_REL : KVM_CAP_DIRTY_LOG_RING;
+    const int max = kvm.cap(cap);
+    cached = 0;
+    for (uint32_t b = 4096; max > 0 && b <= static_cast<uint32_t>(max); b *= 2) {
+        Vm vm = kvm.create_vm();
+        kvm_enable_cap ec{};
+        ec.cap = static_cast<uint32_t>(cap);
+        ec.args[0] = b;
+        if (kvm_ioctl_raw(vm.fd(), KVM_ENABLE_CAP, &ec) == 0) {
+            cached = b;
+            break;
+        }
+    }
+    return cached;
+}
+
+bool ring_needs_kick(const Kvm& kvm)
+{
+    // KVM reserves ring space for a PML buffer's worth of entries where the
+    // CPU logs dirty pages in hardware (x86 PML: 512); those reach the ring
+    // only when the vCPU exits. 64 reserved entries fit a 4 KiB ring.
+    const uint32_t min = min_dirty_ring_bytes(kvm);
+    return min > 4096;
+}
 
 const char* mode_name(Mode m) { return m == Mode::Ring ? "ring" : "bitmap"; }
 

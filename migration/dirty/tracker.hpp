@@ -29,6 +29,18 @@ namespace mvm::dirty {
 enum class Mode { Bitmap, Ring };
 const char* mode_name(Mode m);
 
+// Whether to kick the vCPUs out of KVM_RUN before a harvest. Hardware dirty
+// logging (x86 PML) reaches the rings only when a vCPU exits, so a ring
+// harvest must kick first there; KVM_GET_DIRTY_LOG kicks by itself. Auto:
+// ring harvests kick where the host reserves ring space for PML.
+// Measured here (kvm-pvm, shadow MMU, no PML): kicking vCPUs with a signal
+// while ring logging is on loses dirty pages, so Auto does not kick here.
+enum class Kick { Auto, On, Off };
+
+// Smallest ring KVM accepts here (probed on scratch VMs; 0 without rings).
+uint32_t min_dirty_ring_bytes(const Kvm& kvm);
+bool ring_needs_kick(const Kvm& kvm);
+
 struct TrackerOptions {
     Mode mode = Mode::Bitmap;
     bool manual_protect = true;      // bitmap: GET then CLEAR (else GET alone clears)
@@ -36,7 +48,7 @@ struct TrackerOptions {
     uint64_t clear_chunk_bytes = 0;  // bitmap + manual: bytes per KVM_CLEAR_DIRTY_LOG; 0 = whole slot
     uint32_t ring_soft_limit = 0;    // ring: harvest a ring early once this many entries wait (0: only when KVM says full)
     bool per_node_enable = true;     // enable from one pinned, policy-bound thread per node, in parallel
-    bool sync_before_harvest = true; // kick vCPUs out of KVM_RUN first (flushes PML into rings/bitmaps)
+    Kick kick = Kick::Auto;
 };
 
 // Dirty pages of one memslot: one bit per 4 KiB page.
@@ -114,6 +126,10 @@ public:
     bool enabled() const { return enabled_; }
     // Everything dirtied since the previous harvest (or since enable).
     virtual Harvest harvest() = 0;
+    // Between harvests, from the harvesting thread: collect rings that hold
+    // at least ring_soft_limit entries, so KVM need not stop their vCPUs.
+    // Returns the entries collected (kept for the next harvest); 0 for bitmaps.
+    virtual uint64_t poll() { return 0; }
 
 protected:
     Tracker(Machine& m, const TrackerOptions& opt);

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <fmt/format.h>
 
+#include "migration/dirty/tracker.hpp"
 #include "vmm/kvm/error.hpp"
 #include "vmm/kvm/ioctl.hpp"
 #include "vmm/kvm/kvm.hpp"
@@ -161,27 +162,6 @@ BackingKind parse_backing_option(std::string_view option, const std::string& val
     throw UsageError(fmt::format("{}: unknown backing '{}'; use one of {}", option, value, backing_names()));
 }
 
-uint32_t min_dirty_ring_bytes(const Kvm& kvm)
-{
-    static uint32_t cached = ~0u;
-    if (cached != ~0u)
-        return cached;
-    int cap = kvm.cap(KVM_CAP_DIRTY_LOG_RING_ACQ_REL) > 0 ? KVM_CAP_DIRTY_LOG_RING_ACQ_REL : KVM_CAP_DIRTY_LOG_RING;
-    const int max = kvm.cap(cap);
-    cached = 0;
-    for (uint32_t b = 4096; max > 0 && b <= static_cast<uint32_t>(max); b *= 2) {
-        Vm vm = kvm.create_vm();
-        kvm_enable_cap ec{};
-        ec.cap = static_cast<uint32_t>(cap);
-        ec.args[0] = b;
-        if (kvm_ioctl_raw(vm.fd(), KVM_ENABLE_CAP, &ec) == 0) {
-            cached = b;
-            break;
-        }
-    }
-    return cached;
-}
-
 uint32_t parse_ring_size(std::string_view option, const std::string& value, const Kvm& kvm)
 {
     const int cap = kvm.cap(KVM_CAP_DIRTY_LOG_RING_ACQ_REL) > 0 ? kvm.cap(KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
@@ -191,7 +171,7 @@ uint32_t parse_ring_size(std::string_view option, const std::string& value, cons
                                      "(drop {})",
                                      option, option));
     const uint64_t bytes = parse_size_option(option, value);
-    const uint32_t min = min_dirty_ring_bytes(kvm), max = static_cast<uint32_t>(cap);
+    const uint32_t min = dirty::min_dirty_ring_bytes(kvm), max = static_cast<uint32_t>(cap);
     if (bytes < min || bytes > max || (bytes & (bytes - 1)))
         throw UsageError(fmt::format("{} {}: a dirty ring must be a power of two from {} to {} here ({} to {} entries "
                                      "of 16 bytes)",

@@ -33,8 +33,6 @@ BackingKind parse_backing_option(std::string_view option, const std::string& val
 // A dirty ring size in bytes: a power of two between the host's minimum
 // (probed once) and KVM_CAP_DIRTY_LOG_RING's maximum.
 uint32_t parse_ring_size(std::string_view option, const std::string& value, const Kvm& kvm);
-// Smallest ring KVM accepts here (probed on a scratch VM; 0 when rings are absent).
-uint32_t min_dirty_ring_bytes(const Kvm& kvm);
 
 // --access local|remote|mixed:P
 AccessConfig parse_access(const std::string& value);
