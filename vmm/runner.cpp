@@ -67,7 +67,7 @@ RunReport run_workload(Machine& m, const RunOptions& opt)
     auto elapsed = [&] { return std::chrono::duration<double>(clock::now() - t0).count(); };
     bool interrupted = false;
     for (;;) {
-        if (m.wait_finished(std::chrono::milliseconds(100)))
+        if (m.wait_finished(std::chrono::milliseconds(std::max<int64_t>(1, static_cast<int64_t>(opt.tick_ms)))))
             break;  // every vCPU is done (pass count reached) or failed
         if (m.failure())
             break;

@@ -19,8 +19,9 @@ struct RunOptions {
     double duration_s = 3;   // 0 with max_passes: until the guest is done
     bool progress = false;   // live one-line display on stderr
     bool verify = true;      // stamp check after the stop
-    // Called about every 100 ms with the elapsed seconds while the guest runs.
+    // Called about every tick_ms with the elapsed seconds while the guest runs.
     std::function<void(double)> on_tick;
+    double tick_ms = 100;
 };
 
 // Starts the machine's vCPUs, runs, stops, and reports.

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "kvm_test_util.hpp"
+#include "migration/dirty/eager_split.hpp"
 #include "migration/dirty/tracker.hpp"
 #include "vmm/cli/options.hpp"
 #include "vmm/machine.hpp"
@@ -314,4 +315,104 @@ TEST(DirtyLogPerf, BothModesReportTheSelftestFigures)
                                  "Iteration 3 get dirty log time:", "Disabling dirty logging time:", "Get dirty log over 3 iterations"})
             EXPECT_NE(r.err.find(line), std::string::npos) << line;
     }
+}
+
+// The three dirty-rate modes agree with what the guest writes when every
+// write lands on a distinct page within the period (a capped rate well below
+// one pass per period).
+TEST(DirtyRate, ModesAgreeWithTheGuestsOwnCount)
+{
+    REQUIRE_KVM();
+    for (const char* mode : {"ring", "bitmap", "sampling"}) {
+        auto r = run_minivmm(fmt::format("dirty-rate --mode {} --period 0.5 --vcpus 2 --mem 128M --rate 20000 "
+                                         "--sample-pages 4096 --json -",
+                                         mode));
+        ASSERT_EQ(r.exit_code, 0) << mode << ": " << r.err;
+        auto j = nlohmann::json::parse(r.out);
+        EXPECT_EQ(j["mode"], mode);
+        double guest = 0;
+        for (const auto& v : j["vcpus"])
+            guest += v["guest_writes_per_s"].get<double>();
+        const double measured = j["dirty_rate_pages_per_s"].get<double>();
+        EXPECT_GT(guest, 30000) << mode;
+        // Exact for the logging modes (plus mailbox noise); sampling estimates.
+        const double tol = std::string(mode) == "sampling" ? 0.25 : 0.08;
+        EXPECT_NEAR(measured / guest, 1.0, tol) << mode << ": measured " << measured << " guest " << guest;
+        for (const auto& v : j["vcpus"])
+            EXPECT_NEAR(v["dirty_rate_pages_per_s"].get<double>() / v["guest_writes_per_s"].get<double>(), 1.0, tol * 2)
+                << mode << " vCPU " << v["vcpu"];
+    }
+}
+
+TEST(DirtyLogRun, BothModesHarvestForTheWholeRun)
+{
+    REQUIRE_KVM();
+    for (const char* mode : {"bitmap", "ring"}) {
+        auto r = run_minivmm(fmt::format("run --vcpus 2 --mem 64M --duration 0.6 --dirty-log {} --harvest-ms 50 "
+                                         "--json -",
+                                         mode));
+        ASSERT_EQ(r.exit_code, 0) << mode << ": " << r.err;
+        auto j = nlohmann::json::parse(r.out);
+        EXPECT_EQ(j["dirty_log"]["mode"], mode);
+        EXPECT_GE(j["dirty_log"]["harvests"].get<uint64_t>(), 5u);
+        EXPECT_GE(j["dirty_log"]["dirty_pages"].get<uint64_t>(), 16384u) << "at least one pass of 64 MiB";
+        EXPECT_EQ(j["dirty_log"]["ring_entries"], j["dirty_log"]["ring_reset"]);
+        EXPECT_EQ(j["verify"]["mismatches"].get<uint64_t>(), 0u);
+        EXPECT_NE(r.err.find("dirty log (" + std::string(mode) + ")"), std::string::npos);
+    }
+}
+
+struct DirtyBadInput {
+    std::string args, mention, hint;
+};
+std::ostream& operator<<(std::ostream& os, const DirtyBadInput& b) { return os << b.args; }
+class DirtyBadInputTest : public ::testing::TestWithParam<DirtyBadInput> {};
+
+TEST_P(DirtyBadInputTest, OneLineAndExit2)
+{
+    REQUIRE_KVM();
+    const auto& p = GetParam();
+    auto r = run_minivmm(p.args);
+    EXPECT_EQ(r.exit_code, 2) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_NE(r.err.find(p.mention), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find(p.hint), std::string::npos) << r.err;
+    EXPECT_EQ(r.out, "");
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Dirty, DirtyBadInputTest,
+    ::testing::Values(DirtyBadInput{"dirty-log-perf --ring 3000", "--ring 3000", "power of two"},
+                      DirtyBadInput{"dirty-log-perf --ring 64M", "--ring 64M", "power of two"},
+                      DirtyBadInput{"dirty-log-perf -s tmpfs", "-s", "unknown backing"},
+                      DirtyBadInput{"dirty-log-perf -s gmem", "-s gmem", "cannot be dirty-logged"},
+                      DirtyBadInput{"dirty-log-perf -b 10", "-b", "4 KiB"},
+                      DirtyBadInput{"dirty-log-perf -i 0", "-i", "1.."},
+                      DirtyBadInput{"dirty-log-perf -w 101", "-w", "0..100"},
+                      DirtyBadInput{"dirty-log-perf -g --clear-chunk 1M", "--clear-chunk", "drop -g"},
+                      DirtyBadInput{"dirty-log-perf --clear-chunk 100K", "--clear-chunk", "256K"},
+                      DirtyBadInput{"dirty-log-perf --eager-split maybe", "--eager-split", "on or off"},
+                      DirtyBadInput{"dirty-rate --mode psychic", "--mode", "ring, bitmap or sampling"},
+                      DirtyBadInput{"dirty-rate --period 0", "--period", "positive"},
+                      DirtyBadInput{"dirty-rate --mode bitmap --ring 64K", "--ring", "--mode ring"},
+                      DirtyBadInput{"run --dirty-log sometimes", "--dirty-log", "bitmap or ring"},
+                      DirtyBadInput{"run --ring 64K", "--ring", "--dirty-log ring"}));
+
+TEST(EagerSplit, ReportedAndLeftAloneWhereReadOnly)
+{
+    REQUIRE_KVM();
+    auto info = eager_split_info();
+    auto r = run_minivmm("dirty-log-perf -v 1 -b 8M -i 2 --eager-split off --json -");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    auto j = nlohmann::json::parse(r.out);
+    if (info.path.empty()) {
+        EXPECT_EQ(j["eager_split"]["eager_page_split"], "");
+        return;
+    }
+    EXPECT_EQ(j["eager_split"]["tdp_mmu"], info.tdp_mmu);
+    if (!info.writable) {
+        EXPECT_NE(j["eager_split"]["setting"].get<std::string>().find("read-only"), std::string::npos)
+            << j["eager_split"].dump();
+    }
+    EXPECT_EQ(eager_split_info().param, info.param) << "the parameter is restored after the run";
 }

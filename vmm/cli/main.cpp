@@ -14,6 +14,7 @@
 #include "vmm/kvm/error.hpp"
 #include "vmm/kvm/kvm.hpp"
 #include "migration/dirty/perf.hpp"
+#include "migration/dirty/rate.hpp"
 #include "vmm/machine.hpp"
 #include "vmm/numa_check.hpp"
 #include "vmm/report.hpp"
@@ -71,6 +72,48 @@ struct RunArgs {
     std::string duration = "3";
     std::string json;
     bool no_verify = false;
+    std::string dirty_log, ring, harvest_ms = "100";
+};
+
+// run --dirty-log: what the harvests of a whole run added up to.
+struct DirtyLogStats {
+    std::string mode;
+    uint64_t harvests = 0, dirty_pages = 0, max_dirty = 0, ring_full = 0, entries = 0, reset = 0;
+    double harvest_s = 0, max_harvest_s = 0, enable_s = 0, disable_s = 0;
+    std::vector<std::pair<uint32_t, std::string>> untracked;
+    void add(const dirty::Harvest& h)
+    {
+        harvests++;
+        dirty_pages += h.dirty_pages;
+        max_dirty = std::max(max_dirty, h.dirty_pages);
+        ring_full += h.ring_full_harvests;
+        entries += h.entries;
+        reset += h.reset;
+        const double t = h.sync_s + h.get_s + h.clear_s;
+        harvest_s += t;
+        max_harvest_s = std::max(max_harvest_s, t);
+    }
+    std::string table() const
+    {
+        std::string o = fmt::format("\ndirty log ({}): enabled in {:.3f} ms, {} harvests, {} dirty pages ({} per "
+                                    "harvest at most), harvest mean {:.3f} ms max {:.3f} ms, disabled in {:.3f} ms\n",
+                                    mode, enable_s * 1e3, harvests, dirty_pages, max_dirty,
+                                    harvests ? harvest_s / static_cast<double>(harvests) * 1e3 : 0.0, max_harvest_s * 1e3,
+                                    disable_s * 1e3);
+        if (mode == "ring")
+            o += fmt::format("ring: {} entries collected, {} reset, {} ring-full exits harvested on vCPU threads\n",
+                             entries, reset, ring_full);
+        for (const auto& [slot, why] : untracked)
+            o += fmt::format("slot {} not tracked: {}\n", slot, why);
+        return o;
+    }
+    nlohmann::json json() const
+    {
+        return {{"mode", mode},           {"enable_s", enable_s},       {"disable_s", disable_s},
+                {"harvests", harvests},   {"dirty_pages", dirty_pages}, {"max_dirty_pages_per_harvest", max_dirty},
+                {"harvest_s", harvest_s}, {"max_harvest_s", max_harvest_s}, {"ring_entries", entries},
+                {"ring_reset", reset},    {"ring_full_harvests", ring_full}};
+    }
 };
 
 int cmd_run(const RunArgs& a)
@@ -81,6 +124,23 @@ int cmd_run(const RunArgs& a)
     MachineConfig cfg = a.vm.to_config(kvm);
     if (duration <= 0 && cfg.workload.max_passes == 0)
         throw UsageError("--duration: must be positive unless --passes is given");
+    std::optional<dirty::Mode> log_mode;
+    double harvest_ms = 100;
+    if (!a.dirty_log.empty()) {
+        if (a.dirty_log == "ring")
+            log_mode = dirty::Mode::Ring;
+        else if (a.dirty_log == "bitmap")
+            log_mode = dirty::Mode::Bitmap;
+        else
+            throw UsageError(fmt::format("--dirty-log: unknown mode '{}'; use bitmap or ring", a.dirty_log));
+        harvest_ms = cli::parse_seconds("--harvest-ms", a.harvest_ms);
+        if (harvest_ms <= 0)
+            throw UsageError("--harvest-ms: must be positive, e.g. 100");
+        if (*log_mode == dirty::Mode::Ring)
+            cfg.dirty_ring_bytes = cli::parse_ring_size("--ring", a.ring.empty() ? "64K" : a.ring, kvm);
+    }
+    if (!a.ring.empty() && log_mode != dirty::Mode::Ring)
+        throw UsageError("--ring: only with --dirty-log ring");
     install_stop_signals();
     cfg.show_progress = ::isatty(STDERR_FILENO);
     Machine m(kvm, cfg);
@@ -88,14 +148,45 @@ int cmd_run(const RunArgs& a)
     opt.duration_s = duration;
     opt.progress = ::isatty(STDERR_FILENO);
     opt.verify = !a.no_verify;
+    std::unique_ptr<dirty::Tracker> tracker;
+    DirtyLogStats dls;
+    if (log_mode) {
+        dirty::TrackerOptions to;
+        to.mode = *log_mode;
+        to.ring_soft_limit = *log_mode == dirty::Mode::Ring ? cfg.dirty_ring_bytes / 16 / 2 : 0;
+        tracker = dirty::Tracker::create(m, to);
+        dls.mode = dirty::mode_name(*log_mode);
+        dls.untracked = tracker->untracked_slots();
+        dls.enable_s = tracker->enable().wall_s;
+        double last = 0;
+        // The runner's thread harvests (never a vCPU thread, except at ring-full).
+        opt.on_tick = [&](double t) {
+            tracker->poll();
+            if ((t - last) * 1000 >= harvest_ms) {
+                dls.add(tracker->harvest());
+                last = t;
+            }
+        };
+        opt.tick_ms = std::min(100.0, harvest_ms);
+    }
     RunReport r = run_workload(m, opt);
+    if (tracker) {
+        dls.add(tracker->harvest());
+        dls.disable_s = tracker->disable().wall_s;
+    }
+    nlohmann::json j = to_json(r);
+    std::string table = to_table(r);
+    if (tracker) {
+        j["dirty_log"] = dls.json();
+        table += dls.table();
+    }
     if (a.json == "-") {
-        fmt::print(stderr, "{}", to_table(r));
-        write_json(a.json, to_json(r));
+        fmt::print(stderr, "{}", table);
+        write_json(a.json, j);
     } else {
-        fmt::print("{}", to_table(r));
+        fmt::print("{}", table);
         if (!a.json.empty())
-            write_json(a.json, to_json(r));
+            write_json(a.json, j);
     }
     if (r.failure || (r.stamps && !r.stamps->ok()))
         return kExitFailure;
@@ -146,6 +237,46 @@ int cmd_numa_check(const NumaCheckArgs& a)
         return kExitMisplaced;
     }
     return kExitOk;
+}
+
+struct DirtyRateArgs {
+    cli::VmOptions vm;
+    std::string mode = "bitmap", period = "1", warmup = "0.5", ring, sample = "512", json;
+};
+
+int cmd_dirty_rate(const DirtyRateArgs& a)
+{
+    using namespace mvm::dirty;
+    check_json_dest(a.json);
+    RateOptions o;
+    if (a.mode == "ring")
+        o.mode = RateMode::Ring;
+    else if (a.mode == "bitmap")
+        o.mode = RateMode::Bitmap;
+    else if (a.mode == "sampling")
+        o.mode = RateMode::Sampling;
+    else
+        throw UsageError(fmt::format("--mode: unknown mode '{}'; use ring, bitmap or sampling", a.mode));
+    o.period_s = cli::parse_seconds("--period", a.period);
+    if (o.period_s <= 0)
+        throw UsageError("--period: must be positive, e.g. 1");
+    o.warmup_s = cli::parse_seconds("--warmup", a.warmup);
+    o.sample_pages_per_gib = cli::parse_uint("--sample-pages", a.sample, 1, 1u << 18);
+    if (!a.ring.empty() && o.mode != RateMode::Ring)
+        throw UsageError("--ring: only with --mode ring");
+    Kvm kvm(kvm_device());
+    MachineConfig cfg = a.vm.to_config(kvm);
+    if (o.mode == RateMode::Ring)
+        cfg.dirty_ring_bytes = cli::parse_ring_size("--ring", a.ring.empty() ? "64K" : a.ring, kvm);
+    cfg.show_progress = o.progress = ::isatty(STDERR_FILENO);
+    install_stop_signals();
+    Machine m(kvm, cfg);
+    RateResult r = measure_dirty_rate(m, o);
+    std::FILE* out = a.json == "-" ? stderr : stdout;
+    fmt::print(out, "{}", to_table(r));
+    if (!a.json.empty())
+        write_json(a.json, to_json(r));
+    return m.failure() ? kExitFailure : kExitOk;
 }
 
 struct DirtyLogPerfArgs {
@@ -231,6 +362,9 @@ int main(int argc, char** argv)
     runc->add_option("--duration", run.duration, "seconds to run")->capture_default_str();
     runc->add_option("--json", run.json, "also write the report as JSON to FILE, or - for stdout");
     runc->add_flag("--no-verify", run.no_verify, "skip the stamp check after the run");
+    runc->add_option("--dirty-log", run.dirty_log, "keep dirty logging on for the whole run: bitmap|ring");
+    runc->add_option("--ring", run.ring, "with --dirty-log ring: bytes per vCPU ring (default 64K)");
+    runc->add_option("--harvest-ms", run.harvest_ms, "with --dirty-log: harvest period in ms")->capture_default_str();
 
     NumaCheckArgs nc;
     auto* ncc = app.add_subcommand("numa-check", "boot the VM, write every page once, then report where each virtual "
@@ -260,6 +394,17 @@ int main(int argc, char** argv)
     dlpc->add_option("--clear-chunk", dlp.clear_chunk, "bytes per KVM_CLEAR_DIRTY_LOG call (multiple of 256K)");
     dlpc->add_option("--eager-split", dlp.eager_split, "on|off: set eager_page_split for the run where writable");
     dlpc->add_option("--json", dlp.json, "also write the results as JSON to FILE, or - for stdout");
+
+    DirtyRateArgs dr;
+    auto* drc = app.add_subcommand("dirty-rate", "measure how fast the running guest dirties memory (like QEMU's "
+                                                 "calc-dirty-rate): total and per vCPU");
+    dr.vm.add_to(*drc);
+    drc->add_option("--mode", dr.mode, "ring|bitmap|sampling")->capture_default_str();
+    drc->add_option("--period", dr.period, "seconds to measure over")->capture_default_str();
+    drc->add_option("--warmup", dr.warmup, "seconds to run after the first pass before measuring")->capture_default_str();
+    drc->add_option("--ring", dr.ring, "with --mode ring: bytes per vCPU ring (default 64K)");
+    drc->add_option("--sample-pages", dr.sample, "with --mode sampling: pages sampled per GiB")->capture_default_str();
+    drc->add_option("--json", dr.json, "also write the result as JSON to FILE, or - for stdout");
 
     if (argc > 1 && argv[1][0] != '-') {
         std::string cmd = argv[1];
@@ -296,6 +441,8 @@ int main(int argc, char** argv)
             return cmd_numa_check(nc);
         if (*dlpc)
             return cmd_dirty_log_perf(dlp);
+        if (*drc)
+            return cmd_dirty_rate(dr);
     } catch (const Error& e) {
         fmt::print(stderr, "minivmm: {}\n", e.what());
         return e.exit_code();
