@@ -22,6 +22,7 @@ struct WorkloadConfig {
     uint32_t write_pct = 100;
     uint64_t rate_pages_per_s = 0;  // per vCPU, 0 = unlimited
     uint64_t max_passes = 0;        // 0 = until stopped
+    uint64_t working_set_pages = 0; // per vCPU, the first pages of its share; 0 = all of it
     uint64_t seed = 1;
     double watchdog_ms = 20.0;
     uint32_t fault = MVM_FAULT_NONE;  // test hook: this fault ...

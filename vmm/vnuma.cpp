@@ -1,5 +1,6 @@
 #include "vmm/vnuma.hpp"
 
+#include <algorithm>
 #include <fmt/format.h>
 
 #include "vmm/kvm/error.hpp"
@@ -73,6 +74,20 @@ void write_vnuma_table(const MachineConfig& cfg, const GuestLayout& layout, mvm_
         }
     }
     auto sets = plan_working_sets(cfg, layout);
+    // A smaller working set (benchmarks dirty a set number of pages of a
+    // larger memory): keep the first pages of each vCPU's share.
+    if (const uint64_t limit = cfg.workload.working_set_pages)
+        for (auto& set : sets) {
+            uint64_t left = limit;
+            std::vector<mvm_segment> cut;
+            for (const auto& seg : set) {
+                if (!left)
+                    break;
+                cut.push_back({seg.gpa, std::min(seg.pages, left)});
+                left -= cut.back().pages;
+            }
+            set = std::move(cut);
+        }
     for (uint32_t v = 0; v < cfg.vcpus; v++) {
         mvm_vcpu_params& vp = bp->vcpu[v];
         vp.nr_segments = static_cast<uint32_t>(sets[v].size());
