@@ -13,7 +13,7 @@
 #include <stdint.h>
 #endif
 
-#define MVM_ABI_VERSION 3u
+#define MVM_ABI_VERSION 4u
 #define MVM_PAGE_SIZE 4096ull
 #define MVM_PAGE_SHIFT 12
 
@@ -35,6 +35,7 @@
 #define MVM_DOORBELL_GPA 0xd0000000ull  /* one page, no memslot */
 #define MVM_DOORBELL_DONE 1             /* qword written: (DONE << 32) | vCPU id */
 #define MVM_DOORBELL_GATE 2             /* waiting at the pass gate: the VMM holds the vCPU until it opens */
+#define MVM_DOORBELL_PARK 3             /* parked on request: the VMM holds the vCPU until `park` clears */
 #define MVM_PORT_EXCEPTION 0xe1 /* rdi=vector rsi=error rdx=rip rcx=cr2 r8=cs r9=rflags */
 
 /* GDT selectors (same GDT layout on every vCPU; each vCPU has its own TSS). */
@@ -168,6 +169,8 @@ struct mvm_mailbox {
     volatile uint64_t control_seq;           /* bumped by the VMM after each change */
     volatile uint64_t pass_gate;             /* non-zero: start pass g only once g <= pass_gate
                                                 (dirty-log-perf's lock-step iterations) */
+    volatile uint64_t park;                  /* non-zero: at the next batch boundary, exit and wait
+                                                (a pause without signals, for stop-and-copy) */
 };
 
 /* ---- stamps ---------------------------------------------------------- */

@@ -155,6 +155,15 @@ void user_entry(const struct mvm_boot_params *bp, const struct mvm_vcpu_params *
             mb->pages_written = written;
             mb->pages_read = read;
             uint64_t now = progress_point(&wd, mb);
+            if (mb->park) {
+                /* Parked by the VMM between batches: every stamp of the batch
+                 * is stored and the cursor says so. Waiting is not a stall. */
+                while (mb->park && !mb->stop)
+                    ring_doorbell(MVM_DOORBELL_PARK, vcpu);
+                now = wd.prev = rdtsc();
+                mb->last_tsc = now;
+                deadline = now;
+            }
 
             uint64_t rate = mb->rate_pages_per_s;
             if (rate) {
@@ -163,7 +172,7 @@ void user_entry(const struct mvm_boot_params *bp, const struct mvm_vcpu_params *
                 if (now > deadline + 16 * step)
                     deadline = now;
                 deadline += step;
-                while (rdtsc() < deadline && !mb->stop) {
+                while (rdtsc() < deadline && !mb->stop && !mb->park) {
                     cpu_relax();
                     progress_point(&wd, mb);
                 }
@@ -172,7 +181,7 @@ void user_entry(const struct mvm_boot_params *bp, const struct mvm_vcpu_params *
             if (thr) {
                 /* Idle thr% of the time: after a batch that took t, spin t*thr/(100-thr). */
                 uint64_t spin_until = now + ((now - batch_start) * thr) / (100 - (thr > 99 ? 99 : thr));
-                while (rdtsc() < spin_until && !mb->stop) {
+                while (rdtsc() < spin_until && !mb->stop && !mb->park) {
                     cpu_relax();
                     progress_point(&wd, mb);
                 }

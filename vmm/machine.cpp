@@ -232,6 +232,24 @@ void Machine::set_slot_flags(uint32_t slot, uint32_t flags)
     slots_.set_flags(slot, flags);
 }
 
+bool Machine::park_guests(std::chrono::milliseconds timeout)
+{
+    std::unique_lock lk(mu_);
+    for (uint32_t i = 0; i < vcpu_count(); i++)
+        mailbox(i)->park = 1;
+    return cv_.wait_for(lk, timeout, [&] {
+        return std::all_of(vcpus_.begin(), vcpus_.end(), [](const auto& s) { return s->finished || s->held; });
+    });
+}
+
+void Machine::unpark_guests()
+{
+    std::lock_guard lk(mu_);
+    for (uint32_t i = 0; i < vcpu_count(); i++)
+        mailbox(i)->park = 0;
+    cv_.notify_all();
+}
+
 void Machine::set_pass_gate(uint64_t gate)
 {
     std::lock_guard lk(mu_);
@@ -527,6 +545,15 @@ bool Machine::handle_exit(VcpuSlot& s)
             std::memcpy(&v, run->mmio.data, 8);
             if (v >> 32 == MVM_DOORBELL_DONE)
                 return false;  // the workload finished
+            if (v >> 32 == MVM_DOORBELL_PARK) {
+                const mvm_mailbox* mb = mailbox(s.vcpu.id());
+                std::unique_lock lk(mu_);
+                s.held = true;
+                cv_.notify_all();
+                cv_.wait(lk, [&] { return mb->park == 0 || mb->stop || stop_all_.load() || pause_requested_.load(); });
+                s.held = false;
+                return true;
+            }
             if (v >> 32 == MVM_DOORBELL_GATE) {
                 // Hold the vCPU outside KVM_RUN until its next pass may start
                 // (or it must stop or park); the guest re-checks on return.

@@ -121,6 +121,12 @@ public:
     // Re-registers a memslot with new KVM_MEM_* flags (dirty logging on/off).
     // Safe to call from several threads for different slots.
     void set_slot_flags(uint32_t slot, uint32_t flags);
+    // Pause without signals: each guest finishes its batch, exits through the
+    // park doorbell and is held outside KVM_RUN (exits the guest asks for lose
+    // no dirty-ring entries here, signal kicks can). False if not every vCPU
+    // parked within `timeout` (they stay asked to; unpark_guests() releases).
+    bool park_guests(std::chrono::milliseconds timeout);
+    void unpark_guests();
     // Lock-step passes: each vCPU starts pass g only once g <= gate (0: free running).
     void set_pass_gate(uint64_t gate);
     // Kicks every running vCPU out of KVM_RUN and waits until each has left

@@ -1,0 +1,192 @@
+#include "migration/vcpu_state.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <fmt/format.h>
+#include <mutex>
+
+#include "vmm/kvm/error.hpp"
+#include "vmm/kvm/ioctl.hpp"
+
+#define MVM_KVM_GET_XSAVE2 _IOC(_IOC_READ, KVMIO, 0xcf, 4096)
+
+namespace mvm::migration {
+
+namespace {
+
+constexpr uint32_t kMsrTsc = 0x10;
+constexpr uint32_t kStateVersion = 1;
+
+template <class T>
+void put(std::vector<uint8_t>& out, const T& v)
+{
+    const auto* p = reinterpret_cast<const uint8_t*>(&v);
+    out.insert(out.end(), p, p + sizeof(T));
+}
+
+class Cursor {
+public:
+    explicit Cursor(std::span<const uint8_t> d) : d_(d) {}
+    template <class T>
+    T get(const char* what)
+    {
+        T v;
+        if (d_.size() - pos_ < sizeof(T) || pos_ > d_.size())
+            throw Error(fmt::format("vCPU state record truncated at {} (offset {})", what, pos_));
+        std::memcpy(&v, d_.data() + pos_, sizeof(T));
+        pos_ += sizeof(T);
+        return v;
+    }
+    std::vector<uint8_t> bytes(size_t n, const char* what)
+    {
+        if (d_.size() - pos_ < n)
+            throw Error(fmt::format("vCPU state record truncated at {} (offset {})", what, pos_));
+        std::vector<uint8_t> v(d_.begin() + static_cast<long>(pos_), d_.begin() + static_cast<long>(pos_ + n));
+        pos_ += n;
+        return v;
+    }
+    bool done() const { return pos_ == d_.size(); }
+
+private:
+    std::span<const uint8_t> d_;
+    size_t pos_ = 0;
+};
+
+}  // namespace
+
+std::vector<uint8_t> VcpuState::serialize() const
+{
+    std::vector<uint8_t> out;
+    put(out, kStateVersion);
+    put(out, id);
+    put(out, regs);
+    put(out, sregs);
+    put(out, fpu);
+    put(out, static_cast<uint32_t>(xsave.size()));
+    out.insert(out.end(), xsave.begin(), xsave.end());
+    put(out, static_cast<uint32_t>(has_xcrs));
+    put(out, xcrs);
+    put(out, events);
+    put(out, mp_state);
+    put(out, static_cast<uint32_t>(msrs.size()));
+    for (const auto& [idx, val] : msrs) {
+        put(out, idx);
+        put(out, val);
+    }
+    return out;
+}
+
+VcpuState VcpuState::parse(std::span<const uint8_t> data)
+{
+    Cursor c(data);
+    VcpuState s;
+    const auto version = c.get<uint32_t>("version");
+    if (version != kStateVersion)
+        throw Error(fmt::format("vCPU state version {} is not {} (the one this minivmm reads)", version, kStateVersion));
+    s.id = c.get<uint32_t>("id");
+    s.regs = c.get<kvm_regs>("regs");
+    s.sregs = c.get<kvm_sregs>("sregs");
+    s.fpu = c.get<kvm_fpu>("fpu");
+    const auto xs = c.get<uint32_t>("xsave size");
+    if (xs > (1u << 20))
+        throw Error(fmt::format("vCPU state: xsave size {} is implausible", xs));
+    s.xsave = c.bytes(xs, "xsave");
+    s.has_xcrs = c.get<uint32_t>("has_xcrs") != 0;
+    s.xcrs = c.get<kvm_xcrs>("xcrs");
+    s.events = c.get<kvm_vcpu_events>("events");
+    s.mp_state = c.get<kvm_mp_state>("mp_state");
+    const auto n = c.get<uint32_t>("msr count");
+    if (n > 4096)
+        throw Error(fmt::format("vCPU state: {} MSRs is implausible", n));
+    for (uint32_t i = 0; i < n; i++) {
+        auto idx = c.get<uint32_t>("msr index");
+        auto val = c.get<uint64_t>("msr value");
+        s.msrs.emplace_back(idx, val);
+    }
+    if (!c.done())
+        throw Error("vCPU state record has trailing bytes");
+    return s;
+}
+
+const std::vector<uint32_t>& saveable_msrs(const Kvm& kvm)
+{
+    static std::once_flag once;
+    static std::vector<uint32_t> list;
+    std::call_once(once, [&] {
+        std::vector<uint8_t> buf(sizeof(abi::msr_list_header) + 4096 * sizeof(uint32_t));
+        auto* h = reinterpret_cast<abi::msr_list_header*>(buf.data());
+        h->nmsrs = 4096;
+        if (kvm_ioctl_raw(kvm.fd(), MVM_KVM_GET_MSR_INDEX_LIST, h) == 0) {
+            const auto* idx = reinterpret_cast<const uint32_t*>(buf.data() + sizeof(*h));
+            list.assign(idx, idx + h->nmsrs);
+        }
+        list.erase(std::remove(list.begin(), list.end(), kMsrTsc), list.end());
+    });
+    return list;
+}
+
+VcpuState save_vcpu(const Kvm& kvm, const Vcpu& vcpu)
+{
+    VcpuState s;
+    s.id = vcpu.id();
+    s.regs = vcpu.regs();
+    s.sregs = vcpu.sregs();
+    const int fd = vcpu.fd();
+    KVM_IOCTL(fd, KVM_GET_FPU, &s.fpu);
+    if (int size = kvm.cap(KVM_CAP_XSAVE2); size > 0) {
+        s.xsave.assign(static_cast<size_t>(std::max(size, 4096)), 0);
+        kvm_ioctl_checked("KVM_GET_XSAVE2", fd, MVM_KVM_GET_XSAVE2, s.xsave.data());
+    } else if (kvm.cap(KVM_CAP_XSAVE) > 0) {
+        s.xsave.assign(4096, 0);
+        kvm_ioctl_checked("KVM_GET_XSAVE", fd, MVM_KVM_GET_XSAVE, s.xsave.data());
+    }
+    if (kvm.cap(KVM_CAP_XCRS) > 0) {
+        KVM_IOCTL(fd, KVM_GET_XCRS, &s.xcrs);
+        s.has_xcrs = true;
+    }
+    KVM_IOCTL(fd, KVM_GET_VCPU_EVENTS, &s.events);
+    KVM_IOCTL(fd, KVM_GET_MP_STATE, &s.mp_state);
+    // One at a time: KVM_GET_MSRS stops at the first MSR it cannot read.
+    for (uint32_t idx : saveable_msrs(kvm)) {
+        auto v = vcpu.msrs({idx});
+        if (!v.empty())
+            s.msrs.push_back(v[0]);
+    }
+    auto tsc = vcpu.msrs({kMsrTsc});
+    if (!tsc.empty())
+        s.msrs.push_back(tsc[0]);  // last, so nothing after it moves the TSC
+    return s;
+}
+
+std::vector<uint32_t> restore_vcpu(const Kvm& kvm, Vcpu& vcpu, const VcpuState& s)
+{
+    const int fd = vcpu.fd();
+    vcpu.set_sregs(s.sregs);
+    vcpu.set_regs(s.regs);
+    KVM_IOCTL(fd, KVM_SET_FPU, &s.fpu);
+    if (!s.xsave.empty()) {
+        if (kvm.cap(KVM_CAP_XSAVE) <= 0)
+            throw Unsupported("the destination's KVM lacks KVM_CAP_XSAVE for the source's XSAVE state");
+        std::vector<uint8_t> buf = s.xsave;
+        kvm_ioctl_checked("KVM_SET_XSAVE", fd, MVM_KVM_SET_XSAVE, buf.data());
+    }
+    if (s.has_xcrs) {
+        kvm_xcrs x = s.xcrs;
+        KVM_IOCTL(fd, KVM_SET_XCRS, &x);
+    }
+    kvm_vcpu_events ev = s.events;
+    KVM_IOCTL(fd, KVM_SET_VCPU_EVENTS, &ev);
+    kvm_mp_state mp = s.mp_state;
+    KVM_IOCTL(fd, KVM_SET_MP_STATE, &mp);
+    std::vector<uint32_t> refused;
+    for (const auto& m : s.msrs) {
+        try {
+            vcpu.set_msrs({m});
+        } catch (const Error&) {
+            refused.push_back(m.first);
+        }
+    }
+    return refused;
+}
+
+}  // namespace mvm::migration

@@ -1,0 +1,45 @@
+// migration/vcpu_state.hpp - everything a vCPU needs to resume elsewhere:
+// general and segment registers, FPU/XSAVE and XCRs, MSRs (every MSR KVM
+// lists that reads back here, TSC last), pending events and mp_state. Our
+// guest uses no in-kernel irqchip, so there is no LAPIC state to move.
+#pragma once
+
+#include <linux/kvm.h>
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "vmm/kvm/kvm.hpp"
+
+namespace mvm::migration {
+
+struct VcpuState {
+    uint32_t id = 0;
+    kvm_regs regs{};
+    kvm_sregs sregs{};
+    kvm_fpu fpu{};
+    std::vector<uint8_t> xsave;  // KVM_GET_XSAVE2 (or XSAVE) image; empty when unsupported
+    kvm_xcrs xcrs{};
+    bool has_xcrs = false;
+    kvm_vcpu_events events{};
+    kvm_mp_state mp_state{};
+    std::vector<std::pair<uint32_t, uint64_t>> msrs;  // TSC last
+
+    std::vector<uint8_t> serialize() const;
+    // Throws Error naming the field when `data` is short or malformed.
+    static VcpuState parse(std::span<const uint8_t> data);
+};
+
+// The MSRs KVM can save and restore (KVM_GET_MSR_INDEX_LIST), cached.
+const std::vector<uint32_t>& saveable_msrs(const Kvm& kvm);
+
+// Reads the state of a vCPU that is outside KVM_RUN.
+VcpuState save_vcpu(const Kvm& kvm, const Vcpu& vcpu);
+// Loads it into a vCPU that is outside KVM_RUN. MSRs the destination refuses
+// are skipped and returned, so callers can report them.
+std::vector<uint32_t> restore_vcpu(const Kvm& kvm, Vcpu& vcpu, const VcpuState& s);
+
+}  // namespace mvm::migration
