@@ -232,6 +232,21 @@ void Machine::set_slot_flags(uint32_t slot, uint32_t flags)
     slots_.set_flags(slot, flags);
 }
 
+void Machine::set_rate(uint32_t vcpu, uint64_t pages_per_s)
+{
+    mvm_mailbox* mb = mailbox(vcpu);
+    mb->tsc_per_page_q16 = pages_per_s ? (tsc_khz_ * 1000ull << 16) / pages_per_s : 0;
+    mb->rate_pages_per_s = pages_per_s;
+    mb->control_seq = mb->control_seq + 1;
+}
+
+void Machine::set_throttle(uint32_t vcpu, uint32_t pct)
+{
+    mvm_mailbox* mb = mailbox(vcpu);
+    mb->throttle_pct = std::min<uint32_t>(pct, 99);
+    mb->control_seq = mb->control_seq + 1;
+}
+
 bool Machine::park_guests(std::chrono::milliseconds timeout)
 {
     std::unique_lock lk(mu_);

@@ -121,6 +121,10 @@ public:
     // Re-registers a memslot with new KVM_MEM_* flags (dirty logging on/off).
     // Safe to call from several threads for different slots.
     void set_slot_flags(uint32_t slot, uint32_t flags);
+    // Per-vCPU rate cap in pages/s (0: none) and idle share in % (auto-converge),
+    // both read by the guest once per batch.
+    void set_rate(uint32_t vcpu, uint64_t pages_per_s);
+    void set_throttle(uint32_t vcpu, uint32_t pct);
     // Pause without signals: each guest finishes its batch, exits through the
     // park doorbell and is held outside KVM_RUN (exits the guest asks for lose
     // no dirty-ring entries here, signal kicks can). False if not every vCPU

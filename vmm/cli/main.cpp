@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <thread>
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
@@ -15,6 +16,7 @@
 #include "vmm/kvm/kvm.hpp"
 #include "migration/dirty/perf.hpp"
 #include "migration/dirty/rate.hpp"
+#include "migration/migrate.hpp"
 #include "vmm/machine.hpp"
 #include "vmm/numa_check.hpp"
 #include "vmm/report.hpp"
@@ -239,6 +241,136 @@ int cmd_numa_check(const NumaCheckArgs& a)
     return kExitOk;
 }
 
+struct MigrateArgs {
+    cli::VmOptions vm;
+    std::string to, tracker = "bitmap", ring, max_downtime = "300", bandwidth = "0", max_iterations = "30",
+                     timeout = "120", throttle, warmup = "1", post_run = "2", channels = "0", json, fail_in;
+    bool no_verify = false;
+};
+
+int cmd_migrate(const MigrateArgs& a)
+{
+    using namespace mvm::migration;
+    check_json_dest(a.json);
+    MigrateOptions o;
+    if (a.to.empty())
+        throw UsageError("--to is required: inproc or tcp:HOST:PORT");
+    o.to = a.to;
+    if (o.to != "inproc")
+        parse_tcp("--to", o.to);
+    if (a.tracker == "ring")
+        o.tracker = dirty::Mode::Ring;
+    else if (a.tracker != "bitmap")
+        throw UsageError(fmt::format("--tracker: unknown tracker '{}'; use ring or bitmap", a.tracker));
+    o.max_downtime_ms = cli::parse_seconds("--max-downtime", a.max_downtime);
+    o.bandwidth = parse_size_option("--bandwidth", a.bandwidth == "0" ? "0" : a.bandwidth);
+    o.max_iterations = static_cast<uint32_t>(cli::parse_uint("--max-iterations", a.max_iterations, 1, 100000));
+    o.timeout_s = cli::parse_seconds("--timeout", a.timeout);
+    const double warmup = cli::parse_seconds("--warmup", a.warmup);
+    o.post_run_s = cli::parse_seconds("--post-run", a.post_run);
+    o.channels = static_cast<uint32_t>(cli::parse_uint("--channels", a.channels, 0, 64));
+    o.verify = !a.no_verify;
+    o.fail_in = a.fail_in;
+    if (!a.throttle.empty()) {
+        if (a.throttle == "auto-converge")
+            o.throttle = Throttle::AutoConverge;
+        else if (a.throttle.rfind("dirty-limit:", 0) == 0) {
+            o.throttle = Throttle::DirtyLimit;
+            o.dirty_limit = cli::parse_uint("--throttle dirty-limit:RATE", a.throttle.substr(12), 1, 1ull << 40);
+        } else
+            throw UsageError(fmt::format("--throttle: '{}' is not auto-converge or dirty-limit:PAGES_PER_S", a.throttle));
+    }
+    if (!a.ring.empty() && o.tracker != dirty::Mode::Ring)
+        throw UsageError("--ring: only with --tracker ring");
+    Kvm kvm(kvm_device());
+    MachineConfig cfg = a.vm.to_config(kvm);
+    if (o.tracker == dirty::Mode::Ring)
+        cfg.dirty_ring_bytes = cli::parse_ring_size("--ring", a.ring.empty() ? "256K" : a.ring, kvm);
+    cfg.show_progress = o.progress = ::isatty(STDERR_FILENO);
+    install_stop_signals();
+    Machine src(kvm, cfg);
+    dirty::TrackerOptions to;
+    to.mode = o.tracker;
+    auto tracker = dirty::Tracker::create(src, to);
+    src.start();
+    // Warm up: every vCPU through its first pass, then --warmup seconds.
+    auto t0 = std::chrono::steady_clock::now();
+    for (;;) {
+        bool warm = true;
+        for (uint32_t i = 0; i < src.vcpu_count(); i++)
+            warm &= src.snapshot(i).passes >= 1;
+        if (warm || src.failure() || g_stop_signal.load())
+            break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    while (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < warmup && !g_stop_signal.load())
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    if (auto f = src.failure())
+        throw Error("the source guest failed before migrating: " + f->reason);
+    MigrateReport r = migrate(src, *tracker, o, &g_stop_signal);
+    nlohmann::json j = r.to_json();
+    std::string table = r.to_table();
+    int rc = kExitOk;
+    if (r.status != "completed") {
+        // The source kept its guest: show that it is intact and still running.
+        const uint64_t before = src.snapshot(0).pages_written;
+        std::this_thread::sleep_for(std::chrono::milliseconds(300));
+        const bool running = src.snapshot(0).pages_written > before || src.snapshot(0).state == MVM_STATE_DONE;
+        src.request_stop();
+        if (!src.wait_finished(std::chrono::seconds(10)))
+            src.kill();
+        StampCheck c = verify_stamps(src);
+        table += fmt::format("source: kept running ({}), stamp check {}\n", running ? "made progress" : "NO PROGRESS",
+                             c.summary());
+        j["source"] = {{"running", running}, {"pages_checked", c.pages_checked}, {"mismatches", c.mismatches}};
+        rc = g_stop_signal.load() ? 128 + g_stop_signal.load() : kExitMigration;
+    } else {
+        src.kill();
+    }
+    std::FILE* out = a.json == "-" ? stderr : stdout;
+    fmt::print(out, "{}", table);
+    if (!a.json.empty())
+        write_json(a.json, j);
+    if (rc == kExitMigration)
+        fmt::print(stderr, "minivmm: migration {} in {}: {}\n", r.status, r.phase, r.error);
+    return rc;
+}
+
+struct ReceiveArgs {
+    cli::VmOptions vm;
+    std::string listen, post_run = "2", timeout = "300", json, die_in;
+};
+
+int cmd_receive(const ReceiveArgs& a)
+{
+    using namespace mvm::migration;
+    check_json_dest(a.json);
+    ReceiveOptions o;
+    if (a.listen.empty())
+        throw UsageError("--listen is required: tcp:ADDR:PORT, e.g. tcp:0.0.0.0:4444");
+    parse_tcp("--listen", a.listen);
+    o.listen = a.listen;
+    o.post_run_s = cli::parse_seconds("--post-run", a.post_run);
+    o.accept_timeout_s = cli::parse_seconds("--timeout", a.timeout);
+    o.die_in = a.die_in;
+    Kvm kvm(kvm_device());
+    MachineConfig cfg = a.vm.to_config(kvm);
+    Machine dst(kvm, cfg);
+    ReceiveReport r = receive(dst, o);
+    std::FILE* out = a.json == "-" ? stderr : stdout;
+    fmt::print(out, "receive {}: {} pages ({} zero, {}){}\n", r.status, r.pages, r.zero_pages,
+               human_bytes(static_cast<double>(r.bytes)), r.error.empty() ? "" : "; " + r.error);
+    if (!r.stamp_summary.empty())
+        fmt::print(out, "destination stamp check: {}\n", r.stamp_summary);
+    if (!a.json.empty())
+        write_json(a.json, r.to_json());
+    if (r.status != "completed") {
+        fmt::print(stderr, "minivmm: receive failed: {}\n", r.error);
+        return kExitMigration;
+    }
+    return kExitOk;
+}
+
 struct DirtyRateArgs {
     cli::VmOptions vm;
     std::string mode = "bitmap", period = "1", warmup = "0.5", ring, sample = "512", json;
@@ -406,6 +538,38 @@ int main(int argc, char** argv)
     drc->add_option("--sample-pages", dr.sample, "with --mode sampling: pages sampled per GiB")->capture_default_str();
     drc->add_option("--json", dr.json, "also write the result as JSON to FILE, or - for stdout");
 
+    MigrateArgs mg;
+    auto* mgc = app.add_subcommand("migrate", "boot the guest, let it dirty memory, live-migrate it (pre-copy rounds "
+                                              "while it runs, stop-and-copy, resume on the destination), verify");
+    mg.vm.add_to(*mgc);
+    mgc->add_option("--to", mg.to, "inproc (a second VM here) or tcp:HOST:PORT (minivmm receive there)");
+    mgc->add_option("--tracker", mg.tracker, "ring|bitmap")->capture_default_str();
+    mgc->add_option("--ring", mg.ring, "with --tracker ring: bytes per vCPU ring (default 256K)");
+    mgc->add_option("--max-downtime", mg.max_downtime, "ms the stop-and-copy may take at the measured bandwidth")
+        ->capture_default_str();
+    mgc->add_option("--bandwidth", mg.bandwidth, "cap in bytes/s, e.g. 100M (0 = unlimited)")->capture_default_str();
+    mgc->add_option("--max-iterations", mg.max_iterations, "pre-copy rounds before stop-and-copy regardless")
+        ->capture_default_str();
+    mgc->add_option("--timeout", mg.timeout, "seconds before giving up (the source resumes)")->capture_default_str();
+    mgc->add_option("--throttle", mg.throttle, "auto-converge or dirty-limit:PAGES_PER_S (per vCPU)");
+    mgc->add_option("--warmup", mg.warmup, "seconds the guest runs before migrating")->capture_default_str();
+    mgc->add_option("--post-run", mg.post_run, "seconds the destination runs before its stamp check")
+        ->capture_default_str();
+    mgc->add_option("--channels", mg.channels, "connections (0 = one per virtual node)")->capture_default_str();
+    mgc->add_flag("--no-verify", mg.no_verify, "skip the switchover compare and the destination stamp check");
+    mgc->add_option("--json", mg.json, "also write the report as JSON to FILE, or - for stdout");
+    mgc->add_option("--fail-in", mg.fail_in, "test hook: lose the destination in bulk|precopy|stop")->group("");
+
+    ReceiveArgs rc;
+    auto* rcc = app.add_subcommand("receive", "wait for one incoming migration (same VM options as the sender), "
+                                              "resume the guest, check its stamps");
+    rc.vm.add_to(*rcc);
+    rcc->add_option("--listen", rc.listen, "tcp:ADDR:PORT to listen on");
+    rcc->add_option("--post-run", rc.post_run, "seconds the guest runs here before its stamp check")->capture_default_str();
+    rcc->add_option("--timeout", rc.timeout, "seconds to wait for a sender")->capture_default_str();
+    rcc->add_option("--json", rc.json, "also write the report as JSON to FILE, or - for stdout");
+    rcc->add_option("--die-in", rc.die_in, "test hook: exit abruptly in bulk|precopy|stop")->group("");
+
     if (argc > 1 && argv[1][0] != '-') {
         std::string cmd = argv[1];
         bool known = false;
@@ -443,6 +607,10 @@ int main(int argc, char** argv)
             return cmd_dirty_log_perf(dlp);
         if (*drc)
             return cmd_dirty_rate(dr);
+        if (*mgc)
+            return cmd_migrate(mg);
+        if (*rcc)
+            return cmd_receive(rc);
     } catch (const Error& e) {
         fmt::print(stderr, "minivmm: {}\n", e.what());
         return e.exit_code();

@@ -1,0 +1,157 @@
+// migration/stream.hpp - minivmm's migration stream, version 1.
+//
+// A stream is a sequence of records, each framed as
+//     u32 type | u32 payload length | payload | u32 CRC32C(type, length, payload)
+// Channel 0 (the control channel) starts with HEADER and carries the vCPU
+// states, digests and END; every channel (one per virtual node, plus the
+// system memory on channel 0) carries PAGES records and ends its memory with
+// CHANNEL_DONE. Zero pages are sent as a flag, without data.
+//
+// HEADER   magic "MVMMIGv1", version, page size, vCPU count, channel count,
+//          then every memslot (slot, flags, GPA, size, vnode, backing page size):
+//          the receiver refuses a layout that differs from its own before it
+//          accepts a byte of memory.
+// PAGES    count, then count x u64 (GPA | 1 for a zero page), then the data of
+//          the non-zero pages in order.
+// VCPU     one vCPU's state (vcpu_state.hpp).
+// DIGESTS  (receiver-checked) count x {GPA, bytes, 64-bit digest}.
+// RESULT   receiver -> sender: status, text, mismatching GPAs, stamp check.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "vmm/machine.hpp"
+
+namespace mvm::migration {
+
+constexpr char kStreamMagic[8] = {'M', 'V', 'M', 'M', 'I', 'G', 'v', '1'};
+constexpr uint32_t kStreamVersion = 1;
+constexpr uint32_t kMaxPayload = 8u << 20;
+
+enum class RecordType : uint32_t {
+    Header = 1,
+    Pages = 2,
+    ChannelDone = 3,
+    Vcpu = 4,
+    Digests = 5,
+    End = 6,
+    Result = 7,
+    Hello = 8,  // first record on every connection: channel index
+};
+const char* record_name(RecordType t);
+
+uint32_t crc32c(uint32_t crc, const void* data, size_t len);
+uint64_t digest64(const void* data, size_t len);
+
+struct SlotLayout {
+    uint32_t slot = 0, flags = 0;
+    uint64_t gpa = 0, size = 0;
+    int32_t vnode = -1;
+    uint32_t page_size = 4096;
+    bool operator==(const SlotLayout&) const = default;
+};
+
+struct StreamHeader {
+    uint32_t version = kStreamVersion;
+    uint32_t page_size = 4096;
+    uint32_t nr_vcpus = 0;
+    uint32_t nr_channels = 1;
+    std::vector<SlotLayout> slots;
+
+    static StreamHeader of(const Machine& m, uint32_t channels);
+    std::vector<uint8_t> encode() const;
+    static StreamHeader decode(std::span<const uint8_t> p);
+    // "" when `other` (the sender's) can be received into this one; else why not.
+    std::string incompatibility(const StreamHeader& sender) const;
+};
+
+struct Digest {
+    uint64_t gpa = 0, bytes = 0, value = 0;
+};
+
+struct ResultRecord {
+    uint32_t ok = 0;
+    std::string text;
+    std::vector<uint64_t> mismatched_gpas;  // first few
+    uint64_t pages_checked = 0, mismatches = 0;
+    std::vector<uint8_t> encode() const;
+    static ResultRecord decode(std::span<const uint8_t> p);
+};
+
+// A byte pipe: a socket, a pipe, or memory (tests, fuzzers).
+class Transport {
+public:
+    virtual ~Transport() = default;
+    // Throws Error on failure or EOF ("connection closed").
+    virtual void write_all(const void* data, size_t len) = 0;
+    virtual void read_exact(void* data, size_t len) = 0;
+    virtual void shutdown() {}
+};
+
+class FdTransport : public Transport {
+public:
+    explicit FdTransport(int fd, std::string peer) : fd_(fd), peer_(std::move(peer)) {}
+    ~FdTransport() override;
+    void write_all(const void* data, size_t len) override;
+    void read_exact(void* data, size_t len) override;
+    void shutdown() override;
+    int fd() const { return fd_; }
+
+private:
+    int fd_;
+    std::string peer_;
+};
+
+// Reads from a buffer: the fuzzers' and tests' stream source.
+class MemoryTransport : public Transport {
+public:
+    explicit MemoryTransport(std::span<const uint8_t> in) : in_(in) {}
+    void write_all(const void* data, size_t len) override;
+    void read_exact(void* data, size_t len) override;
+    const std::vector<uint8_t>& written() const { return out_; }
+
+private:
+    std::span<const uint8_t> in_;
+    size_t pos_ = 0;
+    std::vector<uint8_t> out_;
+};
+
+class RecordWriter {
+public:
+    explicit RecordWriter(Transport& t) : t_(t) {}
+    void write(RecordType type, std::span<const uint8_t> payload);
+    uint64_t bytes() const { return bytes_; }
+
+private:
+    Transport& t_;
+    uint64_t bytes_ = 0;
+};
+
+struct Record {
+    RecordType type;
+    std::vector<uint8_t> payload;
+};
+
+class RecordReader {
+public:
+    explicit RecordReader(Transport& t) : t_(t) {}
+    // Validates the frame and the checksum; throws Error naming the record
+    // number and byte offset of what is wrong.
+    Record read();
+    uint64_t offset() const { return offset_; }
+
+private:
+    Transport& t_;
+    uint64_t offset_ = 0, count_ = 0;
+};
+
+// Builds a PAGES payload for `gpas` read from `m`'s memory.
+std::vector<uint8_t> encode_pages(const Machine& m, std::span<const uint64_t> gpas, uint64_t* zero_pages);
+// Applies a PAGES payload to `m`'s memory; checks every GPA lies in a slot
+// of the header's layout and the data length. Returns pages applied.
+uint64_t apply_pages(Machine& m, std::span<const uint8_t> payload, uint64_t* zero_pages = nullptr);
+
+}  // namespace mvm::migration
