@@ -200,17 +200,17 @@ public:
 
     void open(const StreamHeader& h) override
     {
+        // Every connection first (the receiver sorts them by HELLO), then
+        // the header, whose layout check must pass before any memory moves.
         for (uint32_t c = 0; c < h.nr_channels; c++) {
             int fd = connect_tcp(host_, port_);
             ch_.push_back(std::make_unique<FdTransport>(fd, fmt::format("{}:{} (channel {})", host_, port_, c)));
             RecordWriter(*ch_.back()).write(RecordType::Hello, hello(c, h.nr_channels));
-            if (c == 0) {
-                RecordWriter(*ch_[0]).write(RecordType::Header, h.encode());
-                ResultRecord r = read_result("the layout check");
-                if (!r.ok)
-                    throw Error("the destination refused the stream: " + r.text);
-            }
         }
+        RecordWriter(*ch_[0]).write(RecordType::Header, h.encode());
+        ResultRecord r = read_result("the layout check");
+        if (!r.ok)
+            throw Error("the destination refused the stream: " + r.text);
     }
 
     void send(uint32_t channel, std::span<const uint64_t> gpas, uint64_t& bytes, uint64_t& zeros) override

@@ -1,0 +1,369 @@
+// Live migration against the real KVM: in-process and over loopback TCP,
+// with each tracker, verified page by page and by the guest's stamps after
+// resume; faults in every phase leave the source running with its stamps
+// intact; corrupt, truncated and mismatched streams are refused.
+#include <gtest/gtest.h>
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "kvm_test_util.hpp"
+#include "migration/migrate.hpp"
+#include "vmm/machine.hpp"
+
+using namespace mvm;
+using namespace mvm::migration;
+using mvm::test::run_minivmm;
+
+namespace {
+
+constexpr uint64_t kMiB = 1ull << 20;
+
+uint16_t free_port()
+{
+    static std::atomic<uint16_t> next{static_cast<uint16_t>(20000 + (::getpid() % 20000))};
+    return next++;
+}
+
+// A receiver process in the background; its output is collected on wait().
+struct Receiver {
+    pid_t pid = -1;
+    std::string out_path;
+    Receiver(const std::string& args)
+    {
+        char path[] = "/tmp/minivmm-recv-XXXXXX";
+        int fd = mkstemp(path);
+        out_path = path;
+        pid = fork();
+        if (pid == 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+            execl("/bin/sh", "sh", "-c", (std::string(MINIVMM_BINARY) + " receive " + args).c_str(), nullptr);
+            _exit(127);
+        }
+        close(fd);
+        std::this_thread::sleep_for(std::chrono::milliseconds(300));  // listening
+    }
+    int wait()
+    {
+        int st = 0;
+        for (int i = 0; i < 300; i++) {
+            if (waitpid(pid, &st, WNOHANG) == pid) {
+                pid = -1;
+                return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+            }
+            std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        }
+        kill(pid, SIGKILL);
+        waitpid(pid, &st, 0);
+        pid = -1;
+        return -1;
+    }
+    std::string output() const
+    {
+        FILE* f = fopen(out_path.c_str(), "r");
+        std::string s;
+        char buf[4096];
+        size_t n;
+        while (f && (n = fread(buf, 1, sizeof(buf), f)) > 0)
+            s.append(buf, n);
+        if (f)
+            fclose(f);
+        return s;
+    }
+    ~Receiver()
+    {
+        if (pid > 0) {
+            kill(pid, SIGKILL);
+            waitpid(pid, nullptr, 0);
+        }
+        unlink(out_path.c_str());
+    }
+};
+
+nlohmann::json parse(const std::string& s)
+{
+    auto j = nlohmann::json::parse(s, nullptr, false);
+    EXPECT_FALSE(j.is_discarded()) << s;
+    return j;
+}
+
+void expect_verified(const nlohmann::json& j, uint64_t pages)
+{
+    EXPECT_EQ(j["status"], "completed") << j.dump();
+    EXPECT_EQ(j["verify"]["switchover_mismatches"].get<uint64_t>(), 0u);
+    EXPECT_GT(j["verify"]["switchover_pages_checked"].get<uint64_t>(), 0u);
+    EXPECT_EQ(j["verify"]["pages_checked"].get<uint64_t>(), pages);
+    EXPECT_EQ(j["verify"]["mismatches"].get<uint64_t>(), 0u);
+    EXPECT_TRUE(j["verify"]["destination_progressed"].get<bool>());
+    for (const char* k : {"status", "total_ms", "setup_ms", "downtime_ms", "transferred_bytes", "rounds",
+                          "throughput_bytes_per_s"})
+        EXPECT_TRUE(j.contains(k)) << k;
+    EXPECT_GE(j["rounds"].size(), 2u) << "a bulk pass and a stop-and-copy at least";
+}
+
+// A guest that dirties continuously and faster than nothing: it keeps pre-copy busy.
+const char* kGuest = "--vcpus 2 --mem 64M --rate 100000 --warmup 0.3 --post-run 0.5";
+
+}  // namespace
+
+class MigrateTracker : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(MigrateTracker, InProcessZeroMismatches)
+{
+    REQUIRE_KVM();
+    auto r = run_minivmm(fmt::format("migrate --to inproc --tracker {} {} --max-downtime 5 --json -", GetParam(), kGuest));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    auto j = parse(r.out);
+    expect_verified(j, 64 * kMiB / 4096);
+    EXPECT_GE(j["rounds"].size(), 3u) << "the guest dirties during pre-copy: some rounds";
+}
+
+TEST_P(MigrateTracker, TcpLoopbackZeroMismatches)
+{
+    REQUIRE_KVM();
+    const uint16_t port = free_port();
+    Receiver recv(fmt::format("--vcpus 2 --mem 64M --rate 100000 --post-run 0.5 --listen tcp:127.0.0.1:{} --json -", port));
+    auto r = run_minivmm(fmt::format("migrate --to tcp:127.0.0.1:{} --tracker {} {} --max-downtime 20 --json -", port,
+                                     GetParam(), kGuest));
+    ASSERT_EQ(r.exit_code, 0) << r.err << recv.output();
+    expect_verified(parse(r.out), 64 * kMiB / 4096);
+    EXPECT_EQ(recv.wait(), 0) << recv.output();
+    EXPECT_NE(recv.output().find("0 mismatches"), std::string::npos) << recv.output();
+}
+
+INSTANTIATE_TEST_SUITE_P(Trackers, MigrateTracker, ::testing::Values("bitmap", "ring"),
+                         [](const auto& info) { return info.param; });
+
+// Two virtual nodes, one of them guest_memfd (sent whole at stop-and-copy),
+// one channel each.
+TEST(Migrate, TwoNodesWithGuestMemfdOverTwoChannels)
+{
+    REQUIRE_KVM();
+    const uint16_t port = free_port();
+    const std::string vm = "--numa cpus=0,mem=32M,host-nodes=0 --numa cpus=1,mem=32M,backing=gmem,host-nodes=0 "
+                           "--rate 100000";
+    Receiver recv(fmt::format("{} --post-run 0.5 --listen tcp:127.0.0.1:{}", vm, port));
+    auto r = run_minivmm(fmt::format("migrate --to tcp:127.0.0.1:{} {} --warmup 0.3 --max-downtime 50 --json -", port, vm));
+    ASSERT_EQ(r.exit_code, 0) << r.err << recv.output();
+    auto j = parse(r.out);
+    expect_verified(j, 64 * kMiB / 4096);
+    EXPECT_EQ(j["untracked_slots"].size(), 1u);
+    EXPECT_EQ(recv.wait(), 0) << recv.output();
+}
+
+// The destination goes away in each phase: the source keeps running with
+// its stamps intact, exit 5, one clear line.
+class MigrateFault : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(MigrateFault, InProcessSourceSurvives)
+{
+    REQUIRE_KVM();
+    auto r = run_minivmm(fmt::format("migrate --to inproc {} --max-downtime 5 --fail-in {} --json -", kGuest, GetParam()));
+    EXPECT_EQ(r.exit_code, 5) << r.err;
+    auto j = parse(r.out);
+    EXPECT_EQ(j["status"], "failed");
+    EXPECT_EQ(j["failed_phase"], GetParam());
+    EXPECT_TRUE(j["source"]["running"].get<bool>()) << "the source guest must keep running";
+    EXPECT_EQ(j["source"]["mismatches"].get<uint64_t>(), 0u);
+    EXPECT_EQ(j["source"]["pages_checked"].get<uint64_t>(), 64 * kMiB / 4096);
+    EXPECT_NE(r.err.find("minivmm: migration failed in " + GetParam()), std::string::npos) << r.err;
+}
+
+TEST_P(MigrateFault, ReceiverKilledSourceSurvives)
+{
+    REQUIRE_KVM();
+    const uint16_t port = free_port();
+    Receiver recv(fmt::format("--vcpus 2 --mem 64M --rate 100000 --listen tcp:127.0.0.1:{} --die-in {}", port, GetParam()));
+    auto r = run_minivmm(fmt::format("migrate --to tcp:127.0.0.1:{} {} --max-downtime 5 --max-iterations 5 --json -",
+                                     port, kGuest));
+    EXPECT_EQ(recv.wait(), 9) << recv.output();
+    EXPECT_EQ(r.exit_code, 5) << r.err;
+    auto j = parse(r.out);
+    EXPECT_EQ(j["status"], "failed");
+    EXPECT_TRUE(j["source"]["running"].get<bool>());
+    EXPECT_EQ(j["source"]["mismatches"].get<uint64_t>(), 0u);
+    EXPECT_EQ(j["source"]["pages_checked"].get<uint64_t>(), 64 * kMiB / 4096);
+}
+
+INSTANTIATE_TEST_SUITE_P(Phases, MigrateFault, ::testing::Values("bulk", "precopy", "stop"),
+                         [](const auto& info) { return info.param; });
+
+// After a failed attempt, the same source migrates.
+TEST(Migrate, SecondAttemptAfterAFailureSucceeds)
+{
+    REQUIRE_KVM();
+    MachineConfig cfg = single_node_config(2, 32 * kMiB);
+    cfg.workload.rate_pages_per_s = 100000;
+    Machine src(kvm, cfg);
+    auto tracker = dirty::Tracker::create(src, dirty::TrackerOptions{});
+    src.start();
+    std::this_thread::sleep_for(std::chrono::milliseconds(400));
+    MigrateOptions o;
+    o.post_run_s = 0.3;
+    o.max_downtime_ms = 5;
+    o.fail_in = "stop";
+    MigrateReport bad = migrate(src, *tracker, o, nullptr);
+    ASSERT_EQ(bad.status, "failed");
+    EXPECT_FALSE(tracker->enabled()) << "dirty logging is turned off after a failure";
+    for (const auto& r : src.memslots().regions())
+        EXPECT_FALSE(r.flags & KVM_MEM_LOG_DIRTY_PAGES);
+    const uint64_t before = src.snapshot(0).pages_written;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    EXPECT_GT(src.snapshot(0).pages_written, before) << "the source runs again";
+    o.fail_in.clear();
+    MigrateReport good = migrate(src, *tracker, o, nullptr);
+    EXPECT_EQ(good.status, "completed") << good.error;
+    EXPECT_EQ(good.switchover_mismatches, 0u);
+    EXPECT_EQ(good.mismatches, 0u);
+    EXPECT_GT(good.pages_checked, 0u);
+    src.kill();
+}
+
+TEST(Migrate, CtrlCCancelsAndTheSourceSurvives)
+{
+    REQUIRE_KVM();
+    MachineConfig cfg = single_node_config(2, 32 * kMiB);
+    Machine src(kvm, cfg);
+    auto tracker = dirty::Tracker::create(src, dirty::TrackerOptions{});
+    src.start();
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    MigrateOptions o;
+    o.max_downtime_ms = 0.001;  // never converges on its own
+    o.max_iterations = 100000;
+    o.bandwidth = 64 * kMiB;    // slow enough to be interrupted mid-way
+    std::atomic<int> cancel{0};
+    std::thread t([&] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(700));
+        cancel = SIGINT;
+    });
+    MigrateReport r = migrate(src, *tracker, o, &cancel);
+    t.join();
+    EXPECT_EQ(r.status, "cancelled") << r.error;
+    const uint64_t before = src.snapshot(1).pages_written;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    EXPECT_GT(src.snapshot(1).pages_written, before);
+    src.request_stop();
+    src.wait_finished(std::chrono::seconds(10));
+    EXPECT_TRUE(verify_stamps(src).ok());
+}
+
+TEST(Migrate, ThrottlesAreReportedPerRound)
+{
+    REQUIRE_KVM();
+    for (const char* t : {"auto-converge", "dirty-limit:20000"}) {
+        auto r = run_minivmm(fmt::format("migrate --to inproc --vcpus 2 --mem 64M --warmup 0.3 --post-run 0.3 "
+                                         "--max-downtime 1 --bandwidth 200M --max-iterations 6 --throttle {} --json -",
+                                         t));
+        ASSERT_EQ(r.exit_code, 0) << t << ": " << r.err;
+        auto j = parse(r.out);
+        expect_verified(j, 64 * kMiB / 4096);
+        bool throttled = false;
+        for (const auto& round : j["rounds"])
+            throttled |= round["throttle_pct"].get<uint32_t>() > 0 || round["dirty_limit_pages_per_s"].get<uint64_t>() > 0;
+        EXPECT_TRUE(throttled) << t << ": " << j["rounds"].dump();
+    }
+}
+
+// Streams that must be refused before (or while) memory is accepted.
+TEST(MigrationStream, BadStreamsAreRefusedWithAClearError)
+{
+    REQUIRE_KVM();
+    MachineConfig cfg = single_node_config(1, 8 * kMiB);
+    Machine src(kvm, cfg);
+    // A valid start: HEADER + one PAGES record.
+    MemoryTransport sink({});
+    RecordWriter w(sink);
+    w.write(RecordType::Header, StreamHeader::of(src, 1).encode());
+    std::vector<uint64_t> gpas = {MVM_RAM_GPA, MVM_RAM_GPA + 4096};
+    w.write(RecordType::Pages, encode_pages(src, gpas, nullptr));
+    const std::vector<uint8_t> good = sink.written();
+
+    auto feed = [&](std::vector<uint8_t> bytes, const MachineConfig& c) {
+        Machine dst(kvm, c);
+        std::vector<std::unique_ptr<Transport>> ch;
+        ch.push_back(std::make_unique<MemoryTransport>(bytes));
+        return receive_from(dst, std::move(ch), 0);
+    };
+    // Truncated anywhere: a clear error, never a crash.
+    for (size_t cut : {size_t{3}, size_t{20}, good.size() / 2, good.size() - 1}) {
+        auto r = feed(std::vector<uint8_t>(good.begin(), good.begin() + static_cast<long>(cut)), cfg);
+        EXPECT_EQ(r.status, "failed");
+        EXPECT_FALSE(r.error.empty()) << "cut at " << cut;
+    }
+    // A flipped bit: the checksum names the record.
+    auto flipped = good;
+    flipped[good.size() - 100] ^= 0x10;
+    auto r = feed(flipped, cfg);
+    EXPECT_NE(r.error.find("fails its checksum"), std::string::npos) << r.error;
+    // A different layout: refused at the header, before any memory.
+    MachineConfig other = single_node_config(1, 16 * kMiB);
+    r = feed(good, other);
+    EXPECT_NE(r.error.find("incompatible stream"), std::string::npos) << r.error;
+    EXPECT_NE(r.error.find("same --mem/--numa"), std::string::npos) << r.error;
+    // Not a minivmm stream at all.
+    std::vector<uint8_t> junk(64, 0x41);
+    r = feed(junk, cfg);
+    EXPECT_EQ(r.status, "failed");
+    EXPECT_FALSE(r.error.empty());
+}
+
+TEST(MigrationStream, RecordsRoundTrip)
+{
+    REQUIRE_KVM();
+    Machine m(kvm, single_node_config(2, 8 * kMiB));
+    StreamHeader h = StreamHeader::of(m, 2);
+    StreamHeader back = StreamHeader::decode(h.encode());
+    EXPECT_EQ(back.slots, h.slots);
+    EXPECT_EQ(back.nr_vcpus, 2u);
+    EXPECT_EQ(h.incompatibility(back), "");
+    VcpuState s = save_vcpu(kvm, m.vcpu(1));
+    VcpuState s2 = VcpuState::parse(s.serialize());
+    EXPECT_EQ(s2.id, 1u);
+    EXPECT_EQ(s2.regs.rip, s.regs.rip);
+    EXPECT_EQ(s2.msrs, s.msrs);
+    EXPECT_GT(s.msrs.size(), 5u);
+    EXPECT_EQ(s.msrs.back().first, 0x10u) << "TSC restored last";
+    ResultRecord rr;
+    rr.ok = 1;
+    rr.text = "fine";
+    rr.mismatched_gpas = {1, 2};
+    auto rr2 = ResultRecord::decode(rr.encode());
+    EXPECT_EQ(rr2.text, "fine");
+    EXPECT_EQ(rr2.mismatched_gpas.size(), 2u);
+}
+
+struct MigBad {
+    std::string args, mention, hint;
+};
+std::ostream& operator<<(std::ostream& os, const MigBad& b) { return os << b.args; }
+class MigrateBadInput : public ::testing::TestWithParam<MigBad> {};
+
+TEST_P(MigrateBadInput, OneLineAndExit2)
+{
+    REQUIRE_KVM();
+    auto r = run_minivmm(GetParam().args);
+    EXPECT_EQ(r.exit_code, 2) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_NE(r.err.find(GetParam().mention), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find(GetParam().hint), std::string::npos) << r.err;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Migrate, MigrateBadInput,
+    ::testing::Values(MigBad{"migrate", "--to", "inproc or tcp"},
+                      MigBad{"migrate --to udp:1.2.3.4:5", "--to", "tcp:HOST:PORT"},
+                      MigBad{"migrate --to tcp:127.0.0.1:99999", "--to", "1..65535"},
+                      MigBad{"migrate --to inproc --tracker psychic", "--tracker", "ring or bitmap"},
+                      MigBad{"migrate --to inproc --throttle slow", "--throttle", "auto-converge"},
+                      MigBad{"migrate --to inproc --ring 64K", "--ring", "--tracker ring"},
+                      MigBad{"receive", "--listen", "tcp:ADDR:PORT"},
+                      MigBad{"receive --listen tcp:nowhere:1", "--listen", "IPv4 address"}));
