@@ -98,7 +98,14 @@ public:
 
     void open(const StreamHeader& h) override
     {
-        dst_ = std::make_unique<Machine>(src_.kvm(), src_.config());
+        // The destination's memory is populated up front, on each node's CPUs
+        // and under its policy (like QEMU's -mem-prealloc on the target), so
+        // the copy does not pay a page fault per page while the guest waits.
+        MachineConfig cfg = src_.config();
+        for (auto& n : cfg.nodes)
+            n.prealloc = true;
+        cfg.show_progress = false;
+        dst_ = std::make_unique<Machine>(src_.kvm(), cfg);
         StreamHeader mine = StreamHeader::of(*dst_, h.nr_channels);
         if (auto why = mine.incompatibility(h); !why.empty())
             throw Error("destination layout differs: " + why);
@@ -180,6 +187,7 @@ public:
             m.set_rate(i, m.config().workload.rate_pages_per_s);
             m.mailbox(i)->park = 0;
         }
+        m.set_pass_gate(0);  // VMM controls are the destination VMM's own
     }
 
     std::vector<uint32_t> refused_;
@@ -837,6 +845,7 @@ ReceiveReport receive_from(Machine& dst, std::vector<std::unique_ptr<Transport>>
             dst.set_rate(i, dst.config().workload.rate_pages_per_s);
             dst.mailbox(i)->park = 0;
         }
+        dst.set_pass_gate(0);
         std::vector<uint64_t> at_switch;
         dst.start();
         for (uint32_t i = 0; i < dst.vcpu_count(); i++)

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <functional>
 #include <chrono>
 #include <thread>
 
@@ -110,8 +111,9 @@ void expect_verified(const nlohmann::json& j, uint64_t pages)
     EXPECT_GE(j["rounds"].size(), 2u) << "a bulk pass and a stop-and-copy at least";
 }
 
-// A guest that dirties continuously and faster than nothing: it keeps pre-copy busy.
-const char* kGuest = "--vcpus 2 --mem 64M --rate 100000 --warmup 0.3 --post-run 0.5";
+// A guest that dirties continuously (200k pages/s in all), migrated at a
+// capped bandwidth so pre-copy needs rounds; after 4 it stops and copies.
+const char* kGuest = "--vcpus 2 --mem 64M --rate 100000 --warmup 0.3 --post-run 0.5 --bandwidth 400M --max-iterations 4";
 
 }  // namespace
 
@@ -183,7 +185,7 @@ TEST_P(MigrateFault, ReceiverKilledSourceSurvives)
     REQUIRE_KVM();
     const uint16_t port = free_port();
     Receiver recv(fmt::format("--vcpus 2 --mem 64M --rate 100000 --listen tcp:127.0.0.1:{} --die-in {}", port, GetParam()));
-    auto r = run_minivmm(fmt::format("migrate --to tcp:127.0.0.1:{} {} --max-downtime 5 --max-iterations 5 --json -",
+    auto r = run_minivmm(fmt::format("migrate --to tcp:127.0.0.1:{} {} --max-downtime 5 --json -",
                                      port, kGuest));
     EXPECT_EQ(recv.wait(), 9) << recv.output();
     EXPECT_EQ(r.exit_code, 5) << r.err;
@@ -367,3 +369,58 @@ INSTANTIATE_TEST_SUITE_P(
                       MigBad{"migrate --to inproc --ring 64K", "--ring", "--tracker ring"},
                       MigBad{"receive", "--listen", "tcp:ADDR:PORT"},
                       MigBad{"receive --listen tcp:nowhere:1", "--listen", "IPv4 address"}));
+
+// Two hosts: the destination in its own network namespace, reached over a
+// veth pair that the test creates and removes.
+TEST(Migrate, ToAnotherNetworkNamespaceOverVeth)
+{
+    REQUIRE_KVM();
+    const std::string ns = fmt::format("mvm-dst-{}", ::getpid());
+    const std::string a = fmt::format("mvma{}", ::getpid() % 100000), b = fmt::format("mvmb{}", ::getpid() % 100000);
+    auto sh = [](const std::string& cmd) { return std::system((cmd + " >/dev/null 2>&1").c_str()); };
+    if (sh("ip netns add " + ns) != 0)
+        GTEST_SKIP() << "cannot create a network namespace here (needs CAP_SYS_ADMIN and iproute2): 'ip netns add' failed";
+    struct Cleanup {
+        std::function<void()> f;
+        ~Cleanup() { f(); }
+    } cleanup{[&] {
+        sh("ip link del " + a);
+        sh("ip netns del " + ns);
+    }};
+    ASSERT_EQ(sh(fmt::format("ip link add {} type veth peer name {}", a, b)), 0) << "veth pair";
+    ASSERT_EQ(sh(fmt::format("ip link set {} netns {}", b, ns)), 0);
+    ASSERT_EQ(sh(fmt::format("ip addr add 10.231.0.1/24 dev {} && ip link set {} up", a, a)), 0);
+    ASSERT_EQ(sh(fmt::format("ip netns exec {} sh -c 'ip addr add 10.231.0.2/24 dev {} && ip link set {} up && "
+                             "ip link set lo up'",
+                             ns, b, b)),
+              0);
+    const uint16_t port = free_port();
+    char path[] = "/tmp/minivmm-ns-XXXXXX";
+    int fd = mkstemp(path);
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(fd, 1);
+        dup2(fd, 2);
+        execlp("ip", "ip", "netns", "exec", ns.c_str(), MINIVMM_BINARY, "receive", "--vcpus", "2", "--mem", "64M",
+               "--rate", "100000", "--post-run", "0.5", "--listen", fmt::format("tcp:10.231.0.2:{}", port).c_str(),
+               nullptr);
+        _exit(127);
+    }
+    close(fd);
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    auto r = run_minivmm(fmt::format("migrate --to tcp:10.231.0.2:{} {} --max-downtime 20 --json -", port, kGuest));
+    int st = 0;
+    waitpid(pid, &st, 0);
+    std::string recv_out;
+    if (FILE* f = fopen(path, "r")) {
+        char buf[4096];
+        size_t n;
+        while ((n = fread(buf, 1, sizeof(buf), f)) > 0)
+            recv_out.append(buf, n);
+        fclose(f);
+    }
+    unlink(path);
+    ASSERT_EQ(r.exit_code, 0) << r.err << recv_out;
+    expect_verified(parse(r.out), 64 * kMiB / 4096);
+    EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << recv_out;
+}

@@ -339,6 +339,7 @@ int cmd_migrate(const MigrateArgs& a)
 struct ReceiveArgs {
     cli::VmOptions vm;
     std::string listen, post_run = "2", timeout = "300", json, die_in;
+    bool no_prealloc = false;
 };
 
 int cmd_receive(const ReceiveArgs& a)
@@ -355,6 +356,12 @@ int cmd_receive(const ReceiveArgs& a)
     o.die_in = a.die_in;
     Kvm kvm(kvm_device());
     MachineConfig cfg = a.vm.to_config(kvm);
+    // Populate the memory before the sender connects, so the copy does not
+    // fault page by page while the guest is stopped.
+    if (!a.no_prealloc)
+        for (auto& n : cfg.nodes)
+            n.prealloc = true;
+    cfg.show_progress = ::isatty(STDERR_FILENO);
     Machine dst(kvm, cfg);
     ReceiveReport r = receive(dst, o);
     std::FILE* out = a.json == "-" ? stderr : stdout;
@@ -568,6 +575,7 @@ int main(int argc, char** argv)
     rcc->add_option("--post-run", rc.post_run, "seconds the guest runs here before its stamp check")->capture_default_str();
     rcc->add_option("--timeout", rc.timeout, "seconds to wait for a sender")->capture_default_str();
     rcc->add_option("--json", rc.json, "also write the report as JSON to FILE, or - for stdout");
+    rcc->add_flag("--no-prealloc", rc.no_prealloc, "do not populate the guest memory before receiving");
     rcc->add_option("--die-in", rc.die_in, "test hook: exit abruptly in bulk|precopy|stop")->group("");
 
     if (argc > 1 && argv[1][0] != '-') {
