@@ -115,12 +115,17 @@ public:
         // pending_mu_ is held from collecting to merging, so a concurrent
         // harvest() either sees these entries in pending_ or after them.
         m.set_dirty_ring_full_handler([this](uint32_t vcpu) {
-            std::lock_guard lk(pending_mu_);
-            Harvest h = empty_harvest();
-            collect(vcpu, h);
-            h.reset = m_.vm().reset_dirty_rings();
-            h.ring_full_harvests = 1;
-            merge(pending_, h);
+            const auto t0 = clock::now();
+            {
+                std::lock_guard lk(pending_mu_);
+                Harvest h = empty_harvest();
+                collect(vcpu, h);
+                h.reset = m_.vm().reset_dirty_rings();
+                h.ring_full_harvests = 1;
+                merge(pending_, h);
+            }
+            if (ring_full_hook_)
+                ring_full_hook_(vcpu, t0, clock::now());
         });
     }
     ~RingTracker() override

@@ -17,6 +17,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -130,6 +131,11 @@ public:
     // at least ring_soft_limit entries, so KVM need not stop their vCPUs.
     // Returns the entries collected (kept for the next harvest); 0 for bitmaps.
     virtual uint64_t poll() { return 0; }
+    // Ring: called on the vCPU's thread after each ring-full harvest with its
+    // start and end (steady clock), for timelines.
+    using RingFullHook = std::function<void(uint32_t vcpu, std::chrono::steady_clock::time_point,
+                                            std::chrono::steady_clock::time_point)>;
+    void set_ring_full_hook(RingFullHook h) { ring_full_hook_ = std::move(h); }
 
 protected:
     Tracker(Machine& m, const TrackerOptions& opt);
@@ -141,6 +147,7 @@ protected:
     std::vector<uint32_t> tracked_;
     std::vector<std::pair<uint32_t, std::string>> untracked_;
     bool enabled_ = false;
+    RingFullHook ring_full_hook_;
 };
 
 // Human-readable one-liner of a harvest ("1234 pages (4.8 MiB) get 0.12 ms clear 0.40 ms").
