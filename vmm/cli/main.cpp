@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -16,6 +17,7 @@
 #include "vmm/kvm/kvm.hpp"
 #include "migration/dirty/perf.hpp"
 #include "migration/dirty/rate.hpp"
+#include "migration/lockup.hpp"
 #include "migration/migrate.hpp"
 #include "vmm/machine.hpp"
 #include "vmm/numa_check.hpp"
@@ -378,6 +380,70 @@ int cmd_receive(const ReceiveArgs& a)
     return kExitOk;
 }
 
+struct LockupArgs {
+    cli::VmOptions vm;
+    std::string variants, threshold = "20", steady = "0.5", logging = "2", harvest_ms = "100", clear_chunk = "1M",
+                          ring = "64K", json, timeline, test_pause;
+};
+
+int cmd_lockup(const LockupArgs& a)
+{
+    using namespace mvm::migration;
+    check_json_dest(a.json);
+    LockupOptions o;
+    if (!a.variants.empty()) {
+        o.variants.clear();
+        std::string v = a.variants;
+        for (size_t pos = 0; pos <= v.size();) {
+            size_t c = v.find(',', pos);
+            std::string name = v.substr(pos, c == std::string::npos ? std::string::npos : c - pos);
+            pos = c == std::string::npos ? v.size() + 1 : c + 1;
+            const auto& known = lockup_variant_names();
+            if (std::find(known.begin(), known.end(), name) == known.end()) {
+                std::string list;
+                for (const auto& k : known)
+                    list += (list.empty() ? "" : ",") + k;
+                throw UsageError(fmt::format("--variants: unknown variant '{}'; use some of {}", name, list));
+            }
+            o.variants.push_back(name);
+        }
+    }
+    o.threshold_ms = cli::parse_seconds("--threshold-ms", a.threshold);
+    if (o.threshold_ms <= 0)
+        throw UsageError("--threshold-ms: must be positive, e.g. 20");
+    o.steady_s = cli::parse_seconds("--steady", a.steady);
+    o.logging_s = cli::parse_seconds("--logging", a.logging);
+    o.harvest_ms = cli::parse_seconds("--harvest-ms", a.harvest_ms);
+    if (o.harvest_ms <= 0)
+        throw UsageError("--harvest-ms: must be positive, e.g. 100");
+    o.clear_chunk_bytes = parse_size_option("--clear-chunk", a.clear_chunk);
+    if (o.clear_chunk_bytes < 256 * 1024 || o.clear_chunk_bytes % (256 * 1024))
+        throw UsageError(fmt::format("--clear-chunk {}: must be a multiple of 256K, e.g. 1M", a.clear_chunk));
+    if (!a.test_pause.empty())
+        o.test_pause_ms = cli::parse_seconds("--test-pause-ms", a.test_pause);
+    if (!a.timeline.empty()) {
+        std::ofstream f(a.timeline, std::ios::app);
+        if (!f)
+            throw UsageError(fmt::format("--timeline: cannot write '{}': {}", a.timeline, errno_text(errno)));
+    }
+    Kvm kvm(kvm_device());
+    o.ring_bytes = cli::parse_ring_size("--ring", a.ring, kvm);
+    MachineConfig cfg = a.vm.to_config(kvm);
+    cfg.workload.watchdog_ms = o.threshold_ms;
+    cfg.show_progress = o.progress = ::isatty(STDERR_FILENO);
+    o.keep_samples = !a.timeline.empty();
+    LockupReport r = run_lockup(kvm, cfg, o);
+    std::FILE* out = a.json == "-" ? stderr : stdout;
+    fmt::print(out, "{}", r.to_table());
+    if (!a.timeline.empty()) {
+        r.write_timeline(a.timeline);
+        fmt::print(out, "timeline written to {} (plot it with scripts/plot-timeline {})\n", a.timeline, a.timeline);
+    }
+    if (!a.json.empty())
+        write_json(a.json, r.to_json());
+    return kExitOk;
+}
+
 struct DirtyRateArgs {
     cli::VmOptions vm;
     std::string mode = "bitmap", period = "1", warmup = "0.5", ring, sample = "512", json;
@@ -578,6 +644,26 @@ int main(int argc, char** argv)
     rcc->add_flag("--no-prealloc", rc.no_prealloc, "do not populate the guest memory before receiving");
     rcc->add_option("--die-in", rc.die_in, "test hook: exit abruptly in bulk|precopy|stop")->group("");
 
+    LockupArgs lk;
+    auto* lkc = app.add_subcommand("lockup", "reproduce soft-lockup reports: per variant, enable dirty logging on a "
+                                             "write-heavy guest and record which vCPUs stall, when, how long, in "
+                                             "which phase");
+    lk.vm.add_to(*lkc);
+    lkc->add_option("--variants", lk.variants,
+                    "comma list of bitmap,bitmap-initially-set,ring,per-node-parallel-enable,eager-split-on,"
+                    "eager-split-off (default: all)");
+    lkc->add_option("--threshold-ms", lk.threshold, "a gap without progress longer than this is a stall")
+        ->capture_default_str();
+    lkc->add_option("--steady", lk.steady, "seconds measured before logging")->capture_default_str();
+    lkc->add_option("--logging", lk.logging, "seconds of harvesting with logging on")->capture_default_str();
+    lkc->add_option("--harvest-ms", lk.harvest_ms, "harvest period")->capture_default_str();
+    lkc->add_option("--clear-chunk", lk.clear_chunk, "bitmap-initially-set: bytes per KVM_CLEAR_DIRTY_LOG")
+        ->capture_default_str();
+    lkc->add_option("--ring", lk.ring, "ring: bytes per vCPU ring")->capture_default_str();
+    lkc->add_option("--json", lk.json, "also write the report as JSON to FILE, or - for stdout");
+    lkc->add_option("--timeline", lk.timeline, "write the per-vCPU progress timeline as CSV");
+    lkc->add_option("--test-pause-ms", lk.test_pause, "test hook: pause every vCPU this long mid-logging")->group("");
+
     if (argc > 1 && argv[1][0] != '-') {
         std::string cmd = argv[1];
         bool known = false;
@@ -617,6 +703,8 @@ int main(int argc, char** argv)
             return cmd_dirty_rate(dr);
         if (*mgc)
             return cmd_migrate(mg);
+        if (*lkc)
+            return cmd_lockup(lk);
         if (*rcc)
             return cmd_receive(rc);
     } catch (const Error& e) {
