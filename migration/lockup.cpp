@@ -157,11 +157,11 @@ VariantResult run_variant(const Kvm& kvm, MachineConfig cfg, const std::string& 
     while (std::chrono::duration<double>(clock::now() - log0).count() < opt.logging_s) {
         t = clock::now();
         dirty::Harvest h = tracker->harvest();
-        const auto t_get = t + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(h.sync_s + h.get_s));
         const auto t_end = clock::now();
-        span(first ? "first-harvest" : "harvest", t, t_get);
+        const auto t_clear = t_end - std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(h.clear_s));
+        span(first ? "first-harvest" : "harvest", t, t_clear);
         if (h.clear_s > 0)
-            span("clear", t_get, t_end);
+            span("clear", t_clear, t_end);
         first = false;
         v.harvests++;
         v.dirty_pages += h.dirty_pages;
@@ -202,9 +202,6 @@ VariantResult run_variant(const Kvm& kvm, MachineConfig cfg, const std::string& 
         std::lock_guard lk(rf_mu);
         v.phases.insert(v.phases.end(), ring_full.begin(), ring_full.end());
     }
-    // The sampler's clock started just before `origin`; align the samples.
-    const double shift = ms(origin) - 0;  // origin is 0 on our clock
-    (void)shift;
     v.samples = sampler.samples();
     v.sampler_hz = sampler.wall_seconds() > 0 ? static_cast<double>(sampler.ticks()) / sampler.wall_seconds() : 0;
 

@@ -44,6 +44,7 @@ void ProgressSampler::loop()
     clock_gettime(CLOCK_MONOTONIC, &next);
     if (keep_)
         samples_.reserve(static_cast<size_t>(n) * 8192);
+    double prev_t = 0;  // the previous tick: the last time we saw no change
     while (!stop_.load(std::memory_order_relaxed)) {
         // Absolute deadlines: the rate does not drift with the work per tick.
         next.tv_nsec += static_cast<long>(period_us_) * 1000;
@@ -60,8 +61,11 @@ void ProgressSampler::loop()
                 last[i] = p;
                 moved_at[i] = t;
             } else if (p != last[i]) {
-                if (t - moved_at[i] > period_us_ * 2e-3)  // a gap of more than two ticks
-                    gaps_.push_back({i, moved_at[i], t - moved_at[i], {}});
+                // Observed without progress from moved_at to the previous tick
+                // (if this thread itself was preempted, that window is short:
+                // a late sampler does not make a stalled guest).
+                if (prev_t - moved_at[i] > period_us_ * 2e-3)
+                    gaps_.push_back({i, moved_at[i], prev_t - moved_at[i], {}});
                 last[i] = p;
                 moved_at[i] = t;
             }
@@ -72,6 +76,7 @@ void ProgressSampler::loop()
                 samples_.push_back({t, i, p});
         }
         ticks_++;
+        prev_t = t;
     }
     // Stalls still open at the end count up to now.
     const double t = now_ms();

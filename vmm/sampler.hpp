@@ -23,7 +23,7 @@ struct ProgressSample {
 
 struct Stall {
     uint32_t vcpu = 0;
-    double start_ms = 0, len_ms = 0;  // from the last sample that moved to the first that moved again
+    double start_ms = 0, len_ms = 0;  // from the sample that last moved to the last sample that had not moved since
     std::string phase;                // the phase it overlaps most (filled by callers)
 };
 

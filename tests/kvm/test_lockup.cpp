@@ -44,7 +44,7 @@ TEST(StallDetector, DeliberatePauseIsMeasuredWithinTheSamplingPeriod)
         // At least the time every vCPU was held; at most that plus the time
         // pause() took to park them, plus a sampling period on each side and
         // the resume wake-up.
-        EXPECT_GE(longest, held_ms - 1.0) << "vCPU " << v;
+        EXPECT_GE(longest, held_ms - 2.5) << "vCPU " << v;  // the stall is what the samples saw: up to a period or two short
         EXPECT_LE(longest, upper_ms + 2.0 + 10.0) << "vCPU " << v;
     }
     EXPECT_GT(sampler.ticks(), 400u) << "about 1 kHz over ~0.55 s";
