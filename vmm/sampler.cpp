@@ -69,8 +69,8 @@ void ProgressSampler::loop()
                 last[i] = p;
                 moved_at[i] = t;
             }
-            done[i] = mb->state == MVM_STATE_DONE;
-            if (done[i])
+            // The state sits on a colder line: read it only while no progress shows.
+            if (p == last[i] && moved_at[i] != t && (done[i] = mb->state == MVM_STATE_DONE))
                 moved_at[i] = t;
             if (keep_)
                 samples_.push_back({t, i, p});
