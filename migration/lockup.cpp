@@ -112,16 +112,8 @@ VariantResult run_variant(const Kvm& kvm, MachineConfig cfg, const std::string& 
     std::vector<PhaseSpan> ring_full;
     m.start();
     // Steady: every vCPU through its first pass (memory faulted in).
-    for (;;) {
-        bool warm = true;
-        for (uint32_t i = 0; i < m.vcpu_count(); i++)
-            warm &= m.snapshot(i).passes >= 1;
-        if (warm)
-            break;
-        if (auto f = m.failure())
-            throw Error(f->reason);
-        std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
+    if (!m.wait_first_pass(std::chrono::minutes(5)))
+        throw Error(m.failure() ? m.failure()->reason : "the guest did not finish its first pass within 5 minutes");
     sampler.start();
     const auto origin = clock::now();
     auto ms = [&](clock::time_point t) { return std::chrono::duration<double, std::milli>(t - origin).count(); };

@@ -176,14 +176,7 @@ ThreadPolicyScope::ThreadPolicyScope(const NodePolicy& p) {
     saved_mask_.assign(bits / kBitsPerLong, 0);
     if (get_mempolicy(&saved_mode_, saved_mask_.data(), bits, nullptr, 0) != 0)
         throw SysError("get_mempolicy", errno);
-    int rc;
-    if (p.policy == Policy::Default) {
-        rc = set_mempolicy(MPOL_DEFAULT, nullptr, 0);
-    } else {
-        auto mask = make_mask(p.nodes, bits);
-        rc = set_mempolicy(to_mode(p.policy), mask.data(), bits + 1);
-    }
-    if (rc != 0) throw SysError(fmt::format("set_mempolicy {}", to_string(p)), errno);
+    set_current_thread_policy(p);
 }
 
 ThreadPolicyScope::~ThreadPolicyScope() {

@@ -247,6 +247,21 @@ void Machine::set_throttle(uint32_t vcpu, uint32_t pct)
     mb->control_seq = mb->control_seq + 1;
 }
 
+bool Machine::wait_first_pass(std::chrono::milliseconds timeout)
+{
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+        bool warm = true;
+        for (uint32_t i = 0; i < vcpu_count() && warm; i++)
+            warm = snapshot(i).passes >= 1;
+        if (warm)
+            return true;
+        if (failure() || std::chrono::steady_clock::now() > deadline)
+            return false;
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+}
+
 bool Machine::park_guests(std::chrono::milliseconds timeout)
 {
     std::unique_lock lk(mu_);

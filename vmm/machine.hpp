@@ -125,6 +125,9 @@ public:
     // both read by the guest once per batch.
     void set_rate(uint32_t vcpu, uint64_t pages_per_s);
     void set_throttle(uint32_t vcpu, uint32_t pct);
+    // Until every vCPU finished its first pass (its memory is faulted in),
+    // a vCPU failed, or timeout. True when all did.
+    bool wait_first_pass(std::chrono::milliseconds timeout);
     // Pause without signals: each guest finishes its batch, exits through the
     // park doorbell and is held outside KVM_RUN (exits the guest asks for lose
     // no dirty-ring entries here, signal kicks can). False if not every vCPU

@@ -26,18 +26,10 @@ uint64_t hash_page(const uint8_t* p)
 
 void wait_warm(Machine& m, double warmup_s)
 {
-    auto t0 = clock::now();
-    for (;;) {
-        bool warm = true;
-        for (uint32_t i = 0; i < m.vcpu_count(); i++)
-            warm &= m.snapshot(i).passes >= 1;
-        if (warm)
-            break;
+    if (!m.wait_first_pass(std::chrono::seconds(60))) {
         if (auto f = m.failure())
             throw Error(f->reason);
-        if (since(t0) > 60)
-            throw Error("the guest did not finish its first pass within 60 s");
-        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        throw Error("the guest did not finish its first pass within 60 s");
     }
     std::this_thread::sleep_for(std::chrono::duration<double>(warmup_s));
 }

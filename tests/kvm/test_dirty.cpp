@@ -288,10 +288,12 @@ TEST(DirtyTracker, EnablePerNodeOnTheNodesCpus)
     auto en = tracker->enable();
     ASSERT_EQ(en.slots.size(), 5u);  // system + 2 nodes x 2 slots
     for (const auto& s : en.slots) {
-        if (s.vnode == 0)
+        if (s.vnode == 0) {
             EXPECT_EQ(s.cpu, cpus.front()) << "slot " << s.slot;
-        if (s.vnode == 1)
+        }
+        if (s.vnode == 1) {
             EXPECT_EQ(s.cpu, cpus.back()) << "slot " << s.slot;
+        }
         EXPECT_GT(s.seconds, 0);
     }
     EXPECT_EQ(numa::current_thread_cpus(), cpus) << "the caller's affinity is untouched";

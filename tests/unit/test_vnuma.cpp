@@ -103,8 +103,9 @@ void expect_exact_cover(const MachineConfig& cfg, const Table& t)
         if (!merged.empty() && merged.back().first + merged.back().second * 4096 == g)
             merged.back().second += p;
         else {
-            if (!merged.empty())
+            if (!merged.empty()) {
                 ASSERT_LE(merged.back().first + merged.back().second * 4096, g) << "pieces overlap";
+            }
             merged.emplace_back(g, p);
         }
     }

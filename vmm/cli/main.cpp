@@ -297,14 +297,7 @@ int cmd_migrate(const MigrateArgs& a)
     src.start();
     // Warm up: every vCPU through its first pass, then --warmup seconds.
     auto t0 = std::chrono::steady_clock::now();
-    for (;;) {
-        bool warm = true;
-        for (uint32_t i = 0; i < src.vcpu_count(); i++)
-            warm &= src.snapshot(i).passes >= 1;
-        if (warm || src.failure() || g_stop_signal.load())
-            break;
-        std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
+    src.wait_first_pass(std::chrono::minutes(5));
     while (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < warmup && !g_stop_signal.load())
         std::this_thread::sleep_for(std::chrono::milliseconds(10));
     if (auto f = src.failure())
