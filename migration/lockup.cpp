@@ -221,10 +221,9 @@ VariantResult run_variant(const Kvm& kvm, MachineConfig cfg, const std::string& 
     for (uint32_t i = 0; i < m.vcpu_count(); i++) {
         auto s = m.snapshot(i);
         v.watchdog_events += s.wd_events - wd0[i];
-        const mvm_mailbox* mb = m.mailbox(i);
-        for (uint64_t e = std::max(wd0[i], s.wd_events > MVM_WD_RING ? s.wd_events - MVM_WD_RING : 0); e < s.wd_events; e++)
-            v.watchdog_longest_ms =
-                std::max(v.watchdog_longest_ms, static_cast<double>(mb->wd[e % MVM_WD_RING].len_tsc) / static_cast<double>(m.tsc_khz()));
+        for (const auto& ev : watchdog_events(*m.mailbox(i), s.wd_events, wd0[i]))
+            v.watchdog_longest_ms = std::max(v.watchdog_longest_ms,
+                                             static_cast<double>(ev.len_tsc) / static_cast<double>(m.tsc_khz()));
     }
     // The verdict, in the words of a soft-lockup report.
     if (v.stalls.empty()) {

@@ -76,6 +76,55 @@ std::vector<uint8_t> hello(uint32_t channel, uint32_t channels)
     return v;
 }
 
+// Damages one channel's byte stream at a chosen offset of a phase (test hook).
+class FaultInjectingTransport : public Transport {
+public:
+    FaultInjectingTransport(std::unique_ptr<Transport> inner, StreamFault f) : inner_(std::move(inner)), f_(std::move(f))
+    {
+    }
+    void enter_phase(const char* phase) { phase_.store(phase); }
+    void write_all(const void* data, size_t len) override
+    {
+        const char* phase = phase_.load();
+        if (phase != seen_) {  // a new phase starts counting at 0
+            seen_ = phase;
+            at_ = 0;
+        }
+        const bool armed = !fired_ && phase && f_.phase == phase && f_.offset >= at_ && f_.offset < at_ + len;
+        if (!armed) {
+            at_ += len;
+            inner_->write_all(data, len);
+            return;
+        }
+        fired_ = true;
+        const size_t k = f_.offset - at_;
+        const auto* p = static_cast<const uint8_t*>(data);
+        if (f_.kind == StreamFault::Kind::Cut) {
+            if (k)
+                inner_->write_all(p, k);
+            inner_->shutdown();
+            throw Error(fmt::format("stream cut at byte {} of {} on channel {} (test hook --stream-fault)", f_.offset,
+                                    f_.phase, f_.channel));
+        }
+        std::vector<uint8_t> copy(p, p + len);
+        copy[k] ^= 0x10;
+        fmt::print(stderr, "migrate: flipped a bit at byte {} of {} on channel {} (test hook --stream-fault)\n",
+                   f_.offset, f_.phase, f_.channel);
+        at_ += len;
+        inner_->write_all(copy.data(), len);
+    }
+    void read_exact(void* data, size_t len) override { inner_->read_exact(data, len); }
+    void shutdown() override { inner_->shutdown(); }
+
+private:
+    std::unique_ptr<Transport> inner_;
+    StreamFault f_;
+    std::atomic<const char*> phase_{nullptr};
+    const char* seen_ = nullptr;  // below: only the channel's (one) writer touches these
+    uint64_t at_ = 0;
+    bool fired_ = false;
+};
+
 // ---- destinations ---------------------------------------------------------------
 
 class Destination {
@@ -90,6 +139,8 @@ public:
     // After the destination ran: its stamp check.
     virtual ResultRecord finish() = 0;
     virtual void abort() = 0;
+    // The migration moved to another phase (bulk, precopy, stop, ...).
+    virtual void enter_phase(const char*) {}
 };
 
 class InprocDestination : public Destination {
@@ -210,9 +261,23 @@ public:
     {
         // Every connection first (the receiver sorts them by HELLO), then
         // the header, whose layout check must pass before any memory moves.
+        std::optional<StreamFault> fault;
+        if (!opt_.stream_fault.empty()) {
+            fault = parse_stream_fault(opt_.stream_fault);
+            if (fault->channel >= h.nr_channels)
+                throw UsageError(fmt::format("--stream-fault: channel {} but the migration has {} channel(s)",
+                                             fault->channel, h.nr_channels));
+        }
         for (uint32_t c = 0; c < h.nr_channels; c++) {
             int fd = connect_tcp(host_, port_);
-            ch_.push_back(std::make_unique<FdTransport>(fd, fmt::format("{}:{} (channel {})", host_, port_, c)));
+            std::unique_ptr<Transport> t =
+                std::make_unique<FdTransport>(fd, fmt::format("{}:{} (channel {})", host_, port_, c));
+            if (fault && fault->channel == c) {
+                auto f = std::make_unique<FaultInjectingTransport>(std::move(t), *fault);
+                faulty_ = f.get();
+                t = std::move(f);
+            }
+            ch_.push_back(std::move(t));
             RecordWriter(*ch_.back()).write(RecordType::Hello, hello(c, h.nr_channels));
         }
         RecordWriter(*ch_[0]).write(RecordType::Header, h.encode());
@@ -259,6 +324,12 @@ public:
             c->shutdown();
     }
 
+    void enter_phase(const char* phase) override
+    {
+        if (faulty_)
+            faulty_->enter_phase(phase);
+    }
+
 private:
     ResultRecord read_result(const char* what)
     {
@@ -273,7 +344,8 @@ private:
     const MigrateOptions& opt_;
     std::string host_;
     uint16_t port_;
-    std::vector<std::unique_ptr<FdTransport>> ch_;
+    std::vector<std::unique_ptr<Transport>> ch_;
+    FaultInjectingTransport* faulty_ = nullptr;
 };
 
 // Longest gap with no guest progress per vCPU, sampled at 1 kHz from the mailboxes.
@@ -323,6 +395,40 @@ private:
 };
 
 }  // namespace
+
+StreamFault parse_stream_fault(const std::string& spec)
+{
+    auto bad = [&](const std::string& why) {
+        return UsageError(fmt::format("--stream-fault '{}': {}; use flip|cut:bulk|precopy|stop:OFFSET[@CHANNEL]", spec, why));
+    };
+    StreamFault f;
+    std::string rest = spec;
+    if (auto at = rest.find('@'); at != std::string::npos) {
+        auto ch = parse_size(rest.substr(at + 1));
+        if (!ch || *ch > 63)
+            throw bad("the channel is not a number below 64");
+        f.channel = static_cast<uint32_t>(*ch);
+        rest = rest.substr(0, at);
+    }
+    auto c1 = rest.find(':'), c2 = rest.rfind(':');
+    if (c1 == std::string::npos || c1 == c2)
+        throw bad("expected three fields");
+    const std::string kind = rest.substr(0, c1);
+    f.phase = rest.substr(c1 + 1, c2 - c1 - 1);
+    if (kind == "flip")
+        f.kind = StreamFault::Kind::Flip;
+    else if (kind == "cut")
+        f.kind = StreamFault::Kind::Cut;
+    else
+        throw bad("'" + kind + "' is neither flip nor cut");
+    if (f.phase != "bulk" && f.phase != "precopy" && f.phase != "stop")
+        throw bad("'" + f.phase + "' is not a phase");
+    auto off = parse_size(rest.substr(c2 + 1));
+    if (!off)
+        throw bad("the offset is not a byte count");
+    f.offset = *off;
+    return f;
+}
 
 std::pair<std::string, uint16_t> parse_tcp(const std::string& option, const std::string& spec)
 {
@@ -468,8 +574,12 @@ MigrateReport migrate(Machine& src, dirty::Tracker& tracker, const MigrateOption
         }
     };
 
+    auto enter_phase = [&](const char* phase) {
+        rep.phase = phase;
+        dest->enter_phase(phase);
+    };
     try {
-        rep.phase = "setup";
+        enter_phase("setup");
         StreamHeader header = StreamHeader::of(src, nch);
         dest->open(header);
         rep.untracked = tracker.untracked_slots();
@@ -480,7 +590,7 @@ MigrateReport migrate(Machine& src, dirty::Tracker& tracker, const MigrateOption
 
         // Bulk pass: every page of the tracked slots (logging is already on,
         // so whatever changes meanwhile is in the first harvest).
-        rep.phase = "bulk";
+        enter_phase("bulk");
         auto rt = clock::now();
         {
             std::vector<std::vector<uint64_t>> per(nch);
@@ -508,7 +618,7 @@ MigrateReport migrate(Machine& src, dirty::Tracker& tracker, const MigrateOption
         }
 
         // Pre-copy rounds.
-        rep.phase = "precopy";
+        enter_phase("precopy");
         uint32_t throttle = 0;
         std::optional<dirty::Harvest> pending;
         for (uint32_t round = 1;; round++) {
@@ -574,7 +684,7 @@ MigrateReport migrate(Machine& src, dirty::Tracker& tracker, const MigrateOption
             fmt::print(stderr, "\r\033[K");
 
         // Stop-and-copy.
-        rep.phase = "stop";
+        enter_phase("stop");
         rep.vcpu_stall_ms = sampler->stop();
         const auto tdown = clock::now();
         if (!src.park_guests(std::chrono::milliseconds(2000))) {
@@ -640,7 +750,7 @@ MigrateReport migrate(Machine& src, dirty::Tracker& tracker, const MigrateOption
         rep.transferred_bytes = precopy_bytes + final_bytes;
         rep.zero_pages = zero_pages;
         rep.throughput = precopy_s > 0 ? static_cast<double>(precopy_bytes) / precopy_s : 0;
-        rep.phase = "destination";
+        enter_phase("destination");
         ResultRecord fin = dest->finish();
         rep.pages_checked = fin.pages_checked;
         rep.mismatches = fin.mismatches;
@@ -838,6 +948,14 @@ ReceiveReport receive_from(Machine& dst, std::vector<std::unique_ptr<Transport>>
             send_result(sw);
             throw Error(sw.text);
         }
+        // The stream rewrote guest memory, boot parameters included: they
+        // must still describe the guest this receiver was started for.
+        if (auto why = dst.guest_boot_params_difference(); !why.empty()) {
+            ResultRecord r;
+            r.text = why + "; start receive with the source's --seed/--pattern/--write-pct/--touch";
+            send_result(r);
+            throw Error("incompatible guest: " + r.text);
+        }
         for (const auto& s : states)
             restore_vcpu(dst.kvm(), dst.vcpu(s.id), s);
         for (uint32_t i = 0; i < dst.vcpu_count(); i++) {
@@ -858,7 +976,7 @@ ReceiveReport receive_from(Machine& dst, std::vector<std::unique_ptr<Transport>>
         for (uint32_t i = 0; i < dst.vcpu_count(); i++)
             progressed &= dst.snapshot(i).pages_written + dst.snapshot(i).pages_read > at_switch[i];
         dst.request_stop();
-        if (!dst.wait_finished(std::chrono::seconds(10)))
+        if (!dst.wait_finished(std::chrono::seconds(3)))
             dst.kill();
         ResultRecord fin;
         if (auto f = dst.failure()) {
@@ -881,7 +999,8 @@ ReceiveReport receive_from(Machine& dst, std::vector<std::unique_ptr<Transport>>
     } catch (const std::exception& e) {
         rep.status = "failed";
         rep.error = e.what();
-        dst.kill();
+        if (dst.started())
+            dst.kill();
         return rep;
     }
 }

@@ -43,7 +43,22 @@ struct MigrateOptions {
     bool progress = false;
     // Test hooks: make the destination fail in a phase ("bulk", "precopy", "stop").
     std::string fail_in;
+    // ... or damage the TCP stream itself: see parse_stream_fault().
+    std::string stream_fault;
 };
+
+// Fault injection on the sender's stream (test hook, `migrate --stream-fault`):
+//   flip:PHASE:OFFSET[@CHANNEL]  flip one bit of the byte at OFFSET
+//   cut:PHASE:OFFSET[@CHANNEL]   close the connection right before that byte
+// OFFSET counts the bytes the channel (default 0) sent since PHASE (bulk,
+// precopy or stop) began. Throws UsageError naming --stream-fault.
+struct StreamFault {
+    enum class Kind { Flip, Cut } kind = Kind::Flip;
+    std::string phase;
+    uint64_t offset = 0;
+    uint32_t channel = 0;
+};
+StreamFault parse_stream_fault(const std::string& spec);
 
 struct RoundReport {
     uint32_t round = 0;          // 0 is the bulk pass

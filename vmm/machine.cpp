@@ -379,23 +379,9 @@ void Machine::load_guest()
 
     // Boot parameters, the vNUMA table and per-vCPU working sets (vnuma.hpp).
     auto* bp = reinterpret_cast<mvm_boot_params*>(host_ptr(layout_.boot_params_gpa, layout_.boot_params_bytes));
-    std::memset(bp, 0, layout_.boot_params_bytes);
-    bp->magic = MVM_BOOT_MAGIC;
-    bp->abi_version = MVM_ABI_VERSION;
-    bp->nr_vcpus = cfg_.vcpus;
+    write_boot_params(cfg_, layout_, bp);
     const WorkloadConfig& w = cfg_.workload;
-    bp->pattern = w.pattern;
-    bp->touch = w.touch;
-    bp->write_pct = w.write_pct;
-    bp->max_passes = w.max_passes;
-    bp->seed = w.seed;
-    write_vnuma_table(cfg_, layout_, bp);
     for (uint32_t v = 0; v < cfg_.vcpus; v++) {
-        mvm_vcpu_params& vp = bp->vcpu[v];
-        vp.vcpu_id = v;
-        vp.mailbox_gpa = layout_.mailbox_gpa[v];
-        vp.user_stack_top = layout_.ustack_top[v];
-        vp.fault = (static_cast<int>(v) == w.fault_vcpu) ? w.fault : static_cast<uint32_t>(MVM_FAULT_NONE);
         auto* mb = mailbox(v);
         std::memset(mb, 0, k4K);
         mb->magic = MVM_MAILBOX_MAGIC;
@@ -434,6 +420,32 @@ void Machine::load_guest()
         mb->rate_pages_per_s = w.rate_pages_per_s;
         mb->tsc_per_page_q16 = w.rate_pages_per_s ? (tsc_khz_ * 1000ull << 16) / w.rate_pages_per_s : 0;
     }
+    // The host keeps its own copy: the guest (or a migration stream) can
+    // rewrite guest memory, and host code must not index by what it finds.
+    const auto* raw = reinterpret_cast<const uint8_t*>(bp);
+    boot_params_host_.assign(raw, raw + layout_.boot_params_bytes);
+}
+
+void write_boot_params(const MachineConfig& cfg, const GuestLayout& layout, mvm_boot_params* bp)
+{
+    std::memset(bp, 0, layout.boot_params_bytes);
+    bp->magic = MVM_BOOT_MAGIC;
+    bp->abi_version = MVM_ABI_VERSION;
+    bp->nr_vcpus = cfg.vcpus;
+    const WorkloadConfig& w = cfg.workload;
+    bp->pattern = w.pattern;
+    bp->touch = w.touch;
+    bp->write_pct = w.write_pct;
+    bp->max_passes = w.max_passes;
+    bp->seed = w.seed;
+    write_vnuma_table(cfg, layout, bp);
+    for (uint32_t v = 0; v < cfg.vcpus; v++) {
+        mvm_vcpu_params& vp = bp->vcpu[v];
+        vp.vcpu_id = v;
+        vp.mailbox_gpa = layout.mailbox_gpa[v];
+        vp.user_stack_top = layout.ustack_top[v];
+        vp.fault = (static_cast<int>(v) == w.fault_vcpu) ? w.fault : static_cast<uint32_t>(MVM_FAULT_NONE);
+    }
 }
 
 void Machine::open_stats()
@@ -453,12 +465,20 @@ mvm_mailbox* Machine::mailbox(uint32_t i) const
 
 const mvm_boot_params* Machine::boot_params() const
 {
-    return reinterpret_cast<const mvm_boot_params*>(host_ptr(layout_.boot_params_gpa, layout_.boot_params_bytes));
+    return reinterpret_cast<const mvm_boot_params*>(boot_params_host_.data());
 }
 
-MailboxSnapshot Machine::snapshot(uint32_t i) const
+std::string Machine::guest_boot_params_difference() const
 {
-    const mvm_mailbox* m = mailbox(i);
+    return boot_params_difference(
+        {host_ptr(layout_.boot_params_gpa, layout_.boot_params_bytes), layout_.boot_params_bytes}, boot_params_host_);
+}
+
+MailboxSnapshot Machine::snapshot(uint32_t i) const { return read_mailbox(*mailbox(i)); }
+
+MailboxSnapshot read_mailbox(const mvm_mailbox& mb)
+{
+    const mvm_mailbox* m = &mb;
     MailboxSnapshot s{};
     s.generation = m->generation;
     s.cursor = m->cursor;

@@ -21,6 +21,7 @@
 #include "memory/prealloc.hpp"
 #include "numa/policy.hpp"
 #include "vmm/config.hpp"
+#include "vmm/workload.hpp"
 #include "vmm/kvm/kvm.hpp"
 #include "vmm/kvm/stats.hpp"
 
@@ -42,6 +43,9 @@ struct GuestLayout {
 };
 
 GuestLayout plan_layout(const MachineConfig& cfg);
+// Fills the boot parameters (layout.boot_params_bytes at bp) except the TSC
+// fields, which need a vCPU: knobs, vNUMA table, per-vCPU working sets.
+void write_boot_params(const MachineConfig& cfg, const GuestLayout& layout, mvm_boot_params* bp);
 
 // What stopped a vCPU other than finishing its workload.
 struct VcpuFailure {
@@ -66,6 +70,9 @@ struct MailboxSnapshot {
     uint64_t wd_events, wd_max_gap_tsc;
     uint32_t state;
 };
+
+// Decodes a mailbox page (guest-written: any bit pattern is possible).
+MailboxSnapshot read_mailbox(const mvm_mailbox& mb);
 
 class Machine {
 public:
@@ -94,6 +101,12 @@ public:
     void pause();
     void resume();
     bool paused() const { return pause_requested_.load(); }
+    // start() was called (a machine runs one guest life: start, then stop or kill).
+    bool started() const
+    {
+        std::lock_guard lk(mu_);
+        return started_;
+    }
 
     const MachineConfig& config() const { return cfg_; }
     const GuestLayout& layout() const { return layout_; }
@@ -106,7 +119,11 @@ public:
 
     mvm_mailbox* mailbox(uint32_t i) const;
     MailboxSnapshot snapshot(uint32_t i) const;
+    // The boot parameters as the host wrote them (its own copy, not guest memory).
     const mvm_boot_params* boot_params() const;
+    // "" when the copy in guest memory still matches the host's (what a
+    // receiver checks after a stream has overwritten it), else the first difference.
+    std::string guest_boot_params_difference() const;
     const mvm_vcpu_params& vcpu_params(uint32_t i) const { return boot_params()->vcpu[i]; }
     // Host pointer for a guest-physical range inside one memslot.
     uint8_t* host_ptr(uint64_t gpa, uint64_t len = 1) const { return slots_.host_ptr(gpa, len); }
@@ -188,6 +205,7 @@ private:
     std::mutex ring_full_mu_;
     std::vector<PreallocResult> prealloc_;
     std::vector<int> vcpu_node_;  // vCPU -> index into cfg_.nodes
+    std::vector<uint8_t> boot_params_host_;  // what load_guest() wrote
 
     mutable std::mutex mu_;
     std::condition_variable cv_;

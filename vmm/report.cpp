@@ -57,13 +57,9 @@ RunReport collect_report(const Machine& m, const StatsBaseline& before, double d
         }
         v.max_stall_ms = static_cast<double>(s.wd_max_gap_tsc) / tsc_per_ms;
         v.watchdog_events = s.wd_events;
-        const mvm_mailbox* mb = m.mailbox(i);
-        uint64_t first = s.wd_events > MVM_WD_RING ? s.wd_events - MVM_WD_RING : 0;
-        for (uint64_t e = first; e < s.wd_events; e++) {
-            const auto& ev = mb->wd[e % MVM_WD_RING];
+        for (const auto& ev : watchdog_events(*m.mailbox(i), s.wd_events))
             v.events.push_back({static_cast<double>(ev.start_tsc - s.start_tsc) / tsc_per_ms,
                                 static_cast<double>(ev.len_tsc) / tsc_per_ms});
-        }
         v.exits = m.exits(i);
         v.kicks = m.kicks(i);
         r.vcpus.push_back(v);

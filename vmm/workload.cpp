@@ -1,5 +1,6 @@
 #include "vmm/workload.hpp"
 
+#include <algorithm>
 #include <cstring>
 #include <fmt/format.h>
 
@@ -20,7 +21,7 @@ namespace {
 
 uint64_t page_gpa(const mvm_vcpu_params& vp, uint64_t idx)
 {
-    for (uint32_t k = 0; k < vp.nr_segments; k++) {
+    for (uint32_t k = 0; k < vp.nr_segments && k < MVM_MAX_SEGMENTS; k++) {
         if (idx < vp.seg[k].pages)
             return vp.seg[k].gpa + idx * MVM_PAGE_SIZE;
         idx -= vp.seg[k].pages;
@@ -83,9 +84,9 @@ void verify_vcpu_stamps(const mvm_boot_params& bp, const mvm_vcpu_params& vp, Wo
         // The in-flight page may hold the new stamp, the old one, or (touch=page) a mix.
         uint64_t alt = (idx == in_flight && mvm_writes(bp.write_pct, bp.seed, v, G, idx)) ? MVM_STAMP(v, G) : expected;
         uint64_t gpa = page_gpa(vp, idx);
-        const uint8_t* p8 = page(gpa);
+        const uint8_t* p8 = gpa == ~0ull ? nullptr : page(gpa);
         out.pages_checked++;
-        bool bad = false;
+        bool bad = p8 == nullptr;  // outside guest memory: never what the guest wrote
         uint64_t found = 0;
         for (uint64_t q = 0; q < qwords && !bad; q++) {
             std::memcpy(&found, p8 + q * 8, 8);
@@ -109,6 +110,59 @@ StampCheck verify_stamps(const Machine& m)
                            [&](uint64_t gpa) { return m.host_ptr(gpa, MVM_PAGE_SIZE); }, out);
     }
     return out;
+}
+
+std::vector<WdRingEntry> watchdog_events(const mvm_mailbox& mb, uint64_t total, uint64_t since)
+{
+    std::vector<WdRingEntry> out;
+    const uint64_t oldest = total > MVM_WD_RING ? total - MVM_WD_RING : 0;
+    for (uint64_t e = std::max(since, oldest); e < total; e++) {
+        const auto& ev = mb.wd[e % MVM_WD_RING];
+        out.push_back({ev.start_tsc, ev.len_tsc});
+    }
+    return out;
+}
+
+std::string boot_params_difference(std::span<const uint8_t> guest, std::span<const uint8_t> host)
+{
+    if (host.size() < sizeof(mvm_boot_params))
+        return "the host's boot parameters are missing";
+    if (guest.size() < host.size())
+        return fmt::format("guest boot parameters are {} bytes, the host wrote {}", guest.size(), host.size());
+    mvm_boot_params g{}, h{};
+    std::memcpy(&g, guest.data(), sizeof(g));
+    std::memcpy(&h, host.data(), sizeof(h));
+    auto differ = [](const char* field, uint64_t a, uint64_t b) {
+        return fmt::format("guest boot parameter {} is {:#x}, the host wrote {:#x}", field, a, b);
+    };
+#define MVM_SAME(field)             \
+    if (g.field != h.field)         \
+        return differ(#field, g.field, h.field);
+    MVM_SAME(magic)
+    MVM_SAME(abi_version)
+    MVM_SAME(nr_vcpus)
+    MVM_SAME(pattern)
+    MVM_SAME(touch)
+    MVM_SAME(write_pct)
+    MVM_SAME(seed)
+    MVM_SAME(nr_vnodes)
+#undef MVM_SAME
+    if (std::memcmp(g.vnode, h.vnode, sizeof(g.vnode)) != 0)
+        return "the guest's vNUMA table differs from the host's";
+    // nr_vcpus agrees with the host's, so the host's size bounds the vCPU array.
+    if (sizeof(mvm_boot_params) + h.nr_vcpus * sizeof(mvm_vcpu_params) > host.size())
+        return "the host's boot parameters are shorter than their vCPU count";
+    for (uint32_t v = 0; v < h.nr_vcpus; v++) {
+        mvm_vcpu_params gv{}, hv{};
+        const size_t at = offsetof(mvm_boot_params, vcpu) + v * sizeof(mvm_vcpu_params);
+        std::memcpy(&gv, guest.data() + at, sizeof(gv));
+        std::memcpy(&hv, host.data() + at, sizeof(hv));
+        if (gv.vcpu_id != hv.vcpu_id || gv.vnode != hv.vnode || gv.mailbox_gpa != hv.mailbox_gpa ||
+            gv.nr_segments != hv.nr_segments || gv.total_pages != hv.total_pages ||
+            std::memcmp(gv.seg, hv.seg, sizeof(gv.seg)) != 0)
+            return fmt::format("the guest's working set of vCPU {} differs from the host's", v);
+    }
+    return "";
 }
 
 }  // namespace mvm

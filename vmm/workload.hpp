@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -45,5 +46,19 @@ void verify_vcpu_stamps(const mvm_boot_params& bp, const mvm_vcpu_params& vp, Wo
                         const PageReader& page, StampCheck& out);
 // Every vCPU of a machine whose vCPUs are paused or finished.
 StampCheck verify_stamps(const Machine& m);
+
+// The guest watchdog's events numbered [since, total) that the mailbox ring
+// still holds (the newest MVM_WD_RING), oldest first. `total` is the
+// mailbox's wd_events as read once by the caller.
+struct WdRingEntry {
+    uint64_t start_tsc, len_tsc;
+};
+std::vector<WdRingEntry> watchdog_events(const mvm_mailbox& mb, uint64_t total, uint64_t since = 0);
+
+// Boot parameters as found in guest memory (`guest`, any bytes at all) against
+// the host's own copy (`host`, as Machine wrote it): "" when every field the
+// host decodes the guest's work with (workload knobs, vNUMA table, working
+// sets) agrees, else one line naming the first field that differs.
+std::string boot_params_difference(std::span<const uint8_t> guest, std::span<const uint8_t> host);
 
 }  // namespace mvm

@@ -199,6 +199,60 @@ TEST_P(MigrateFault, ReceiverKilledSourceSurvives)
 INSTANTIATE_TEST_SUITE_P(Phases, MigrateFault, ::testing::Values("bulk", "precopy", "stop"),
                          [](const auto& info) { return info.param; });
 
+// The stream itself damaged on the wire: one bit flipped, or the connection
+// cut, at a chosen byte of each phase. The receiver refuses (naming the
+// record or the closed connection) and exits non-zero without a signal; the
+// source exits 5 with one line and keeps running with its stamps intact.
+struct StreamFaultCase {
+    const char* spec;           // --stream-fault
+    const char* receiver_says;  // in the receiver's error
+};
+std::ostream& operator<<(std::ostream& os, const StreamFaultCase& c) { return os << c.spec; }
+class MigrateStreamFault : public ::testing::TestWithParam<StreamFaultCase> {};
+
+TEST_P(MigrateStreamFault, ReceiverRefusesAndTheSourceSurvives)
+{
+    REQUIRE_KVM();
+    const std::string spec = GetParam().spec;
+    const std::string phase = spec.substr(spec.find(':') + 1, spec.rfind(':') - spec.find(':') - 1);
+    const uint16_t port = free_port();
+    Receiver recv(fmt::format("--vcpus 2 --mem 64M --rate 100000 --listen tcp:127.0.0.1:{}", port));
+    auto r = run_minivmm(
+        fmt::format("migrate --to tcp:127.0.0.1:{} {} --max-downtime 5 --stream-fault {} --json -", port, kGuest, spec));
+    const int rrc = recv.wait();
+    const std::string rout = recv.output();
+    EXPECT_GT(rrc, 0) << rout;
+    EXPECT_LT(rrc, 128) << "the receiver must exit, not die of a signal: " << rout;
+    EXPECT_NE(rout.find(GetParam().receiver_says), std::string::npos) << rout;
+    EXPECT_NE(rout.find("minivmm: receive failed"), std::string::npos) << rout;
+    EXPECT_EQ(r.exit_code, 5) << r.err;
+    EXPECT_NE(r.err.find("minivmm: migration failed in " + phase), std::string::npos) << r.err;
+    auto j = parse(r.out);
+    EXPECT_EQ(j["status"], "failed");
+    EXPECT_EQ(j["failed_phase"], phase);
+    EXPECT_TRUE(j["source"]["running"].get<bool>()) << "the source guest must keep running";
+    EXPECT_EQ(j["source"]["mismatches"].get<uint64_t>(), 0u);
+    EXPECT_EQ(j["source"]["pages_checked"].get<uint64_t>(), 64 * kMiB / 4096);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Offsets, MigrateStreamFault,
+    ::testing::Values(StreamFaultCase{"flip:bulk:0", "unknown type"},  // the first PAGES record's type
+                      StreamFaultCase{"flip:bulk:7", "claims"},        // its length: over the limit
+                      StreamFaultCase{"flip:bulk:5000", "fails its checksum"},
+                      StreamFaultCase{"cut:bulk:3000", "closed the connection"},
+                      StreamFaultCase{"flip:precopy:100", "fails its checksum"},
+                      StreamFaultCase{"cut:precopy:20", "closed the connection"},
+                      StreamFaultCase{"flip:stop:4", "fails its checksum"},
+                      StreamFaultCase{"cut:stop:1", "closed the connection"}),
+    [](const auto& info) {
+        std::string n = info.param.spec;
+        for (auto& c : n)
+            if (c == ':')
+                c = '_';
+        return n;
+    });
+
 // After a failed attempt, the same source migrates.
 TEST(Migrate, SecondAttemptAfterAFailureSucceeds)
 {

@@ -246,7 +246,8 @@ int cmd_numa_check(const NumaCheckArgs& a)
 struct MigrateArgs {
     cli::VmOptions vm;
     std::string to, tracker = "bitmap", ring, max_downtime = "300", bandwidth = "0", max_iterations = "30",
-                     timeout = "120", throttle, warmup = "1", post_run = "2", channels = "0", json, fail_in;
+                     timeout = "120", throttle, warmup = "1", post_run = "2", channels = "0", json, fail_in,
+                     stream_fault;
     bool no_verify = false;
 };
 
@@ -273,6 +274,12 @@ int cmd_migrate(const MigrateArgs& a)
     o.channels = static_cast<uint32_t>(cli::parse_uint("--channels", a.channels, 0, 64));
     o.verify = !a.no_verify;
     o.fail_in = a.fail_in;
+    if (!a.stream_fault.empty()) {
+        parse_stream_fault(a.stream_fault);
+        if (o.to == "inproc")
+            throw UsageError("--stream-fault needs a stream: use --to tcp:HOST:PORT");
+        o.stream_fault = a.stream_fault;
+    }
     if (!a.throttle.empty()) {
         if (a.throttle == "auto-converge")
             o.throttle = Throttle::AutoConverge;
@@ -625,6 +632,7 @@ int main(int argc, char** argv)
     mgc->add_flag("--no-verify", mg.no_verify, "skip the switchover compare and the destination stamp check");
     mgc->add_option("--json", mg.json, "also write the report as JSON to FILE, or - for stdout");
     mgc->add_option("--fail-in", mg.fail_in, "test hook: lose the destination in bulk|precopy|stop")->group("");
+    mgc->add_option("--stream-fault", mg.stream_fault, "test hook: flip|cut:PHASE:OFFSET[@CHANNEL]")->group("");
 
     ReceiveArgs rc;
     auto* rcc = app.add_subcommand("receive", "wait for one incoming migration (same VM options as the sender), "

@@ -1,5 +1,9 @@
 #include "vmm/kvm/kvm.hpp"
 
+#include <algorithm>
+
+#include <atomic>
+
 #include <fcntl.h>
 
 #include <cerrno>
@@ -192,8 +196,32 @@ Vcpu::Vcpu(uint32_t id, UniqueFd fd, size_t mmap_size, uint32_t dirty_ring_bytes
                              static_cast<off_t>(MINIVMM_DIRTY_LOG_PAGE_OFFSET) * ::getpagesize());
 }
 
+namespace {
+std::atomic<uint32_t> g_fault_every{0}, g_fault_burst{1};
+std::atomic<int> g_fault_err{EINTR};
+std::atomic<uint64_t> g_faults_injected{0};
+}  // namespace
+
+void inject_run_faults(const RunFaults& f)
+{
+    g_fault_err.store(f.err);
+    // The guest must still get in: at most every - 1 failures in a row.
+    g_fault_burst.store(f.every ? std::min(std::max<uint32_t>(f.burst, 1), f.every - 1) : 1);
+    g_fault_every.store(f.every);
+}
+
+uint64_t injected_run_faults() { return g_faults_injected.load(); }
+
 int Vcpu::run() noexcept
 {
+    // One relaxed load per KVM_RUN when off.
+    if (const uint32_t every = g_fault_every.load(std::memory_order_relaxed)) {
+        const uint64_t n = runs_++;
+        if (n % every < g_fault_burst.load(std::memory_order_relaxed)) {
+            g_faults_injected.fetch_add(1, std::memory_order_relaxed);
+            return -g_fault_err.load(std::memory_order_relaxed);
+        }
+    }
     int rc = kvm_ioctl_raw(fd_.get(), KVM_RUN, 0);
     return rc < 0 ? -errno : 0;
 }

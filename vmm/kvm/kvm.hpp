@@ -100,6 +100,7 @@ public:
     uint32_t dirty_ring_entries() const noexcept { return static_cast<uint32_t>(ring_.size() / sizeof(kvm_dirty_gfn)); }
 
     // One KVM_RUN; returns 0 or -errno (EINTR when kicked, EAGAIN where KVM asks to retry).
+    // Under inject_run_faults() some calls return the injected error instead.
     int run() noexcept;
 
     kvm_regs regs() const;
@@ -118,6 +119,19 @@ private:
     UniqueFd fd_;
     Mapping run_;
     Mapping ring_;
+    uint64_t runs_ = 0;  // KVM_RUN calls, for fault injection
 };
+
+// Fault injection (tests): from now on, every `every`-th KVM_RUN of each vCPU
+// and the `burst` - 1 after it return -err (EINTR or EAGAIN) without entering
+// the guest, as a signal storm or a KVM that asks to retry would. every = 0
+// turns it off.
+struct RunFaults {
+    uint32_t every = 0, burst = 1;
+    int err = 4;  // EINTR
+};
+void inject_run_faults(const RunFaults& f);
+// KVM_RUN calls answered by injection so far (process-wide).
+uint64_t injected_run_faults();
 
 }  // namespace mvm
