@@ -31,7 +31,7 @@ namespace {
 }
 
 // Errors reach users as one line; a message with a newline in it is a defect.
-void one_line(const std::string& what, const char* where)
+void expect_one_line(const std::string& what, const char* where)
 {
     if (what.empty() || what.find('\n') != std::string::npos)
         finding(std::string(where) + " produced an empty or multi-line error: '" + what + "'");
@@ -60,7 +60,7 @@ int stream_one(const uint8_t* data, size_t size)
             kvm = std::make_unique<Kvm>();
         } catch (const std::exception& e) {
             std::fprintf(stderr, "stream fuzzing needs /dev/kvm: %s\n", e.what());
-            std::exit(77);
+            std::exit(3);
         }
     }
     if (!m)
@@ -99,7 +99,7 @@ int stream_one(const uint8_t* data, size_t size)
             try {
                 ResultRecord::decode({payload, hdr[1]});
             } catch (const Error& e) {
-                one_line(e.what(), "ResultRecord::decode");
+                expect_one_line(e.what(), "ResultRecord::decode");
             }
         }
         chans[cur].insert(chans[cur].end(), data + pos, data + pos + len);
@@ -114,7 +114,7 @@ int stream_one(const uint8_t* data, size_t size)
     if (verbose)
         std::fprintf(stderr, "receive: %s %s\n", r.status.c_str(), r.error.c_str());
     if (r.status != "completed")
-        one_line(r.error, "receive_from");
+        expect_one_line(r.error, "receive_from");
     // A resumed guest has had its life; the next input gets a new machine.
     if (m->started())
         m.reset();
@@ -220,7 +220,7 @@ int options_one(const uint8_t* data, size_t size)
         }
         }
     } catch (const Error& e) {
-        one_line(e.what(), "an option parser");
+        expect_one_line(e.what(), "an option parser");
     }
     return 0;
 }

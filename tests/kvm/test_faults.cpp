@@ -237,8 +237,8 @@ struct Resources {
 // 1,000 VMs made and destroyed: every other one boots and stops its vCPU
 // threads, every third one has dirty rings. Afterwards the process holds
 // exactly the fds, threads and KVM/guest mappings it held before (checked
-// from /proc/self), and at most a few more anonymous mappings (the
-// allocator's own arenas, which it keeps).
+// from /proc/self), and at most a few dozen more anonymous mappings (the
+// allocator's own arenas, which it keeps; a per-VM leak would be 1,000s).
 TEST(Hygiene, AThousandVmsLeaveNoFdMappingOrThreadBehind)
 {
     REQUIRE_KVM();
@@ -269,7 +269,9 @@ TEST(Hygiene, AThousandVmsLeaveNoFdMappingOrThreadBehind)
     EXPECT_EQ(after.fds, before.fds);
     EXPECT_EQ(after.threads, before.threads);
     EXPECT_EQ(after.kvm_maps, before.kvm_maps);
-    EXPECT_LE(after.maps, before.maps + 8) << before.maps << " mappings before, " << after.maps << " after";
+    // A mapping leaked per VM would add 1,000 (a guest has several); the
+    // allocator (ASan's most of all) keeps a few arenas of its own.
+    EXPECT_LE(after.maps, before.maps + 32) << before.maps << " mappings before, " << after.maps << " after";
     std::printf("1000 cycles in %.1f s: fds %zu -> %zu, threads %zu -> %zu, maps %zu -> %zu (KVM/guest %zu -> %zu)\n", s,
                 before.fds, after.fds, before.threads, after.threads, before.maps, after.maps, before.kvm_maps,
                 after.kvm_maps);

@@ -11,6 +11,23 @@ std::string errno_text(int err)
     return text ? text : fmt::format("Unknown error {}", err);
 }
 
+std::string one_line(const std::string& text)
+{
+    std::string out;
+    out.reserve(text.size());
+    for (unsigned char c : text) {
+        if (c == '\n')
+            out += "\\n";
+        else if (c == '\t')
+            out += ' ';
+        else if (c < 0x20 || c == 0x7f)
+            out += fmt::format("\\x{:02x}", c);
+        else
+            out += static_cast<char>(c);
+    }
+    return out;
+}
+
 SysError::SysError(const std::string& call, long rc, int err)
     : Error(fmt::format("{} failed, rc: {} errno: {} ({})", call, rc, err, errno_text(err))), errno_(err) {}
 

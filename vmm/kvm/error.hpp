@@ -17,10 +17,14 @@ enum ExitCode : int {
     kExitMigration = 5,    // migration failed; the source kept running
 };
 
+// Errors reach users as one line, and they often quote what the user (or a
+// peer over the network) sent: control characters are shown escaped ("\n").
+std::string one_line(const std::string& text);
+
 class Error : public std::runtime_error {
 public:
     explicit Error(const std::string& what, int exit_code = kExitFailure)
-        : std::runtime_error(what), exit_code_(exit_code) {}
+        : std::runtime_error(one_line(what)), exit_code_(exit_code) {}
     int exit_code() const noexcept { return exit_code_; }
 
 private:
