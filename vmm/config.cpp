@@ -191,9 +191,14 @@ void check_host_resources(const MachineConfig& cfg, const Kvm& kvm)
     if (std::string why = check_hugetlb_pools(cfg, hugetlb_pools()); !why.empty())
         throw UsageError(why);
     uint64_t avail = host_mem_available_bytes();
-    if (avail && total > avail)
-        throw UsageError(fmt::format("{} of guest memory exceeds the host's available memory ({}); use a smaller --mem",
-                                     format_size(total), format_size(avail)));
+    if (avail && total > avail) {
+        // Name the option the size came from: --mem, dirty-log-perf's -b, or --numa mem=.
+        const std::string origin = cfg.nodes.size() == 1 ? cfg.nodes[0].origin : std::string("--numa");
+        const bool numa = origin.rfind("--numa", 0) == 0;
+        throw UsageError(fmt::format("{}: {} of guest memory exceeds the host's available memory ({}); use {}", origin,
+                                     format_size(total), format_size(avail),
+                                     numa ? "smaller --numa mem= sizes" : "a smaller " + origin));
+    }
     // Pinning: the CPUs must be ones this process may run on (cpusets, taskset).
     std::vector<int> allowed = numa::current_thread_cpus();
     for (const auto& n : cfg.nodes)

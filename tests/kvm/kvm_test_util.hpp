@@ -3,6 +3,9 @@
 
 #include <gtest/gtest.h>
 
+#include <sys/types.h>
+
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -30,12 +33,39 @@ inline const Kvm* host_kvm(std::string* why)
 }
 
 struct CmdResult {
-    int exit_code;
+    int exit_code = -1;  // its exit status, or 128 + the signal that killed it
     std::string out, err;
+    bool signaled = false;  // WIFSIGNALED of minivmm's own wait status
+    int term_signal = 0;
 };
 
 // Runs the minivmm binary with `args` (shell words) and captures everything.
-CmdResult run_minivmm(const std::string& args);
+// `wrapper` (shell words, e.g. "env VAR=x" or "setpriv ...") runs it and must
+// exec it: the wait status is minivmm's own, so a signal shows as one.
+CmdResult run_minivmm(const std::string& args, const std::string& wrapper = "");
+
+// A TCP port for a test's listener, different on every call.
+uint16_t free_port();
+
+// `minivmm receive ARGS` in the background; waits until it listens (or has
+// exited). Killed, if still running, when it goes out of scope.
+struct Receiver {
+    explicit Receiver(const std::string& args);
+    ~Receiver();
+    Receiver(const Receiver&) = delete;
+    Receiver& operator=(const Receiver&) = delete;
+    // Its exit code (128 + signal if killed by one), or -1 if it had to be
+    // killed after 30 s; result() then has the whole of it.
+    int wait();
+    const CmdResult& result() const { return result_; }
+    std::string output() const;  // stdout then stderr, so far
+
+    pid_t pid = -1;
+
+private:
+    std::string out_path_, err_path_;
+    CmdResult result_;
+};
 
 }  // namespace mvm::test
 

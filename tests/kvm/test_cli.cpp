@@ -1,4 +1,5 @@
-// The minivmm binary as users meet it: bad input, missing KVM, signals, JSON.
+// The minivmm binary as users meet it: signals, JSON (bad input and missing KVM:
+// test_bad_input.cpp).
 #include <gtest/gtest.h>
 
 #include <signal.h>
@@ -18,92 +19,6 @@
 #include "kvm_test_util.hpp"
 
 using mvm::test::run_minivmm;
-
-namespace {
-
-struct BadInput {
-    const char* args;
-    const char* must_mention;  // the option or resource the one line names
-    const char* hint;          // and part of the fix
-};
-
-std::ostream& operator<<(std::ostream& os, const BadInput& b) { return os << b.args; }
-
-size_t lines(const std::string& s) { return static_cast<size_t>(std::count(s.begin(), s.end(), '\n')); }
-
-}  // namespace
-
-class BadInputTest : public ::testing::TestWithParam<BadInput> {};
-
-// One clear line naming the option and the fix, exit code 2, nothing run.
-TEST_P(BadInputTest, OneLineNamingTheOptionAndExit2)
-{
-    REQUIRE_KVM();
-    auto r = run_minivmm(GetParam().args);
-    EXPECT_EQ(r.exit_code, 2) << r.err;
-    EXPECT_EQ(lines(r.err), 1u) << r.err;
-    EXPECT_NE(r.err.find(GetParam().must_mention), std::string::npos) << r.err;
-    EXPECT_NE(r.err.find(GetParam().hint), std::string::npos) << r.err;
-    EXPECT_EQ(r.out, "") << "a report was printed for bad input";
-}
-
-INSTANTIATE_TEST_SUITE_P(
-    Run, BadInputTest,
-    ::testing::Values(BadInput{"run --vcpus 0", "--vcpus", "at least 1"},
-                      BadInput{"run --vcpus 5000", "--vcpus", "KVM_CAP_MAX_VCPUS"},
-                      BadInput{"run --vcpus two", "--vcpus", "whole number"},
-                      BadInput{"run --vcpus -1", "--vcpus", "whole number"},
-                      BadInput{"run --mem 1000", "--mem", "multiple of 4 KiB"},
-                      BadInput{"run --mem 12345K", "--mem", "multiple of 4 KiB"},
-                      BadInput{"run --mem lots", "--mem", "not a size"},
-                      BadInput{"run --mem 64T", "available memory", "smaller --mem"},
-                      BadInput{"run --mem 4K --vcpus 2", "--mem", "too small"},
-                      BadInput{"run --pattern zigzag", "--pattern", "seq or random"},
-                      BadInput{"run --touch byte", "--touch", "qword or page"},
-                      BadInput{"run --write-pct 150", "--write-pct", "0..100"},
-                      BadInput{"run --backing tmpfs", "--backing", "anon|shm"},
-                      BadInput{"run --mem 3M --backing hugetlb2m", "--mem", "page size 2M"},
-                      BadInput{"run --duration soon", "--duration", "seconds"},
-                      BadInput{"run --rate fast", "--rate", "whole number"},
-                      BadInput{"run --watchdog-ms 0", "--watchdog-ms", "positive"},
-                      BadInput{"run --json /nonexistent-dir/x.json", "--json", "writable path"},
-                      BadInput{"run --no-such-option", "--no-such-option", "minivmm --help"},
-                      BadInput{"frobnicate", "frobnicate", "minivmm --help"}));
-
-TEST(Cli, MissingKvmDeviceGetsItsOwnExitCode)
-{
-    auto r = run_minivmm("caps");
-    if (r.exit_code != 0)
-        GTEST_SKIP() << "needs a working /dev/kvm for the baseline: " << r.err;
-    r = run_minivmm("");  // no command
-    EXPECT_EQ(r.exit_code, 2);
-    setenv("MINIVMM_KVM_DEVICE", "/nonexistent/kvm", 1);
-    r = run_minivmm("run --duration 1");
-    unsetenv("MINIVMM_KVM_DEVICE");
-    EXPECT_EQ(r.exit_code, 4) << r.err;
-    EXPECT_EQ(lines(r.err), 1u) << r.err;
-    EXPECT_NE(r.err.find("/nonexistent/kvm does not exist"), std::string::npos) << r.err;
-}
-
-TEST(Cli, NoPermissionOnKvmGetsItsOwnExitCode)
-{
-    REQUIRE_KVM();
-    if (geteuid() != 0)
-        GTEST_SKIP() << "needs root to drop to an unprivileged user";
-    if (std::system("command -v setpriv >/dev/null") != 0)
-        GTEST_SKIP() << "needs setpriv (util-linux)";
-    struct stat st {};
-    if (stat("/dev/kvm", &st) != 0 || (st.st_mode & S_IROTH && st.st_mode & S_IWOTH))
-        GTEST_SKIP() << "/dev/kvm is world-accessible here; nobody would be allowed in";
-    std::string cmd = std::string("setpriv --reuid=65534 --regid=65534 --clear-groups ") + MINIVMM_BINARY +
-                      " caps >/dev/null 2>/tmp/minivmm-perm.err";
-    int st2 = std::system(cmd.c_str());
-    std::ifstream f("/tmp/minivmm-perm.err");
-    std::stringstream ss;
-    ss << f.rdbuf();
-    EXPECT_EQ(WEXITSTATUS(st2), 4) << ss.str();
-    EXPECT_NE(ss.str().find("no permission to open /dev/kvm"), std::string::npos) << ss.str();
-}
 
 TEST(Cli, CapsJsonHasWhatTheToolUses)
 {

@@ -364,42 +364,6 @@ TEST(DirtyLogRun, BothModesHarvestForTheWholeRun)
     }
 }
 
-struct DirtyBadInput {
-    std::string args, mention, hint;
-};
-std::ostream& operator<<(std::ostream& os, const DirtyBadInput& b) { return os << b.args; }
-class DirtyBadInputTest : public ::testing::TestWithParam<DirtyBadInput> {};
-
-TEST_P(DirtyBadInputTest, OneLineAndExit2)
-{
-    REQUIRE_KVM();
-    const auto& p = GetParam();
-    auto r = run_minivmm(p.args);
-    EXPECT_EQ(r.exit_code, 2) << r.err;
-    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
-    EXPECT_NE(r.err.find(p.mention), std::string::npos) << r.err;
-    EXPECT_NE(r.err.find(p.hint), std::string::npos) << r.err;
-    EXPECT_EQ(r.out, "");
-}
-
-INSTANTIATE_TEST_SUITE_P(
-    Dirty, DirtyBadInputTest,
-    ::testing::Values(DirtyBadInput{"dirty-log-perf --ring 3000", "--ring 3000", "power of two"},
-                      DirtyBadInput{"dirty-log-perf --ring 64M", "--ring 64M", "power of two"},
-                      DirtyBadInput{"dirty-log-perf -s tmpfs", "-s", "unknown backing"},
-                      DirtyBadInput{"dirty-log-perf -s gmem", "-s gmem", "cannot be dirty-logged"},
-                      DirtyBadInput{"dirty-log-perf -b 10", "-b", "4 KiB"},
-                      DirtyBadInput{"dirty-log-perf -i 0", "-i", "1.."},
-                      DirtyBadInput{"dirty-log-perf -w 101", "-w", "0..100"},
-                      DirtyBadInput{"dirty-log-perf -g --clear-chunk 1M", "--clear-chunk", "drop -g"},
-                      DirtyBadInput{"dirty-log-perf --clear-chunk 100K", "--clear-chunk", "256K"},
-                      DirtyBadInput{"dirty-log-perf --eager-split maybe", "--eager-split", "on or off"},
-                      DirtyBadInput{"dirty-rate --mode psychic", "--mode", "ring, bitmap or sampling"},
-                      DirtyBadInput{"dirty-rate --period 0", "--period", "positive"},
-                      DirtyBadInput{"dirty-rate --mode bitmap --ring 64K", "--ring", "--mode ring"},
-                      DirtyBadInput{"run --dirty-log sometimes", "--dirty-log", "bitmap or ring"},
-                      DirtyBadInput{"run --ring 64K", "--ring", "--dirty-log ring"}));
-
 TEST(EagerSplit, ReportedAndLeftAloneWhereReadOnly)
 {
     REQUIRE_KVM();

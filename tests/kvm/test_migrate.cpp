@@ -22,73 +22,13 @@
 
 using namespace mvm;
 using namespace mvm::migration;
+using mvm::test::free_port;
+using mvm::test::Receiver;
 using mvm::test::run_minivmm;
 
 namespace {
 
 constexpr uint64_t kMiB = 1ull << 20;
-
-uint16_t free_port()
-{
-    static std::atomic<uint16_t> next{static_cast<uint16_t>(20000 + (::getpid() % 20000))};
-    return next++;
-}
-
-// A receiver process in the background; its output is collected on wait().
-struct Receiver {
-    pid_t pid = -1;
-    std::string out_path;
-    Receiver(const std::string& args)
-    {
-        char path[] = "/tmp/minivmm-recv-XXXXXX";
-        int fd = mkstemp(path);
-        out_path = path;
-        pid = fork();
-        if (pid == 0) {
-            dup2(fd, 1);
-            dup2(fd, 2);
-            execl("/bin/sh", "sh", "-c", (std::string(MINIVMM_BINARY) + " receive " + args).c_str(), nullptr);
-            _exit(127);
-        }
-        close(fd);
-        std::this_thread::sleep_for(std::chrono::milliseconds(300));  // listening
-    }
-    int wait()
-    {
-        int st = 0;
-        for (int i = 0; i < 300; i++) {
-            if (waitpid(pid, &st, WNOHANG) == pid) {
-                pid = -1;
-                return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-            }
-            std::this_thread::sleep_for(std::chrono::milliseconds(100));
-        }
-        kill(pid, SIGKILL);
-        waitpid(pid, &st, 0);
-        pid = -1;
-        return -1;
-    }
-    std::string output() const
-    {
-        FILE* f = fopen(out_path.c_str(), "r");
-        std::string s;
-        char buf[4096];
-        size_t n;
-        while (f && (n = fread(buf, 1, sizeof(buf), f)) > 0)
-            s.append(buf, n);
-        if (f)
-            fclose(f);
-        return s;
-    }
-    ~Receiver()
-    {
-        if (pid > 0) {
-            kill(pid, SIGKILL);
-            waitpid(pid, nullptr, 0);
-        }
-        unlink(out_path.c_str());
-    }
-};
 
 nlohmann::json parse(const std::string& s)
 {
@@ -396,33 +336,6 @@ TEST(MigrationStream, RecordsRoundTrip)
     EXPECT_EQ(rr2.text, "fine");
     EXPECT_EQ(rr2.mismatched_gpas.size(), 2u);
 }
-
-struct MigBad {
-    std::string args, mention, hint;
-};
-std::ostream& operator<<(std::ostream& os, const MigBad& b) { return os << b.args; }
-class MigrateBadInput : public ::testing::TestWithParam<MigBad> {};
-
-TEST_P(MigrateBadInput, OneLineAndExit2)
-{
-    REQUIRE_KVM();
-    auto r = run_minivmm(GetParam().args);
-    EXPECT_EQ(r.exit_code, 2) << r.err;
-    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
-    EXPECT_NE(r.err.find(GetParam().mention), std::string::npos) << r.err;
-    EXPECT_NE(r.err.find(GetParam().hint), std::string::npos) << r.err;
-}
-
-INSTANTIATE_TEST_SUITE_P(
-    Migrate, MigrateBadInput,
-    ::testing::Values(MigBad{"migrate", "--to", "inproc or tcp"},
-                      MigBad{"migrate --to udp:1.2.3.4:5", "--to", "tcp:HOST:PORT"},
-                      MigBad{"migrate --to tcp:127.0.0.1:99999", "--to", "1..65535"},
-                      MigBad{"migrate --to inproc --tracker psychic", "--tracker", "ring or bitmap"},
-                      MigBad{"migrate --to inproc --throttle slow", "--throttle", "auto-converge"},
-                      MigBad{"migrate --to inproc --ring 64K", "--ring", "--tracker ring"},
-                      MigBad{"receive", "--listen", "tcp:ADDR:PORT"},
-                      MigBad{"receive --listen tcp:nowhere:1", "--listen", "IPv4 address"}));
 
 // Two hosts: the destination in its own network namespace, reached over a
 // veth pair that the test creates and removes.

@@ -250,54 +250,6 @@ TEST(VnumaMachine, HostPolicyIsOnEveryBackingsMapping)
     EXPECT_EQ(untouched.pages_not_present, 16 * kMiB / 4096) << "policy first, pages later";
 }
 
-struct NumaBadInput {
-    std::string args, mention, hint;
-};
-std::ostream& operator<<(std::ostream& os, const NumaBadInput& b) { return os << b.args; }
-
-class NumaBadInputTest : public ::testing::TestWithParam<NumaBadInput> {};
-
-// One line naming the option or resource and the fix, exit 2, nothing run.
-TEST_P(NumaBadInputTest, OneLineAndExit2)
-{
-    REQUIRE_KVM();
-    const auto& p = GetParam();
-    auto r = run_minivmm(p.args);
-    EXPECT_EQ(r.exit_code, 2) << r.err;
-    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
-    EXPECT_NE(r.err.find(p.mention), std::string::npos) << r.err;
-    EXPECT_NE(r.err.find(p.hint), std::string::npos) << r.err;
-    EXPECT_EQ(r.out, "");
-}
-
-INSTANTIATE_TEST_SUITE_P(
-    Numa, NumaBadInputTest,
-    ::testing::Values(
-        NumaBadInput{"numa-check --numa mem=64M,host-nodes=63", "host node 63 does not exist", "host-nodes= within"},
-        NumaBadInput{"run --numa cpus=0-1,mem=64M,host-cpus=4000", "host CPU 4000 does not exist", "host-cpus= within"},
-        NumaBadInput{"run --numa cpus=0-1,mem=64M --numa cpus=1,mem=64M", "vCPU 1 is already in virtual node 0",
-                     "must not overlap"},
-        NumaBadInput{"run --numa cpus=0-1,mem=64G,backing=hugetlb2m", "--numa #1", "nr_hugepages by"},
-        NumaBadInput{"numa-check --numa cpus=0-1,mem=3M,backing=hugetlb2m", "not a multiple of the hugetlb2m page size",
-                     "use e.g. 4M"},
-        NumaBadInput{"run --numa cpus=0,mem=64M,colour=red", "unknown key 'colour'", "host-nodes"},
-        NumaBadInput{"run --numa cpus=0,mem=64M --numa cpus=1,mem=64M --mem 1G", "--mem 1G differs", "drop --mem"},
-        NumaBadInput{"run --numa cpus=0-1,mem=64M --access remote", "--access remote", "at least 2 virtual nodes"},
-        NumaBadInput{"run --access sideways", "--access", "mixed:P"},
-        NumaBadInput{"numa-check --sample many", "--sample", "whole number"}));
-
-// What needs a host we do not have is said, not faked.
-TEST(NumaBadInput, GmemOnAKernelWithoutItIsOneLine)
-{
-    REQUIRE_KVM();
-    if (kvm.cap(KVM_CAP_GUEST_MEMFD) > 0)
-        GTEST_SKIP() << "this kernel has guest_memfd; the message for one without it is covered by "
-                        "GmemCheck.KernelWithoutGuestMemfdOrItsMmapGetsOneLine";
-    auto r = run_minivmm("run --backing gmem --mem 64M");
-    EXPECT_EQ(r.exit_code, 2);
-    EXPECT_NE(r.err.find("guest_memfd"), std::string::npos) << r.err;
-}
-
 TEST(Caps, ShowsHugetlbPoolsWithUseAndSysfsFiles)
 {
     REQUIRE_KVM();

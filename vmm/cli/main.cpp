@@ -1,9 +1,14 @@
 // minivmm - command line. Each command validates every option before it
 // creates anything; bad input is one line on stderr and exit code 2.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -41,15 +46,73 @@ void write_json(const std::string& dest, const nlohmann::json& j)
     f << j.dump(2) << "\n";
 }
 
-// A --json destination must be writable before a guest is booted for it.
+// An output file (--json, --timeline) must be writable before a guest is
+// booted for it. Checked without opening it: bad input must neither create
+// the file nor touch one that is there.
+void check_output_path(std::string_view option, const std::string& dest, std::string_view fix)
+{
+    if (dest.empty())
+        return;
+    struct stat st {};
+    int err = 0;
+    if (::stat(dest.c_str(), &st) == 0) {
+        if (S_ISDIR(st.st_mode))
+            err = EISDIR;
+        else if (::access(dest.c_str(), W_OK) != 0)
+            err = errno;
+    } else if (errno != ENOENT) {
+        err = errno;
+    } else {
+        const auto slash = dest.rfind('/');
+        const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : dest.substr(0, slash);
+        if (::access(dir.c_str(), W_OK | X_OK) != 0)
+            err = errno;
+    }
+    if (err)
+        throw UsageError(fmt::format("{}: cannot write '{}': {}; {}", option, dest, errno_text(err), fix));
+}
+
 void check_json_dest(const std::string& dest)
 {
-    if (dest.empty() || dest == "-")
-        return;
-    std::ofstream f(dest, std::ios::app);
-    if (!f)
-        throw UsageError(fmt::format("--json: cannot write '{}': {}; give a writable path or - for stdout", dest,
-                                     errno_text(errno)));
+    if (dest != "-")
+        check_output_path("--json", dest, "give a writable path or - for stdout");
+}
+
+// receive binds --listen only once the guest's memory is ready: a bad or busy
+// address is found here, before anything is allocated.
+void check_listen_address(const std::string& listen)
+{
+    const auto [host, port] = migration::parse_tcp("--listen", listen);
+    sockaddr_storage ss{};
+    socklen_t len = 0;
+    if (host.find(':') != std::string::npos) {
+        auto* a = reinterpret_cast<sockaddr_in6*>(&ss);
+        a->sin6_family = AF_INET6;
+        a->sin6_port = htons(port);
+        if (inet_pton(AF_INET6, host.c_str(), &a->sin6_addr) != 1)
+            throw UsageError(fmt::format("--listen: '{}' is not an IPv6 address; use e.g. tcp:[::1]:{}", host, port));
+        len = sizeof(*a);
+    } else {
+        auto* a = reinterpret_cast<sockaddr_in*>(&ss);
+        a->sin_family = AF_INET;
+        a->sin_port = htons(port);
+        if (host == "0.0.0.0" || host == "*")
+            a->sin_addr.s_addr = INADDR_ANY;
+        else if (inet_pton(AF_INET, host.c_str(), &a->sin_addr) != 1)
+            throw UsageError(fmt::format("--listen: '{}' is not an IPv4 address; use e.g. tcp:0.0.0.0:{}", host, port));
+        len = sizeof(*a);
+    }
+    const int fd = ::socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return;  // receive() reports it
+    int one = 1;
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    const int rc = ::bind(fd, reinterpret_cast<sockaddr*>(&ss), len);
+    const int err = errno;
+    ::close(fd);
+    if (rc != 0)
+        throw UsageError(fmt::format("--listen {}: cannot bind: {}; {}", listen, errno_text(err),
+                                     err == EADDRINUSE ? "pick a free port" : "use an address of this host"));
 }
 
 // The KVM device; MINIVMM_KVM_DEVICE overrides it (tests use it to show the
@@ -269,6 +332,8 @@ int cmd_migrate(const MigrateArgs& a)
     o.bandwidth = parse_size_option("--bandwidth", a.bandwidth == "0" ? "0" : a.bandwidth);
     o.max_iterations = static_cast<uint32_t>(cli::parse_uint("--max-iterations", a.max_iterations, 1, 100000));
     o.timeout_s = cli::parse_seconds("--timeout", a.timeout);
+    if (o.timeout_s <= 0)
+        throw UsageError("--timeout: must be positive, e.g. 120");
     const double warmup = cli::parse_seconds("--warmup", a.warmup);
     o.post_run_s = cli::parse_seconds("--post-run", a.post_run);
     o.channels = static_cast<uint32_t>(cli::parse_uint("--channels", a.channels, 0, 64));
@@ -351,10 +416,12 @@ int cmd_receive(const ReceiveArgs& a)
     ReceiveOptions o;
     if (a.listen.empty())
         throw UsageError("--listen is required: tcp:ADDR:PORT, e.g. tcp:0.0.0.0:4444");
-    parse_tcp("--listen", a.listen);
+    check_listen_address(a.listen);
     o.listen = a.listen;
     o.post_run_s = cli::parse_seconds("--post-run", a.post_run);
     o.accept_timeout_s = cli::parse_seconds("--timeout", a.timeout);
+    if (o.accept_timeout_s <= 0)
+        throw UsageError("--timeout: must be positive, e.g. 300");
     o.die_in = a.die_in;
     Kvm kvm(kvm_device());
     MachineConfig cfg = a.vm.to_config(kvm);
@@ -384,6 +451,7 @@ struct LockupArgs {
     cli::VmOptions vm;
     std::string variants, threshold = "20", steady = "0.5", logging = "2", harvest_ms = "100", clear_chunk = "1M",
                           ring = "64K", json, timeline, test_pause;
+    bool variants_given = false;  // even as --variants ''
 };
 
 int cmd_lockup(const LockupArgs& a)
@@ -391,7 +459,7 @@ int cmd_lockup(const LockupArgs& a)
     using namespace mvm::migration;
     check_json_dest(a.json);
     LockupOptions o;
-    if (!a.variants.empty()) {
+    if (a.variants_given) {
         o.variants.clear();
         std::string v = a.variants;
         for (size_t pos = 0; pos <= v.size();) {
@@ -405,6 +473,8 @@ int cmd_lockup(const LockupArgs& a)
                     list += (list.empty() ? "" : ",") + k;
                 throw UsageError(fmt::format("--variants: unknown variant '{}'; use some of {}", name, list));
             }
+            if (std::find(o.variants.begin(), o.variants.end(), name) != o.variants.end())
+                throw UsageError(fmt::format("--variants: '{}' is listed twice; list each variant once", name));
             o.variants.push_back(name);
         }
     }
@@ -421,11 +491,7 @@ int cmd_lockup(const LockupArgs& a)
         throw UsageError(fmt::format("--clear-chunk {}: must be a multiple of 256K, e.g. 1M", a.clear_chunk));
     if (!a.test_pause.empty())
         o.test_pause_ms = cli::parse_seconds("--test-pause-ms", a.test_pause);
-    if (!a.timeline.empty()) {
-        std::ofstream f(a.timeline, std::ios::app);
-        if (!f)
-            throw UsageError(fmt::format("--timeline: cannot write '{}': {}", a.timeline, errno_text(errno)));
-    }
+    check_output_path("--timeline", a.timeline, "give a writable path for the CSV");
     Kvm kvm(kvm_device());
     o.ring_bytes = cli::parse_ring_size("--ring", a.ring, kvm);
     MachineConfig cfg = a.vm.to_config(kvm);
@@ -652,7 +718,8 @@ int main(int argc, char** argv)
     lk.vm.add_to(*lkc);
     lkc->add_option("--variants", lk.variants,
                     "comma list of bitmap,bitmap-initially-set,ring,per-node-parallel-enable,eager-split-on,"
-                    "eager-split-off (default: all)");
+                    "eager-split-off (default: all)")
+        ->each([&lk](const std::string&) { lk.variants_given = true; });
     lkc->add_option("--threshold-ms", lk.threshold, "a gap without progress longer than this is a stall")
         ->capture_default_str();
     lkc->add_option("--steady", lk.steady, "seconds measured before logging")->capture_default_str();
@@ -686,7 +753,9 @@ int main(int argc, char** argv)
         return app.exit(e);
     } catch (const CLI::ParseError& e) {
         std::string what = e.what();
-        fmt::print(stderr, "minivmm: {}; see 'minivmm --help'\n", what);
+        // argv[1], if a command, is a known one (checked above): point at its help.
+        fmt::print(stderr, "minivmm: {}; see 'minivmm {}--help'\n", what,
+                   argc > 1 && argv[1][0] != '-' ? std::string(argv[1]) + " " : "");
         return kExitUsage;
     }
     if (verbose)
