@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <fmt/format.h>
@@ -33,12 +34,21 @@ uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 // The vCPU's kvm_run, for the kick signal handler on this thread.
 thread_local kvm_run* tl_run = nullptr;
 
+// kvm_run.immediate_exit is shared by the vCPU thread (which clears it after
+// KVM_RUN returns), its signal handler and the kicking thread (which set it),
+// and KVM (which reads it on entry): atomic byte stores, lock-free and so
+// async-signal-safe.
+void set_immediate_exit(kvm_run* run, uint8_t v)
+{
+    std::atomic_ref<uint8_t>(run->immediate_exit).store(v, std::memory_order_release);
+}
+
 void kick_handler(int)
 {
     // Async-signal-safe: one byte store. KVM_RUN checks it on entry, which
     // closes the window between our flag check and the ioctl.
     if (tl_run)
-        tl_run->immediate_exit = 1;
+        set_immediate_exit(tl_run, 1);
 }
 
 void install_kick_handler()
@@ -566,7 +576,7 @@ void Machine::vcpu_loop(VcpuSlot& s)
         if (rc == -EINTR || rc == -EAGAIN) {
             // Kicked (or asked to retry): clear the flag only now, after
             // KVM_RUN returned, so a kick is never lost; then recheck flags.
-            run->immediate_exit = 0;
+            set_immediate_exit(run, 0);
             s.kicks++;
             continue;
         }
@@ -726,7 +736,7 @@ void Machine::kick_all_locked()
     for (auto& s : vcpus_) {
         if (s->finished || !s->thread.joinable())
             continue;
-        s->vcpu.run_struct()->immediate_exit = 1;
+        set_immediate_exit(s->vcpu.run_struct(), 1);
         pthread_kill(s->thread.native_handle(), kKickSignal);
     }
 }

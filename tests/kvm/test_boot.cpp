@@ -51,8 +51,11 @@ TEST_P(BootTest, MailboxCountersGrowAndStampsVerify)
     std::vector<MailboxSnapshot> first;
     for (uint32_t i = 0; i < n; i++)
         first.push_back(m.snapshot(i));
-    std::this_thread::sleep_for(50ms);
+    // Each vCPU makes progress (within 2 s: on a loaded 2-CPU host, or under
+    // TSan, a vCPU thread can wait for a CPU for tens of ms).
     for (uint32_t i = 0; i < n; i++) {
+        for (int t = 0; t < 200 && m.snapshot(i).pages_written == first[i].pages_written; t++)
+            std::this_thread::sleep_for(10ms);
         auto s = m.snapshot(i);
         EXPECT_GT(s.pages_written, first[i].pages_written) << "vCPU " << i << " made no progress";
         EXPECT_EQ(s.state, static_cast<uint32_t>(MVM_STATE_RUNNING));

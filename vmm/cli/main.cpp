@@ -217,6 +217,7 @@ int cmd_run(const RunArgs& a)
     opt.verify = !a.no_verify;
     std::unique_ptr<dirty::Tracker> tracker;
     DirtyLogStats dls;
+    double last = 0;  // outlives the tick callback below (ASan found it scoped to the if)
     if (log_mode) {
         dirty::TrackerOptions to;
         to.mode = *log_mode;
@@ -225,7 +226,6 @@ int cmd_run(const RunArgs& a)
         dls.mode = dirty::mode_name(*log_mode);
         dls.untracked = tracker->untracked_slots();
         dls.enable_s = tracker->enable().wall_s;
-        double last = 0;
         // The runner's thread harvests (never a vCPU thread, except at ring-full).
         opt.on_tick = [&](double t) {
             tracker->poll();
