@@ -367,7 +367,8 @@ size_t stream_mutate(uint8_t* data, size_t size, size_t max_size, unsigned seed,
         out.insert(out.end(), data + pos, data + size);
     if (out.size() > max_size)
         return mutate(data, size, max_size);
-    std::memcpy(data, out.data(), out.size());
+    if (!out.empty())
+        std::memcpy(data, out.data(), out.size());
     return out.size();
 }
 
