@@ -139,6 +139,28 @@ TEST_P(MigrateFault, ReceiverKilledSourceSurvives)
 INSTANTIATE_TEST_SUITE_P(Phases, MigrateFault, ::testing::Values("bulk", "precopy", "stop"),
                          [](const auto& info) { return info.param; });
 
+// The layout matches but the guest does not: a receiver started with another
+// --seed finds the stream's boot parameters differ from its own and refuses
+// before restoring a vCPU; the source keeps running.
+TEST(Migrate, ReceiverRefusesAGuestWithOtherBootParameters)
+{
+    REQUIRE_KVM();
+    const uint16_t port = free_port();
+    Receiver recv(fmt::format("--vcpus 2 --mem 64M --rate 100000 --seed 2 --listen tcp:127.0.0.1:{}", port));
+    auto r = run_minivmm(fmt::format("migrate --to tcp:127.0.0.1:{} {} --max-downtime 5 --json -", port, kGuest));
+    const int rc = recv.wait();
+    EXPECT_GT(rc, 0) << recv.output();
+    EXPECT_LT(rc, 128) << recv.output();
+    EXPECT_NE(recv.output().find("guest boot parameter seed is 0x1, the host wrote 0x2"), std::string::npos)
+        << recv.output();
+    EXPECT_EQ(r.exit_code, 5) << r.err;
+    EXPECT_NE(r.err.find("--seed"), std::string::npos) << r.err;
+    auto j = parse(r.out);
+    EXPECT_EQ(j["status"], "failed");
+    EXPECT_TRUE(j["source"]["running"].get<bool>());
+    EXPECT_EQ(j["source"]["mismatches"].get<uint64_t>(), 0u);
+}
+
 // The stream itself damaged on the wire: one bit flipped, or the connection
 // cut, at a chosen byte of each phase. The receiver refuses (naming the
 // record or the closed connection) and exits non-zero without a signal; the
