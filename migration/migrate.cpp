@@ -1005,15 +1005,9 @@ ReceiveReport receive_from(Machine& dst, std::vector<std::unique_ptr<Transport>>
     }
 }
 
-ReceiveReport receive(Machine& dst, const ReceiveOptions& opt)
+int bind_listener(const std::string& spec)
 {
-    auto [host, port] = parse_tcp("--listen", opt.listen);
-    int ls = ::socket(host.find(':') != std::string::npos ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (ls < 0)
-        throw SysError("socket", errno);
-    FdTransport guard(ls, "listener");
-    int one = 1;
-    ::setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    auto [host, port] = parse_tcp("--listen", spec);
     sockaddr_storage ss{};
     socklen_t sl;
     if (host.find(':') != std::string::npos) {
@@ -1021,7 +1015,7 @@ ReceiveReport receive(Machine& dst, const ReceiveOptions& opt)
         a->sin6_family = AF_INET6;
         a->sin6_port = htons(port);
         if (inet_pton(AF_INET6, host.c_str(), &a->sin6_addr) != 1)
-            throw UsageError(fmt::format("--listen: '{}' is not an IPv6 address", host));
+            throw UsageError(fmt::format("--listen: '{}' is not an IPv6 address; use e.g. tcp:[::1]:{}", host, port));
         sl = sizeof(*a);
     } else {
         auto* a = reinterpret_cast<sockaddr_in*>(&ss);
@@ -1033,8 +1027,24 @@ ReceiveReport receive(Machine& dst, const ReceiveOptions& opt)
             throw UsageError(fmt::format("--listen: '{}' is not an IPv4 address; use e.g. tcp:0.0.0.0:{}", host, port));
         sl = sizeof(*a);
     }
-    if (::bind(ls, reinterpret_cast<sockaddr*>(&ss), sl) != 0)
-        throw UsageError(fmt::format("--listen {}: cannot bind: {}; pick a free port", opt.listen, errno_text(errno)));
+    int fd = ::socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        throw SysError("socket", errno);
+    int one = 1;
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (::bind(fd, reinterpret_cast<sockaddr*>(&ss), sl) != 0) {
+        const int err = errno;
+        ::close(fd);
+        throw UsageError(fmt::format("--listen {}: cannot bind: {}; {}", spec, errno_text(err),
+                                     err == EADDRINUSE ? "pick a free port" : "use an address of this host"));
+    }
+    return fd;
+}
+
+ReceiveReport receive(Machine& dst, const ReceiveOptions& opt)
+{
+    int ls = bind_listener(opt.listen);
+    FdTransport guard(ls, "listener");
     if (::listen(ls, 64) != 0)
         throw SysError("listen", errno);
     fmt::print(stderr, "receive: listening on {}\n", opt.listen);

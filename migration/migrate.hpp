@@ -124,6 +124,10 @@ ReceiveReport receive(Machine& dst, const ReceiveOptions& opt);
 ReceiveReport receive_from(Machine& dst, std::vector<std::unique_ptr<Transport>> channels, double post_run_s,
                            const std::string& die_in = {});
 
+// A TCP socket bound to --listen's tcp:ADDR:PORT (not yet listening); throws
+// UsageError naming --listen for a bad address or one it cannot bind.
+int bind_listener(const std::string& spec);
+
 // "tcp:HOST:PORT" -> host, port; throws UsageError naming `option`.
 std::pair<std::string, uint16_t> parse_tcp(const std::string& option, const std::string& spec);
 

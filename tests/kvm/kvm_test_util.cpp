@@ -14,9 +14,9 @@
 
 namespace mvm::test {
 
-static std::string slurp(const std::string& path)
+std::string read_file(const std::string& path)
 {
-    std::ifstream f(path);
+    std::ifstream f(path, std::ios::binary);
     std::stringstream ss;
     ss << f.rdbuf();
     return ss.str();
@@ -43,8 +43,8 @@ CmdResult run_minivmm(const std::string& args, const std::string& wrapper)
     int st = std::system(cmd.c_str());
     CmdResult r;
     decode_status(st, r);
-    r.out = slurp(out_path);
-    r.err = slurp(err_path);
+    r.out = read_file(out_path);
+    r.err = read_file(err_path);
     unlink(out_path);
     unlink(err_path);
     return r;
@@ -75,7 +75,7 @@ Receiver::Receiver(const std::string& args)
     close(e);
     // Listening (it says so on stderr), or already gone.
     for (int i = 0; i < 200; i++) {
-        if (slurp(err_path_).find("listening on") != std::string::npos)
+        if (read_file(err_path_).find("listening on") != std::string::npos)
             break;
         int st = 0;
         if (waitpid(pid, &st, WNOHANG) == pid) {
@@ -104,12 +104,12 @@ int Receiver::wait()
         pid = -1;
         result_.exit_code = -1;
     }
-    result_.out = slurp(out_path_);
-    result_.err = slurp(err_path_);
+    result_.out = read_file(out_path_);
+    result_.err = read_file(err_path_);
     return result_.exit_code;
 }
 
-std::string Receiver::output() const { return slurp(out_path_) + slurp(err_path_); }
+std::string Receiver::output() const { return read_file(out_path_) + read_file(err_path_); }
 
 Receiver::~Receiver()
 {

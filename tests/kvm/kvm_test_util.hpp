@@ -32,6 +32,9 @@ inline const Kvm* host_kvm(std::string* why)
     return kvm.get();
 }
 
+// The whole of a file ("" if it cannot be read).
+std::string read_file(const std::string& path);
+
 struct CmdResult {
     int exit_code = -1;  // its exit status, or 128 + the signal that killed it
     std::string out, err;

@@ -35,6 +35,7 @@
 
 using mvm::test::CmdResult;
 using mvm::test::free_port;
+using mvm::test::read_file;
 using mvm::test::Receiver;
 using mvm::test::run_minivmm;
 
@@ -67,14 +68,6 @@ std::ostream& operator<<(std::ostream& os, const Row& r)
 }
 
 const std::string kKnown = "known content: bad input must leave this file alone\n";
-
-std::string read_file(const std::string& path)
-{
-    std::ifstream f(path, std::ios::binary);
-    std::stringstream ss;
-    ss << f.rdbuf();
-    return ss.str();
-}
 
 std::string replace_all(std::string s, const std::string& from, const std::string& to)
 {

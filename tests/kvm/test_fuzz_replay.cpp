@@ -3,10 +3,9 @@
 // build, sanitizer builds included.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <set>
 #include <vector>
 
@@ -21,8 +20,8 @@ namespace {
 
 std::vector<uint8_t> slurp(const fs::path& p)
 {
-    std::ifstream f(p, std::ios::binary);
-    return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+    const std::string s = mvm::test::read_file(p);
+    return {s.begin(), s.end()};
 }
 
 std::vector<fs::path> files_in(const fs::path& d)

@@ -80,40 +80,7 @@ void check_json_dest(const std::string& dest)
 
 // receive binds --listen only once the guest's memory is ready: a bad or busy
 // address is found here, before anything is allocated.
-void check_listen_address(const std::string& listen)
-{
-    const auto [host, port] = migration::parse_tcp("--listen", listen);
-    sockaddr_storage ss{};
-    socklen_t len = 0;
-    if (host.find(':') != std::string::npos) {
-        auto* a = reinterpret_cast<sockaddr_in6*>(&ss);
-        a->sin6_family = AF_INET6;
-        a->sin6_port = htons(port);
-        if (inet_pton(AF_INET6, host.c_str(), &a->sin6_addr) != 1)
-            throw UsageError(fmt::format("--listen: '{}' is not an IPv6 address; use e.g. tcp:[::1]:{}", host, port));
-        len = sizeof(*a);
-    } else {
-        auto* a = reinterpret_cast<sockaddr_in*>(&ss);
-        a->sin_family = AF_INET;
-        a->sin_port = htons(port);
-        if (host == "0.0.0.0" || host == "*")
-            a->sin_addr.s_addr = INADDR_ANY;
-        else if (inet_pton(AF_INET, host.c_str(), &a->sin_addr) != 1)
-            throw UsageError(fmt::format("--listen: '{}' is not an IPv4 address; use e.g. tcp:0.0.0.0:{}", host, port));
-        len = sizeof(*a);
-    }
-    const int fd = ::socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return;  // receive() reports it
-    int one = 1;
-    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    const int rc = ::bind(fd, reinterpret_cast<sockaddr*>(&ss), len);
-    const int err = errno;
-    ::close(fd);
-    if (rc != 0)
-        throw UsageError(fmt::format("--listen {}: cannot bind: {}; {}", listen, errno_text(err),
-                                     err == EADDRINUSE ? "pick a free port" : "use an address of this host"));
-}
+void check_listen_address(const std::string& listen) { ::close(migration::bind_listener(listen)); }
 
 // The KVM device; MINIVMM_KVM_DEVICE overrides it (tests use it to show the
 // message a host without KVM gets).
