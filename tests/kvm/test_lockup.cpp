@@ -70,7 +70,10 @@ TEST(Lockup, WatchdogEventsAndTheDeliberatePauseReachTheReport)
         EXPECT_GE(v["watchdog_longest_ms"].get<double>(), 115.0);
         EXPECT_GE(v["longest_stall_ms"].get<double>(), 115.0);
         EXPECT_EQ(v["vcpus_stalled"].get<uint32_t>(), 4u);
-        EXPECT_GE(v["vcpus_stalled_by_phase"]["test-pause"].get<uint32_t>(), 4u) << v["vcpus_stalled_by_phase"].dump();
+        // A vCPU inside a ring-full exit when the pause began has its stall
+        // attributed to that exit.
+        const auto& by = v["vcpus_stalled_by_phase"];
+        EXPECT_GE(by.value("test-pause", 0u) + by.value("ring-full", 0u), 4u) << by.dump();
         EXPECT_GE(v["sampler_hz"].get<double>(), 900.0);
         EXPECT_NE(v["verdict"].get<std::string>().find("made no progress for > 30 ms"), std::string::npos);
         EXPECT_GT(v["enable_ms"].get<double>(), 0.0);
