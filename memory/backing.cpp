@@ -7,8 +7,7 @@
 #include <cerrno>
 #include <fmt/format.h>
 
-#include "vmm/kvm/error.hpp"
-#include "vmm/kvm/kvm.hpp"
+#include "base/error.hpp"
 
 namespace mvm {
 
@@ -47,7 +46,7 @@ std::optional<BackingKind> parse_backing(std::string_view s)
     return std::nullopt;
 }
 
-Backing Backing::create(BackingKind kind, uint64_t size, Vm* vm, const std::string& name)
+Backing Backing::create(BackingKind kind, uint64_t size, const GuestMemfdFactory& gmem, const std::string& name)
 {
     Backing b;
     b.kind_ = kind;
@@ -92,17 +91,9 @@ Backing Backing::create(BackingKind kind, uint64_t size, Vm* vm, const std::stri
         break;
     }
     case BackingKind::Gmem: {
-        if (!vm)
+        if (!gmem)
             throw Error("gmem backing needs a VM to create its guest_memfd");
-        uint64_t want = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
-        uint64_t have = static_cast<uint64_t>(vm->cap(KVM_CAP_GUEST_MEMFD_FLAGS));
-        if (vm->cap(KVM_CAP_GUEST_MEMFD) <= 0)
-            throw Unsupported("backing gmem: this kernel's KVM lacks KVM_CAP_GUEST_MEMFD; use another --backing");
-        if ((have & want) != want)
-            throw Unsupported(fmt::format("backing gmem: guest_memfd flags here are {:#x}, need MMAP|INIT_SHARED "
-                                          "({:#x}) to map it; use another --backing",
-                                          have, want));
-        b.fd_.reset(vm->create_guest_memfd(size, want));
+        b.fd_.reset(gmem(size));
         b.map_ = Mapping::map(name, size, prot, MAP_SHARED | MAP_FIXED, b.fd_.get(), 0, aligned);
         break;
     }

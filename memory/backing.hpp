@@ -4,15 +4,14 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
 
-#include "vmm/kvm/fd.hpp"
+#include "base/fd.hpp"
 
 namespace mvm {
-
-class Vm;
 
 enum class BackingKind { Anon, Shm, Thp, Hugetlb2M, Hugetlb1G, Gmem };
 
@@ -26,8 +25,12 @@ uint64_t backing_alignment(BackingKind k);
 
 class Backing {
 public:
-    // Maps `size` bytes of `kind`. gmem needs the VM (guest_memfd belongs to it).
-    static Backing create(BackingKind kind, uint64_t size, Vm* vm, const std::string& name);
+    // guest_memfd belongs to a VM: the VM layer passes a function that creates
+    // one of `size` bytes that can be mmapped (or throws saying why not) and
+    // returns its fd, which the Backing then owns.
+    using GuestMemfdFactory = std::function<int(uint64_t size)>;
+    // Maps `size` bytes of `kind`; gmem calls `gmem`.
+    static Backing create(BackingKind kind, uint64_t size, const GuestMemfdFactory& gmem, const std::string& name);
 
     BackingKind kind() const noexcept { return kind_; }
     uint8_t* host() const noexcept { return map_.bytes(); }

@@ -13,7 +13,7 @@
 #include <pthread.h>
 #include <thread>
 
-#include "vmm/kvm/error.hpp"
+#include "base/error.hpp"
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23

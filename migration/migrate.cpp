@@ -17,10 +17,9 @@
 #include <optional>
 #include <thread>
 
-#include "migration/dirty/rate.hpp"
 #include "numa/policy.hpp"
-#include "vmm/kvm/error.hpp"
-#include "vmm/units.hpp"
+#include "base/error.hpp"
+#include "base/units.hpp"
 
 namespace mvm::migration {
 
@@ -145,7 +144,7 @@ public:
 
 class InprocDestination : public Destination {
 public:
-    InprocDestination(Machine& src, const MigrateOptions& opt) : src_(src), opt_(opt) {}
+    InprocDestination(StressVm& src, const MigrateOptions& opt) : src_(src), opt_(opt) {}
 
     void open(const StreamHeader& h) override
     {
@@ -156,7 +155,7 @@ public:
         for (auto& n : cfg.nodes)
             n.prealloc = true;
         cfg.show_progress = false;
-        dst_ = std::make_unique<Machine>(src_.kvm(), cfg);
+        dst_ = std::make_unique<StressVm>(src_.kvm(), cfg);
         StreamHeader mine = StreamHeader::of(*dst_, h.nr_channels);
         if (auto why = mine.incompatibility(h); !why.empty())
             throw Error("destination layout differs: " + why);
@@ -231,7 +230,7 @@ public:
             dst_->kill();
     }
 
-    static void reset_controls(Machine& m)
+    static void reset_controls(StressVm& m)
     {
         for (uint32_t i = 0; i < m.vcpu_count(); i++) {
             m.set_throttle(i, 0);
@@ -244,15 +243,15 @@ public:
     std::vector<uint32_t> refused_;
 
 private:
-    Machine& src_;
+    StressVm& src_;
     const MigrateOptions& opt_;
-    std::unique_ptr<Machine> dst_;
+    std::unique_ptr<StressVm> dst_;
     std::vector<uint64_t> at_switch_;
 };
 
 class TcpDestination : public Destination {
 public:
-    TcpDestination(Machine& src, const MigrateOptions& opt, std::string host, uint16_t port)
+    TcpDestination(StressVm& src, const MigrateOptions& opt, std::string host, uint16_t port)
         : src_(src), opt_(opt), host_(std::move(host)), port_(port)
     {
     }
@@ -340,7 +339,7 @@ private:
         return ResultRecord::decode(rec.payload);
     }
 
-    Machine& src_;
+    StressVm& src_;
     const MigrateOptions& opt_;
     std::string host_;
     uint16_t port_;
@@ -351,7 +350,7 @@ private:
 // Longest gap with no guest progress per vCPU, sampled at 1 kHz from the mailboxes.
 class StallSampler {
 public:
-    explicit StallSampler(const Machine& m) : m_(m), max_(m.vcpu_count(), 0)
+    explicit StallSampler(const StressVm& m) : m_(m), max_(m.vcpu_count(), 0)
     {
         thread_ = std::thread([this] { loop(); });
     }
@@ -388,7 +387,7 @@ private:
             }
         }
     }
-    const Machine& m_;
+    const StressVm& m_;
     std::vector<double> max_;
     std::atomic<bool> stop_{false};
     std::thread thread_;
@@ -452,7 +451,7 @@ std::pair<std::string, uint16_t> parse_tcp(const std::string& option, const std:
     return {host, static_cast<uint16_t>(p)};
 }
 
-MigrateReport migrate(Machine& src, dirty::Tracker& tracker, const MigrateOptions& opt, const std::atomic<int>* cancel)
+MigrateReport migrate(StressVm& src, dirty::Tracker& tracker, const MigrateOptions& opt, const std::atomic<int>* cancel)
 {
     MigrateReport rep;
     const auto t0 = clock::now();
@@ -653,7 +652,7 @@ MigrateReport migrate(Machine& src, dirty::Tracker& tracker, const MigrateOption
                 else
                     for (const auto& s : h.slots)
                         s.for_each([&](uint64_t p) {
-                            int o = dirty::owner_of_gpa(src, s.gpa + p * 4096);
+                            int o = owner_of_gpa(src, s.gpa + p * 4096);
                             if (o >= 0)
                                 per_vcpu[static_cast<size_t>(o)] += 1;
                         });
@@ -794,9 +793,22 @@ MigrateReport migrate(Machine& src, dirty::Tracker& tracker, const MigrateOption
     }
 }
 
+SourceCheck stop_and_check_source(StressVm& src)
+{
+    SourceCheck c;
+    const uint64_t before = src.snapshot(0).pages_written;
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    c.running = src.snapshot(0).pages_written > before || src.snapshot(0).state == MVM_STATE_DONE;
+    src.request_stop();
+    if (!src.wait_finished(std::chrono::seconds(10)))
+        src.kill();
+    c.stamps = verify_stamps(src);
+    return c;
+}
+
 // ---- receiver -----------------------------------------------------------------
 
-ReceiveReport receive_from(Machine& dst, std::vector<std::unique_ptr<Transport>> channels, double post_run_s,
+ReceiveReport receive_from(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, double post_run_s,
                            const std::string& die_in)
 {
     uint64_t layout_pages = 0;
@@ -1041,7 +1053,7 @@ int bind_listener(const std::string& spec)
     return fd;
 }
 
-ReceiveReport receive(Machine& dst, const ReceiveOptions& opt)
+ReceiveReport receive(StressVm& dst, const ReceiveOptions& opt)
 {
     int ls = bind_listener(opt.listen);
     FdTransport guard(ls, "listener");

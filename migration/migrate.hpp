@@ -18,11 +18,11 @@
 
 #include <nlohmann/json.hpp>
 
-#include "migration/dirty/tracker.hpp"
+#include "vmm/dirty/tracker.hpp"
 #include "migration/stream.hpp"
 #include "migration/vcpu_state.hpp"
-#include "vmm/machine.hpp"
-#include "vmm/workload.hpp"
+#include "vmm/stress/stress_vm.hpp"
+#include "vmm/stress/workload.hpp"
 
 namespace mvm::migration {
 
@@ -97,7 +97,15 @@ struct MigrateReport {
 
 // Migrates the running source. Cancelled when *cancel becomes non-zero.
 // On success the source stays parked (its guest lives on at the destination).
-MigrateReport migrate(Machine& src, dirty::Tracker& tracker, const MigrateOptions& opt, const std::atomic<int>* cancel);
+MigrateReport migrate(StressVm& src, dirty::Tracker& tracker, const MigrateOptions& opt, const std::atomic<int>* cancel);
+
+// After a failed migration the source is the guest: whether it kept running
+// (progress within 300 ms), then stopped and its stamps checked.
+struct SourceCheck {
+    bool running = false;
+    StampCheck stamps;
+};
+SourceCheck stop_and_check_source(StressVm& src);
 
 struct ReceiveOptions {
     std::string listen;  // tcp:ADDR:PORT
@@ -117,11 +125,11 @@ struct ReceiveReport {
 
 // Listens, takes one migration into `dst` (made with the same VM options,
 // not started), resumes it, runs post_run_s, checks stamps, reports back.
-ReceiveReport receive(Machine& dst, const ReceiveOptions& opt);
+ReceiveReport receive(StressVm& dst, const ReceiveOptions& opt);
 
 // Same, from already-connected transports (channel 0 first): what the
 // fuzzers and the in-memory tests drive.
-ReceiveReport receive_from(Machine& dst, std::vector<std::unique_ptr<Transport>> channels, double post_run_s,
+ReceiveReport receive_from(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, double post_run_s,
                            const std::string& die_in = {});
 
 // A TCP socket bound to --listen's tcp:ADDR:PORT (not yet listening); throws

@@ -8,7 +8,7 @@
 #include <cstring>
 #include <fmt/format.h>
 
-#include "vmm/kvm/error.hpp"
+#include "base/error.hpp"
 
 namespace mvm::migration {
 
@@ -113,7 +113,7 @@ uint64_t digest64(const void* data, size_t len)
 
 // ---- header ---------------------------------------------------------------
 
-StreamHeader StreamHeader::of(const Machine& m, uint32_t channels)
+StreamHeader StreamHeader::of(const StressVm& m, uint32_t channels)
 {
     StreamHeader h;
     h.nr_vcpus = m.vcpu_count();
@@ -330,7 +330,7 @@ Record RecordReader::read()
     return r;
 }
 
-std::vector<uint8_t> encode_pages(const Machine& m, std::span<const uint64_t> gpas, uint64_t* zero_pages)
+std::vector<uint8_t> encode_pages(const StressVm& m, std::span<const uint64_t> gpas, uint64_t* zero_pages)
 {
     std::vector<uint8_t> out;
     out.reserve(8 + gpas.size() * (8 + 4096));
@@ -358,7 +358,7 @@ std::vector<uint8_t> encode_pages(const Machine& m, std::span<const uint64_t> gp
     return out;
 }
 
-uint64_t apply_pages(Machine& m, std::span<const uint8_t> payload, uint64_t* zero_pages)
+uint64_t apply_pages(StressVm& m, std::span<const uint8_t> payload, uint64_t* zero_pages)
 {
     Reader r(payload, "PAGES");
     const auto n = r.get<uint32_t>();

@@ -23,7 +23,7 @@
 #include <string>
 #include <vector>
 
-#include "vmm/machine.hpp"
+#include "vmm/stress/stress_vm.hpp"
 
 namespace mvm::migration {
 
@@ -61,7 +61,7 @@ struct StreamHeader {
     uint32_t nr_channels = 1;
     std::vector<SlotLayout> slots;
 
-    static StreamHeader of(const Machine& m, uint32_t channels);
+    static StreamHeader of(const StressVm& m, uint32_t channels);
     std::vector<uint8_t> encode() const;
     static StreamHeader decode(std::span<const uint8_t> p);
     // "" when `other` (the sender's) can be received into this one; else why not.
@@ -149,9 +149,9 @@ private:
 };
 
 // Builds a PAGES payload for `gpas` read from `m`'s memory.
-std::vector<uint8_t> encode_pages(const Machine& m, std::span<const uint64_t> gpas, uint64_t* zero_pages);
+std::vector<uint8_t> encode_pages(const StressVm& m, std::span<const uint64_t> gpas, uint64_t* zero_pages);
 // Applies a PAGES payload to `m`'s memory; checks every GPA lies in a slot
 // of the header's layout and the data length. Returns pages applied.
-uint64_t apply_pages(Machine& m, std::span<const uint8_t> payload, uint64_t* zero_pages = nullptr);
+uint64_t apply_pages(StressVm& m, std::span<const uint8_t> payload, uint64_t* zero_pages = nullptr);
 
 }  // namespace mvm::migration

@@ -5,7 +5,7 @@
 #include <fmt/format.h>
 #include <mutex>
 
-#include "vmm/kvm/error.hpp"
+#include "base/error.hpp"
 #include "vmm/kvm/ioctl.hpp"
 
 #define MVM_KVM_GET_XSAVE2 _IOC(_IOC_READ, KVMIO, 0xcf, 4096)

@@ -6,7 +6,7 @@
 #include <cerrno>
 #include <fmt/format.h>
 
-#include "vmm/kvm/error.hpp"
+#include "base/error.hpp"
 
 namespace mvm::numa {
 

@@ -10,7 +10,7 @@
 #include <climits>
 #include <fmt/format.h>
 
-#include "vmm/kvm/error.hpp"
+#include "base/error.hpp"
 
 namespace mvm::numa {
 

@@ -1,5 +1,7 @@
 #include "numa/topology.hpp"
 
+#include <fstream>
+
 #include <numa.h>
 #include <unistd.h>
 
@@ -129,6 +131,19 @@ std::string format_cpu_list(const std::vector<int>& cpus)
         i = j + 1;
     }
     return s;
+}
+
+uint64_t host_mem_available_bytes()
+{
+    std::ifstream f("/proc/meminfo");
+    std::string key, unit;
+    uint64_t kib;
+    while (f >> key >> kib) {
+        std::getline(f, unit);
+        if (key == "MemAvailable:")
+            return kib * 1024;
+    }
+    return 0;
 }
 
 }  // namespace mvm::numa

@@ -28,6 +28,9 @@ struct Topology {
 // Reads the host (libnuma); a host without NUMA support is one node 0 holding all CPUs.
 Topology host_topology();
 
+// MemAvailable from /proc/meminfo (0 if unreadable).
+uint64_t host_mem_available_bytes();
+
 // "0-3,8,10-11" -> {0,1,2,3,8,10,11}; throws std::invalid_argument on bad syntax.
 std::vector<int> parse_cpu_list(const std::string& s);
 std::string format_cpu_list(const std::vector<int>& cpus);

@@ -6,10 +6,10 @@
 
 #include <fmt/format.h>
 
-#include "vmm/kvm/error.hpp"
+#include "base/error.hpp"
 #include "vmm/kvm/kvm.hpp"
 #include "memory/hugetlb.hpp"
-#include "vmm/units.hpp"
+#include "base/units.hpp"
 
 namespace mvm {
 
@@ -190,7 +190,7 @@ void check_host_resources(const MachineConfig& cfg, const Kvm& kvm)
     }
     if (std::string why = check_hugetlb_pools(cfg, hugetlb_pools()); !why.empty())
         throw UsageError(why);
-    uint64_t avail = host_mem_available_bytes();
+    uint64_t avail = numa::host_mem_available_bytes();
     if (avail && total > avail) {
         // Name the option the size came from: --mem, dirty-log-perf's -b, or --numa mem=.
         const std::string origin = cfg.nodes.size() == 1 ? cfg.nodes[0].origin : std::string("--numa");

@@ -12,7 +12,7 @@
 #include "numa/topology.hpp"
 #include "vmm/kvm/caps.hpp"
 #include "vmm/kvm/kvm.hpp"
-#include "vmm/units.hpp"
+#include "base/units.hpp"
 
 namespace mvm {
 

@@ -12,12 +12,12 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
-#include "vmm/guest_image.hpp"
-#include "vmm/kvm/error.hpp"
+#include "vmm/stress/guest_image.hpp"
+#include "base/error.hpp"
 #include "vmm/kvm/ioctl.hpp"
-#include "vmm/units.hpp"
-#include "vmm/vnuma.hpp"
-#include "vmm/x86/long_mode.hpp"
+#include "base/units.hpp"
+#include "vmm/stress/vnuma.hpp"
+#include "vmm/stress/long_mode.hpp"
 #include "vmm/x86/paging.hpp"
 
 namespace mvm {
@@ -92,51 +92,6 @@ const char* vector_name(int v)
 
 }  // namespace
 
-GuestLayout plan_layout(const MachineConfig& cfg)
-{
-    GuestLayout l;
-    const uint32_t n = cfg.vcpus;
-    l.idt_gpa = 0x1000;
-    uint64_t a = k2M;  // bump allocation from 2 MiB; the image owns [1M, 2M)
-    for (uint32_t i = 0; i < n; i++) {
-        l.gdt_gpa.push_back(a);
-        l.tss_gpa.push_back(a + 0x800);
-        a += k4K;
-    }
-    // Guest RAM: one range per virtual node from 4 GiB, each 1 GiB aligned so
-    // 1 GiB host pages can back it.
-    uint64_t ram = MVM_RAM_GPA;
-    for (const auto& node : cfg.nodes) {
-        ram = align_up(ram, k1G);
-        l.ram.push_back({node.id, ram, node.mem_bytes});
-        ram += node.mem_bytes;
-    }
-    l.pt_pool_gpa = a;
-    // The system slot is mapped with 4 KiB pages (per-page U/S); bound it generously.
-    uint64_t sys_estimate = a + n * (kKstackBytes + kUstackBytes + 2 * k4K) + 64 * k4K + k2M;
-    l.pt_pool_pages = x86::PageTableBuilder::pages_needed(ram, cfg.nodes.size() + 3, sys_estimate / k4K) + 8;
-    a += l.pt_pool_pages * k4K;
-    for (uint32_t i = 0; i < n; i++) {
-        a += kKstackBytes;
-        l.kstack_top.push_back(a);
-    }
-    l.kernel_area_end = a;
-    // Everything below is CPL3-visible.
-    l.boot_params_gpa = a;
-    l.boot_params_bytes = align_up(sizeof(mvm_boot_params) + n * sizeof(mvm_vcpu_params), k4K);
-    a += l.boot_params_bytes;
-    for (uint32_t i = 0; i < n; i++) {
-        l.mailbox_gpa.push_back(a);
-        a += k4K;
-    }
-    for (uint32_t i = 0; i < n; i++) {
-        a += kUstackBytes;
-        l.ustack_top.push_back(a - 8);  // SysV: rsp+8 is 16-byte aligned at function entry
-    }
-    l.system_bytes = align_up(a, k2M);
-    return l;
-}
-
 Machine::Machine(const Kvm& kvm, MachineConfig cfg)
     : kvm_(&kvm), cfg_(std::move(cfg)), layout_(plan_layout(cfg_)), vm_(kvm.create_vm()),
       slots_(static_cast<uint32_t>(std::max(1, vm_.cap(KVM_CAP_NR_MEMSLOTS))))
@@ -159,7 +114,7 @@ Machine::~Machine() { kill(); }
 
 void Machine::create_memory()
 {
-    backings_.push_back(Backing::create(BackingKind::Anon, layout_.system_bytes, &vm_, "system"));
+    backings_.push_back(Backing::create(BackingKind::Anon, layout_.system_bytes, {}, "system"));
     MemoryRegion sys;
     sys.slot = 0;
     sys.gpa = 0;
@@ -173,7 +128,8 @@ void Machine::create_memory()
         const NodeConfig& node = cfg_.nodes[i];
         const auto& range = layout_.ram[i];
         backings_.push_back(
-            Backing::create(node.backing, node.mem_bytes, &vm_, fmt::format("node{}-{}", node.id, backing_name(node.backing))));
+            Backing::create(node.backing, node.mem_bytes, [this](uint64_t size) { return create_guest_memfd(size); },
+                            fmt::format("node{}-{}", node.id, backing_name(node.backing))));
         const Backing& b = backings_.back();
         // Before anything touches it: where its pages may come from. For
         // guest_memfd this sets the file's shared policy through our mmap.
@@ -206,6 +162,19 @@ void Machine::create_memory()
     for (const auto& r : slots_.regions())
         vm_.set_memory_region(region2_of(r));
     preallocate();
+}
+
+int Machine::create_guest_memfd(uint64_t size)
+{
+    const uint64_t want = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+    const uint64_t have = static_cast<uint64_t>(vm_.cap(KVM_CAP_GUEST_MEMFD_FLAGS));
+    if (vm_.cap(KVM_CAP_GUEST_MEMFD) <= 0)
+        throw Unsupported("backing gmem: this kernel's KVM lacks KVM_CAP_GUEST_MEMFD; use another --backing");
+    if ((have & want) != want)
+        throw Unsupported(fmt::format("backing gmem: guest_memfd flags here are {:#x}, need MMAP|INIT_SHARED "
+                                      "({:#x}) to map it; use another --backing",
+                                      have, want));
+    return vm_.create_guest_memfd(size, want);
 }
 
 kvm_userspace_memory_region2 Machine::region2_of(const MemoryRegion& r)
@@ -434,28 +403,6 @@ void Machine::load_guest()
     // rewrite guest memory, and host code must not index by what it finds.
     const auto* raw = reinterpret_cast<const uint8_t*>(bp);
     boot_params_host_.assign(raw, raw + layout_.boot_params_bytes);
-}
-
-void write_boot_params(const MachineConfig& cfg, const GuestLayout& layout, mvm_boot_params* bp)
-{
-    std::memset(bp, 0, layout.boot_params_bytes);
-    bp->magic = MVM_BOOT_MAGIC;
-    bp->abi_version = MVM_ABI_VERSION;
-    bp->nr_vcpus = cfg.vcpus;
-    const WorkloadConfig& w = cfg.workload;
-    bp->pattern = w.pattern;
-    bp->touch = w.touch;
-    bp->write_pct = w.write_pct;
-    bp->max_passes = w.max_passes;
-    bp->seed = w.seed;
-    write_vnuma_table(cfg, layout, bp);
-    for (uint32_t v = 0; v < cfg.vcpus; v++) {
-        mvm_vcpu_params& vp = bp->vcpu[v];
-        vp.vcpu_id = v;
-        vp.mailbox_gpa = layout.mailbox_gpa[v];
-        vp.user_stack_top = layout.ustack_top[v];
-        vp.fault = (static_cast<int>(v) == w.fault_vcpu) ? w.fault : static_cast<uint32_t>(MVM_FAULT_NONE);
-    }
 }
 
 void Machine::open_stats()

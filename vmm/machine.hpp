@@ -21,31 +21,12 @@
 #include "memory/prealloc.hpp"
 #include "numa/policy.hpp"
 #include "vmm/config.hpp"
-#include "vmm/workload.hpp"
+#include "vmm/stress/layout.hpp"
+#include "vmm/stress/workload.hpp"
 #include "vmm/kvm/kvm.hpp"
 #include "vmm/kvm/stats.hpp"
 
 namespace mvm {
-
-// Where the guest's fixed structures live (all in the system memslot, slot 0).
-struct GuestLayout {
-    uint64_t idt_gpa = 0;
-    uint64_t pt_pool_gpa = 0, pt_pool_pages = 0;
-    uint64_t kernel_area_end = 0;   // [2M, kernel_area_end) is CPL0-only
-    uint64_t boot_params_gpa = 0, boot_params_bytes = 0;
-    uint64_t system_bytes = 0;      // size of slot 0
-    std::vector<uint64_t> gdt_gpa, tss_gpa, kstack_top, mailbox_gpa, ustack_top;
-    struct NodeRange {
-        uint32_t node;
-        uint64_t gpa, bytes;
-    };
-    std::vector<NodeRange> ram;     // one per virtual node, from MVM_RAM_GPA up
-};
-
-GuestLayout plan_layout(const MachineConfig& cfg);
-// Fills the boot parameters (layout.boot_params_bytes at bp) except the TSC
-// fields, which need a vCPU: knobs, vNUMA table, per-vCPU working sets.
-void write_boot_params(const MachineConfig& cfg, const GuestLayout& layout, mvm_boot_params* bp);
 
 // What stopped a vCPU other than finishing its workload.
 struct VcpuFailure {
@@ -178,6 +159,8 @@ private:
     };
 
     void create_memory();
+    // A mappable guest_memfd of `size` bytes for a gmem backing (its fd).
+    int create_guest_memfd(uint64_t size);
     void preallocate();
     static kvm_userspace_memory_region2 region2_of(const MemoryRegion& r);
     // On the vCPU thread: pin and set the node's policy; fills s.info.

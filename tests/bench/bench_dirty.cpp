@@ -14,9 +14,9 @@
 #include <map>
 #include <thread>
 
-#include "migration/dirty/tracker.hpp"
+#include "vmm/dirty/tracker.hpp"
 #include "vmm/kvm/kvm.hpp"
-#include "vmm/machine.hpp"
+#include "vmm/stress/stress_vm.hpp"
 
 using namespace mvm;
 
@@ -24,7 +24,7 @@ namespace {
 
 std::unique_ptr<Kvm> g_kvm;
 
-void wait_pass(Machine& m, uint64_t gate)
+void wait_pass(StressVm& m, uint64_t gate)
 {
     m.set_pass_gate(gate);
     while (m.snapshot(0).passes < gate) {
@@ -48,7 +48,7 @@ void BM_Harvest(benchmark::State& state)
     cfg.workload.working_set_pages = dirty;
     if (ring)
         cfg.dirty_ring_bytes = 1u << 20;  // 65536 entries: holds a whole iteration
-    Machine m(*g_kvm, cfg);
+    StressVm m(*g_kvm, cfg);
     dirty::TrackerOptions to;
     to.mode = ring ? dirty::Mode::Ring : dirty::Mode::Bitmap;
     to.manual_protect = true;

@@ -12,7 +12,7 @@
 #include <thread>
 
 #include "vmm/kvm/kvm.hpp"
-#include "vmm/machine.hpp"
+#include "vmm/stress/stress_vm.hpp"
 
 using namespace mvm;
 
@@ -54,7 +54,7 @@ void BM_GuestWarm(benchmark::State& state)
         state.SkipWithError(e.what());
         return;
     }
-    Machine m(*kvm, single_node_config(kVcpus, kMemBytes));
+    StressVm m(*kvm, single_node_config(kVcpus, kMemBytes));
     m.start();
     while (m.snapshot(0).passes < 2 || m.snapshot(1).passes < 2)
         std::this_thread::sleep_for(std::chrono::milliseconds(5));

@@ -18,7 +18,7 @@
 
 #include "migration/migrate.hpp"
 #include "vmm/kvm/kvm.hpp"
-#include "vmm/machine.hpp"
+#include "vmm/stress/stress_vm.hpp"
 
 using namespace mvm;
 
@@ -83,9 +83,9 @@ void migrate_once(benchmark::State& state, const std::string& to, const char* na
     for (auto _ : state) {
         MachineConfig cfg = single_node_config(2, kBytes);
         cfg.workload.rate_pages_per_s = 1000;
-        Machine src(*g_kvm, cfg);
+        StressVm src(*g_kvm, cfg);
         auto tracker = dirty::Tracker::create(src, dirty::TrackerOptions{});
-        std::unique_ptr<Machine> dst;
+        std::unique_ptr<StressVm> dst;
         std::thread recv;
         std::string dest = to;
         if (to == "tcp") {
@@ -93,7 +93,7 @@ void migrate_once(benchmark::State& state, const std::string& to, const char* na
             port++;
             MachineConfig dcfg = cfg;
             dcfg.nodes[0].prealloc = true;  // as minivmm receive does
-            dst = std::make_unique<Machine>(*g_kvm, dcfg);
+            dst = std::make_unique<StressVm>(*g_kvm, dcfg);
             migration::ReceiveOptions ro;
             ro.listen = fmt::format("tcp:127.0.0.1:{}", port);
             ro.post_run_s = 0.1;

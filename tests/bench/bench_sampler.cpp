@@ -9,8 +9,8 @@
 #include <thread>
 
 #include "vmm/kvm/kvm.hpp"
-#include "vmm/machine.hpp"
-#include "vmm/sampler.hpp"
+#include "vmm/stress/stress_vm.hpp"
+#include "vmm/stress/sampler.hpp"
 
 using namespace mvm;
 
@@ -26,7 +26,7 @@ void BM_Sampler1kHz64Vcpus(benchmark::State& state)
         return;
     }
     MachineConfig cfg = single_node_config(64, 128ull << 20);
-    Machine m(*g_kvm, cfg);
+    StressVm m(*g_kvm, cfg);
     m.start();
     double cpu = 0, wall = 0;
     uint64_t ticks = 0;

@@ -19,7 +19,7 @@
 #include "migration/vcpu_state.hpp"
 #include "tests/fuzz/targets.hpp"
 #include "vmm/kvm/kvm.hpp"
-#include "vmm/machine.hpp"
+#include "vmm/stress/stress_vm.hpp"
 
 using namespace mvm;
 using namespace mvm::migration;
@@ -69,7 +69,7 @@ int main(int argc, char** argv)
     dir = argv[1];
     ::mkdir(dir.c_str(), 0755);
     Kvm kvm;
-    Machine m(kvm, fuzz::stream_rig_config());
+    StressVm m(kvm, fuzz::stream_rig_config());
     // Some recognisable non-zero pages: RAM and a system-slot page.
     const uint64_t ram = MVM_RAM_GPA;
     for (int i = 0; i < 3; i++)
@@ -146,7 +146,7 @@ int main(int argc, char** argv)
         MachineConfig other = fuzz::stream_rig_config();
         other.vcpus = 1;
         other.nodes[0].vcpus = {0};
-        Machine m1(kvm, other);
+        StressVm m1(kvm, other);
         o.rec(RecordType::Header, StreamHeader::of(m1, 1).encode());
         o.rec(RecordType::Pages, pages(gpas));
         save("stream", "other-layout", o.bytes());

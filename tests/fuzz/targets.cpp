@@ -13,12 +13,12 @@
 #include "migration/stream.hpp"
 #include "numa/policy.hpp"
 #include "numa/topology.hpp"
-#include "vmm/cli/options.hpp"
-#include "vmm/kvm/error.hpp"
+#include "cli/options.hpp"
+#include "base/error.hpp"
 #include "vmm/kvm/kvm.hpp"
-#include "vmm/machine.hpp"
-#include "vmm/units.hpp"
-#include "vmm/workload.hpp"
+#include "vmm/stress/stress_vm.hpp"
+#include "base/units.hpp"
+#include "vmm/stress/workload.hpp"
 
 namespace mvm::fuzz {
 
@@ -54,7 +54,7 @@ int stream_one(const uint8_t* data, size_t size)
 {
     using namespace migration;
     static std::unique_ptr<Kvm> kvm;
-    static std::unique_ptr<Machine> m;
+    static std::unique_ptr<StressVm> m;
     if (!kvm) {
         try {
             kvm = std::make_unique<Kvm>();
@@ -64,7 +64,7 @@ int stream_one(const uint8_t* data, size_t size)
         }
     }
     if (!m)
-        m = std::make_unique<Machine>(*kvm, stream_rig_config());
+        m = std::make_unique<StressVm>(*kvm, stream_rig_config());
 
     // Split the input into connections at HELLO records.
     std::vector<std::vector<uint8_t>> chans(1);

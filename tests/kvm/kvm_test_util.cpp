@@ -56,7 +56,7 @@ uint16_t free_port()
     return next++;
 }
 
-Receiver::Receiver(const std::string& args)
+Receiver::Receiver(const std::string& args, const std::string& wrapper)
 {
     char out[] = "/tmp/minivmm-recv-out-XXXXXX", err[] = "/tmp/minivmm-recv-err-XXXXXX";
     int o = mkstemp(out), e = mkstemp(err);
@@ -68,7 +68,8 @@ Receiver::Receiver(const std::string& args)
         dup2(e, 2);
         int null = open("/dev/null", O_RDONLY);
         dup2(null, 0);
-        execl("/bin/sh", "sh", "-c", ("exec " + std::string(MINIVMM_BINARY) + " receive " + args).c_str(), nullptr);
+        const std::string cmd = "exec " + (wrapper.empty() ? "" : wrapper + " ") + MINIVMM_BINARY + " receive " + args;
+        execl("/bin/sh", "sh", "-c", cmd.c_str(), nullptr);
         _exit(127);
     }
     close(o);

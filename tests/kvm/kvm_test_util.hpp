@@ -9,7 +9,7 @@
 #include <memory>
 #include <string>
 
-#include "vmm/kvm/error.hpp"
+#include "base/error.hpp"
 #include "vmm/kvm/kvm.hpp"
 
 namespace mvm::test {
@@ -51,9 +51,10 @@ CmdResult run_minivmm(const std::string& args, const std::string& wrapper = "");
 uint16_t free_port();
 
 // `minivmm receive ARGS` in the background; waits until it listens (or has
-// exited). Killed, if still running, when it goes out of scope.
+// exited). Killed, if still running, when it goes out of scope. `wrapper`
+// as for run_minivmm (e.g. "env MINIVMM_TEST_DIE_IN=bulk").
 struct Receiver {
-    explicit Receiver(const std::string& args);
+    explicit Receiver(const std::string& args, const std::string& wrapper = "");
     ~Receiver();
     Receiver(const Receiver&) = delete;
     Receiver& operator=(const Receiver&) = delete;

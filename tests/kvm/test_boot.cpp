@@ -7,10 +7,10 @@
 #include <fmt/format.h>
 
 #include "kvm_test_util.hpp"
-#include "vmm/machine.hpp"
-#include "vmm/report.hpp"
-#include "vmm/runner.hpp"
-#include "vmm/workload.hpp"
+#include "vmm/stress/stress_vm.hpp"
+#include "engines/run_report.hpp"
+#include "engines/run.hpp"
+#include "vmm/stress/workload.hpp"
 
 using namespace mvm;
 using namespace std::chrono_literals;
@@ -23,7 +23,7 @@ MachineConfig small_config(uint32_t vcpus, uint64_t mem = 32ull << 20)
     return c;
 }
 
-void wait_for_passes(const Machine& m, uint64_t passes, std::chrono::milliseconds timeout = 10s)
+void wait_for_passes(const StressVm& m, uint64_t passes, std::chrono::milliseconds timeout = 10s)
 {
     auto end = std::chrono::steady_clock::now() + timeout;
     for (;;) {
@@ -44,7 +44,7 @@ TEST_P(BootTest, MailboxCountersGrowAndStampsVerify)
 {
     REQUIRE_KVM();
     const uint32_t n = GetParam();
-    Machine m(kvm, small_config(n));
+    StressVm m(kvm, small_config(n));
     m.start();
     wait_for_passes(m, 3);
     ASSERT_FALSE(m.failure()) << m.failure()->reason;
@@ -81,7 +81,7 @@ TEST(StampCheck, DetectsACorruptedPage)
     REQUIRE_KVM();
     MachineConfig c = small_config(1, 8ull << 20);
     c.workload.max_passes = 2;
-    Machine m(kvm, c);
+    StressVm m(kvm, c);
     m.start();
     ASSERT_TRUE(m.wait_finished(10s));
     ASSERT_FALSE(m.failure());
@@ -110,7 +110,7 @@ TEST_P(PatternTest, StampsVerifyWhilePausedMidPass)
     c.workload.touch = GetParam().touch;
     c.workload.write_pct = GetParam().write_pct;
     c.workload.seed = 42;
-    Machine m(kvm, c);
+    StressVm m(kvm, c);
     m.start();
     wait_for_passes(m, 2);
     for (int round = 0; round < 5; round++) {
@@ -144,7 +144,7 @@ TEST_P(GuestFaultTest, ExceptionIsReportedWithItsVector)
     MachineConfig c = small_config(2, 8ull << 20);
     c.workload.fault = GetParam().fault;
     c.workload.fault_vcpu = 1;
-    Machine m(kvm, c);
+    StressVm m(kvm, c);
     m.start();
     ASSERT_TRUE(m.wait_finished(10s)) << "the VM did not stop after the guest faulted";
     auto f = m.failure();
@@ -165,7 +165,7 @@ INSTANTIATE_TEST_SUITE_P(Faults, GuestFaultTest,
 TEST(PauseResume, AllVcpusParkAndProgressStopsThenResumes)
 {
     REQUIRE_KVM();
-    Machine m(kvm, small_config(2));
+    StressVm m(kvm, small_config(2));
     m.start();
     wait_for_passes(m, 1);
     m.pause();
@@ -193,7 +193,7 @@ TEST(PauseResume, AllVcpusParkAndProgressStopsThenResumes)
 TEST(Run, ReportHasStatsAndNativeExecution)
 {
     REQUIRE_KVM();
-    Machine m(kvm, small_config(2, 64ull << 20));
+    StressVm m(kvm, small_config(2, 64ull << 20));
     RunOptions opt;
     opt.duration_s = 0.5;
     RunReport r = run_workload(m, opt);
@@ -228,7 +228,7 @@ TEST(Workload, RateCapLimitsPagesPerSecond)
     REQUIRE_KVM();
     MachineConfig c = small_config(2, 16ull << 20);
     c.workload.rate_pages_per_s = 100000;
-    Machine m(kvm, c);
+    StressVm m(kvm, c);
     RunOptions opt;
     opt.duration_s = 0.5;
     RunReport r = run_workload(m, opt);

@@ -61,7 +61,7 @@ TEST(Cli, RunJsonToStdoutHasTheDocumentedKeys)
 TEST(Cli, GuestExceptionFailsTheRunWithTheVector)
 {
     REQUIRE_KVM();
-    auto r = run_minivmm("run --vcpus 2 --mem 16M --duration 5 --guest-fault ud:1");
+    auto r = run_minivmm("run --vcpus 2 --mem 16M --duration 5", "env MINIVMM_TEST_GUEST_FAULT=ud:1");
     EXPECT_EQ(r.exit_code, 1);
     EXPECT_NE(r.out.find("vCPU 1: guest exception #UD (vector 6)"), std::string::npos) << r.out;
     EXPECT_NE(r.out.find("rip 0x"), std::string::npos) << "register dump missing";

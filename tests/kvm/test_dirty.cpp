@@ -11,10 +11,10 @@
 #include <nlohmann/json.hpp>
 
 #include "kvm_test_util.hpp"
-#include "migration/dirty/eager_split.hpp"
-#include "migration/dirty/tracker.hpp"
-#include "vmm/cli/options.hpp"
-#include "vmm/machine.hpp"
+#include "vmm/dirty/eager_split.hpp"
+#include "vmm/dirty/tracker.hpp"
+#include "cli/options.hpp"
+#include "vmm/stress/stress_vm.hpp"
 
 using namespace mvm;
 using namespace mvm::dirty;
@@ -28,7 +28,7 @@ constexpr uint64_t kMiB = 1ull << 20;
 // read consistently. `upper` picks the reading of an ambiguous cursor (the
 // previous pass's full cursor just after the generation moved) that counts
 // more visits; otherwise the one that counts fewer.
-uint64_t visit_count(const Machine& m, uint32_t v, bool upper)
+uint64_t visit_count(const StressVm& m, uint32_t v, bool upper)
 {
     const mvm_mailbox* mb = m.mailbox(v);
     const auto& vp = m.vcpu_params(v);
@@ -49,7 +49,7 @@ uint64_t visit_count(const Machine& m, uint32_t v, bool upper)
 }
 
 // GPA written by visit number `n` of vCPU v, or 0 when that visit reads or is skipped.
-uint64_t written_gpa(const Machine& m, uint32_t v, uint64_t n)
+uint64_t written_gpa(const StressVm& m, uint32_t v, uint64_t n)
 {
     const mvm_boot_params* bp = m.boot_params();
     const auto& vp = m.vcpu_params(v);
@@ -89,7 +89,7 @@ CheckResult check_intervals(const Kvm& kvm, const TrackerOptions& to, uint32_t r
     // per vCPU still dirties far more than a small ring holds per interval.
     cfg.workload.rate_pages_per_s = 3'000'000;
     cfg.dirty_ring_bytes = ring_bytes;
-    Machine m(kvm, cfg);
+    StressVm m(kvm, cfg);
     auto tracker = Tracker::create(m, to);
     tracker->enable();
     m.start();
@@ -221,7 +221,7 @@ TEST(DirtyRing, SoftLimitHarvestsBeforeKvmStopsTheVcpu)
         GTEST_SKIP() << "this host's KVM has no dirty ring";
     MachineConfig cfg = single_node_config(1, 32 * kMiB);
     cfg.dirty_ring_bytes = 1 << 20;  // 65536 entries
-    Machine m(kvm, cfg);
+    StressVm m(kvm, cfg);
     TrackerOptions to;
     to.mode = Mode::Ring;
     to.ring_soft_limit = 1024;
@@ -257,7 +257,7 @@ TEST(DirtyTracker, GuestMemfdSlotsAreUntracked)
     } catch (const std::exception& e) {
         GTEST_SKIP() << e.what();
     }
-    Machine m(kvm, cfg);
+    StressVm m(kvm, cfg);
     auto tracker = Tracker::create(m, TrackerOptions{});
     ASSERT_EQ(tracker->untracked_slots().size(), 1u);
     const MemoryRegion* r = m.memslots().by_slot(tracker->untracked_slots()[0].first);
@@ -283,7 +283,7 @@ TEST(DirtyTracker, EnablePerNodeOnTheNodesCpus)
               fmt::format("cpus=1,mem=16M,host-nodes=0,host-cpus={}", cpus.back())};
     MachineConfig cfg = o.to_config(kvm);
     cfg.slots_per_node = 2;
-    Machine m(kvm, cfg);
+    StressVm m(kvm, cfg);
     auto tracker = Tracker::create(m, TrackerOptions{});
     auto en = tracker->enable();
     ASSERT_EQ(en.slots.size(), 5u);  // system + 2 nodes x 2 slots

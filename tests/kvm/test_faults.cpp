@@ -19,7 +19,7 @@
 
 #include "kvm_test_util.hpp"
 #include "migration/migrate.hpp"
-#include "vmm/machine.hpp"
+#include "vmm/stress/stress_vm.hpp"
 
 using namespace mvm;
 using namespace mvm::migration;
@@ -74,7 +74,7 @@ TEST_P(KvmRunFaults, BurstsLoseNothingAndTheMigrationCompletes)
         if (!cfg.dirty_ring_bytes)
             GTEST_SKIP() << "needs KVM_CAP_DIRTY_LOG_RING";
     }
-    Machine src(kvm, cfg);
+    StressVm src(kvm, cfg);
     dirty::TrackerOptions to;
     to.mode = GetParam().tracker;
     auto tracker = dirty::Tracker::create(src, to);
@@ -149,7 +149,7 @@ TEST_P(StraySignals, SourceSurvivesAndNothingIsLostSilently)
         if (!dirty::min_dirty_ring_bytes(kvm))
             GTEST_SKIP() << "needs KVM_CAP_DIRTY_LOG_RING";
     }
-    Machine src(kvm, cfg);
+    StressVm src(kvm, cfg);
     dirty::TrackerOptions to;
     to.mode = GetParam();
     auto tracker = dirty::Tracker::create(src, to);
@@ -255,7 +255,7 @@ TEST(Hygiene, AThousandVmsLeaveNoFdMappingOrThreadBehind)
         cfg.workload.max_passes = 1;
         if (ring && i % 3 == 0)
             cfg.dirty_ring_bytes = ring;
-        Machine m(kvm, cfg);
+        StressVm m(kvm, cfg);
         if (i % 2 == 0) {
             m.start();
             ASSERT_TRUE(m.wait_finished(std::chrono::seconds(20))) << "cycle " << i;

@@ -11,8 +11,8 @@
 #include <nlohmann/json.hpp>
 
 #include "kvm_test_util.hpp"
-#include "vmm/machine.hpp"
-#include "vmm/sampler.hpp"
+#include "vmm/stress/stress_vm.hpp"
+#include "vmm/stress/sampler.hpp"
 
 using namespace mvm;
 using mvm::test::run_minivmm;
@@ -20,7 +20,7 @@ using mvm::test::run_minivmm;
 TEST(StallDetector, DeliberatePauseIsMeasuredWithinTheSamplingPeriod)
 {
     REQUIRE_KVM();
-    Machine m(kvm, single_node_config(2, 16ull << 20));
+    StressVm m(kvm, single_node_config(2, 16ull << 20));
     m.start();
     ProgressSampler sampler(m, 1000);
     sampler.start();
@@ -60,8 +60,9 @@ TEST(Lockup, WatchdogEventsAndTheDeliberatePauseReachTheReport)
     int fd = mkstemp(path);
     close(fd);
     auto r = run_minivmm(fmt::format("lockup --vcpus 4 --mem 64M --variants bitmap,ring --logging 0.5 --steady 0.2 "
-                                     "--threshold-ms 30 --test-pause-ms 120 --timeline {} --json -",
-                                     path));
+                                     "--threshold-ms 30 --timeline {} --json -",
+                                     path),
+                         "env MINIVMM_TEST_PAUSE_MS=120");
     ASSERT_EQ(r.exit_code, 0) << r.err;
     auto j = nlohmann::json::parse(r.out);
     ASSERT_EQ(j["variants"].size(), 2u);

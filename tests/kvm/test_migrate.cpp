@@ -18,7 +18,7 @@
 
 #include "kvm_test_util.hpp"
 #include "migration/migrate.hpp"
-#include "vmm/machine.hpp"
+#include "vmm/stress/stress_vm.hpp"
 
 using namespace mvm;
 using namespace mvm::migration;
@@ -109,7 +109,8 @@ class MigrateFault : public ::testing::TestWithParam<std::string> {};
 TEST_P(MigrateFault, InProcessSourceSurvives)
 {
     REQUIRE_KVM();
-    auto r = run_minivmm(fmt::format("migrate --to inproc {} --max-downtime 5 --fail-in {} --json -", kGuest, GetParam()));
+    auto r = run_minivmm(fmt::format("migrate --to inproc {} --max-downtime 5 --json -", kGuest),
+                         "env MINIVMM_TEST_FAIL_IN=" + GetParam());
     EXPECT_EQ(r.exit_code, 5) << r.err;
     auto j = parse(r.out);
     EXPECT_EQ(j["status"], "failed");
@@ -124,7 +125,8 @@ TEST_P(MigrateFault, ReceiverKilledSourceSurvives)
 {
     REQUIRE_KVM();
     const uint16_t port = free_port();
-    Receiver recv(fmt::format("--vcpus 2 --mem 64M --rate 100000 --listen tcp:127.0.0.1:{} --die-in {}", port, GetParam()));
+    Receiver recv(fmt::format("--vcpus 2 --mem 64M --rate 100000 --listen tcp:127.0.0.1:{}", port),
+                  "env MINIVMM_TEST_DIE_IN=" + GetParam());
     auto r = run_minivmm(fmt::format("migrate --to tcp:127.0.0.1:{} {} --max-downtime 5 --json -",
                                      port, kGuest));
     EXPECT_EQ(recv.wait(), 9) << recv.output();
@@ -179,8 +181,8 @@ TEST_P(MigrateStreamFault, ReceiverRefusesAndTheSourceSurvives)
     const std::string phase = spec.substr(spec.find(':') + 1, spec.rfind(':') - spec.find(':') - 1);
     const uint16_t port = free_port();
     Receiver recv(fmt::format("--vcpus 2 --mem 64M --rate 100000 --listen tcp:127.0.0.1:{}", port));
-    auto r = run_minivmm(
-        fmt::format("migrate --to tcp:127.0.0.1:{} {} --max-downtime 5 --stream-fault {} --json -", port, kGuest, spec));
+    auto r = run_minivmm(fmt::format("migrate --to tcp:127.0.0.1:{} {} --max-downtime 5 --json -", port, kGuest),
+                         "env MINIVMM_TEST_STREAM_FAULT=" + spec);
     const int rrc = recv.wait();
     const std::string rout = recv.output();
     EXPECT_GT(rrc, 0) << rout;
@@ -221,7 +223,7 @@ TEST(Migrate, SecondAttemptAfterAFailureSucceeds)
     REQUIRE_KVM();
     MachineConfig cfg = single_node_config(2, 32 * kMiB);
     cfg.workload.rate_pages_per_s = 100000;
-    Machine src(kvm, cfg);
+    StressVm src(kvm, cfg);
     auto tracker = dirty::Tracker::create(src, dirty::TrackerOptions{});
     src.start();
     std::this_thread::sleep_for(std::chrono::milliseconds(400));
@@ -250,7 +252,7 @@ TEST(Migrate, CtrlCCancelsAndTheSourceSurvives)
 {
     REQUIRE_KVM();
     MachineConfig cfg = single_node_config(2, 32 * kMiB);
-    Machine src(kvm, cfg);
+    StressVm src(kvm, cfg);
     auto tracker = dirty::Tracker::create(src, dirty::TrackerOptions{});
     src.start();
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
@@ -296,7 +298,7 @@ TEST(MigrationStream, BadStreamsAreRefusedWithAClearError)
 {
     REQUIRE_KVM();
     MachineConfig cfg = single_node_config(1, 8 * kMiB);
-    Machine src(kvm, cfg);
+    StressVm src(kvm, cfg);
     // A valid start: HEADER + one PAGES record.
     MemoryTransport sink({});
     RecordWriter w(sink);
@@ -306,7 +308,7 @@ TEST(MigrationStream, BadStreamsAreRefusedWithAClearError)
     const std::vector<uint8_t> good = sink.written();
 
     auto feed = [&](std::vector<uint8_t> bytes, const MachineConfig& c) {
-        Machine dst(kvm, c);
+        StressVm dst(kvm, c);
         std::vector<std::unique_ptr<Transport>> ch;
         ch.push_back(std::make_unique<MemoryTransport>(bytes));
         return receive_from(dst, std::move(ch), 0);
@@ -337,7 +339,7 @@ TEST(MigrationStream, BadStreamsAreRefusedWithAClearError)
 TEST(MigrationStream, RecordsRoundTrip)
 {
     REQUIRE_KVM();
-    Machine m(kvm, single_node_config(2, 8 * kMiB));
+    StressVm m(kvm, single_node_config(2, 8 * kMiB));
     StreamHeader h = StreamHeader::of(m, 2);
     StreamHeader back = StreamHeader::decode(h.encode());
     EXPECT_EQ(back.slots, h.slots);

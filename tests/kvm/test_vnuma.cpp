@@ -15,9 +15,9 @@
 #include "memory/hugetlb.hpp"
 #include "numa/placement.hpp"
 #include "numa/topology.hpp"
-#include "vmm/cli/options.hpp"
-#include "vmm/machine.hpp"
-#include "vmm/runner.hpp"
+#include "cli/options.hpp"
+#include "vmm/stress/stress_vm.hpp"
+#include "engines/run.hpp"
 
 using namespace mvm;
 using mvm::test::run_minivmm;
@@ -147,13 +147,13 @@ INSTANTIATE_TEST_SUITE_P(EveryBacking, RunBacking,
                          [](const auto& info) { return std::string(info.param.backing); });
 
 // Off-policy memory: exit 3 and the first offending GPA range named. A
-// one-node host cannot misplace pages, so the hidden hook judges them
-// against a node they cannot be on.
+// one-node host cannot misplace pages, so the test hook (an environment
+// variable of this minivmm only) judges them against a node they cannot be on.
 TEST(NumaCheck, OffPolicyPagesExit3NamingTheFirstGpaRange)
 {
     REQUIRE_KVM();
-    auto r = run_minivmm("numa-check --numa node=0,cpus=0,mem=32M,host-nodes=0 --numa node=1,cpus=1,mem=32M "
-                         "--expect-host-nodes 7 --json -");
+    auto r = run_minivmm("numa-check --numa node=0,cpus=0,mem=32M,host-nodes=0 --numa node=1,cpus=1,mem=32M --json -",
+                         "env MINIVMM_TEST_EXPECT_HOST_NODES=7");
     EXPECT_EQ(r.exit_code, 3) << r.err;
     EXPECT_NE(r.err.find("misplaced memory: vnode 0: GPA 0x100000000-0x101ffffff (32.0 MiB) is on host node 0"),
               std::string::npos)
@@ -197,7 +197,7 @@ TEST(VnumaMachine, VcpuThreadsArePinnedAndUnderTheirNodePolicy)
     MachineConfig cfg = config_of(kvm, {fmt::format("cpus=0,mem=16M,host-nodes=0,host-cpus={}", cpu),
                                         "cpus=1,mem=16M"});
     cfg.workload.max_passes = 1;
-    Machine m(kvm, cfg);
+    StressVm m(kvm, cfg);
     m.start();
     auto pinned = m.vcpu_thread_info(0);
     auto free = m.vcpu_thread_info(1);
@@ -217,7 +217,7 @@ TEST(VnumaMachine, PreallocPopulatesBeforeBootOnlyWhereAsked)
     REQUIRE_KVM();
     MachineConfig cfg = config_of(kvm, {"cpus=0,mem=32M,host-nodes=0,prealloc=on",
                                         "cpus=1,mem=32M,backing=gmem,host-nodes=0,prealloc=on", "mem=32M"});
-    Machine m(kvm, cfg);
+    StressVm m(kvm, cfg);
     ASSERT_EQ(m.prealloc_results().size(), 2u);
     for (size_t i = 0; i < 3; i++) {
         const Backing& b = m.node_backing(i);
@@ -241,7 +241,7 @@ TEST(VnumaMachine, HostPolicyIsOnEveryBackingsMapping)
     REQUIRE_KVM();
     MachineConfig cfg = config_of(kvm, {"cpus=0,mem=16M,host-nodes=0", "cpus=1,mem=16M,backing=gmem,host-nodes=0",
                                         "mem=16M,backing=shm,host-nodes=0,policy=preferred", "mem=16M"});
-    Machine m(kvm, cfg);
+    StressVm m(kvm, cfg);
     EXPECT_EQ(numa::query_range_policy(m.node_backing(0).host()), (numa::NodePolicy{numa::Policy::Bind, {0}}));
     EXPECT_EQ(numa::query_range_policy(m.node_backing(1).host()), (numa::NodePolicy{numa::Policy::Bind, {0}}));
     EXPECT_EQ(numa::query_range_policy(m.node_backing(2).host()), (numa::NodePolicy{numa::Policy::Preferred, {0}}));

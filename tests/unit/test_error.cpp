@@ -4,7 +4,7 @@
 #include <cerrno>
 #include <string>
 
-#include "vmm/kvm/error.hpp"
+#include "base/error.hpp"
 
 namespace mvm {
 namespace {

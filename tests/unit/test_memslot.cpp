@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "memory/memslot.hpp"
-#include "vmm/kvm/error.hpp"
+#include "base/error.hpp"
 
 using ::testing::AllOf;
 using ::testing::HasSubstr;

@@ -5,7 +5,7 @@
 
 #include "numa/policy.hpp"
 #include "numa/topology.hpp"
-#include "vmm/kvm/error.hpp"
+#include "base/error.hpp"
 
 using namespace mvm::numa;
 

@@ -10,9 +10,9 @@
 
 #include "guest/abi.h"
 #include "vmm/config.hpp"
-#include "vmm/guest_image.hpp"
-#include "vmm/kvm/error.hpp"
-#include "vmm/machine.hpp"
+#include "vmm/stress/guest_image.hpp"
+#include "base/error.hpp"
+#include "vmm/stress/stress_vm.hpp"
 #include "vmm/x86/paging.hpp"
 
 using ::testing::HasSubstr;
@@ -414,7 +414,7 @@ TEST(PagesNeeded, GrowsWithEachArgument)
     EXPECT_GE(PageTableBuilder::pages_needed(600 * k1G, 2, 0), 1u + 2u + 600u);
 }
 
-// Builds the tables exactly as Machine::load_guest() does, for layouts from
+// Builds the tables exactly as the stress guest loader does, for layouts from
 // plan_layout() and the real embedded guest image, in the pool plan_layout()
 // sized. Catches a pool that is too small before a VM ever runs.
 void map_like_load_guest(const GuestLayout& l, const mvm_image_header& hdr, PageTableBuilder& pt)

@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "vmm/kvm/error.hpp"
+#include "base/error.hpp"
 #include "vmm/kvm/kvm_abi.h"
 #include "vmm/kvm/stats.hpp"
 

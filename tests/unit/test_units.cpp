@@ -5,8 +5,8 @@
 #include <cstdint>
 #include <limits>
 
-#include "vmm/kvm/error.hpp"
-#include "vmm/units.hpp"
+#include "base/error.hpp"
+#include "base/units.hpp"
 
 using ::testing::HasSubstr;
 using ::testing::StartsWith;

@@ -7,10 +7,10 @@
 #include <set>
 
 #include "memory/hugetlb.hpp"
-#include "vmm/cli/options.hpp"
-#include "vmm/kvm/error.hpp"
-#include "vmm/machine.hpp"
-#include "vmm/vnuma.hpp"
+#include "cli/options.hpp"
+#include "base/error.hpp"
+#include "vmm/stress/stress_vm.hpp"
+#include "vmm/stress/vnuma.hpp"
 
 using namespace mvm;
 using mvm::numa::Policy;

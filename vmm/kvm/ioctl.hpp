@@ -7,7 +7,7 @@
 
 #include <cerrno>
 
-#include "vmm/kvm/error.hpp"
+#include "base/error.hpp"
 
 namespace mvm {
 

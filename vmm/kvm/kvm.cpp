@@ -11,7 +11,7 @@
 #include <fmt/format.h>
 
 #include "vmm/kvm/caps.hpp"
-#include "vmm/kvm/error.hpp"
+#include "base/error.hpp"
 #include "vmm/kvm/ioctl.hpp"
 
 namespace mvm {

@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "vmm/kvm/fd.hpp"
+#include "base/fd.hpp"
 #include "vmm/kvm/kvm_abi.h"
 
 namespace mvm {

@@ -1,0 +1,160 @@
+// minivmm migrate: boot the guest, let it dirty memory, live-migrate it.
+#include <chrono>
+#include <fmt/format.h>
+#include <thread>
+
+#include "base/error.hpp"
+#include "base/units.hpp"
+#include "cli/command.hpp"
+#include "cli/options.hpp"
+#include "cli/output.hpp"
+#include "cli/test_hooks.hpp"
+#include "engines/run.hpp"
+#include "migration/migrate.hpp"
+#include "vmm/kvm/kvm.hpp"
+
+namespace mvm::cli {
+
+namespace {
+
+using namespace mvm::migration;
+
+// --throttle auto-converge | dirty-limit:PAGES_PER_S
+void parse_throttle(const std::string& v, MigrateOptions& o)
+{
+    if (v.empty())
+        return;
+    if (v == "auto-converge")
+        o.throttle = Throttle::AutoConverge;
+    else if (v.rfind("dirty-limit:", 0) == 0) {
+        o.throttle = Throttle::DirtyLimit;
+        o.dirty_limit = parse_uint("--throttle dirty-limit:RATE", v.substr(12), 1, 1ull << 40);
+    } else
+        throw UsageError(fmt::format("--throttle: '{}' is not auto-converge or dirty-limit:PAGES_PER_S", v));
+}
+
+class Migrate : public Command {
+public:
+    CLI::App* add_to(CLI::App& app) override
+    {
+        auto* c = app.add_subcommand("migrate", "boot the guest, let it dirty memory, live-migrate it (pre-copy "
+                                                "rounds while it runs, stop-and-copy, resume on the destination), "
+                                                "verify");
+        vm_.add_to(*c);
+        c->add_option("--to", to_, "inproc (a second VM here) or tcp:HOST:PORT (minivmm receive there)");
+        c->add_option("--tracker", tracker_, "ring|bitmap")->capture_default_str();
+        c->add_option("--ring", ring_, "with --tracker ring: bytes per vCPU ring (default 256K)");
+        c->add_option("--max-downtime", max_downtime_, "ms the stop-and-copy may take at the measured bandwidth")
+            ->capture_default_str();
+        c->add_option("--bandwidth", bandwidth_, "cap in bytes/s, e.g. 100M (0 = unlimited)")->capture_default_str();
+        c->add_option("--max-iterations", max_iterations_, "pre-copy rounds before stop-and-copy regardless")
+            ->capture_default_str();
+        c->add_option("--timeout", timeout_, "seconds before giving up (the source resumes)")->capture_default_str();
+        c->add_option("--throttle", throttle_, "auto-converge or dirty-limit:PAGES_PER_S (per vCPU)");
+        c->add_option("--warmup", warmup_, "seconds the guest runs before migrating")->capture_default_str();
+        c->add_option("--post-run", post_run_, "seconds the destination runs before its stamp check")
+            ->capture_default_str();
+        c->add_option("--channels", channels_, "connections (0 = one per virtual node)")->capture_default_str();
+        c->add_flag("--no-verify", no_verify_, "skip the switchover compare and the destination stamp check");
+        c->add_option("--json", json_, "also write the report as JSON to FILE, or - for stdout");
+        return c;
+    }
+
+    int run() override
+    {
+        check_json_dest(json_);
+        MigrateOptions o = parse_options();
+        Kvm kvm(kvm_device());
+        MachineConfig cfg = vm_.to_config(kvm);
+        if (o.tracker == dirty::Mode::Ring)
+            cfg.dirty_ring_bytes = parse_ring_size("--ring", ring_.empty() ? "256K" : ring_, kvm);
+        cfg.show_progress = o.progress = stderr_is_terminal();
+        install_stop_signals();
+        StressVm src(kvm, cfg);
+        dirty::TrackerOptions to;
+        to.mode = o.tracker;
+        auto tracker = dirty::Tracker::create(src, to);
+        src.start();
+        // Warm up: every vCPU through its first pass, then --warmup seconds.
+        auto t0 = std::chrono::steady_clock::now();
+        src.wait_first_pass(std::chrono::minutes(5));
+        while (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < warmup_s_ &&
+               !g_stop_signal.load())
+            std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        if (auto f = src.failure())
+            throw Error("the source guest failed before migrating: " + f->reason);
+        MigrateReport r = migrate(src, *tracker, o, &g_stop_signal);
+        return report(src, r);
+    }
+
+private:
+    // Everything that needs no KVM.
+    MigrateOptions parse_options()
+    {
+        MigrateOptions o;
+        if (to_.empty())
+            throw UsageError("--to is required: inproc or tcp:HOST:PORT");
+        o.to = to_;
+        if (o.to != "inproc")
+            parse_tcp("--to", o.to);
+        o.tracker = dirty::parse_mode_option("--tracker", tracker_, "tracker", "ring or bitmap");
+        o.max_downtime_ms = parse_seconds("--max-downtime", max_downtime_);
+        o.bandwidth = parse_size_option("--bandwidth", bandwidth_);
+        o.max_iterations = static_cast<uint32_t>(parse_uint("--max-iterations", max_iterations_, 1, 100000));
+        o.timeout_s = parse_seconds("--timeout", timeout_);
+        if (o.timeout_s <= 0)
+            throw UsageError("--timeout: must be positive, e.g. 120");
+        warmup_s_ = parse_seconds("--warmup", warmup_);
+        o.post_run_s = parse_seconds("--post-run", post_run_);
+        o.channels = static_cast<uint32_t>(parse_uint("--channels", channels_, 0, 64));
+        o.verify = !no_verify_;
+        // Test hooks (cli/test_hooks.hpp): lose the destination in a phase, or damage the stream.
+        o.fail_in = test_hook("FAIL_IN");
+        if (const std::string fault = test_hook("STREAM_FAULT"); !fault.empty()) {
+            parse_stream_fault(fault);
+            if (o.to == "inproc")
+                throw UsageError("MINIVMM_TEST_STREAM_FAULT needs a stream: use --to tcp:HOST:PORT");
+            o.stream_fault = fault;
+        }
+        parse_throttle(throttle_, o);
+        if (!ring_.empty() && o.tracker != dirty::Mode::Ring)
+            throw UsageError("--ring: only with --tracker ring");
+        return o;
+    }
+
+    // Prints the report; after a failure, shows the source intact and running.
+    int report(StressVm& src, const MigrateReport& r)
+    {
+        nlohmann::json j = r.to_json();
+        std::string table = r.to_table();
+        int rc = kExitOk;
+        if (r.status != "completed") {
+            SourceCheck c = stop_and_check_source(src);
+            table += fmt::format("source: kept running ({}), stamp check {}\n",
+                                 c.running ? "made progress" : "NO PROGRESS", c.stamps.summary());
+            j["source"] = {
+                {"running", c.running}, {"pages_checked", c.stamps.pages_checked}, {"mismatches", c.stamps.mismatches}};
+            rc = g_stop_signal.load() ? 128 + g_stop_signal.load() : kExitMigration;
+        } else {
+            src.kill();
+        }
+        fmt::print(table_stream(json_), "{}", table);
+        if (!json_.empty())
+            write_json(json_, j);
+        if (rc == kExitMigration)
+            fmt::print(stderr, "minivmm: migration {} in {}: {}\n", r.status, r.phase, r.error);
+        return rc;
+    }
+
+    VmOptions vm_;
+    std::string to_, tracker_ = "bitmap", ring_, max_downtime_ = "300", bandwidth_ = "0", max_iterations_ = "30",
+                     timeout_ = "120", throttle_, warmup_ = "1", post_run_ = "2", channels_ = "0", json_;
+    bool no_verify_ = false;
+    double warmup_s_ = 1;
+};
+
+}  // namespace
+
+std::unique_ptr<Command> migrate_command() { return std::make_unique<Migrate>(); }
+
+}  // namespace mvm::cli

@@ -1,0 +1,86 @@
+// minivmm receive: take one incoming migration, resume the guest, check it.
+#include <unistd.h>
+
+#include <fmt/format.h>
+
+#include "base/error.hpp"
+#include "base/units.hpp"
+#include "cli/command.hpp"
+#include "cli/options.hpp"
+#include "cli/output.hpp"
+#include "cli/test_hooks.hpp"
+#include "migration/migrate.hpp"
+#include "vmm/kvm/kvm.hpp"
+
+namespace mvm::cli {
+
+namespace {
+
+using namespace mvm::migration;
+
+class Receive : public Command {
+public:
+    CLI::App* add_to(CLI::App& app) override
+    {
+        auto* c = app.add_subcommand("receive", "wait for one incoming migration (same VM options as the sender), "
+                                                "resume the guest, check its stamps");
+        vm_.add_to(*c);
+        c->add_option("--listen", listen_, "tcp:ADDR:PORT to listen on");
+        c->add_option("--post-run", post_run_, "seconds the guest runs here before its stamp check")
+            ->capture_default_str();
+        c->add_option("--timeout", timeout_, "seconds to wait for a sender")->capture_default_str();
+        c->add_option("--json", json_, "also write the report as JSON to FILE, or - for stdout");
+        c->add_flag("--no-prealloc", no_prealloc_, "do not populate the guest memory before receiving");
+        return c;
+    }
+
+    int run() override
+    {
+        check_json_dest(json_);
+        ReceiveOptions o;
+        if (listen_.empty())
+            throw UsageError("--listen is required: tcp:ADDR:PORT, e.g. tcp:0.0.0.0:4444");
+        // receive binds --listen only once the guest's memory is ready: a bad
+        // or busy address is found here, before anything is allocated.
+        ::close(bind_listener(listen_));
+        o.listen = listen_;
+        o.post_run_s = parse_seconds("--post-run", post_run_);
+        o.accept_timeout_s = parse_seconds("--timeout", timeout_);
+        if (o.accept_timeout_s <= 0)
+            throw UsageError("--timeout: must be positive, e.g. 300");
+        o.die_in = test_hook("DIE_IN");  // test hook: exit abruptly in bulk|precopy|stop
+        Kvm kvm(kvm_device());
+        MachineConfig cfg = vm_.to_config(kvm);
+        // Populate the memory before the sender connects, so the copy does not
+        // fault page by page while the guest is stopped.
+        if (!no_prealloc_)
+            for (auto& n : cfg.nodes)
+                n.prealloc = true;
+        cfg.show_progress = stderr_is_terminal();
+        StressVm dst(kvm, cfg);
+        ReceiveReport r = receive(dst, o);
+        std::FILE* out = table_stream(json_);
+        fmt::print(out, "receive {}: {} pages ({} zero, {}){}\n", r.status, r.pages, r.zero_pages,
+                   human_bytes(static_cast<double>(r.bytes)), r.error.empty() ? "" : "; " + r.error);
+        if (!r.stamp_summary.empty())
+            fmt::print(out, "destination stamp check: {}\n", r.stamp_summary);
+        if (!json_.empty())
+            write_json(json_, r.to_json());
+        if (r.status != "completed") {
+            fmt::print(stderr, "minivmm: receive failed: {}\n", r.error);
+            return kExitMigration;
+        }
+        return kExitOk;
+    }
+
+private:
+    VmOptions vm_;
+    std::string listen_, post_run_ = "2", timeout_ = "300", json_;
+    bool no_prealloc_ = false;
+};
+
+}  // namespace
+
+std::unique_ptr<Command> receive_command() { return std::make_unique<Receive>(); }
+
+}  // namespace mvm::cli

@@ -1,0 +1,327 @@
+#include "cli/options.hpp"
+#include "cli/test_hooks.hpp"
+
+#include <algorithm>
+#include <charconv>
+#include <set>
+#include <cmath>
+#include <fmt/format.h>
+
+#include "vmm/dirty/tracker.hpp"
+#include "base/error.hpp"
+#include "vmm/kvm/ioctl.hpp"
+#include "vmm/kvm/kvm.hpp"
+#include "base/units.hpp"
+
+namespace mvm::cli {
+
+uint64_t parse_uint(std::string_view option, const std::string& value, uint64_t min, uint64_t max)
+{
+    uint64_t v = 0;
+    auto [p, ec] = std::from_chars(value.data(), value.data() + value.size(), v);
+    if (value.empty() || ec == std::errc::invalid_argument || p != value.data() + value.size())
+        throw UsageError(fmt::format("{}: '{}' is not a whole number; use a value in {}..{}", option, value, min, max));
+    if (ec == std::errc::result_out_of_range || v < min || v > max)
+        throw UsageError(fmt::format("{}: {} is out of range; use a value in {}..{}", option, value, min, max));
+    return v;
+}
+
+double parse_seconds(std::string_view option, const std::string& value)
+{
+    double v = 0;
+    auto [p, ec] = std::from_chars(value.data(), value.data() + value.size(), v);
+    if (value.empty() || ec != std::errc() || p != value.data() + value.size() || !std::isfinite(v) || v < 0)
+        throw UsageError(fmt::format("{}: '{}' is not a number of seconds; use e.g. 3 or 0.5", option, value));
+    return v;
+}
+
+namespace {
+
+std::vector<int> parse_list(const std::string& where, const std::string& key, const std::string& v, int max)
+{
+    std::vector<int> out;
+    try {
+        out = numa::parse_cpu_list(v);
+    } catch (const std::exception&) {
+        throw UsageError(fmt::format("{}: {}='{}' is not a list like 0-3,5 (repeat the key for several ranges: "
+                                     "{}=0-1,{}=4)",
+                                     where, key, v, key, key));
+    }
+    if (out.empty())
+        throw UsageError(fmt::format("{}: {}= is empty; give a list like 0-1", where, key));
+    for (int x : out)
+        if (x > max)
+            throw UsageError(fmt::format("{}: {}={} is out of range; use values within 0-{}", where, key, x, max));
+    return out;
+}
+
+bool parse_on_off(const std::string& where, const std::string& key, const std::string& v)
+{
+    if (v == "on" || v == "yes" || v == "true" || v == "1")
+        return true;
+    if (v == "off" || v == "no" || v == "false" || v == "0")
+        return false;
+    throw UsageError(fmt::format("{}: {}='{}' is not on or off", where, key, v));
+}
+
+}  // namespace
+
+NodeConfig parse_numa_option(const std::string& value, uint32_t index, BackingKind default_backing)
+{
+    const std::string where = fmt::format("--numa #{}", index + 1);
+    NodeConfig n;
+    n.id = index;
+    n.backing = default_backing;
+    n.origin = where;
+    bool have_mem = false, have_policy = false;
+    std::vector<int> cpus, host_nodes, host_cpus;
+    std::set<std::string> seen;
+    size_t pos = 0;
+    if (value.empty())
+        throw UsageError(fmt::format("{}: empty; use e.g. node=0,cpus=0-1,mem=512M,host-nodes=0", where));
+    while (pos <= value.size()) {
+        size_t comma = value.find(',', pos);
+        std::string item = value.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+        pos = comma == std::string::npos ? value.size() + 1 : comma + 1;
+        auto eq = item.find('=');
+        if (item.empty() || eq == std::string::npos || eq == 0)
+            throw UsageError(fmt::format("{}: '{}' is not key=value; use e.g. node=0,cpus=0-1,mem=512M", where, item));
+        std::string key = item.substr(0, eq), v = item.substr(eq + 1);
+        const bool repeatable = key == "cpus" || key == "host-nodes" || key == "host-cpus";
+        if (!seen.insert(key).second && !repeatable)
+            throw UsageError(fmt::format("{}: {}= is given twice", where, key));
+        if (key == "node" || key == "nodeid") {
+            n.id = static_cast<uint32_t>(parse_uint(where + " node", v, 0, MVM_MAX_VNODES - 1));
+            n.origin = fmt::format("--numa node={}", n.id);
+        } else if (key == "cpus") {
+            auto l = parse_list(where, key, v, 1023);
+            cpus.insert(cpus.end(), l.begin(), l.end());
+        } else if (key == "mem" || key == "size") {
+            n.mem_bytes = parse_size_option(where + " mem", v);
+            have_mem = true;
+        } else if (key == "backing" || key == "memdev") {
+            auto k = parse_backing(v);
+            if (!k)
+                throw UsageError(fmt::format("{}: backing='{}' is unknown; use one of {}", where, v, backing_names()));
+            n.backing = *k;
+        } else if (key == "host-nodes") {
+            auto l = parse_list(where, key, v, 1023);
+            host_nodes.insert(host_nodes.end(), l.begin(), l.end());
+        } else if (key == "host-cpus") {
+            auto l = parse_list(where, key, v, 65535);
+            host_cpus.insert(host_cpus.end(), l.begin(), l.end());
+        } else if (key == "policy") {
+            auto p = numa::parse_policy(v);
+            if (!p)
+                throw UsageError(fmt::format("{}: policy='{}' is unknown; use bind, preferred, interleave or default",
+                                             where, v));
+            n.host_policy.policy = *p;
+            have_policy = true;
+        } else if (key == "prealloc") {
+            n.prealloc = parse_on_off(where, key, v);
+        } else {
+            throw UsageError(fmt::format("{}: unknown key '{}'; use node, cpus, mem, backing, host-nodes, host-cpus, "
+                                         "policy, prealloc",
+                                         where, key));
+        }
+    }
+    if (!have_mem)
+        throw UsageError(fmt::format("{}: mem= is missing; every virtual node needs its size, e.g. mem=512M", n.origin));
+    std::sort(cpus.begin(), cpus.end());
+    if (std::adjacent_find(cpus.begin(), cpus.end()) != cpus.end())
+        throw UsageError(fmt::format("{}: cpus= lists a vCPU twice", n.origin));
+    for (int c : cpus)
+        n.vcpus.push_back(static_cast<uint32_t>(c));
+    std::sort(host_nodes.begin(), host_nodes.end());
+    host_nodes.erase(std::unique(host_nodes.begin(), host_nodes.end()), host_nodes.end());
+    n.host_policy.nodes = host_nodes;
+    // host-nodes alone means bind, the policy people want for VMs.
+    if (!have_policy && !host_nodes.empty())
+        n.host_policy.policy = numa::Policy::Bind;
+    if (have_policy && n.host_policy.policy != numa::Policy::Default && host_nodes.empty())
+        throw UsageError(fmt::format("{}: policy={} needs host-nodes=, e.g. host-nodes=0", n.origin,
+                                     numa::policy_name(n.host_policy.policy)));
+    std::sort(host_cpus.begin(), host_cpus.end());
+    host_cpus.erase(std::unique(host_cpus.begin(), host_cpus.end()), host_cpus.end());
+    n.host_cpus = host_cpus;
+    n.host_cpus_given = !host_cpus.empty();
+    return n;
+}
+
+BackingKind parse_backing_option(std::string_view option, const std::string& value)
+{
+    static const std::pair<const char*, BackingKind> aliases[] = {
+        {"anonymous", BackingKind::Anon},         {"anonymous_thp", BackingKind::Thp},
+        {"anonymous_hugetlb", BackingKind::Hugetlb2M}, {"anonymous_hugetlb_2mb", BackingKind::Hugetlb2M},
+        {"anonymous_hugetlb_1gb", BackingKind::Hugetlb1G}, {"shmem", BackingKind::Shm},
+        {"shared_hugetlb", BackingKind::Hugetlb2M}};
+    if (auto k = parse_backing(value))
+        return *k;
+    for (const auto& [name, kind] : aliases)
+        if (value == name)
+            return kind;
+    throw UsageError(fmt::format("{}: unknown backing '{}'; use one of {}", option, value, backing_names()));
+}
+
+uint32_t parse_ring_size(std::string_view option, const std::string& value, const Kvm& kvm)
+{
+    const int cap = kvm.cap(KVM_CAP_DIRTY_LOG_RING_ACQ_REL) > 0 ? kvm.cap(KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
+                                                                : kvm.cap(KVM_CAP_DIRTY_LOG_RING);
+    if (cap <= 0)
+        throw UsageError(fmt::format("{}: this host's KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING); use the bitmap "
+                                     "(drop {})",
+                                     option, option));
+    const uint64_t bytes = parse_size_option(option, value);
+    const uint32_t min = dirty::min_dirty_ring_bytes(kvm), max = static_cast<uint32_t>(cap);
+    if (bytes < min || bytes > max || (bytes & (bytes - 1)))
+        throw UsageError(fmt::format("{} {}: a dirty ring must be a power of two from {} to {} here ({} to {} entries "
+                                     "of 16 bytes)",
+                                     option, value, format_size(min), format_size(max), min / 16, max / 16));
+    return static_cast<uint32_t>(bytes);
+}
+
+AccessConfig parse_access(const std::string& value)
+{
+    AccessConfig a;
+    if (value == "local")
+        return a;
+    if (value == "remote") {
+        a.mode = Access::Remote;
+        a.remote_pct = 100;
+        return a;
+    }
+    if (value.rfind("mixed:", 0) == 0) {
+        a.mode = Access::Mixed;
+        a.remote_pct = static_cast<uint32_t>(parse_uint("--access mixed:P", value.substr(6), 0, 100));
+        return a;
+    }
+    throw UsageError(fmt::format("--access: unknown mode '{}'; use local, remote or mixed:P (P = remote %, 0..100)",
+                                 value));
+}
+
+void VmOptions::add_to(CLI::App& app)
+{
+    app.add_option("--vcpus", vcpus, "number of vCPUs (with --numa: defaults to the highest cpus= + 1)")
+        ->capture_default_str()
+        ->each([this](const std::string&) { vcpus_given = true; });
+    app.add_option("--mem", mem, "guest memory, e.g. 256M or 2G (with --numa: the sum of mem=, if given)")
+        ->capture_default_str()
+        ->each([this](const std::string&) { mem_given = true; });
+    app.add_option("--numa", numa,
+                   "a virtual node, once per node: node=N,cpus=LIST,mem=SIZE[,backing=KIND][,host-nodes=LIST]"
+                   "[,policy=bind|preferred|interleave|default][,host-cpus=LIST][,prealloc=on]; host-nodes alone "
+                   "means bind; vCPU threads are pinned to host-cpus or else to the CPUs of host-nodes")
+        ->take_all();
+    app.add_option("--access", access, "which nodes each vCPU touches: local|remote|mixed:P (P% on the next node)")
+        ->capture_default_str();
+    app.add_option("--backing", backing, std::string("backing store: ") + std::string(backing_names()))
+        ->capture_default_str();
+    app.add_option("--pattern", pattern, "page order in each pass: seq|random")->capture_default_str();
+    app.add_option("--write-pct", write_pct, "share of visited pages written (reads for the rest)")->capture_default_str();
+    app.add_option("--touch", touch, "write one qword per page or the whole page: qword|page")->capture_default_str();
+    app.add_option("--rate", rate, "cap in pages/s per vCPU (0 = unlimited)")->capture_default_str();
+    app.add_option("--seed", seed, "seed of the random pattern")->capture_default_str();
+    app.add_option("--watchdog-ms", watchdog_ms, "guest watchdog threshold in ms")->capture_default_str();
+    app.add_option("--passes", passes, "stop each vCPU after this many passes (0 = run for --duration)")
+        ->capture_default_str();
+}
+
+MachineConfig VmOptions::parse(const numa::Topology& topo, const Kvm* kvm) const
+{
+    uint32_t n = static_cast<uint32_t>(parse_uint("--vcpus", vcpus, 0, 1u << 20));
+    uint64_t bytes = parse_size_option("--mem", mem);
+    auto kind = parse_backing(backing);
+    if (!kind)
+        throw UsageError(fmt::format("--backing: unknown backing '{}'; use one of {}", backing, backing_names()));
+    MachineConfig cfg;
+    if (numa.empty()) {
+        cfg = single_node_config(n, bytes, *kind);
+    } else {
+        cfg.vcpus = n;
+        uint64_t sum = 0;
+        bool any_cpus = false;
+        uint32_t max_cpu = 0;
+        for (size_t i = 0; i < numa.size(); i++) {
+            cfg.nodes.push_back(parse_numa_option(numa[i], static_cast<uint32_t>(i), *kind));
+            sum += cfg.nodes.back().mem_bytes;
+            for (uint32_t c : cfg.nodes.back().vcpus) {
+                any_cpus = true;
+                max_cpu = std::max(max_cpu, c);
+            }
+        }
+        std::sort(cfg.nodes.begin(), cfg.nodes.end(), [](const NodeConfig& a, const NodeConfig& b) { return a.id < b.id; });
+        if (mem_given && sum != bytes)
+            throw UsageError(fmt::format("--mem {} differs from the sum of the --numa mem= sizes ({}); drop --mem or "
+                                         "make them agree",
+                                         mem, format_size(sum)));
+        if (!vcpus_given && any_cpus)
+            cfg.vcpus = n = max_cpu + 1;
+        if (!any_cpus) {
+            // Like QEMU without cpus=: vCPUs split into contiguous blocks over the nodes.
+            const uint32_t k = static_cast<uint32_t>(cfg.nodes.size());
+            for (uint32_t i = 0; i < k; i++)
+                for (uint32_t v = n * i / k; v < n * (i + 1) / k; v++)
+                    cfg.nodes[i].vcpus.push_back(v);
+        }
+        // vCPU threads follow their node: pinned to the CPUs of its host nodes.
+        for (auto& node : cfg.nodes)
+            if (!node.host_cpus_given && node.host_policy.policy != numa::Policy::Default && !node.vcpus.empty()) {
+                bool known = std::all_of(node.host_policy.nodes.begin(), node.host_policy.nodes.end(),
+                                         [&](int h) { return topo.node(h) != nullptr; });
+                if (known)
+                    node.host_cpus = numa::cpus_for_nodes(topo, node.host_policy.nodes);
+            }
+    }
+    cfg.access = parse_access(access);
+    WorkloadConfig& w = cfg.workload;
+    if (pattern == "seq" || pattern == "sequential")
+        w.pattern = MVM_PATTERN_SEQ;
+    else if (pattern == "random")
+        w.pattern = MVM_PATTERN_RANDOM;
+    else
+        throw UsageError(fmt::format("--pattern: unknown pattern '{}'; use seq or random", pattern));
+    if (touch == "qword")
+        w.touch = MVM_TOUCH_QWORD;
+    else if (touch == "page")
+        w.touch = MVM_TOUCH_PAGE;
+    else
+        throw UsageError(fmt::format("--touch: unknown mode '{}'; use qword or page", touch));
+    w.write_pct = static_cast<uint32_t>(parse_uint("--write-pct", write_pct, 0, 100));
+    w.rate_pages_per_s = parse_uint("--rate", rate, 0, 1ull << 40);
+    w.seed = parse_uint("--seed", seed, 0, ~0ull);
+    w.watchdog_ms = parse_seconds("--watchdog-ms", watchdog_ms);
+    if (w.watchdog_ms <= 0)
+        throw UsageError("--watchdog-ms: must be positive, e.g. 20");
+    w.max_passes = parse_uint("--passes", passes, 0, 1ull << 40);
+    // Test hook (cli/test_hooks.hpp): make the guest fault, ud|pf|de|gp[:VCPU].
+    if (const std::string guest_fault = test_hook("GUEST_FAULT"); !guest_fault.empty()) {
+        auto colon = guest_fault.find(':');
+        std::string kindf = guest_fault.substr(0, colon);
+        if (kindf == "ud")
+            w.fault = MVM_FAULT_UD;
+        else if (kindf == "pf")
+            w.fault = MVM_FAULT_PF;
+        else if (kindf == "de")
+            w.fault = MVM_FAULT_DE;
+        else if (kindf == "gp")
+            w.fault = MVM_FAULT_GP;
+        else
+            throw UsageError(fmt::format("MINIVMM_TEST_GUEST_FAULT: unknown fault '{}'; use ud, pf, de or gp", kindf));
+        w.fault_vcpu = colon == std::string::npos
+                           ? 0
+                           : static_cast<int>(parse_uint("MINIVMM_TEST_GUEST_FAULT", guest_fault.substr(colon + 1), 0, n ? n - 1 : 0));
+    }
+    if (kvm)
+        check_kvm_vcpu_limit(cfg, *kvm);
+    validate_config(cfg, topo);
+    return cfg;
+}
+
+MachineConfig VmOptions::to_config(const Kvm& kvm) const
+{
+    MachineConfig cfg = parse(numa::host_topology(), &kvm);
+    check_host_resources(cfg, kvm);
+    return cfg;
+}
+
+}  // namespace mvm::cli

@@ -1,0 +1,226 @@
+#include "engines/dirty_rate.hpp"
+
+#include <chrono>
+#include <fmt/format.h>
+#include <random>
+#include <thread>
+
+#include "base/error.hpp"
+
+namespace mvm::dirty {
+
+namespace {
+
+using clock = std::chrono::steady_clock;
+double since(clock::time_point t0) { return std::chrono::duration<double>(clock::now() - t0).count(); }
+
+uint64_t hash_page(const uint8_t* p)
+{
+    // FNV-1a over 64-bit words: any change of a stamp changes the hash.
+    uint64_t h = 0xcbf29ce484222325ull;
+    const auto* w = reinterpret_cast<const volatile uint64_t*>(p);
+    for (size_t i = 0; i < 4096 / 8; i++)
+        h = (h ^ w[i]) * 0x100000001b3ull;
+    return h;
+}
+
+void wait_warm(StressVm& m, double warmup_s)
+{
+    if (!m.wait_first_pass(std::chrono::seconds(60))) {
+        if (auto f = m.failure())
+            throw Error(f->reason);
+        throw Error("the guest did not finish its first pass within 60 s");
+    }
+    std::this_thread::sleep_for(std::chrono::duration<double>(warmup_s));
+}
+
+}  // namespace
+
+const char* rate_mode_name(RateMode m)
+{
+    switch (m) {
+    case RateMode::Ring: return "ring";
+    case RateMode::Bitmap: return "bitmap";
+    case RateMode::Sampling: return "sampling";
+    }
+    return "?";
+}
+
+RateResult measure_dirty_rate(StressVm& m, const RateOptions& opt)
+{
+    RateResult r;
+    r.mode = opt.mode;
+    const uint32_t n = m.vcpu_count();
+    std::vector<uint64_t> per_vcpu(n, 0), writes0(n), writes1(n);
+    std::unique_ptr<Tracker> tracker;
+    if (opt.mode != RateMode::Sampling) {
+        TrackerOptions to;
+        to.mode = opt.mode == RateMode::Ring ? Mode::Ring : Mode::Bitmap;
+        to.manual_protect = false;  // GET_DIRTY_LOG clears: one call per slot
+        tracker = Tracker::create(m, to);
+    }
+    m.start();
+    wait_warm(m, opt.warmup_s);
+
+    // Samples: random guest pages of every node (sampling mode).
+    struct Sample {
+        uint64_t gpa;
+        const uint8_t* host;
+        uint64_t hash;
+        int owner;
+    };
+    std::vector<Sample> samples;
+    uint64_t guest_bytes = 0;
+    for (const auto& range : m.layout().ram)
+        guest_bytes += range.bytes;
+    if (opt.mode == RateMode::Sampling) {
+        std::mt19937_64 rng(0x5eed);
+        for (const auto& range : m.layout().ram) {
+            const uint64_t pages = range.bytes / 4096;
+            const uint64_t want = std::max<uint64_t>(1, opt.sample_pages_per_gib * range.bytes >> 30);
+            for (uint64_t i = 0; i < want; i++) {
+                uint64_t gpa = range.gpa + (rng() % pages) * 4096;
+                const uint8_t* host = m.host_ptr(gpa, 4096);
+                if (!host)
+                    continue;  // guest_memfd without a host mapping of ours: cannot be read here
+                samples.push_back({gpa, host, 0, owner_of_gpa(m, gpa)});
+            }
+        }
+    } else {
+        tracker->enable();
+        auto h0 = clock::now();
+        tracker->harvest();  // start clean: everything before this moment is discarded
+        r.harvest_s += since(h0);
+    }
+
+    for (uint32_t v = 0; v < n; v++)
+        writes0[v] = m.snapshot(v).pages_written;
+    auto t0 = clock::now();
+    for (auto& s : samples)
+        s.hash = hash_page(s.host);
+    // Over the period, ring mode harvests every 50 ms so rings rarely fill.
+    std::vector<std::unique_ptr<SlotDirty>> acc;
+    Harvest total;
+    bool have_total = false;
+    auto fold = [&](Harvest h) {
+        r.harvest_s += h.get_s + h.clear_s;
+        for (uint32_t v = 0; v < n && v < h.per_vcpu.size(); v++)
+            per_vcpu[v] += h.per_vcpu[v];
+        if (!have_total) {
+            total = std::move(h);
+            have_total = true;
+            return;
+        }
+        for (size_t i = 0; i < total.slots.size(); i++)
+            for (size_t w = 0; w < total.slots[i].bits.size(); w++)
+                total.slots[i].bits[w] |= h.slots[i].bits[w];
+    };
+    while (since(t0) < opt.period_s) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(std::min(50, static_cast<int>(opt.period_s * 1000))));
+        if (opt.mode == RateMode::Ring && since(t0) < opt.period_s)
+            fold(tracker->harvest());
+        if (opt.progress)
+            fmt::print(stderr, "\r\033[Kmeasuring ({}): {:.1f}/{:.1f} s", rate_mode_name(opt.mode), since(t0), opt.period_s);
+        if (auto f = m.failure())
+            throw Error(f->reason);
+    }
+    if (opt.mode != RateMode::Sampling)
+        fold(tracker->harvest());
+    r.period_s = since(t0);
+    for (uint32_t v = 0; v < n; v++)
+        writes1[v] = m.snapshot(v).pages_written;
+    if (opt.progress)
+        fmt::print(stderr, "\r\033[K");
+
+    std::vector<double> vcpu_pages(n, 0);
+    if (opt.mode == RateMode::Sampling) {
+        std::vector<uint64_t> owned(n, 0), changed(n, 0);
+        for (const auto& s : samples) {
+            const bool c = hash_page(s.host) != s.hash;
+            r.samples_changed += c;
+            if (s.owner >= 0) {
+                owned[static_cast<size_t>(s.owner)]++;
+                changed[static_cast<size_t>(s.owner)] += c;
+            }
+        }
+        r.samples = samples.size();
+        r.dirty_pages = r.samples ? static_cast<uint64_t>(static_cast<double>(r.samples_changed) /
+                                                          static_cast<double>(r.samples) *
+                                                          static_cast<double>(guest_bytes / 4096))
+                                  : 0;
+        for (uint32_t v = 0; v < n; v++)
+            vcpu_pages[v] = owned[v] ? static_cast<double>(changed[v]) / static_cast<double>(owned[v]) *
+                                           static_cast<double>(m.vcpu_params(v).total_pages)
+                                     : 0;
+        r.note = fmt::format("{} of {} sampled pages changed", r.samples_changed, r.samples);
+    } else {
+        // Distinct guest-memory pages (the system slot is the VMM's, not the workload's).
+        for (const auto& s : total.slots) {
+            if (s.vnode < 0)
+                continue;
+            r.dirty_pages += [&] {
+                uint64_t c = 0;
+                for (uint64_t w : s.bits)
+                    c += static_cast<uint64_t>(__builtin_popcountll(w));
+                return c;
+            }();
+            if (opt.mode == RateMode::Bitmap)
+                s.for_each([&](uint64_t page) {
+                    int o = owner_of_gpa(m, s.gpa + page * 4096);
+                    if (o >= 0)
+                        vcpu_pages[static_cast<size_t>(o)] += 1;
+                });
+        }
+        if (opt.mode == RateMode::Ring)
+            for (uint32_t v = 0; v < n; v++)
+                vcpu_pages[v] = static_cast<double>(per_vcpu[v]);  // entries this vCPU pushed
+        r.note = opt.mode == RateMode::Ring ? "per-vCPU rates are the entries each vCPU's ring received"
+                                            : "per-vCPU rates attribute each dirty page to the vCPU whose working set holds it";
+        tracker->disable();
+    }
+    r.pages_per_s = static_cast<double>(r.dirty_pages) / r.period_s;
+    r.mib_per_s = r.pages_per_s * 4096 / (1 << 20);
+    for (uint32_t v = 0; v < n; v++)
+        r.vcpus.push_back({v, vcpu_pages[v] / r.period_s, vcpu_pages[v] / r.period_s * 4096 / (1 << 20),
+                           static_cast<double>(writes1[v] - writes0[v]) / r.period_s});
+    m.request_stop();
+    if (!m.wait_finished(std::chrono::seconds(10)))
+        m.kill();
+    return r;
+}
+
+nlohmann::json to_json(const RateResult& r)
+{
+    nlohmann::json j;
+    j["mode"] = rate_mode_name(r.mode);
+    j["period_s"] = r.period_s;
+    j["dirty_pages"] = r.dirty_pages;
+    j["dirty_rate_pages_per_s"] = r.pages_per_s;
+    j["dirty_rate_mib_per_s"] = r.mib_per_s;
+    j["harvest_s"] = r.harvest_s;
+    if (r.mode == RateMode::Sampling)
+        j["sampling"] = {{"samples", r.samples}, {"changed", r.samples_changed}};
+    j["vcpus"] = nlohmann::json::array();
+    for (const auto& v : r.vcpus)
+        j["vcpus"].push_back({{"vcpu", v.vcpu},
+                              {"dirty_rate_pages_per_s", v.pages_per_s},
+                              {"dirty_rate_mib_per_s", v.mib_per_s},
+                              {"guest_writes_per_s", v.guest_writes_per_s}});
+    j["note"] = r.note;
+    return j;
+}
+
+std::string to_table(const RateResult& r)
+{
+    std::string o = fmt::format("dirty rate ({}, {:.2f} s): {:.1f} MiB/s, {:.0f} pages/s ({} distinct pages)\n",
+                                rate_mode_name(r.mode), r.period_s, r.mib_per_s, r.pages_per_s, r.dirty_pages);
+    o += fmt::format("{:>5} {:>14} {:>12} {:>18}\n", "vCPU", "pages/s", "MiB/s", "guest writes/s");
+    for (const auto& v : r.vcpus)
+        o += fmt::format("{:>5} {:>14.0f} {:>12.1f} {:>18.0f}\n", v.vcpu, v.pages_per_s, v.mib_per_s, v.guest_writes_per_s);
+    if (r.mode != RateMode::Sampling)
+        o += fmt::format("harvesting took {:.3f} ms in all\n", r.harvest_s * 1e3);
+    o += r.note + "\n";
+    return o;
+}
+
+}  // namespace mvm::dirty

@@ -1,0 +1,276 @@
+#include "engines/numa_check.hpp"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <chrono>
+#include <fmt/format.h>
+#include <fstream>
+
+#include "base/error.hpp"
+#include "engines/run.hpp"
+#include "base/units.hpp"
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+
+namespace mvm {
+
+namespace {
+
+std::string read_sysctl(const char* path)
+{
+    std::ifstream f(path);
+    std::string v;
+    if (!(f >> v))
+        return "unavailable";
+    return v;
+}
+
+std::vector<int> expected_nodes(const numa::NodePolicy& p)
+{
+    return p.policy == numa::Policy::Default ? std::vector<int>{} : p.nodes;
+}
+
+std::string list_or(const std::vector<int>& v, const char* empty)
+{
+    return v.empty() ? empty : numa::format_cpu_list(v);
+}
+
+}  // namespace
+
+bool NumaCheckReport::placement_ok() const
+{
+    return std::all_of(nodes.begin(), nodes.end(), [](const auto& n) { return !n.bad_range; });
+}
+
+bool NumaCheckReport::affinity_ok() const
+{
+    return std::all_of(vcpus.begin(), vcpus.end(), [](const auto& v) { return v.ok; });
+}
+
+std::string NumaCheckReport::first_offender() const
+{
+    for (const auto& n : nodes)
+        if (n.bad_range)
+            return fmt::format("vnode {}: GPA {:#x}-{:#x} ({}) is {}, policy {}", n.vnode, n.bad_range->first,
+                               n.bad_range->first + n.bad_range->second - 1, human_bytes(n.bad_range->second),
+                               n.bad_reason, n.policy);
+    return {};
+}
+
+std::string numa_balancing_advice(const std::string& setting, const MachineConfig& cfg)
+{
+    if (setting == "unavailable")
+        return "kernel without NUMA balancing: nothing moves guest pages behind the policies' back";
+    if (setting == "0")
+        return "off: nothing migrates guest pages; placement stays where the policies put it (what VM hosts want)";
+    bool all_bound = std::all_of(cfg.nodes.begin(), cfg.nodes.end(),
+                                 [](const NodeConfig& n) { return n.host_policy.policy == numa::Policy::Bind; });
+    if (all_bound)
+        return "on, but every node is bound (MPOL_BIND): balancing will not move these pages, yet its hinting faults "
+               "still unmap guest memory and make vCPUs refault; on VM hosts prefer sysctl kernel.numa_balancing=0";
+    return "on: it will migrate this VM's unbound pages, and every hinting fault is an MMU-notifier invalidation the "
+           "vCPUs refault on; bind each node (host-nodes=N,policy=bind) and pin vCPUs, or disable it with "
+           "sysctl kernel.numa_balancing=0";
+}
+
+std::vector<int> policy_nodes(const NodeConfig& node) { return expected_nodes(node.host_policy); }
+
+NumaCheckReport numa_check(StressVm& m, const NumaCheckOptions& opt, const PlacementJudge& judge)
+{
+    using clock = std::chrono::steady_clock;
+    const MachineConfig& cfg = m.config();
+    NumaCheckReport r;
+    r.access = to_string(cfg.access);
+    r.numa_balancing = read_sysctl("/proc/sys/kernel/numa_balancing");
+    r.advice = numa_balancing_advice(r.numa_balancing, cfg);
+
+    // One pass over every page (the caller set max_passes = 1, write 100%).
+    RunOptions ro;
+    ro.duration_s = 0;
+    ro.progress = opt.progress;
+    ro.verify = true;
+    // Affinity is read while the vCPU threads still exist.
+    ro.on_tick = [&](double) {
+        if (r.vcpus.empty())
+            for (uint32_t v = 0; v < m.vcpu_count(); v++) {
+                VcpuThreadInfo info = m.vcpu_thread_info(v);
+                VcpuPlacementReport vr;
+                vr.vcpu = v;
+                vr.vnode = m.vcpu_params(v).vnode;
+                vr.tid = info.tid;
+                try {
+                    vr.affinity = numa::task_cpus(info.tid);
+                } catch (const std::exception&) {
+                    vr.affinity = info.affinity;  // the thread already ended
+                }
+                for (const auto& n : cfg.nodes)
+                    if (n.id == vr.vnode)
+                        vr.expected = n.host_cpus;
+                vr.mempolicy = numa::to_string(info.mempolicy);
+                vr.ok = vr.expected.empty() || vr.affinity == vr.expected;
+                r.vcpus.push_back(vr);
+            }
+    };
+    m.start();
+    ro.on_tick(0);
+    auto t0 = clock::now();
+    RunReport run = run_workload(m, ro);
+    r.touch_s = std::chrono::duration<double>(clock::now() - t0).count();
+    r.stamps = run.stamps;
+    r.failure = run.failure;
+    r.interrupted = run.interrupted;
+    if (r.failure || r.interrupted)
+        return r;
+
+    auto c0 = clock::now();
+    const auto& pre = m.prealloc_results();
+    for (size_t i = 0; i < cfg.nodes.size(); i++) {
+        const NodeConfig& node = cfg.nodes[i];
+        const Backing& b = m.node_backing(i);
+        NodePlacementReport nr;
+        nr.vnode = node.id;
+        nr.backing = backing_name(node.backing);
+        nr.policy = numa::to_string(node.host_policy);
+        nr.gpa = m.layout().ram[i].gpa;
+        nr.bytes = b.size();
+        nr.query_page_bytes = b.page_size();
+        nr.expected_nodes = judge(node);
+        for (const auto& p : pre)
+            if (p.name == fmt::format("node{}", node.id))
+                nr.prealloc_s = p.seconds;
+        // The guest reaches guest_memfd pages through KVM, not through our
+        // mapping: map what it allocated (a read fault finds the existing
+        // folio) so move_pages can see it.
+        if (node.backing == BackingKind::Gmem && ::madvise(b.host(), b.size(), MADV_POPULATE_READ) != 0)
+            throw SysError(fmt::format("MADV_POPULATE_READ on vnode {}'s guest_memfd mapping", node.id), errno);
+        nr.placement = numa::query_placement(b.host(), b.size(), nr.query_page_bytes, nr.expected_nodes,
+                                             opt.sample_pages);
+        const auto& pl = nr.placement;
+        r.sampled |= pl.sampled;
+        r.checked_bytes += pl.pages_queried * nr.query_page_bytes;
+        uint64_t good = 0;
+        for (const auto& [hn, pages] : pl.pages_per_node)
+            if (nr.expected_nodes.empty() ||
+                std::find(nr.expected_nodes.begin(), nr.expected_nodes.end(), hn) != nr.expected_nodes.end())
+                good += pages;
+        nr.on_policy_pct = pl.pages_queried ? 100.0 * static_cast<double>(good) / static_cast<double>(pl.pages_queried) : 0;
+        if (pl.first_unexpected_offset != ~uint64_t{0} &&
+            (pl.first_not_present_offset == ~uint64_t{0} || pl.first_unexpected_offset < pl.first_not_present_offset)) {
+            nr.bad_range = {nr.gpa + pl.first_unexpected_offset, pl.first_unexpected_len};
+            nr.bad_reason = fmt::format("on host node {}", pl.first_unexpected_node);
+        } else if (pl.first_not_present_offset != ~uint64_t{0}) {
+            nr.bad_range = {nr.gpa + pl.first_not_present_offset, pl.first_not_present_len};
+            nr.bad_reason = "not present (never faulted in)";
+        }
+        r.nodes.push_back(std::move(nr));
+    }
+    r.check_s = std::chrono::duration<double>(clock::now() - c0).count();
+    return r;
+}
+
+nlohmann::json to_json(const NumaCheckReport& r)
+{
+    using nlohmann::json;
+    json j;
+    j["ok"] = r.placement_ok() && !r.failure && !r.interrupted;
+    j["placement_ok"] = r.placement_ok();
+    j["affinity_ok"] = r.affinity_ok();
+    j["access"] = r.access;
+    j["numa_balancing"] = {{"setting", r.numa_balancing}, {"advice", r.advice}};
+    j["touch_s"] = r.touch_s;
+    j["check_s"] = r.check_s;
+    j["checked_bytes"] = r.checked_bytes;
+    j["sampled"] = r.sampled;
+    j["check_gib_per_s"] = r.check_s > 0 ? static_cast<double>(r.checked_bytes) / (1ull << 30) / r.check_s : 0;
+    json nodes = json::array();
+    for (const auto& n : r.nodes) {
+        json per = json::object();
+        for (const auto& [hn, pages] : n.placement.pages_per_node)
+            per[std::to_string(hn)] = pages * n.query_page_bytes;
+        json jn = {{"vnode", n.vnode},
+                   {"backing", n.backing},
+                   {"policy", n.policy},
+                   {"gpa", n.gpa},
+                   {"bytes", n.bytes},
+                   {"expected_host_nodes", n.expected_nodes},
+                   {"bytes_per_host_node", per},
+                   {"pages_queried", n.placement.pages_queried},
+                   {"pages_total", n.placement.pages_total},
+                   {"page_bytes", n.query_page_bytes},
+                   {"pages_not_present", n.placement.pages_not_present},
+                   {"sampled", n.placement.sampled},
+                   {"on_policy_pct", n.on_policy_pct}};
+        if (n.bad_range)
+            jn["first_offending_range"] = {{"gpa", n.bad_range->first}, {"bytes", n.bad_range->second}, {"why", n.bad_reason}};
+        if (n.prealloc_s)
+            jn["prealloc_s"] = *n.prealloc_s;
+        nodes.push_back(jn);
+    }
+    j["vnodes"] = nodes;
+    json vcpus = json::array();
+    for (const auto& v : r.vcpus)
+        vcpus.push_back({{"vcpu", v.vcpu},
+                         {"vnode", v.vnode},
+                         {"tid", v.tid},
+                         {"affinity", numa::format_cpu_list(v.affinity)},
+                         {"expected", list_or(v.expected, "any")},
+                         {"mempolicy", v.mempolicy},
+                         {"ok", v.ok}});
+    j["vcpus"] = vcpus;
+    if (r.stamps)
+        j["stamps"] = {{"pages_checked", r.stamps->pages_checked}, {"mismatches", r.stamps->mismatches}};
+    if (r.failure)
+        j["failure"] = r.failure->reason;
+    if (!r.placement_ok())
+        j["first_offender"] = r.first_offender();
+    return j;
+}
+
+std::string to_table(const NumaCheckReport& r)
+{
+    std::string o;
+    o += fmt::format("{:>5}  {:<10} {:<14} {:>10}  {:<28} {:>10}  {:>8}\n", "vnode", "backing", "policy", "size",
+                     "on host nodes", "on policy", "prealloc");
+    for (const auto& n : r.nodes) {
+        std::string where;
+        for (const auto& [hn, pages] : n.placement.pages_per_node)
+            where += fmt::format("{}n{}: {:.1f} MiB", where.empty() ? "" : ", ", hn,
+                                 static_cast<double>(pages * n.query_page_bytes) / (1 << 20));
+        if (n.placement.pages_not_present)
+            where += fmt::format("{}absent: {:.1f} MiB", where.empty() ? "" : ", ",
+                                 static_cast<double>(n.placement.pages_not_present * n.query_page_bytes) / (1 << 20));
+        o += fmt::format("{:>5}  {:<10} {:<14} {:>10}  {:<28} {:>9.2f}%  {:>8}\n", n.vnode, n.backing, n.policy,
+                         human_bytes(n.bytes), where.empty() ? "-" : where, n.on_policy_pct,
+                         n.prealloc_s ? fmt::format("{:.2f}s", *n.prealloc_s) : "-");
+    }
+    if (r.sampled)
+        o += "  (sampled: not every page was queried; see pages_queried in --json)\n";
+    o += fmt::format("\n{:>5}  {:>5}  {:>8}  {:<12} {:<12} {:<14} {}\n", "vCPU", "vnode", "tid", "affinity", "expected",
+                     "mempolicy", "");
+    for (const auto& v : r.vcpus)
+        o += fmt::format("{:>5}  {:>5}  {:>8}  {:<12} {:<12} {:<14} {}\n", v.vcpu, v.vnode, v.tid,
+                         numa::format_cpu_list(v.affinity), list_or(v.expected, "any (unpinned)"), v.mempolicy,
+                         v.ok ? "ok" : "WRONG");
+    o += fmt::format("\naccess: {}\nnuma_balancing: {} - {}\n", r.access, r.numa_balancing, r.advice);
+    const double gib = static_cast<double>(r.checked_bytes) / (1ull << 30);
+    o += fmt::format("checked {} in {:.3f} s ({:.1f} GiB/s) after a {:.2f} s guest pass over all memory\n",
+                     human_bytes(r.checked_bytes), r.check_s, r.check_s > 0 ? gib / r.check_s : 0.0, r.touch_s);
+    if (r.stamps)
+        o += fmt::format("stamp check: {} pages checked, {} mismatches\n", r.stamps->pages_checked, r.stamps->mismatches);
+    if (r.failure)
+        o += fmt::format("FAILED: {}\n", r.failure->reason);
+    else if (r.interrupted)
+        o += "interrupted before every page was touched; nothing checked\n";
+    else if (r.placement_ok())
+        o += "result: every page is where its policy says\n";
+    else
+        o += fmt::format("result: MISPLACED - first offender: {}\n", r.first_offender());
+    if (!r.affinity_ok())
+        o += "warning: some vCPU threads are not on their node's CPUs\n";
+    return o;
+}
+
+}  // namespace mvm

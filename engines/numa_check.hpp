@@ -1,0 +1,84 @@
+// engines/numa_check.hpp - `minivmm numa-check`: after the guest has touched
+// every page, where did each virtual node's memory really land (move_pages
+// on every page, or a sample), are the vCPU threads where they belong, and
+// what does the host's NUMA balancing mean for this VM.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "numa/placement.hpp"
+#include "vmm/stress/stress_vm.hpp"
+#include "engines/run_report.hpp"
+
+namespace mvm {
+
+struct NodePlacementReport {
+    uint32_t vnode = 0;
+    std::string backing, policy;
+    uint64_t gpa = 0, bytes = 0;
+    uint64_t query_page_bytes = 4096;  // one move_pages entry per this many bytes
+    std::vector<int> expected_nodes;   // empty: any node is right (policy default)
+    numa::Placement placement;
+    double on_policy_pct = 0;          // of queried pages
+    // The first range that is not where the policy says, as GPAs.
+    std::optional<std::pair<uint64_t, uint64_t>> bad_range;  // start, length
+    std::string bad_reason;                                 // "on host node 1" / "not present"
+    std::optional<double> prealloc_s;
+};
+
+struct VcpuPlacementReport {
+    uint32_t vcpu = 0, vnode = 0;
+    int tid = 0;
+    std::vector<int> affinity;  // read now with sched_getaffinity(tid)
+    std::vector<int> expected;  // the node's host CPUs; empty: not pinned
+    std::string mempolicy;      // as the vCPU thread read it back
+    bool ok = true;
+};
+
+struct NumaCheckReport {
+    std::vector<NodePlacementReport> nodes;
+    std::vector<VcpuPlacementReport> vcpus;
+    std::string access;
+    std::string numa_balancing;  // the sysctl's value, or "unavailable"
+    std::string advice;
+    double touch_s = 0;          // guest pass over all memory
+    double check_s = 0;          // the move_pages queries
+    uint64_t checked_bytes = 0;
+    bool sampled = false;
+    std::optional<StampCheck> stamps;
+    std::optional<VcpuFailure> failure;
+    bool interrupted = false;
+
+    bool placement_ok() const;
+    bool affinity_ok() const;
+    // "vnode 1: GPA 0x140000000-0x1401fffff (2.0 MiB) is on host node 1, policy bind:0"
+    std::string first_offender() const;
+};
+
+struct NumaCheckOptions {
+    uint64_t sample_pages = 0;  // per node; 0 = every page
+    bool progress = false;
+};
+
+// The host nodes a virtual node's pages may be on: by default those its
+// policy names (policy_nodes). Tests pass another judge, since a one-node
+// host cannot misplace memory on its own.
+using PlacementJudge = std::function<std::vector<int>(const NodeConfig& node)>;
+std::vector<int> policy_nodes(const NodeConfig& node);
+
+// Runs one full pass of the workload (every page written), then checks.
+NumaCheckReport numa_check(StressVm& m, const NumaCheckOptions& opt, const PlacementJudge& judge = policy_nodes);
+
+// What the kernel developers advise for VMs given numa_balancing and the policies.
+std::string numa_balancing_advice(const std::string& setting, const MachineConfig& cfg);
+
+nlohmann::json to_json(const NumaCheckReport& r);
+std::string to_table(const NumaCheckReport& r);
+
+}  // namespace mvm

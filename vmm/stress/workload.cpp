@@ -1,0 +1,179 @@
+#include "vmm/stress/workload.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <fmt/format.h>
+
+#include "vmm/machine.hpp"
+
+namespace mvm {
+
+std::string StampCheck::summary() const
+{
+    std::string s = fmt::format("{} pages checked, {} mismatches", pages_checked, mismatches);
+    for (size_t i = 0; i < first.size() && i < 4; i++)
+        s += fmt::format("{} vCPU {} gpa {:#x}: expected {:#x}, found {:#x}", i ? ";" : ":", first[i].vcpu,
+                         first[i].gpa, first[i].expected, first[i].found);
+    return s;
+}
+
+namespace {
+
+uint64_t page_gpa(const mvm_vcpu_params& vp, uint64_t idx)
+{
+    for (uint32_t k = 0; k < vp.nr_segments && k < MVM_MAX_SEGMENTS; k++) {
+        if (idx < vp.seg[k].pages)
+            return vp.seg[k].gpa + idx * MVM_PAGE_SIZE;
+        idx -= vp.seg[k].pages;
+    }
+    return ~0ull;
+}
+
+}  // namespace
+
+void verify_vcpu_stamps(const mvm_boot_params& bp, const mvm_vcpu_params& vp, WorkloadProgress p, const PageReader& page,
+                        StampCheck& out)
+{
+    const uint64_t n = vp.total_pages;
+    const uint32_t v = vp.vcpu_id;
+    const uint64_t visits = mvm_visits_per_pass(bp.pattern, n);
+    uint64_t G = p.generation, C = p.cursor;
+    // Between "generation = G+1" and "cursor = 0" the cursor is still the
+    // previous pass's (full). A full cursor of an unfinished pass is that.
+    if (G == p.passes + 1 && C >= visits)
+        C = 0;
+    if (C > visits)
+        C = visits;
+
+    // Which pages pass G has visited, and which one it was about to write
+    // (the vCPU may have stopped between the stamp and the cursor store).
+    std::vector<uint8_t> visited(G ? n : 0, 0);
+    uint64_t in_flight = ~0ull;
+    if (G) {
+        mvm_perm perm = mvm_perm_for(bp.seed, v, G, n);
+        auto idx_of = [&](uint64_t i) { return bp.pattern == MVM_PATTERN_RANDOM ? mvm_perm_apply(&perm, i) : i; };
+        for (uint64_t i = 0; i < C; i++) {
+            uint64_t idx = idx_of(i);
+            if (idx < n)
+                visited[idx] = 1;
+        }
+        for (uint64_t i = C; i < visits; i++) {
+            uint64_t idx = idx_of(i);
+            if (idx < n) {
+                in_flight = idx;
+                break;
+            }
+        }
+    }
+
+    auto last_write_before = [&](uint64_t idx, uint64_t g) -> uint64_t {
+        if (bp.write_pct == 0)
+            return 0;
+        for (; g >= 1; g--)
+            if (mvm_writes(bp.write_pct, bp.seed, v, g, idx))
+                return MVM_STAMP(v, g);
+        return 0;
+    };
+
+    const uint64_t qwords = bp.touch == MVM_TOUCH_PAGE ? MVM_PAGE_SIZE / 8 : 1;
+    for (uint64_t idx = 0; idx < n; idx++) {
+        uint64_t older = G ? last_write_before(idx, G - 1) : 0;
+        uint64_t expected = older;
+        if (G && visited[idx] && mvm_writes(bp.write_pct, bp.seed, v, G, idx))
+            expected = MVM_STAMP(v, G);
+        // The in-flight page may hold the new stamp, the old one, or (touch=page) a mix.
+        uint64_t alt = (idx == in_flight && mvm_writes(bp.write_pct, bp.seed, v, G, idx)) ? MVM_STAMP(v, G) : expected;
+        uint64_t gpa = page_gpa(vp, idx);
+        const uint8_t* p8 = gpa == ~0ull ? nullptr : page(gpa);
+        out.pages_checked++;
+        bool bad = p8 == nullptr;  // outside guest memory: never what the guest wrote
+        uint64_t found = 0;
+        for (uint64_t q = 0; q < qwords && !bad; q++) {
+            std::memcpy(&found, p8 + q * 8, 8);
+            bad = found != expected && found != alt;
+        }
+        if (bad) {
+            out.mismatches++;
+            if (out.first.size() < 16)
+                out.first.push_back({v, gpa, expected, found});
+        }
+    }
+}
+
+StampCheck verify_stamps(const Machine& m)
+{
+    StampCheck out;
+    const mvm_boot_params* bp = m.boot_params();
+    for (uint32_t v = 0; v < m.vcpu_count(); v++) {
+        auto s = m.snapshot(v);
+        verify_vcpu_stamps(*bp, m.vcpu_params(v), {s.generation, s.cursor, s.passes},
+                           [&](uint64_t gpa) { return m.host_ptr(gpa, MVM_PAGE_SIZE); }, out);
+    }
+    return out;
+}
+
+std::vector<WdRingEntry> watchdog_events(const mvm_mailbox& mb, uint64_t total, uint64_t since)
+{
+    std::vector<WdRingEntry> out;
+    const uint64_t oldest = total > MVM_WD_RING ? total - MVM_WD_RING : 0;
+    for (uint64_t e = std::max(since, oldest); e < total; e++) {
+        const auto& ev = mb.wd[e % MVM_WD_RING];
+        out.push_back({ev.start_tsc, ev.len_tsc});
+    }
+    return out;
+}
+
+std::string boot_params_difference(std::span<const uint8_t> guest, std::span<const uint8_t> host)
+{
+    if (host.size() < sizeof(mvm_boot_params))
+        return "the host's boot parameters are missing";
+    if (guest.size() < host.size())
+        return fmt::format("guest boot parameters are {} bytes, the host wrote {}", guest.size(), host.size());
+    mvm_boot_params g{}, h{};
+    std::memcpy(&g, guest.data(), sizeof(g));
+    std::memcpy(&h, host.data(), sizeof(h));
+    auto differ = [](const char* field, uint64_t a, uint64_t b) {
+        return fmt::format("guest boot parameter {} is {:#x}, the host wrote {:#x}", field, a, b);
+    };
+#define MVM_SAME(field)             \
+    if (g.field != h.field)         \
+        return differ(#field, g.field, h.field);
+    MVM_SAME(magic)
+    MVM_SAME(abi_version)
+    MVM_SAME(nr_vcpus)
+    MVM_SAME(pattern)
+    MVM_SAME(touch)
+    MVM_SAME(write_pct)
+    MVM_SAME(seed)
+    MVM_SAME(nr_vnodes)
+#undef MVM_SAME
+    if (std::memcmp(g.vnode, h.vnode, sizeof(g.vnode)) != 0)
+        return "the guest's vNUMA table differs from the host's";
+    // nr_vcpus agrees with the host's, so the host's size bounds the vCPU array.
+    if (sizeof(mvm_boot_params) + h.nr_vcpus * sizeof(mvm_vcpu_params) > host.size())
+        return "the host's boot parameters are shorter than their vCPU count";
+    for (uint32_t v = 0; v < h.nr_vcpus; v++) {
+        mvm_vcpu_params gv{}, hv{};
+        const size_t at = offsetof(mvm_boot_params, vcpu) + v * sizeof(mvm_vcpu_params);
+        std::memcpy(&gv, guest.data() + at, sizeof(gv));
+        std::memcpy(&hv, host.data() + at, sizeof(hv));
+        if (gv.vcpu_id != hv.vcpu_id || gv.vnode != hv.vnode || gv.mailbox_gpa != hv.mailbox_gpa ||
+            gv.nr_segments != hv.nr_segments || gv.total_pages != hv.total_pages ||
+            std::memcmp(gv.seg, hv.seg, sizeof(gv.seg)) != 0)
+            return fmt::format("the guest's working set of vCPU {} differs from the host's", v);
+    }
+    return "";
+}
+
+int owner_of_gpa(const Machine& m, uint64_t gpa)
+{
+    for (uint32_t v = 0; v < m.vcpu_count(); v++) {
+        const auto& vp = m.vcpu_params(v);
+        for (uint32_t k = 0; k < vp.nr_segments; k++)
+            if (gpa >= vp.seg[k].gpa && gpa < vp.seg[k].gpa + vp.seg[k].pages * 4096)
+                return static_cast<int>(v);
+    }
+    return -1;
+}
+
+}  // namespace mvm
