@@ -1,5 +1,6 @@
 #include "cli/options.hpp"
 #include "cli/test_hooks.hpp"
+#include "vmm/stress/layout.hpp"  // the guest's pattern, touch and fault codes
 
 #include <algorithm>
 #include <charconv>
@@ -91,7 +92,7 @@ NodeConfig parse_numa_option(const std::string& value, uint32_t index, BackingKi
         if (!seen.insert(key).second && !repeatable)
             throw UsageError(fmt::format("{}: {}= is given twice", where, key));
         if (key == "node" || key == "nodeid") {
-            n.id = static_cast<uint32_t>(parse_uint(where + " node", v, 0, MVM_MAX_VNODES - 1));
+            n.id = static_cast<uint32_t>(parse_uint(where + " node", v, 0, kMaxVnodes - 1));
             n.origin = fmt::format("--numa node={}", n.id);
         } else if (key == "cpus") {
             auto l = parse_list(where, key, v, 1023);

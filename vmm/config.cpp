@@ -46,8 +46,8 @@ void validate_config(const MachineConfig& cfg, const numa::Topology& topo)
         throw UsageError(fmt::format("--vcpus {} exceeds minivmm's limit of 1024", cfg.vcpus));
     if (cfg.nodes.empty())
         throw UsageError("no memory configured: give --mem or --numa");
-    if (cfg.nodes.size() > MVM_MAX_VNODES)
-        throw UsageError(fmt::format("{} virtual nodes given; minivmm supports up to {}", cfg.nodes.size(), MVM_MAX_VNODES));
+    if (cfg.nodes.size() > kMaxVnodes)
+        throw UsageError(fmt::format("{} virtual nodes given; minivmm supports up to {}", cfg.nodes.size(), kMaxVnodes));
 
     std::vector<int> owner(cfg.vcpus, -1);
     std::set<uint32_t> ids;

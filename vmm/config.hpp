@@ -8,7 +8,6 @@
 #include <string>
 #include <vector>
 
-#include "guest/abi.h"
 #include "memory/backing.hpp"
 #include "numa/policy.hpp"
 
@@ -16,16 +15,21 @@ namespace mvm {
 
 class Kvm;
 
+// Virtual nodes a VM may have (the guest's MVM_MAX_VNODES).
+inline constexpr uint32_t kMaxVnodes = 16;
+
 struct WorkloadConfig {
-    uint32_t pattern = MVM_PATTERN_SEQ;
-    uint32_t touch = MVM_TOUCH_QWORD;
+    // The stress guest's own codes (guest/abi.h: MVM_PATTERN_*, MVM_TOUCH_*,
+    // MVM_FAULT_*); plain numbers here, as the VM does not know the guest.
+    uint32_t pattern = 0;  // MVM_PATTERN_SEQ
+    uint32_t touch = 0;    // MVM_TOUCH_QWORD
     uint32_t write_pct = 100;
     uint64_t rate_pages_per_s = 0;  // per vCPU, 0 = unlimited
     uint64_t max_passes = 0;        // 0 = until stopped
     uint64_t working_set_pages = 0; // per vCPU, the first pages of its share; 0 = all of it
     uint64_t seed = 1;
     double watchdog_ms = 20.0;
-    uint32_t fault = MVM_FAULT_NONE;  // test hook: this fault ...
+    uint32_t fault = 0;               // test hook: this fault (0: MVM_FAULT_NONE) ...
     int fault_vcpu = -1;              // ... on this vCPU (-1: none)
 };
 

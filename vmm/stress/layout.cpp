@@ -7,6 +7,11 @@
 
 namespace mvm {
 
+// The VM layer's plain numbers are the guest's codes.
+static_assert(kMaxVnodes == MVM_MAX_VNODES);
+static_assert(WorkloadConfig{}.pattern == MVM_PATTERN_SEQ && WorkloadConfig{}.touch == MVM_TOUCH_QWORD &&
+              WorkloadConfig{}.fault == MVM_FAULT_NONE);
+
 namespace {
 
 constexpr uint64_t k4K = 4096, k2M = 2ull << 20, k1G = 1ull << 30;

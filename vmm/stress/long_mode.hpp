@@ -35,7 +35,4 @@ struct LongModeTables {
 // Long mode at CPL0 with flat segments and paging on.
 void setup_long_mode_sregs(kvm_sregs& s, const LongModeTables& t);
 
-// KVM_GET_SUPPORTED_CPUID adjusted for one vCPU: its APIC ids.
-std::vector<kvm_cpuid_entry2> cpuid_for_vcpu(std::vector<kvm_cpuid_entry2> entries, uint32_t vcpu_id);
-
 }  // namespace mvm::x86

@@ -4,7 +4,7 @@
 
 namespace mvm {
 
-ProgressSampler::ProgressSampler(const Machine& m, uint32_t period_us, bool keep_samples)
+ProgressSampler::ProgressSampler(const StressVm& m, uint32_t period_us, bool keep_samples)
     : m_(m), period_us_(period_us ? period_us : 1000), keep_(keep_samples)
 {
 }

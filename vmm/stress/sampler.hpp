@@ -11,7 +11,7 @@
 #include <thread>
 #include <vector>
 
-#include "vmm/machine.hpp"
+#include "vmm/stress/stress_vm.hpp"
 
 namespace mvm {
 
@@ -30,7 +30,7 @@ struct Stall {
 class ProgressSampler {
 public:
     // period_us: 1000 for 1 kHz. keep_samples: keep them for a timeline.
-    ProgressSampler(const Machine& m, uint32_t period_us = 1000, bool keep_samples = true);
+    ProgressSampler(const StressVm& m, uint32_t period_us = 1000, bool keep_samples = true);
     ~ProgressSampler();
     ProgressSampler(const ProgressSampler&) = delete;
     ProgressSampler& operator=(const ProgressSampler&) = delete;
@@ -52,7 +52,7 @@ private:
     void loop();
     std::vector<Stall> stalls_over(double threshold_ms) const;
 
-    const Machine& m_;
+    const StressVm& m_;
     uint32_t period_us_;
     bool keep_;
     std::chrono::steady_clock::time_point t0_;

@@ -4,7 +4,7 @@
 #include <cstring>
 #include <fmt/format.h>
 
-#include "vmm/machine.hpp"
+#include "vmm/stress/stress_vm.hpp"
 
 namespace mvm {
 
@@ -100,7 +100,7 @@ void verify_vcpu_stamps(const mvm_boot_params& bp, const mvm_vcpu_params& vp, Wo
     }
 }
 
-StampCheck verify_stamps(const Machine& m)
+StampCheck verify_stamps(const StressVm& m)
 {
     StampCheck out;
     const mvm_boot_params* bp = m.boot_params();
@@ -165,7 +165,7 @@ std::string boot_params_difference(std::span<const uint8_t> guest, std::span<con
     return "";
 }
 
-int owner_of_gpa(const Machine& m, uint64_t gpa)
+int owner_of_gpa(const StressVm& m, uint64_t gpa)
 {
     for (uint32_t v = 0; v < m.vcpu_count(); v++) {
         const auto& vp = m.vcpu_params(v);
@@ -174,6 +174,25 @@ int owner_of_gpa(const Machine& m, uint64_t gpa)
                 return static_cast<int>(v);
     }
     return -1;
+}
+
+MailboxSnapshot read_mailbox(const mvm_mailbox& mb)
+{
+    const mvm_mailbox* m = &mb;
+    MailboxSnapshot s{};
+    s.generation = m->generation;
+    s.cursor = m->cursor;
+    s.pages_written = m->pages_written;
+    s.pages_read = m->pages_read;
+    s.passes = m->passes;
+    s.last_tsc = m->last_tsc;
+    s.start_tsc = m->start_tsc;
+    s.warm_tsc = m->warm_tsc;
+    s.warm_pages = m->warm_pages;
+    s.wd_events = m->wd_events;
+    s.wd_max_gap_tsc = m->wd_max_gap_tsc;
+    s.state = m->state;
+    return s;
 }
 
 }  // namespace mvm

@@ -17,7 +17,7 @@
 
 namespace mvm {
 
-class Machine;
+class StressVm;
 
 struct StampMismatch {
     uint32_t vcpu;
@@ -34,6 +34,16 @@ struct StampCheck {
     std::string summary() const;  // "32768 pages checked, 0 mismatches" or names the first GPAs
 };
 
+// A copy of a mailbox's progress fields.
+struct MailboxSnapshot {
+    uint64_t generation, cursor, pages_written, pages_read, passes, last_tsc, start_tsc, warm_tsc, warm_pages;
+    uint64_t wd_events, wd_max_gap_tsc;
+    uint32_t state;
+};
+
+// Decodes a mailbox page (guest-written: any bit pattern is possible).
+MailboxSnapshot read_mailbox(const mvm_mailbox& mb);
+
 struct WorkloadProgress {
     uint64_t generation, cursor, passes;
 };
@@ -45,10 +55,10 @@ using PageReader = std::function<const uint8_t*(uint64_t gpa)>;
 void verify_vcpu_stamps(const mvm_boot_params& bp, const mvm_vcpu_params& vp, WorkloadProgress progress,
                         const PageReader& page, StampCheck& out);
 // Every vCPU of a machine whose vCPUs are paused or finished.
-StampCheck verify_stamps(const Machine& m);
+StampCheck verify_stamps(const StressVm& m);
 
 // The vCPU whose working set holds `gpa`, or -1.
-int owner_of_gpa(const Machine& m, uint64_t gpa);
+int owner_of_gpa(const StressVm& m, uint64_t gpa);
 
 // The guest watchdog's events numbered [since, total) that the mailbox ring
 // still holds (the newest MVM_WD_RING), oldest first. `total` is the
@@ -59,7 +69,7 @@ struct WdRingEntry {
 std::vector<WdRingEntry> watchdog_events(const mvm_mailbox& mb, uint64_t total, uint64_t since = 0);
 
 // Boot parameters as found in guest memory (`guest`, any bytes at all) against
-// the host's own copy (`host`, as Machine wrote it): "" when every field the
+// the host's own copy (`host`, as StressVm wrote it): "" when every field the
 // host decodes the guest's work with (workload knobs, vNUMA table, working
 // sets) agrees, else one line naming the first field that differs.
 std::string boot_params_difference(std::span<const uint8_t> guest, std::span<const uint8_t> host);
