@@ -120,7 +120,7 @@ public:
                 std::lock_guard lk(pending_mu_);
                 Harvest h = empty_harvest();
                 collect(vcpu, h);
-                h.reset = m_.vm().reset_dirty_rings();
+                h.reset = reset();
                 h.ring_full_harvests = 1;
                 merge(pending_, h);
             }
@@ -151,7 +151,7 @@ public:
             collect(v, h);
         h.get_s = since(t0);
         auto t1 = clock::now();
-        h.reset = m_.vm().reset_dirty_rings();
+        h.reset = reset();
         h.clear_s = since(t1);
         {
             std::lock_guard lk(pending_mu_);
@@ -180,7 +180,7 @@ public:
         }
         if (!h.entries)
             return 0;
-        h.reset = m_.vm().reset_dirty_rings();
+        h.reset = reset();
         merge(pending_, h);
         return h.entries;
     }
@@ -191,6 +191,11 @@ private:
         uint32_t fetch = 0;  // our next entry (free-running; KVM's index mod size)
         uint32_t size = 0;
     };
+
+    uint64_t reset()
+    {
+        return opt_.reset_signal_guard ? m_.vm().reset_dirty_rings() : m_.vm().reset_dirty_rings_unguarded();
+    }
 
     void collect(uint32_t vcpu, Harvest& h)
     {

@@ -70,6 +70,10 @@ struct TrackerOptions {
     uint32_t ring_soft_limit = 0;    // ring: harvest a ring early once this many entries wait (0: only when KVM says full)
     bool per_node_enable = true;     // enable from one pinned, policy-bound thread per node, in parallel
     Kick kick = Kick::Auto;
+    // ring: KVM_RESET_DIRTY_RINGS with every signal blocked in the resetting
+    // thread (Vm::reset_dirty_rings). Off only to probe a host for the bug
+    // that makes necessary (engines/ring_probe).
+    bool reset_signal_guard = true;
 };
 
 // Dirty pages of one memslot: one bit per 4 KiB page.

@@ -1,5 +1,8 @@
 #include "vmm/kvm/kvm.hpp"
 
+#include <pthread.h>
+#include <signal.h>
+
 #include <algorithm>
 
 #include <atomic>
@@ -175,6 +178,19 @@ void Vm::clear_dirty_log(uint32_t slot, uint64_t first_page, uint32_t num_pages,
 }
 
 uint64_t Vm::reset_dirty_rings()
+{
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    const long rc = kvm_ioctl_raw(fd_.get(), KVM_RESET_DIRTY_RINGS, 0);
+    const int err = errno;
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    if (rc < 0)
+        throw SysError("KVM_RESET_DIRTY_RINGS", rc, err);
+    return static_cast<uint64_t>(rc);
+}
+
+uint64_t Vm::reset_dirty_rings_unguarded()
 {
     return static_cast<uint64_t>(KVM_IOCTL(fd_.get(), KVM_RESET_DIRTY_RINGS, 0));
 }

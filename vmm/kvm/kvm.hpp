@@ -77,8 +77,18 @@ public:
     // for pages [first_page, first_page + num_pages); first_page must be a
     // multiple of 64 and num_pages too unless the range ends at the slot's end.
     void clear_dirty_log(uint32_t slot, uint64_t first_page, uint32_t num_pages, uint64_t* bitmap);
-    // KVM_RESET_DIRTY_RINGS: returns how many entries KVM reset (re-protected).
+    // KVM_RESET_DIRTY_RINGS with every signal blocked in the calling thread
+    // for the length of the call; returns the count KVM reports. A signal
+    // pending in the resetting thread makes this host's KVM (kvm-pvm) return
+    // having counted entries it did not re-protect: their pages are never
+    // logged again until logging is toggled, and the count still looks right
+    // (README, Host notes). A signal sent meanwhile stays pending and is
+    // delivered when the mask is restored, so no kick is lost. Do not take
+    // the count as proof that nothing was lost.
     uint64_t reset_dirty_rings();
+    // The bare ioctl, signals as they come: only to probe whether a host has
+    // that bug (engines/ring_probe).
+    uint64_t reset_dirty_rings_unguarded();
 
 private:
     const Kvm* kvm_;
