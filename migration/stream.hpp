@@ -32,6 +32,7 @@ namespace mvm::migration {
 constexpr char kStreamMagic[8] = {'M', 'V', 'M', 'M', 'I', 'G', 'v', '1'};
 constexpr uint32_t kStreamVersion = 1;
 constexpr uint32_t kMaxPayload = 8u << 20;
+constexpr size_t kBatchPages = 256;  // pages per PAGES record the sender writes: 1 MiB of data
 
 enum class RecordType : uint32_t {
     Header = 1,

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <functional>
 #include <chrono>
+#include <stdexcept>
 #include <thread>
 
 #include <fmt/format.h>
@@ -168,7 +169,7 @@ TEST(Migrate, ReceiverRefusesAGuestWithOtherBootParameters)
 // record or the closed connection) and exits non-zero without a signal; the
 // source exits 5 with one line and keeps running with its stamps intact.
 struct StreamFaultCase {
-    const char* spec;           // --stream-fault
+    const char* spec;           // MINIVMM_TEST_STREAM_FAULT
     const char* receiver_says;  // in the receiver's error
 };
 std::ostream& operator<<(std::ostream& os, const StreamFaultCase& c) { return os << c.spec; }
@@ -230,8 +231,12 @@ TEST(Migrate, SecondAttemptAfterAFailureSucceeds)
     MigrateOptions o;
     o.post_run_s = 0.3;
     o.max_downtime_ms = 5;
-    o.fail_in = "stop";
-    MigrateReport bad = migrate(src, *tracker, o, nullptr);
+    SenderHooks lose_destination_in_stop;
+    lose_destination_in_stop.at_fault_point = [](const char* phase) {
+        if (std::string(phase) == "stop")
+            throw std::runtime_error("destination lost during stop (test hook)");
+    };
+    MigrateReport bad = migrate(src, *tracker, o, nullptr, lose_destination_in_stop);
     ASSERT_EQ(bad.status, "failed");
     EXPECT_FALSE(tracker->enabled()) << "dirty logging is turned off after a failure";
     for (const auto& r : src.memslots().regions())
@@ -239,7 +244,6 @@ TEST(Migrate, SecondAttemptAfterAFailureSucceeds)
     const uint64_t before = src.snapshot(0).pages_written;
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     EXPECT_GT(src.snapshot(0).pages_written, before) << "the source runs again";
-    o.fail_in.clear();
     MigrateReport good = migrate(src, *tracker, o, nullptr);
     EXPECT_EQ(good.status, "completed") << good.error;
     EXPECT_EQ(good.switchover_mismatches, 0u);
