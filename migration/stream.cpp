@@ -195,6 +195,51 @@ std::string StreamHeader::incompatibility(const StreamHeader& s) const
     return {};
 }
 
+// ---- hello, digests, result -------------------------------------------------------
+
+std::vector<uint8_t> Hello::encode() const
+{
+    std::vector<uint8_t> out;
+    put(out, channel);
+    put(out, channels);
+    return out;
+}
+
+std::optional<Hello> Hello::decode(std::span<const uint8_t> p)
+{
+    if (p.size() != 8)
+        return std::nullopt;
+    Hello h;
+    std::memcpy(&h.channel, p.data(), 4);
+    std::memcpy(&h.channels, p.data() + 4, 4);
+    return h;
+}
+
+static_assert(sizeof(Digest) == 24, "a DIGESTS entry is three u64 on the wire");
+
+std::vector<uint8_t> encode_digests(std::span<const Digest> digests)
+{
+    std::vector<uint8_t> out;
+    put(out, static_cast<uint32_t>(digests.size()));
+    for (const auto& d : digests)
+        put(out, d);
+    return out;
+}
+
+std::vector<Digest> decode_digests(std::span<const uint8_t> p)
+{
+    if (p.size() < 4)
+        throw Error("migration stream: DIGESTS is truncated");
+    uint32_t n;
+    std::memcpy(&n, p.data(), 4);
+    if (p.size() != 4 + static_cast<size_t>(n) * sizeof(Digest))
+        throw Error("migration stream: DIGESTS length does not match its count");
+    std::vector<Digest> out(n);
+    if (n)
+        std::memcpy(out.data(), p.data() + 4, n * sizeof(Digest));
+    return out;
+}
+
 std::vector<uint8_t> ResultRecord::encode() const
 {
     std::vector<uint8_t> out;

@@ -7,6 +7,7 @@
 // system memory on channel 0) carries PAGES records and ends its memory with
 // CHANNEL_DONE. Zero pages are sent as a flag, without data.
 //
+// HELLO    (first on every connection) channel index, channel count.
 // HEADER   magic "MVMMIGv1", version, page size, vCPU count, channel count,
 //          then every memslot (slot, flags, GPA, size, vnode, backing page size):
 //          the receiver refuses a layout that differs from its own before it
@@ -19,6 +20,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -30,6 +32,7 @@ namespace mvm::migration {
 constexpr char kStreamMagic[8] = {'M', 'V', 'M', 'M', 'I', 'G', 'v', '1'};
 constexpr uint32_t kStreamVersion = 1;
 constexpr uint32_t kMaxPayload = 8u << 20;
+constexpr size_t kBatchPages = 256;  // pages per PAGES record the sender writes: 1 MiB of data
 
 enum class RecordType : uint32_t {
     Header = 1,
@@ -68,9 +71,19 @@ struct StreamHeader {
     std::string incompatibility(const StreamHeader& sender) const;
 };
 
+struct Hello {
+    uint32_t channel = 0, channels = 1;
+    std::vector<uint8_t> encode() const;
+    // nullopt when the payload is not a HELLO's 8 bytes (the receiver words the error).
+    static std::optional<Hello> decode(std::span<const uint8_t> p);
+};
+
 struct Digest {
     uint64_t gpa = 0, bytes = 0, value = 0;
 };
+// DIGESTS: u32 count, then count x {GPA, bytes, value}.
+std::vector<uint8_t> encode_digests(std::span<const Digest> digests);
+std::vector<Digest> decode_digests(std::span<const uint8_t> p);
 
 struct ResultRecord {
     uint32_t ok = 0;

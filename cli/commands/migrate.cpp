@@ -11,6 +11,7 @@
 #include "cli/test_hooks.hpp"
 #include "engines/run.hpp"
 #include "migration/migrate.hpp"
+#include "migration/transport/fault.hpp"
 #include "vmm/kvm/kvm.hpp"
 
 namespace mvm::cli {
@@ -83,7 +84,7 @@ public:
             std::this_thread::sleep_for(std::chrono::milliseconds(10));
         if (auto f = src.failure())
             throw Error("the source guest failed before migrating: " + f->reason);
-        MigrateReport r = migrate(src, *tracker, o, &g_stop_signal);
+        MigrateReport r = migrate(src, *tracker, o, &g_stop_signal, hooks_);
         return report(src, r);
     }
 
@@ -108,18 +109,29 @@ private:
         o.post_run_s = parse_seconds("--post-run", post_run_);
         o.channels = static_cast<uint32_t>(parse_uint("--channels", channels_, 0, 64));
         o.verify = !no_verify_;
-        // Test hooks (cli/test_hooks.hpp): lose the destination in a phase, or damage the stream.
-        o.fail_in = test_hook("FAIL_IN");
-        if (const std::string fault = test_hook("STREAM_FAULT"); !fault.empty()) {
-            parse_stream_fault(fault);
-            if (o.to == "inproc")
-                throw UsageError("MINIVMM_TEST_STREAM_FAULT needs a stream: use --to tcp:HOST:PORT");
-            o.stream_fault = fault;
-        }
+        hooks_ = test_hooks(o);
         parse_throttle(throttle_, o);
         if (!ring_.empty() && o.tracker != dirty::Mode::Ring)
             throw UsageError("--ring: only with --tracker ring");
         return o;
+    }
+
+    // Test hooks (cli/test_hooks.hpp): lose the destination in a phase, or damage the stream.
+    static SenderHooks test_hooks(const MigrateOptions& o)
+    {
+        SenderHooks h;
+        if (std::string phase = test_hook("FAIL_IN"); !phase.empty())
+            h.at_fault_point = [phase](const char* p) {
+                if (phase == p)
+                    throw Error(fmt::format("destination lost during {} (test hook MINIVMM_TEST_FAIL_IN={})", p, p));
+            };
+        if (const std::string fault = test_hook("STREAM_FAULT"); !fault.empty()) {
+            StreamFault f = parse_stream_fault(fault);
+            if (o.to == "inproc")
+                throw UsageError("MINIVMM_TEST_STREAM_FAULT needs a stream: use --to tcp:HOST:PORT");
+            h.transport = std::make_shared<StreamFaultInjector>(f);
+        }
+        return h;
     }
 
     // Prints the report; after a failure, shows the source intact and running.
@@ -147,6 +159,7 @@ private:
     }
 
     VmOptions vm_;
+    SenderHooks hooks_;
     std::string to_, tracker_ = "bitmap", ring_, max_downtime_ = "300", bandwidth_ = "0", max_iterations_ = "30",
                      timeout_ = "120", throttle_, warmup_ = "1", post_run_ = "2", channels_ = "0", json_;
     bool no_verify_ = false;

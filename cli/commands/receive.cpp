@@ -1,6 +1,7 @@
 // minivmm receive: take one incoming migration, resume the guest, check it.
 #include <unistd.h>
 
+#include <cstdio>
 #include <fmt/format.h>
 
 #include "base/error.hpp"
@@ -48,7 +49,6 @@ public:
         o.accept_timeout_s = parse_seconds("--timeout", timeout_);
         if (o.accept_timeout_s <= 0)
             throw UsageError("--timeout: must be positive, e.g. 300");
-        o.die_in = test_hook("DIE_IN");  // test hook: exit abruptly in bulk|precopy|stop
         Kvm kvm(kvm_device());
         MachineConfig cfg = vm_.to_config(kvm);
         // Populate the memory before the sender connects, so the copy does not
@@ -58,7 +58,7 @@ public:
                 n.prealloc = true;
         cfg.show_progress = stderr_is_terminal();
         StressVm dst(kvm, cfg);
-        ReceiveReport r = receive(dst, o);
+        ReceiveReport r = receive(dst, o, die_in(test_hook("DIE_IN")));
         std::FILE* out = table_stream(json_);
         fmt::print(out, "receive {}: {} pages ({} zero, {}){}\n", r.status, r.pages, r.zero_pages,
                    human_bytes(static_cast<double>(r.bytes)), r.error.empty() ? "" : "; " + r.error);
@@ -74,6 +74,20 @@ public:
     }
 
 private:
+    // Test hook (cli/test_hooks.hpp): die like a killed receiver (no goodbye) in bulk|precopy|stop.
+    static PhaseHook die_in(const std::string& phase)
+    {
+        if (phase.empty())
+            return {};
+        return [phase](const char* p) {
+            if (phase == p) {
+                fmt::print(stderr, "receive: dying in {} (test hook MINIVMM_TEST_DIE_IN)\n", p);
+                std::fflush(stderr);
+                ::_exit(9);
+            }
+        };
+    }
+
     VmOptions vm_;
     std::string listen_, post_run_ = "2", timeout_ = "300", json_;
     bool no_prealloc_ = false;

@@ -50,13 +50,7 @@ struct Stream {
     std::vector<uint8_t> bytes() const { return t.written(); }
 };
 
-std::vector<uint8_t> hello(uint32_t ch, uint32_t n)
-{
-    std::vector<uint8_t> p(8);
-    std::memcpy(p.data(), &ch, 4);
-    std::memcpy(p.data() + 4, &n, 4);
-    return p;
-}
+std::vector<uint8_t> hello(uint32_t ch, uint32_t n) { return Hello{ch, n}.encode(); }
 
 }  // namespace
 
@@ -83,11 +77,7 @@ int main(int argc, char** argv)
         Digest d{ram, 3 * 4096, digest64(m.host_ptr(ram, 3 * 4096), 3 * 4096)};
         if (!right)
             d.value ^= 1;
-        std::vector<uint8_t> p(4 + sizeof(Digest));
-        uint32_t n = 1;
-        std::memcpy(p.data(), &n, 4);
-        std::memcpy(p.data() + 4, &d, sizeof(d));
-        return p;
+        return encode_digests(std::vector<Digest>{d});
     };
     ResultRecord res;
     res.ok = 1;

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <functional>
 #include <chrono>
+#include <stdexcept>
 #include <thread>
 
 #include <fmt/format.h>
@@ -168,7 +169,7 @@ TEST(Migrate, ReceiverRefusesAGuestWithOtherBootParameters)
 // record or the closed connection) and exits non-zero without a signal; the
 // source exits 5 with one line and keeps running with its stamps intact.
 struct StreamFaultCase {
-    const char* spec;           // --stream-fault
+    const char* spec;           // MINIVMM_TEST_STREAM_FAULT
     const char* receiver_says;  // in the receiver's error
 };
 std::ostream& operator<<(std::ostream& os, const StreamFaultCase& c) { return os << c.spec; }
@@ -230,8 +231,12 @@ TEST(Migrate, SecondAttemptAfterAFailureSucceeds)
     MigrateOptions o;
     o.post_run_s = 0.3;
     o.max_downtime_ms = 5;
-    o.fail_in = "stop";
-    MigrateReport bad = migrate(src, *tracker, o, nullptr);
+    SenderHooks lose_destination_in_stop;
+    lose_destination_in_stop.at_fault_point = [](const char* phase) {
+        if (std::string(phase) == "stop")
+            throw std::runtime_error("destination lost during stop (test hook)");
+    };
+    MigrateReport bad = migrate(src, *tracker, o, nullptr, lose_destination_in_stop);
     ASSERT_EQ(bad.status, "failed");
     EXPECT_FALSE(tracker->enabled()) << "dirty logging is turned off after a failure";
     for (const auto& r : src.memslots().regions())
@@ -239,13 +244,90 @@ TEST(Migrate, SecondAttemptAfterAFailureSucceeds)
     const uint64_t before = src.snapshot(0).pages_written;
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     EXPECT_GT(src.snapshot(0).pages_written, before) << "the source runs again";
-    o.fail_in.clear();
     MigrateReport good = migrate(src, *tracker, o, nullptr);
     EXPECT_EQ(good.status, "completed") << good.error;
     EXPECT_EQ(good.switchover_mismatches, 0u);
     EXPECT_EQ(good.mismatches, 0u);
     EXPECT_GT(good.pages_checked, 0u);
     src.kill();
+}
+
+// The sender driven one phase at a time from outside, as a control socket
+// would: its phase and rounds readable between steps, the downtime limit
+// changed mid-flight, steps out of order refused.
+TEST(Migrate, SenderCanBeDrivenPhaseByPhase)
+{
+    REQUIRE_KVM();
+    MachineConfig cfg = single_node_config(2, 32 * kMiB);
+    cfg.workload.rate_pages_per_s = 100000;
+    StressVm src(kvm, cfg);
+    auto tracker = dirty::Tracker::create(src, dirty::TrackerOptions{});
+    src.start();
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    MigrateOptions o;
+    o.post_run_s = 0.3;
+    o.max_downtime_ms = 0;  // converges only when a controller allows more
+    o.max_iterations = 1000;
+    Sender s(src, *tracker, o);
+    EXPECT_EQ(s.phase(), Phase::Idle);
+    EXPECT_THROW(s.bulk(), std::logic_error);
+    s.setup();
+    EXPECT_EQ(s.phase(), Phase::Setup);
+    EXPECT_TRUE(tracker->enabled());
+    s.bulk();
+    EXPECT_EQ(s.phase(), Phase::Bulk);
+    EXPECT_EQ(s.rounds(), 1u);
+    const bool more = s.precopy_round();
+    EXPECT_EQ(s.phase(), Phase::Precopy);
+    EXPECT_EQ(s.rounds(), more ? 2u : 1u);
+    s.set_max_downtime_ms(1e9);
+    if (more) {
+        EXPECT_FALSE(s.precopy_round()) << "any downtime is accepted now";
+    }
+    EXPECT_THROW(s.finish(), std::logic_error);
+    s.stop_and_copy();
+    EXPECT_EQ(s.phase(), Phase::Stop);
+    s.switchover();
+    EXPECT_FALSE(tracker->enabled());
+    s.finish();
+    EXPECT_EQ(s.phase(), Phase::Done);
+    const MigrateReport& r = s.report();
+    EXPECT_EQ(r.status, "completed") << r.error;
+    EXPECT_EQ(r.rounds.size(), s.rounds());
+    EXPECT_EQ(r.switchover_mismatches, 0u);
+    EXPECT_EQ(r.mismatches, 0u) << r.stamp_summary;
+    src.kill();
+}
+
+TEST(Migrate, SenderCancelledFromOutsideGivesTheSourceBack)
+{
+    REQUIRE_KVM();
+    MachineConfig cfg = single_node_config(2, 32 * kMiB);
+    StressVm src(kvm, cfg);
+    auto tracker = dirty::Tracker::create(src, dirty::TrackerOptions{});
+    src.start();
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    MigrateOptions o;
+    o.post_run_s = 0.3;
+    Sender s(src, *tracker, o);
+    s.setup();
+    s.bulk();
+    s.cancel();
+    try {
+        s.precopy_round();
+        ADD_FAILURE() << "a cancelled sender went on";
+    } catch (const std::exception& e) {
+        s.fail(e.what());
+    }
+    EXPECT_EQ(s.report().status, "cancelled");
+    EXPECT_EQ(s.report().phase, "precopy");
+    EXPECT_FALSE(tracker->enabled());
+    const uint64_t before = src.snapshot(1).pages_written;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    EXPECT_GT(src.snapshot(1).pages_written, before) << "the source runs on";
+    src.request_stop();
+    src.wait_finished(std::chrono::seconds(10));
+    EXPECT_TRUE(verify_stamps(src).ok());
 }
 
 TEST(Migrate, CtrlCCancelsAndTheSourceSurvives)

@@ -1,0 +1,130 @@
+#include "migration/channels.hpp"
+
+#include <algorithm>
+#include <exception>
+#include <optional>
+#include <span>
+#include <thread>
+
+#include "numa/policy.hpp"
+
+namespace mvm::migration {
+
+PageChannels::PageChannels(const StressVm& src, uint32_t channels, uint64_t bandwidth)
+    : src_(src), nch_(channels), bandwidth_(bandwidth)
+{
+    const MachineConfig& cfg = src.config();
+    for (const auto& r : src.memslots().regions()) {
+        uint32_t ch = 0;
+        if (r.vnode >= 0) {
+            size_t idx = 0;
+            for (size_t i = 0; i < cfg.nodes.size(); i++)
+                if (static_cast<int>(cfg.nodes[i].id) == r.vnode)
+                    idx = i;
+            ch = static_cast<uint32_t>(idx % nch_);
+            channel_node_.emplace(ch, &cfg.nodes[idx]);
+        }
+        slot_channel_[r.slot] = ch;
+    }
+}
+
+void PageChannels::add_slot(ChannelPages& per, uint32_t slot) const
+{
+    const MemoryRegion* r = src_.memslots().by_slot(slot);
+    auto& out = per[slot_channel_.at(slot)];
+    for (uint64_t off = 0; off < r->size; off += 4096)
+        out.push_back(r->gpa + off);
+}
+
+ChannelPages PageChannels::split(const dirty::Harvest& h) const
+{
+    ChannelPages per(nch_);
+    for (const auto& s : h.slots) {
+        auto& out = per[slot_channel_.at(s.slot)];
+        s.for_each([&](uint64_t page) { out.push_back(s.gpa + page * 4096); });
+    }
+    return per;
+}
+
+uint64_t PageChannels::zero_pages() const
+{
+    std::lock_guard lk(mu_);
+    return zero_pages_;
+}
+
+uint64_t PageChannels::send(Destination& dest, const ChannelPages& per, const std::function<void()>& check)
+{
+    {
+        std::lock_guard lk(mu_);
+        paced_since_ = std::chrono::steady_clock::now();
+        paced_bytes_ = 0;
+    }
+    std::vector<uint64_t> bytes(nch_, 0);
+    std::vector<std::thread> threads;
+    std::mutex emu;
+    std::exception_ptr err;
+    for (uint32_t c = 0; c < nch_; c++) {
+        if (per[c].empty())
+            continue;
+        threads.emplace_back([&, c] {
+            try {
+                bytes[c] = send_channel(dest, c, per[c], check);
+            } catch (...) {
+                std::lock_guard lk(emu);
+                if (!err)
+                    err = std::current_exception();
+            }
+        });
+    }
+    for (auto& t : threads)
+        t.join();
+    if (err)
+        std::rethrow_exception(err);
+    uint64_t total = 0;
+    for (uint64_t b : bytes)
+        total += b;
+    return total;
+}
+
+// On channel c's thread.
+uint64_t PageChannels::send_channel(Destination& dest, uint32_t c, const std::vector<uint64_t>& pages,
+                                    const std::function<void()>& check)
+{
+    auto it = channel_node_.find(c);
+    const NodeConfig* node = it != channel_node_.end() ? it->second : nullptr;
+    std::optional<numa::ThreadPolicyScope> scope;
+    if (node && !node->host_cpus.empty())
+        numa::pin_current_thread(node->host_cpus);
+    if (node && node->host_policy.policy != numa::Policy::Default)
+        scope.emplace(node->host_policy);
+    uint64_t sent = 0, zeros = 0;
+    for (size_t i = 0; i < pages.size(); i += kBatchPages) {
+        check();
+        auto part = std::span<const uint64_t>(pages).subspan(i, std::min(kBatchPages, pages.size() - i));
+        uint64_t b = 0;
+        dest.send(c, part, b, zeros);
+        sent += b;
+        pace(b);
+    }
+    std::lock_guard lk(mu_);
+    zero_pages_ += zeros;
+    return sent;
+}
+
+// Paces all channels together to the bandwidth.
+void PageChannels::pace(uint64_t bytes)
+{
+    const uint64_t bw = bandwidth_.load();
+    if (!bw)
+        return;
+    std::unique_lock lk(mu_);
+    paced_bytes_ += bytes;
+    const double due = static_cast<double>(paced_bytes_) / static_cast<double>(bw);
+    const double ahead = due - std::chrono::duration<double>(std::chrono::steady_clock::now() - paced_since_).count();
+    lk.unlock();
+    if (ahead > 0)
+        std::this_thread::sleep_for(std::chrono::duration<double>(ahead));
+}
+
+}  // namespace mvm::migration
+

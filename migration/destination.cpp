@@ -1,0 +1,159 @@
+#include "migration/destination.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <fmt/format.h>
+
+#include "base/error.hpp"
+#include "migration/transport/tcp.hpp"
+
+namespace mvm::migration {
+
+// ---- in this process --------------------------------------------------------------
+
+void InprocDestination::open(const StreamHeader& h)
+{
+    // The destination's memory is populated up front, on each node's CPUs
+    // and under its policy (like QEMU's -mem-prealloc on the target), so
+    // the copy does not pay a page fault per page while the guest waits.
+    MachineConfig cfg = src_.config();
+    for (auto& n : cfg.nodes)
+        n.prealloc = true;
+    cfg.show_progress = false;
+    dst_ = std::make_unique<StressVm>(src_.kvm(), cfg);
+    StreamHeader mine = StreamHeader::of(*dst_, h.nr_channels);
+    if (auto why = mine.incompatibility(h); !why.empty())
+        throw Error("destination layout differs: " + why);
+}
+
+void InprocDestination::send(uint32_t, std::span<const uint64_t> gpas, uint64_t& bytes, uint64_t&)
+{
+    for (uint64_t gpa : gpas) {
+        std::memcpy(dst_->host_ptr(gpa, 4096), src_.host_ptr(gpa, 4096), 4096);
+        bytes += 4096;
+    }
+}
+
+// Page by page against the parked source.
+ResultRecord InprocDestination::compare_with_source() const
+{
+    ResultRecord r;
+    r.ok = 1;
+    for (const auto& reg : src_.memslots().regions())
+        for (uint64_t off = 0; off < reg.size; off += 4096) {
+            r.pages_checked++;
+            if (std::memcmp(src_.host_ptr(reg.gpa + off, 4096), dst_->host_ptr(reg.gpa + off, 4096), 4096)) {
+                r.mismatches++;
+                if (r.mismatched_gpas.size() < 16)
+                    r.mismatched_gpas.push_back(reg.gpa + off);
+            }
+        }
+    if (r.mismatches) {
+        r.ok = 0;
+        r.text = fmt::format("{} of {} pages differ at switchover", r.mismatches, r.pages_checked);
+    }
+    return r;
+}
+
+ResultRecord InprocDestination::switchover(const std::vector<VcpuState>& states, const std::vector<Digest>&)
+{
+    ResultRecord r;
+    r.ok = 1;
+    if (verify_) {
+        r = compare_with_source();
+        if (!r.ok)
+            return r;
+    }
+    resumed_ = resume(*dst_, states);
+    return r;
+}
+
+ResultRecord InprocDestination::finish()
+{
+    return run_and_check(*dst_, resumed_, post_run_s_, std::chrono::seconds(10)).result;
+}
+
+void InprocDestination::abort()
+{
+    if (dst_)
+        dst_->kill();
+}
+
+// ---- minivmm receive over TCP -------------------------------------------------------
+
+void RemoteDestination::open(const StreamHeader& h)
+{
+    // Every connection first (the receiver sorts them by HELLO), then
+    // the header, whose layout check must pass before any memory moves.
+    if (wrapper_)
+        wrapper_->check(h.nr_channels);
+    for (uint32_t c = 0; c < h.nr_channels; c++) {
+        int fd = connect_tcp(host_, port_);
+        std::unique_ptr<Transport> t = std::make_unique<FdTransport>(fd, fmt::format("{}:{} (channel {})", host_, port_, c));
+        if (wrapper_)
+            t = wrapper_->wrap(c, std::move(t));
+        ch_.push_back(std::move(t));
+        RecordWriter(*ch_.back()).write(RecordType::Hello, Hello{c, h.nr_channels}.encode());
+    }
+    RecordWriter(*ch_[0]).write(RecordType::Header, h.encode());
+    ResultRecord r = read_result("the layout check");
+    if (!r.ok)
+        throw Error("the destination refused the stream: " + r.text);
+}
+
+void RemoteDestination::send(uint32_t channel, std::span<const uint64_t> gpas, uint64_t& bytes, uint64_t& zeros)
+{
+    RecordWriter w(*ch_.at(channel));
+    for (size_t i = 0; i < gpas.size(); i += kBatchPages) {
+        auto part = gpas.subspan(i, std::min(kBatchPages, gpas.size() - i));
+        auto payload = encode_pages(src_, part, &zeros);
+        w.write(RecordType::Pages, payload);
+    }
+    bytes += w.bytes();
+}
+
+ResultRecord RemoteDestination::switchover(const std::vector<VcpuState>& states, const std::vector<Digest>& digests)
+{
+    for (auto& c : ch_)
+        RecordWriter(*c).write(RecordType::ChannelDone, {});
+    RecordWriter w(*ch_[0]);
+    for (const auto& s : states)
+        w.write(RecordType::Vcpu, s.serialize());
+    w.write(RecordType::Digests, encode_digests(digests));
+    w.write(RecordType::End, {});
+    return read_result("the switchover");
+}
+
+void RemoteDestination::abort()
+{
+    for (auto& c : ch_)
+        c->shutdown();
+}
+
+void RemoteDestination::enter_phase(const char* phase)
+{
+    if (wrapper_)
+        wrapper_->enter_phase(phase);
+}
+
+ResultRecord RemoteDestination::read_result(const char* what)
+{
+    RecordReader r(*ch_[0]);
+    Record rec = r.read();
+    if (rec.type != RecordType::Result)
+        throw Error(fmt::format("expected RESULT for {}, got {}", what, record_name(rec.type)));
+    return ResultRecord::decode(rec.payload);
+}
+
+// ---------------------------------------------------------------------------------------
+
+std::unique_ptr<Destination> make_destination(StressVm& src, const std::string& to, bool verify, double post_run_s,
+                                              std::shared_ptr<TransportWrapper> wrapper)
+{
+    if (to == "inproc")
+        return std::make_unique<InprocDestination>(src, verify, post_run_s);
+    auto [host, port] = parse_tcp("--to", to);
+    return std::make_unique<RemoteDestination>(src, host, port, std::move(wrapper));
+}
+
+}  // namespace mvm::migration

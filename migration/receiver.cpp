@@ -1,0 +1,315 @@
+#include "migration/receiver.hpp"
+
+#include <sys/socket.h>
+
+#include <atomic>
+#include <cerrno>
+#include <fmt/format.h>
+#include <mutex>
+#include <thread>
+
+#include "base/error.hpp"
+#include "migration/resume.hpp"
+#include "migration/transport/tcp.hpp"
+#include "migration/vcpu_state.hpp"
+
+namespace mvm::migration {
+
+namespace {
+
+// One incoming migration into `dst` from connected channels, channel 0
+// (the control channel) first.
+class Receiver {
+public:
+    Receiver(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, const PhaseHook& on_phase)
+        : dst_(dst), ch_(std::move(channels)), on_phase_(on_phase), out_(*ch_[0])
+    {
+        for (const auto& r : dst_.memslots().regions())
+            layout_pages_ += r.pages();
+    }
+    ReceiveReport run(double post_run_s);
+
+private:
+    void check_header(RecordReader& in);
+    void receive_memory();
+    void pump(Transport& t, bool skip_hello);
+    void read_state(RecordReader& in, std::vector<VcpuState>& states, std::vector<Digest>& digests);
+    ResultRecord check_digests(const std::vector<Digest>& digests);
+    void check_guest();
+    void resume_and_check(const std::vector<VcpuState>& states, ResultRecord sw, double post_run_s);
+    void send_result(const ResultRecord& r);
+    void phase(const char* p) const
+    {
+        if (on_phase_)
+            on_phase_(p);
+    }
+
+    StressVm& dst_;
+    std::vector<std::unique_ptr<Transport>> ch_;
+    const PhaseHook& on_phase_;
+    RecordWriter out_;  // to the sender, on channel 0
+    uint64_t layout_pages_ = 0;
+    std::atomic<uint64_t> received_{0};
+    std::mutex mu_;  // guards rep_ while the channels pump
+    ReceiveReport rep_;
+};
+
+ReceiveReport Receiver::run(double post_run_s)
+{
+    try {
+        RecordReader in(*ch_[0]);
+        check_header(in);
+        receive_memory();
+        std::vector<VcpuState> states;
+        std::vector<Digest> digests;
+        read_state(in, states, digests);
+        ResultRecord sw = check_digests(digests);
+        check_guest();
+        resume_and_check(states, sw, post_run_s);
+        return rep_;
+    } catch (const std::exception& e) {
+        rep_.status = "failed";
+        rep_.error = e.what();
+        if (dst_.started())
+            dst_.kill();
+        return rep_;
+    }
+}
+
+// Best effort: the sender may be gone already.
+void Receiver::send_result(const ResultRecord& r)
+{
+    try {
+        out_.write(RecordType::Result, r.encode());
+    } catch (...) {
+    }
+}
+
+// The sender's layout against ours, before a byte of memory.
+void Receiver::check_header(RecordReader& in)
+{
+    Record hdr = in.read();
+    if (hdr.type == RecordType::Hello)
+        hdr = in.read();
+    if (hdr.type != RecordType::Header)
+        throw Error(fmt::format("migration stream: expected HEADER first, got {}", record_name(hdr.type)));
+    StreamHeader sender = StreamHeader::decode(hdr.payload);
+    StreamHeader mine = StreamHeader::of(dst_, sender.nr_channels);
+    if (auto why = mine.incompatibility(sender); !why.empty()) {
+        ResultRecord r;
+        r.text = why;
+        send_result(r);
+        throw Error("incompatible stream: " + why);
+    }
+    if (ch_.size() != sender.nr_channels)
+        throw Error(fmt::format("the sender uses {} channels but {} connected", sender.nr_channels, ch_.size()));
+    ResultRecord accepted;
+    accepted.ok = 1;
+    accepted.text = "layout accepted";
+    out_.write(RecordType::Result, accepted.encode());
+}
+
+// Memory: one thread per data channel; channel 0's pages on this thread.
+// The first error stops every channel.
+void Receiver::receive_memory()
+{
+    std::exception_ptr err;
+    std::vector<std::thread> threads;
+    for (size_t c = 1; c < ch_.size(); c++)
+        threads.emplace_back([&, c] {
+            try {
+                pump(*ch_[c], true);
+            } catch (...) {
+                std::lock_guard lk(mu_);
+                if (!err)
+                    err = std::current_exception();
+                for (auto& ch : ch_)
+                    ch->shutdown();  // unblock the others
+            }
+        });
+    try {
+        pump(*ch_[0], false);
+    } catch (...) {
+        for (auto& ch : ch_)
+            ch->shutdown();
+        for (auto& t : threads)
+            t.join();
+        throw;
+    }
+    for (auto& t : threads)
+        t.join();
+    if (err)
+        std::rethrow_exception(err);
+}
+
+// One channel's PAGES records up to its CHANNEL_DONE.
+void Receiver::pump(Transport& t, bool skip_hello)
+{
+    RecordReader r(t);
+    uint64_t pages = 0, zeros = 0, bytes = 0;
+    for (;;) {
+        Record rec = r.read();
+        if (skip_hello && rec.type == RecordType::Hello) {
+            skip_hello = false;
+            continue;
+        }
+        if (rec.type == RecordType::ChannelDone) {
+            phase("stop");
+            break;
+        }
+        if (rec.type != RecordType::Pages)
+            throw Error(
+                fmt::format("migration stream: {} where PAGES or CHANNEL_DONE belongs", record_name(rec.type)));
+        const uint64_t n = apply_pages(dst_, rec.payload, &zeros);
+        pages += n;
+        bytes += rec.payload.size();
+        const uint64_t total = received_ += n;
+        phase("bulk");
+        if (total > layout_pages_)
+            phase("precopy");
+    }
+    std::lock_guard lk(mu_);
+    rep_.pages += pages;
+    rep_.zero_pages += zeros;
+    rep_.bytes += bytes;
+}
+
+// State, digests, end.
+void Receiver::read_state(RecordReader& in, std::vector<VcpuState>& states, std::vector<Digest>& digests)
+{
+    for (;;) {
+        Record rec = in.read();
+        if (rec.type == RecordType::End)
+            break;
+        if (rec.type == RecordType::Vcpu) {
+            states.push_back(VcpuState::parse(rec.payload));
+            if (states.back().id >= dst_.vcpu_count())
+                throw Error(fmt::format("migration stream: VCPU record for vCPU {} of {}", states.back().id,
+                                        dst_.vcpu_count()));
+        } else if (rec.type == RecordType::Digests) {
+            digests = decode_digests(rec.payload);
+        } else {
+            throw Error(fmt::format("migration stream: {} where VCPU, DIGESTS or END belongs", record_name(rec.type)));
+        }
+    }
+    if (states.size() != dst_.vcpu_count())
+        throw Error(fmt::format("migration stream: {} vCPU states for {} vCPUs", states.size(), dst_.vcpu_count()));
+}
+
+// Our memory against the source's digests at the switchover.
+ResultRecord Receiver::check_digests(const std::vector<Digest>& digests)
+{
+    ResultRecord sw;
+    sw.ok = 1;
+    for (const auto& d : digests) {
+        const uint8_t* p = dst_.host_ptr(d.gpa, d.bytes);
+        sw.pages_checked += d.bytes / 4096;
+        if (!p || digest64(p, d.bytes) != d.value) {
+            sw.mismatches += d.bytes / 4096;
+            if (sw.mismatched_gpas.size() < 16)
+                sw.mismatched_gpas.push_back(d.gpa);
+        }
+    }
+    if (sw.mismatches) {
+        sw.ok = 0;
+        sw.text = fmt::format("{} ranges differ from the source at switchover, first at GPA {:#x}",
+                              sw.mismatched_gpas.size(), sw.mismatched_gpas[0]);
+        send_result(sw);
+        throw Error(sw.text);
+    }
+    return sw;
+}
+
+// The stream rewrote guest memory, boot parameters included: they must
+// still describe the guest this receiver was started for.
+void Receiver::check_guest()
+{
+    if (auto why = dst_.guest_boot_params_difference(); !why.empty()) {
+        ResultRecord r;
+        r.text = why + "; start receive with the source's --seed/--pattern/--write-pct/--touch";
+        send_result(r);
+        throw Error("incompatible guest: " + r.text);
+    }
+}
+
+void Receiver::resume_and_check(const std::vector<VcpuState>& states, ResultRecord sw, double post_run_s)
+{
+    const Resumed at = resume(dst_, states);
+    sw.text = "resumed";
+    out_.write(RecordType::Result, sw.encode());
+    const AfterRun after = run_and_check(dst_, at, post_run_s, std::chrono::seconds(3));
+    const ResultRecord& fin = after.result;
+    if (after.stamps_checked) {
+        rep_.pages_checked = fin.pages_checked;
+        rep_.mismatches = fin.mismatches;
+        rep_.stamp_summary = fin.text;
+    }
+    send_result(fin);
+    rep_.status = fin.ok ? "completed" : "failed";
+    if (!fin.ok)
+        rep_.error = fin.text;
+}
+
+// ---- accepting -------------------------------------------------------------------------
+
+std::unique_ptr<FdTransport> accept_one(int ls, double timeout_s, const std::string& listen)
+{
+    auto t = accept_within(ls, timeout_s, "the sender");
+    if (!t)
+        throw Error(fmt::format("receive: no sender connected to {} within {:.0f} s", listen, timeout_s));
+    return t;
+}
+
+std::optional<Hello> read_hello(Transport& t)
+{
+    Record h = RecordReader(t).read();
+    if (h.type != RecordType::Hello)
+        return std::nullopt;
+    return Hello::decode(h.payload);
+}
+
+// Connections can arrive in any order: sort them by their HELLO.
+std::vector<std::unique_ptr<Transport>> accept_channels(int ls, const ReceiveOptions& opt)
+{
+    auto first = accept_one(ls, opt.accept_timeout_s, opt.listen);
+    const auto h0 = read_hello(*first);
+    if (!h0)
+        throw Error("receive: the first record is not HELLO; is the sender minivmm migrate?");
+    const uint32_t nch = h0->channels;
+    if (nch == 0 || nch > 64 || h0->channel >= nch)
+        throw Error(fmt::format("receive: HELLO names channel {} of {}", h0->channel, nch));
+    std::vector<std::unique_ptr<Transport>> chans(nch);
+    chans[h0->channel] = std::move(first);
+    for (uint32_t i = 1; i < nch; i++) {
+        auto t = accept_one(ls, 30, opt.listen);
+        const auto h = read_hello(*t);
+        if (!h)
+            throw Error("receive: a connection did not start with HELLO");
+        if (h->channels != nch || h->channel >= nch || chans[h->channel])
+            throw Error(fmt::format("receive: HELLO for channel {} of {} does not fit", h->channel, h->channels));
+        chans[h->channel] = std::move(t);
+    }
+    return chans;
+}
+
+}  // namespace
+
+ReceiveReport receive_from(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, double post_run_s,
+                           const PhaseHook& on_phase)
+{
+    if (channels.empty())
+        throw Error("receive: no connection");
+    return Receiver(dst, std::move(channels), on_phase).run(post_run_s);
+}
+
+ReceiveReport receive(StressVm& dst, const ReceiveOptions& opt, const PhaseHook& on_phase)
+{
+    int ls = bind_listener(opt.listen);
+    FdTransport guard(ls, "listener");
+    if (::listen(ls, 64) != 0)
+        throw SysError("listen", errno);
+    fmt::print(stderr, "receive: listening on {}\n", opt.listen);
+    return receive_from(dst, accept_channels(ls, opt), opt.post_run_s, on_phase);
+}
+
+}  // namespace mvm::migration

@@ -1,0 +1,40 @@
+// migration/receiver.hpp - the receiving side of a live migration (`minivmm
+// receive`): accept the sender's connections, check the stream's layout
+// against this VM's before any memory, take the pages on every channel, the
+// vCPU states and digests, check them, resume the guest, run it a while,
+// check its stamps and report each step back to the sender.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "migration/report.hpp"
+#include "migration/stream.hpp"
+#include "vmm/stress/stress_vm.hpp"
+
+namespace mvm::migration {
+
+struct ReceiveOptions {
+    std::string listen;  // tcp:ADDR:PORT
+    double post_run_s = 2;
+    double accept_timeout_s = 300;
+    bool progress = false;
+};
+
+// Told where the stream is, from the thread of the channel that got there:
+// "bulk" after every PAGES record, "precopy" once more pages arrived than
+// the layout holds, "stop" at every CHANNEL_DONE (the tests' hook).
+using PhaseHook = std::function<void(const char* phase)>;
+
+// Listens, takes one migration into `dst` (made with the same VM options,
+// not started), resumes it, runs post_run_s, checks stamps, reports back.
+ReceiveReport receive(StressVm& dst, const ReceiveOptions& opt, const PhaseHook& on_phase = {});
+
+// Same, from already-connected transports (channel 0 first): what the
+// fuzzers and the in-memory tests drive.
+ReceiveReport receive_from(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, double post_run_s,
+                           const PhaseHook& on_phase = {});
+
+}  // namespace mvm::migration

@@ -1,0 +1,38 @@
+// migration/resume.hpp - the destination VM from the switchover on, the same
+// for the in-process destination and `minivmm receive`: load the vCPU
+// states, hand the VMM's controls back to this VMM, start the guest; later,
+// after it ran a while, stop it and check its stamps.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <vector>
+
+#include "migration/stream.hpp"
+#include "migration/vcpu_state.hpp"
+#include "vmm/stress/stress_vm.hpp"
+
+namespace mvm::migration {
+
+// No throttle, the configured rate, not parked, no pass gate: the source's
+// VMM controls do not travel with the guest.
+void reset_controls(StressVm& m);
+
+struct Resumed {
+    std::vector<uint32_t> refused_msrs;  // MSRs the destination would not load
+    std::vector<uint64_t> progress;      // per vCPU, pages written + read at the resume
+};
+
+// Loads `states` into `dst` (made, not started), resets its controls, starts it.
+Resumed resume(StressVm& dst, const std::vector<VcpuState>& states);
+
+struct AfterRun {
+    ResultRecord result;          // ok: every vCPU progressed and the stamps check
+    bool stamps_checked = false;  // false when the guest failed (result.text says how)
+};
+
+// Lets the resumed `dst` run post_run_s, stops it (killed after stop_wait)
+// and checks its stamps.
+AfterRun run_and_check(StressVm& dst, const Resumed& at, double post_run_s, std::chrono::milliseconds stop_wait);
+
+}  // namespace mvm::migration

@@ -1,0 +1,150 @@
+// migration/sender.hpp - the sending side of a live migration, one phase at
+// a time.
+//
+// A Sender owns the source while migrating: setup (destination opened,
+// tracking on), a bulk pass, pre-copy rounds that harvest and send while
+// the vCPUs run, stop-and-copy (guests parked, final harvest, guest_memfd
+// slots whole, vCPU state), the switchover (verification, resume on the
+// destination) and the destination's own check. Any failure turns tracking
+// off and resumes the source, memory untouched (fail()). migrate()
+// (migrate.hpp) drives the phases in order; a controller can drive them
+// itself, reading phase() and rounds() and changing the bandwidth, the
+// downtime limit or cancelling from another thread meanwhile.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <initializer_list>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "migration/channels.hpp"
+#include "migration/destination.hpp"
+#include "migration/report.hpp"
+#include "migration/transport/wrapper.hpp"
+#include "vmm/dirty/tracker.hpp"
+#include "vmm/stress/stress_vm.hpp"
+
+namespace mvm {
+class ProgressSampler;
+}
+
+namespace mvm::migration {
+
+enum class Throttle { None, AutoConverge, DirtyLimit };
+
+struct MigrateOptions {
+    std::string to = "inproc";        // "inproc" or "tcp:HOST:PORT"
+    dirty::Mode tracker = dirty::Mode::Bitmap;
+    double max_downtime_ms = 300;
+    uint32_t max_iterations = 30;
+    double timeout_s = 120;
+    uint64_t bandwidth = 0;           // bytes/s; 0 = unlimited
+    Throttle throttle = Throttle::None;
+    uint64_t dirty_limit = 0;         // pages/s per vCPU (dirty-limit)
+    bool verify = true;
+    double post_run_s = 2;            // destination runs this long before its stamp check
+    uint32_t channels = 0;            // 0: one per virtual node
+    bool progress = false;
+};
+
+// What a caller injects: the tests' faults (cli/test_hooks.hpp), later TLS.
+struct SenderHooks {
+    // Called at one point of bulk (before its pages go), of precopy (round 2,
+    // after its harvest) and of stop (the source parked, its last harvest
+    // taken) with that phase's name. Throwing there loses the destination:
+    // it is aborted and the migration fails in that phase.
+    std::function<void(const char* phase)> at_fault_point;
+    // Put around every connection to a remote destination.
+    std::shared_ptr<TransportWrapper> transport;
+};
+
+enum class Phase : uint8_t { Idle, Setup, Bulk, Precopy, Stop, Destination, Done };
+// "idle", "setup", "bulk", "precopy", "stop", "destination", "done"
+// (MigrateReport::phase names the phase a migration failed in).
+const char* phase_name(Phase p);
+
+class Sender {
+public:
+    // Throws UsageError when opt.to is neither inproc nor tcp:HOST:PORT.
+    Sender(StressVm& src, dirty::Tracker& tracker, const MigrateOptions& opt, const std::atomic<int>* cancel = nullptr,
+           SenderHooks hooks = {});
+    ~Sender();
+    Sender(const Sender&) = delete;
+    Sender& operator=(const Sender&) = delete;
+
+    // The phases, in this order. Each throws on failure; then call fail().
+    // (A Sender left between phases leaves the source as it is.)
+    void setup();          // the destination opened, dirty logging on
+    void bulk();           // every tracked page once
+    bool precopy_round();  // harvest and send; false: converged or out of rounds
+    void stop_and_copy();  // park the source, send what is left, save the vCPUs
+    void switchover();     // hand over and verify, the destination resumes; logging off
+    void finish();         // the destination's check after it ran: completed or failed
+    // After a phase threw: the source resumes as it was (tracking off,
+    // throttles off, unparked and running); the report says why.
+    void fail(const std::string& error);
+
+    // Safe from any thread while the phases run.
+    Phase phase() const { return phase_.load(); }
+    uint32_t rounds() const { return rounds_.load(); }  // reported so far, the bulk pass included
+    void set_bandwidth(uint64_t bytes_per_s) { channels_.set_bandwidth(bytes_per_s); }
+    void set_max_downtime_ms(double ms) { max_downtime_ms_ = ms; }
+    void cancel() { cancel_requested_ = true; }
+    bool cancelled() const;
+
+    // Complete once finish() or fail() returned.
+    const MigrateReport& report() const { return rep_; }
+
+private:
+    using clock = std::chrono::steady_clock;
+
+    void enter(Phase p);
+    void require(std::initializer_list<Phase> ok, const char* step) const;
+    void check_cancel() const;
+    void fault_point(const char* phase);
+    uint64_t send(const ChannelPages& per);
+    void account(const RoundReport& rr);
+    void throttle(const dirty::Harvest& h, double prev_s, RoundReport& rr);
+    void print_progress(const RoundReport& rr) const;
+    std::vector<double> stop_sampler();
+    void park_source();
+    ChannelPages final_pages(const dirty::Harvest& last);
+    void save_state();
+    void give_back_source();
+
+    StressVm& src_;
+    dirty::Tracker& tracker_;
+    const MigrateOptions opt_;
+    const std::atomic<int>* cancel_signal_;
+    SenderHooks hooks_;
+    const clock::time_point t0_;
+    PageChannels channels_;
+    std::unique_ptr<Destination> dest_;
+    std::unique_ptr<ProgressSampler> sampler_;
+    MigrateReport rep_;
+
+    std::atomic<Phase> phase_{Phase::Idle};
+    std::atomic<uint32_t> rounds_{0};
+    std::atomic<double> max_downtime_ms_;
+    std::atomic<bool> cancel_requested_{false};
+
+    bool tracking_ = false, parked_ = false, switched_over_ = false;
+    // Pre-copy: the bandwidth measured so far, the next round, the throttle
+    // in effect and the harvest that ended it (sent at stop-and-copy).
+    uint64_t precopy_bytes_ = 0;
+    double precopy_s_ = 0, bw_ = 0;
+    uint32_t round_ = 1, throttle_pct_ = 0;
+    std::optional<dirty::Harvest> pending_;
+    // Stop-and-copy.
+    clock::time_point tdown_;
+    uint64_t final_bytes_ = 0;
+    std::vector<VcpuState> states_;
+    std::vector<Digest> digests_;
+};
+
+}  // namespace mvm::migration

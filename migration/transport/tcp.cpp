@@ -1,0 +1,120 @@
+#include "migration/transport/tcp.hpp"
+
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <fmt/format.h>
+
+#include "base/error.hpp"
+
+namespace mvm::migration {
+
+std::pair<std::string, uint16_t> parse_tcp(const std::string& option, const std::string& spec)
+{
+    if (spec.rfind("tcp:", 0) != 0)
+        throw UsageError(fmt::format("{}: '{}' is not tcp:HOST:PORT (e.g. tcp:127.0.0.1:4444)", option, spec));
+    std::string rest = spec.substr(4);
+    auto colon = rest.rfind(':');
+    if (colon == std::string::npos || colon == 0 || colon + 1 == rest.size())
+        throw UsageError(fmt::format("{}: '{}' is not tcp:HOST:PORT (e.g. tcp:127.0.0.1:4444)", option, spec));
+    std::string host = rest.substr(0, colon), port = rest.substr(colon + 1);
+    if (host.size() > 2 && host.front() == '[' && host.back() == ']')
+        host = host.substr(1, host.size() - 2);
+    uint64_t p = 0;
+    for (char c : port) {
+        if (c < '0' || c > '9' || p > 65535)
+            throw UsageError(fmt::format("{}: port '{}' is not a number in 1..65535", option, port));
+        p = p * 10 + static_cast<uint64_t>(c - '0');
+    }
+    if (p == 0 || p > 65535)
+        throw UsageError(fmt::format("{}: port '{}' is not a number in 1..65535", option, port));
+    return {host, static_cast<uint16_t>(p)};
+}
+
+int connect_tcp(const std::string& host, uint16_t port)
+{
+    addrinfo hints{}, *res = nullptr;
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    if (int rc = getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res); rc != 0)
+        throw Error(fmt::format("--to tcp:{}:{}: cannot resolve {}: {}", host, port, host, gai_strerror(rc)));
+    int fd = -1, err = 0;
+    for (addrinfo* a = res; a; a = a->ai_next) {
+        fd = ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+        if (fd < 0)
+            continue;
+        if (::connect(fd, a->ai_addr, a->ai_addrlen) == 0)
+            break;
+        err = errno;
+        ::close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(res);
+    if (fd < 0)
+        throw Error(fmt::format("--to tcp:{}:{}: cannot connect: {}; is 'minivmm receive --listen tcp:...:{}' running "
+                                "there?",
+                                host, port, errno_text(err), port));
+    int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    return fd;
+}
+
+int bind_listener(const std::string& spec)
+{
+    auto [host, port] = parse_tcp("--listen", spec);
+    sockaddr_storage ss{};
+    socklen_t sl;
+    if (host.find(':') != std::string::npos) {
+        auto* a = reinterpret_cast<sockaddr_in6*>(&ss);
+        a->sin6_family = AF_INET6;
+        a->sin6_port = htons(port);
+        if (inet_pton(AF_INET6, host.c_str(), &a->sin6_addr) != 1)
+            throw UsageError(fmt::format("--listen: '{}' is not an IPv6 address; use e.g. tcp:[::1]:{}", host, port));
+        sl = sizeof(*a);
+    } else {
+        auto* a = reinterpret_cast<sockaddr_in*>(&ss);
+        a->sin_family = AF_INET;
+        a->sin_port = htons(port);
+        if (host == "0.0.0.0" || host == "*")
+            a->sin_addr.s_addr = INADDR_ANY;
+        else if (inet_pton(AF_INET, host.c_str(), &a->sin_addr) != 1)
+            throw UsageError(fmt::format("--listen: '{}' is not an IPv4 address; use e.g. tcp:0.0.0.0:{}", host, port));
+        sl = sizeof(*a);
+    }
+    int fd = ::socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        throw SysError("socket", errno);
+    int one = 1;
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (::bind(fd, reinterpret_cast<sockaddr*>(&ss), sl) != 0) {
+        const int err = errno;
+        ::close(fd);
+        throw UsageError(fmt::format("--listen {}: cannot bind: {}; {}", spec, errno_text(err),
+                                     err == EADDRINUSE ? "pick a free port" : "use an address of this host"));
+    }
+    return fd;
+}
+
+std::unique_ptr<FdTransport> accept_within(int fd, double timeout_s, std::string peer)
+{
+    pollfd p{fd, POLLIN, 0};
+    int rc = ::poll(&p, 1, static_cast<int>(timeout_s * 1000));
+    if (rc == 0)
+        return nullptr;
+    if (rc < 0)
+        throw SysError("poll on the listening socket", errno);
+    sockaddr_storage addr{};
+    socklen_t len = sizeof(addr);
+    int conn = ::accept4(fd, reinterpret_cast<sockaddr*>(&addr), &len, SOCK_CLOEXEC);
+    if (conn < 0)
+        throw SysError("accept", errno);
+    return std::make_unique<FdTransport>(conn, std::move(peer));
+}
+
+}  // namespace mvm::migration
