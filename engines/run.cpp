@@ -1,27 +1,13 @@
 #include "engines/run.hpp"
 
-#include <signal.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <chrono>
 #include <fmt/format.h>
 #include <thread>
 
+#include "base/stop_signal.hpp"
+
 namespace mvm {
-
-std::atomic<int> g_stop_signal{0};
-
-static void on_stop_signal(int sig) { g_stop_signal.store(sig); }
-
-void install_stop_signals()
-{
-    struct sigaction sa {};
-    sa.sa_handler = on_stop_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, nullptr);
-    sigaction(SIGTERM, &sa, nullptr);
-}
 
 ProgressLine::ProgressLine(const StressVm& m, bool enabled) : m_(m), enabled_(enabled), last_pages_(m.vcpu_count(), 0) {}
 

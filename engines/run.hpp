@@ -2,7 +2,6 @@
 // line, and stops it cleanly on a deadline, on a failure or on SIGINT/SIGTERM.
 #pragma once
 
-#include <atomic>
 #include <cstdio>
 #include <functional>
 #include <optional>
@@ -17,10 +16,6 @@
 #include "vmm/dirty/tracker.hpp"
 
 namespace mvm {
-
-// Set by the SIGINT/SIGTERM handler (install_stop_signals); 0 when none came.
-extern std::atomic<int> g_stop_signal;
-void install_stop_signals();
 
 struct RunOptions {
     double duration_s = 3;   // 0 with max_passes: until the guest is done

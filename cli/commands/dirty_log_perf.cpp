@@ -2,12 +2,12 @@
 #include <fmt/format.h>
 
 #include "base/error.hpp"
+#include "base/stop_signal.hpp"
 #include "base/units.hpp"
 #include "cli/command.hpp"
 #include "cli/options.hpp"
 #include "cli/output.hpp"
 #include "engines/dirty_log_perf.hpp"
-#include "engines/run.hpp"
 #include "numa/topology.hpp"
 #include "vmm/kvm/kvm.hpp"
 

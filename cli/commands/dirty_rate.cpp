@@ -2,11 +2,11 @@
 #include <fmt/format.h>
 
 #include "base/error.hpp"
+#include "base/stop_signal.hpp"
 #include "cli/command.hpp"
 #include "cli/options.hpp"
 #include "cli/output.hpp"
 #include "engines/dirty_rate.hpp"
-#include "engines/run.hpp"
 #include "vmm/kvm/kvm.hpp"
 
 namespace mvm::cli {

@@ -2,12 +2,12 @@
 #include <fmt/format.h>
 
 #include "base/error.hpp"
+#include "base/stop_signal.hpp"
 #include "cli/command.hpp"
 #include "cli/options.hpp"
 #include "cli/output.hpp"
 #include "cli/test_hooks.hpp"
 #include "engines/numa_check.hpp"
-#include "engines/run.hpp"
 #include "numa/topology.hpp"
 #include "vmm/kvm/kvm.hpp"
 
