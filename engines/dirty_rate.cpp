@@ -8,7 +8,7 @@
 
 #include "base/error.hpp"
 
-namespace mvm::dirty {
+namespace mvm::engines {
 
 namespace {
 
@@ -293,4 +293,4 @@ std::string to_table(const RateResult& r)
     return o;
 }
 
-}  // namespace mvm::dirty
+}  // namespace mvm::engines

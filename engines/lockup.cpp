@@ -13,7 +13,7 @@
 #include "base/error.hpp"
 #include "base/units.hpp"
 
-namespace mvm::migration {
+namespace mvm::engines {
 
 namespace {
 
@@ -461,4 +461,4 @@ void LockupReport::write_timeline(const std::string& path) const
     }
 }
 
-}  // namespace mvm::migration
+}  // namespace mvm::engines

@@ -15,7 +15,7 @@
 #define MADV_POPULATE_READ 22
 #endif
 
-namespace mvm {
+namespace mvm::engines {
 
 namespace {
 
@@ -294,4 +294,4 @@ std::string to_table(const NumaCheckReport& r)
     return o;
 }
 
-}  // namespace mvm
+}  // namespace mvm::engines

@@ -7,7 +7,7 @@
 
 #include "base/stop_signal.hpp"
 
-namespace mvm {
+namespace mvm::engines {
 
 ProgressLine::ProgressLine(const StressVm& m, bool enabled) : m_(m), enabled_(enabled), last_pages_(m.vcpu_count(), 0) {}
 
@@ -148,4 +148,4 @@ RunResult run_command(StressVm& m, RunOptions opt, const std::optional<DirtyLogO
     return result;
 }
 
-}  // namespace mvm
+}  // namespace mvm::engines

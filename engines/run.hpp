@@ -15,7 +15,7 @@
 #include "engines/run_report.hpp"
 #include "vmm/dirty/tracker.hpp"
 
-namespace mvm {
+namespace mvm::engines {
 
 struct RunOptions {
     double duration_s = 3;   // 0 with max_passes: until the guest is done
@@ -71,4 +71,4 @@ struct RunResult {
 // needs `m` made with a dirty ring.
 RunResult run_command(StressVm& m, RunOptions opt, const std::optional<DirtyLogOptions>& log);
 
-}  // namespace mvm
+}  // namespace mvm::engines
