@@ -62,15 +62,20 @@ void wait_period(const StressVm& m, const RateOptions& opt, clock::time_point t0
 }
 
 // The measured period's rates, total and per vCPU (`vcpu_pages` dirtied by
-// each, `writes0`/`writes1` the guest's own counts at either end); then stops the machine.
-void finish(RateResult& r, StressVm& m, const std::vector<double>& vcpu_pages, const std::vector<uint64_t>& writes0,
-            const std::vector<uint64_t>& writes1)
+// each, `writes0`/`writes1` the guest's own counts at either end).
+void compute_rates(RateResult& r, const std::vector<double>& vcpu_pages, const std::vector<uint64_t>& writes0,
+                   const std::vector<uint64_t>& writes1)
 {
     r.pages_per_s = static_cast<double>(r.dirty_pages) / r.period_s;
     r.mib_per_s = r.pages_per_s * 4096 / (1 << 20);
-    for (uint32_t v = 0; v < m.vcpu_count(); v++)
+    for (uint32_t v = 0; v < vcpu_pages.size(); v++)
         r.vcpus.push_back({v, vcpu_pages[v] / r.period_s, vcpu_pages[v] / r.period_s * 4096 / (1 << 20),
                            static_cast<double>(writes1[v] - writes0[v]) / r.period_s});
+}
+
+// Asks the guest to stop; kills its vCPUs if they have not within 10 s.
+void stop(StressVm& m)
+{
     m.request_stop();
     if (!m.wait_finished(std::chrono::seconds(10)))
         m.kill();
@@ -158,7 +163,8 @@ RateResult measure_with_tracker(StressVm& m, const RateOptions& opt)
     r.note = opt.mode == RateMode::Ring ? "per-vCPU rates are the entries each vCPU's ring received"
                                         : "per-vCPU rates attribute each dirty page to the vCPU whose working set holds it";
     tracker->disable();
-    finish(r, m, vcpu_pages, writes0, writes1);
+    compute_rates(r, vcpu_pages, writes0, writes1);
+    stop(m);
     return r;
 }
 
@@ -238,7 +244,8 @@ RateResult measure_by_sampling(StressVm& m, const RateOptions& opt)
 
     std::vector<double> vcpu_pages(m.vcpu_count(), 0);
     judge_samples(r, m, samples, vcpu_pages);
-    finish(r, m, vcpu_pages, writes0, writes1);
+    compute_rates(r, vcpu_pages, writes0, writes1);
+    stop(m);
     return r;
 }
 
