@@ -65,17 +65,90 @@ bool parse_on_off(const std::string& where, const std::string& key, const std::s
     throw UsageError(fmt::format("{}: {}='{}' is not on or off", where, key, v));
 }
 
+// A --numa value while it is parsed: the node so far and what its keys gathered.
+struct NodeDraft {
+    NodeConfig n;
+    bool have_mem = false, have_policy = false;
+    std::vector<int> cpus, host_nodes, host_cpus;
+};
+
+// One key=value of a --numa option (`where` names it in errors).
+void apply_numa_key(const std::string& where, const std::string& key, const std::string& v, NodeDraft& d)
+{
+    NodeConfig& n = d.n;
+    if (key == "node" || key == "nodeid") {
+        n.id = static_cast<uint32_t>(parse_uint(where + " node", v, 0, kMaxVnodes - 1));
+        n.origin = fmt::format("--numa node={}", n.id);
+    } else if (key == "cpus") {
+        auto l = parse_list(where, key, v, 1023);
+        d.cpus.insert(d.cpus.end(), l.begin(), l.end());
+    } else if (key == "mem" || key == "size") {
+        n.mem_bytes = parse_size_option(where + " mem", v);
+        d.have_mem = true;
+    } else if (key == "backing" || key == "memdev") {
+        auto k = parse_backing(v);
+        if (!k)
+            throw UsageError(fmt::format("{}: backing='{}' is unknown; use one of {}", where, v, backing_names()));
+        n.backing = *k;
+    } else if (key == "host-nodes") {
+        auto l = parse_list(where, key, v, 1023);
+        d.host_nodes.insert(d.host_nodes.end(), l.begin(), l.end());
+    } else if (key == "host-cpus") {
+        auto l = parse_list(where, key, v, 65535);
+        d.host_cpus.insert(d.host_cpus.end(), l.begin(), l.end());
+    } else if (key == "policy") {
+        auto p = numa::parse_policy(v);
+        if (!p)
+            throw UsageError(fmt::format("{}: policy='{}' is unknown; use bind, preferred, interleave or default",
+                                         where, v));
+        n.host_policy.policy = *p;
+        d.have_policy = true;
+    } else if (key == "prealloc") {
+        n.prealloc = parse_on_off(where, key, v);
+    } else {
+        throw UsageError(fmt::format("{}: unknown key '{}'; use node, cpus, mem, backing, host-nodes, host-cpus, "
+                                     "policy, prealloc",
+                                     where, key));
+    }
+}
+
+// The node of a fully parsed --numa option: mem= given, the lists sorted and
+// checked, host-nodes alone meaning bind.
+NodeConfig finish_node(NodeDraft d)
+{
+    NodeConfig& n = d.n;
+    if (!d.have_mem)
+        throw UsageError(fmt::format("{}: mem= is missing; every virtual node needs its size, e.g. mem=512M", n.origin));
+    std::sort(d.cpus.begin(), d.cpus.end());
+    if (std::adjacent_find(d.cpus.begin(), d.cpus.end()) != d.cpus.end())
+        throw UsageError(fmt::format("{}: cpus= lists a vCPU twice", n.origin));
+    for (int c : d.cpus)
+        n.vcpus.push_back(static_cast<uint32_t>(c));
+    std::sort(d.host_nodes.begin(), d.host_nodes.end());
+    d.host_nodes.erase(std::unique(d.host_nodes.begin(), d.host_nodes.end()), d.host_nodes.end());
+    n.host_policy.nodes = d.host_nodes;
+    // host-nodes alone means bind, the policy people want for VMs.
+    if (!d.have_policy && !d.host_nodes.empty())
+        n.host_policy.policy = numa::Policy::Bind;
+    if (d.have_policy && n.host_policy.policy != numa::Policy::Default && d.host_nodes.empty())
+        throw UsageError(fmt::format("{}: policy={} needs host-nodes=, e.g. host-nodes=0", n.origin,
+                                     numa::policy_name(n.host_policy.policy)));
+    std::sort(d.host_cpus.begin(), d.host_cpus.end());
+    d.host_cpus.erase(std::unique(d.host_cpus.begin(), d.host_cpus.end()), d.host_cpus.end());
+    n.host_cpus = d.host_cpus;
+    n.host_cpus_given = !d.host_cpus.empty();
+    return n;
+}
+
 }  // namespace
 
 NodeConfig parse_numa_option(const std::string& value, uint32_t index, BackingKind default_backing)
 {
     const std::string where = fmt::format("--numa #{}", index + 1);
-    NodeConfig n;
-    n.id = index;
-    n.backing = default_backing;
-    n.origin = where;
-    bool have_mem = false, have_policy = false;
-    std::vector<int> cpus, host_nodes, host_cpus;
+    NodeDraft d;
+    d.n.id = index;
+    d.n.backing = default_backing;
+    d.n.origin = where;
     std::set<std::string> seen;
     size_t pos = 0;
     if (value.empty())
@@ -91,62 +164,9 @@ NodeConfig parse_numa_option(const std::string& value, uint32_t index, BackingKi
         const bool repeatable = key == "cpus" || key == "host-nodes" || key == "host-cpus";
         if (!seen.insert(key).second && !repeatable)
             throw UsageError(fmt::format("{}: {}= is given twice", where, key));
-        if (key == "node" || key == "nodeid") {
-            n.id = static_cast<uint32_t>(parse_uint(where + " node", v, 0, kMaxVnodes - 1));
-            n.origin = fmt::format("--numa node={}", n.id);
-        } else if (key == "cpus") {
-            auto l = parse_list(where, key, v, 1023);
-            cpus.insert(cpus.end(), l.begin(), l.end());
-        } else if (key == "mem" || key == "size") {
-            n.mem_bytes = parse_size_option(where + " mem", v);
-            have_mem = true;
-        } else if (key == "backing" || key == "memdev") {
-            auto k = parse_backing(v);
-            if (!k)
-                throw UsageError(fmt::format("{}: backing='{}' is unknown; use one of {}", where, v, backing_names()));
-            n.backing = *k;
-        } else if (key == "host-nodes") {
-            auto l = parse_list(where, key, v, 1023);
-            host_nodes.insert(host_nodes.end(), l.begin(), l.end());
-        } else if (key == "host-cpus") {
-            auto l = parse_list(where, key, v, 65535);
-            host_cpus.insert(host_cpus.end(), l.begin(), l.end());
-        } else if (key == "policy") {
-            auto p = numa::parse_policy(v);
-            if (!p)
-                throw UsageError(fmt::format("{}: policy='{}' is unknown; use bind, preferred, interleave or default",
-                                             where, v));
-            n.host_policy.policy = *p;
-            have_policy = true;
-        } else if (key == "prealloc") {
-            n.prealloc = parse_on_off(where, key, v);
-        } else {
-            throw UsageError(fmt::format("{}: unknown key '{}'; use node, cpus, mem, backing, host-nodes, host-cpus, "
-                                         "policy, prealloc",
-                                         where, key));
-        }
+        apply_numa_key(where, key, v, d);
     }
-    if (!have_mem)
-        throw UsageError(fmt::format("{}: mem= is missing; every virtual node needs its size, e.g. mem=512M", n.origin));
-    std::sort(cpus.begin(), cpus.end());
-    if (std::adjacent_find(cpus.begin(), cpus.end()) != cpus.end())
-        throw UsageError(fmt::format("{}: cpus= lists a vCPU twice", n.origin));
-    for (int c : cpus)
-        n.vcpus.push_back(static_cast<uint32_t>(c));
-    std::sort(host_nodes.begin(), host_nodes.end());
-    host_nodes.erase(std::unique(host_nodes.begin(), host_nodes.end()), host_nodes.end());
-    n.host_policy.nodes = host_nodes;
-    // host-nodes alone means bind, the policy people want for VMs.
-    if (!have_policy && !host_nodes.empty())
-        n.host_policy.policy = numa::Policy::Bind;
-    if (have_policy && n.host_policy.policy != numa::Policy::Default && host_nodes.empty())
-        throw UsageError(fmt::format("{}: policy={} needs host-nodes=, e.g. host-nodes=0", n.origin,
-                                     numa::policy_name(n.host_policy.policy)));
-    std::sort(host_cpus.begin(), host_cpus.end());
-    host_cpus.erase(std::unique(host_cpus.begin(), host_cpus.end()), host_cpus.end());
-    n.host_cpus = host_cpus;
-    n.host_cpus_given = !host_cpus.empty();
-    return n;
+    return finish_node(std::move(d));
 }
 
 BackingKind parse_backing_option(std::string_view option, const std::string& value)
@@ -227,91 +247,112 @@ void VmOptions::add_to(CLI::App& app)
         ->capture_default_str();
 }
 
+namespace {
+
+// The nodes of the --numa options, sorted by id; --mem must agree with the
+// sum of their sizes. Without --vcpus, the highest cpus= + 1 vCPUs.
+MachineConfig numa_config(const VmOptions& o, uint32_t vcpus, uint64_t bytes, BackingKind kind,
+                          const numa::Topology& topo)
+{
+    MachineConfig cfg;
+    cfg.vcpus = vcpus;
+    uint64_t sum = 0;
+    bool any_cpus = false;
+    uint32_t max_cpu = 0;
+    for (size_t i = 0; i < o.numa.size(); i++) {
+        cfg.nodes.push_back(parse_numa_option(o.numa[i], static_cast<uint32_t>(i), kind));
+        sum += cfg.nodes.back().mem_bytes;
+        for (uint32_t c : cfg.nodes.back().vcpus) {
+            any_cpus = true;
+            max_cpu = std::max(max_cpu, c);
+        }
+    }
+    std::sort(cfg.nodes.begin(), cfg.nodes.end(), [](const NodeConfig& a, const NodeConfig& b) { return a.id < b.id; });
+    if (o.mem_given && sum != bytes)
+        throw UsageError(fmt::format("--mem {} differs from the sum of the --numa mem= sizes ({}); drop --mem or "
+                                     "make them agree",
+                                     o.mem, format_size(sum)));
+    if (!o.vcpus_given && any_cpus)
+        cfg.vcpus = max_cpu + 1;
+    if (!any_cpus) {
+        // Like QEMU without cpus=: vCPUs split into contiguous blocks over the nodes.
+        const uint32_t n = cfg.vcpus, k = static_cast<uint32_t>(cfg.nodes.size());
+        for (uint32_t i = 0; i < k; i++)
+            for (uint32_t v = n * i / k; v < n * (i + 1) / k; v++)
+                cfg.nodes[i].vcpus.push_back(v);
+    }
+    // vCPU threads follow their node: pinned to the CPUs of its host nodes.
+    for (auto& node : cfg.nodes)
+        if (!node.host_cpus_given && node.host_policy.policy != numa::Policy::Default && !node.vcpus.empty()) {
+            bool known = std::all_of(node.host_policy.nodes.begin(), node.host_policy.nodes.end(),
+                                     [&](int h) { return topo.node(h) != nullptr; });
+            if (known)
+                node.host_cpus = numa::cpus_for_nodes(topo, node.host_policy.nodes);
+        }
+    return cfg;
+}
+
+// --pattern, --touch, --write-pct, --rate, --seed, --watchdog-ms, --passes.
+void parse_workload(const VmOptions& o, WorkloadConfig& w)
+{
+    if (o.pattern == "seq" || o.pattern == "sequential")
+        w.pattern = MVM_PATTERN_SEQ;
+    else if (o.pattern == "random")
+        w.pattern = MVM_PATTERN_RANDOM;
+    else
+        throw UsageError(fmt::format("--pattern: unknown pattern '{}'; use seq or random", o.pattern));
+    if (o.touch == "qword")
+        w.touch = MVM_TOUCH_QWORD;
+    else if (o.touch == "page")
+        w.touch = MVM_TOUCH_PAGE;
+    else
+        throw UsageError(fmt::format("--touch: unknown mode '{}'; use qword or page", o.touch));
+    w.write_pct = static_cast<uint32_t>(parse_uint("--write-pct", o.write_pct, 0, 100));
+    w.rate_pages_per_s = parse_uint("--rate", o.rate, 0, 1ull << 40);
+    w.seed = parse_uint("--seed", o.seed, 0, ~0ull);
+    w.watchdog_ms = parse_seconds("--watchdog-ms", o.watchdog_ms);
+    if (w.watchdog_ms <= 0)
+        throw UsageError("--watchdog-ms: must be positive, e.g. 20");
+    w.max_passes = parse_uint("--passes", o.passes, 0, 1ull << 40);
+}
+
+// Test hook (cli/test_hooks.hpp): make the guest fault, ud|pf|de|gp[:VCPU].
+void apply_guest_fault_hook(WorkloadConfig& w, uint32_t vcpus)
+{
+    const std::string guest_fault = test_hook("GUEST_FAULT");
+    if (guest_fault.empty())
+        return;
+    auto colon = guest_fault.find(':');
+    std::string kindf = guest_fault.substr(0, colon);
+    if (kindf == "ud")
+        w.fault = MVM_FAULT_UD;
+    else if (kindf == "pf")
+        w.fault = MVM_FAULT_PF;
+    else if (kindf == "de")
+        w.fault = MVM_FAULT_DE;
+    else if (kindf == "gp")
+        w.fault = MVM_FAULT_GP;
+    else
+        throw UsageError(fmt::format("MINIVMM_TEST_GUEST_FAULT: unknown fault '{}'; use ud, pf, de or gp", kindf));
+    w.fault_vcpu = colon == std::string::npos
+                       ? 0
+                       : static_cast<int>(parse_uint("MINIVMM_TEST_GUEST_FAULT", guest_fault.substr(colon + 1), 0,
+                                                     vcpus ? vcpus - 1 : 0));
+}
+
+}  // namespace
+
 MachineConfig VmOptions::parse(const numa::Topology& topo, const Kvm* kvm) const
 {
-    uint32_t n = static_cast<uint32_t>(parse_uint("--vcpus", vcpus, 0, 1u << 20));
-    uint64_t bytes = parse_size_option("--mem", mem);
+    const uint32_t n = static_cast<uint32_t>(parse_uint("--vcpus", vcpus, 0, 1u << 20));
+    const uint64_t bytes = parse_size_option("--mem", mem);
     auto kind = parse_backing(backing);
     if (!kind)
         throw UsageError(fmt::format("--backing: unknown backing '{}'; use one of {}", backing, backing_names()));
-    MachineConfig cfg;
-    if (numa.empty()) {
-        cfg = single_node_config(n, bytes, *kind);
-    } else {
-        cfg.vcpus = n;
-        uint64_t sum = 0;
-        bool any_cpus = false;
-        uint32_t max_cpu = 0;
-        for (size_t i = 0; i < numa.size(); i++) {
-            cfg.nodes.push_back(parse_numa_option(numa[i], static_cast<uint32_t>(i), *kind));
-            sum += cfg.nodes.back().mem_bytes;
-            for (uint32_t c : cfg.nodes.back().vcpus) {
-                any_cpus = true;
-                max_cpu = std::max(max_cpu, c);
-            }
-        }
-        std::sort(cfg.nodes.begin(), cfg.nodes.end(), [](const NodeConfig& a, const NodeConfig& b) { return a.id < b.id; });
-        if (mem_given && sum != bytes)
-            throw UsageError(fmt::format("--mem {} differs from the sum of the --numa mem= sizes ({}); drop --mem or "
-                                         "make them agree",
-                                         mem, format_size(sum)));
-        if (!vcpus_given && any_cpus)
-            cfg.vcpus = n = max_cpu + 1;
-        if (!any_cpus) {
-            // Like QEMU without cpus=: vCPUs split into contiguous blocks over the nodes.
-            const uint32_t k = static_cast<uint32_t>(cfg.nodes.size());
-            for (uint32_t i = 0; i < k; i++)
-                for (uint32_t v = n * i / k; v < n * (i + 1) / k; v++)
-                    cfg.nodes[i].vcpus.push_back(v);
-        }
-        // vCPU threads follow their node: pinned to the CPUs of its host nodes.
-        for (auto& node : cfg.nodes)
-            if (!node.host_cpus_given && node.host_policy.policy != numa::Policy::Default && !node.vcpus.empty()) {
-                bool known = std::all_of(node.host_policy.nodes.begin(), node.host_policy.nodes.end(),
-                                         [&](int h) { return topo.node(h) != nullptr; });
-                if (known)
-                    node.host_cpus = numa::cpus_for_nodes(topo, node.host_policy.nodes);
-            }
-    }
+    MachineConfig cfg = numa.empty() ? single_node_config(n, bytes, *kind) : numa_config(*this, n, bytes, *kind, topo);
     cfg.access = parse_access(access);
-    WorkloadConfig& w = cfg.workload;
-    if (pattern == "seq" || pattern == "sequential")
-        w.pattern = MVM_PATTERN_SEQ;
-    else if (pattern == "random")
-        w.pattern = MVM_PATTERN_RANDOM;
-    else
-        throw UsageError(fmt::format("--pattern: unknown pattern '{}'; use seq or random", pattern));
-    if (touch == "qword")
-        w.touch = MVM_TOUCH_QWORD;
-    else if (touch == "page")
-        w.touch = MVM_TOUCH_PAGE;
-    else
-        throw UsageError(fmt::format("--touch: unknown mode '{}'; use qword or page", touch));
-    w.write_pct = static_cast<uint32_t>(parse_uint("--write-pct", write_pct, 0, 100));
-    w.rate_pages_per_s = parse_uint("--rate", rate, 0, 1ull << 40);
-    w.seed = parse_uint("--seed", seed, 0, ~0ull);
-    w.watchdog_ms = parse_seconds("--watchdog-ms", watchdog_ms);
-    if (w.watchdog_ms <= 0)
-        throw UsageError("--watchdog-ms: must be positive, e.g. 20");
-    w.max_passes = parse_uint("--passes", passes, 0, 1ull << 40);
-    // Test hook (cli/test_hooks.hpp): make the guest fault, ud|pf|de|gp[:VCPU].
-    if (const std::string guest_fault = test_hook("GUEST_FAULT"); !guest_fault.empty()) {
-        auto colon = guest_fault.find(':');
-        std::string kindf = guest_fault.substr(0, colon);
-        if (kindf == "ud")
-            w.fault = MVM_FAULT_UD;
-        else if (kindf == "pf")
-            w.fault = MVM_FAULT_PF;
-        else if (kindf == "de")
-            w.fault = MVM_FAULT_DE;
-        else if (kindf == "gp")
-            w.fault = MVM_FAULT_GP;
-        else
-            throw UsageError(fmt::format("MINIVMM_TEST_GUEST_FAULT: unknown fault '{}'; use ud, pf, de or gp", kindf));
-        w.fault_vcpu = colon == std::string::npos
-                           ? 0
-                           : static_cast<int>(parse_uint("MINIVMM_TEST_GUEST_FAULT", guest_fault.substr(colon + 1), 0, n ? n - 1 : 0));
-    }
+    parse_workload(*this, cfg.workload);
+    apply_guest_fault_hook(cfg.workload, cfg.vcpus);
     if (kvm)
         check_kvm_vcpu_limit(cfg, *kvm);
     validate_config(cfg, topo);

@@ -12,7 +12,7 @@
 #include "base/units.hpp"
 #include "vmm/stress/workload.hpp"
 
-namespace mvm::dirty {
+namespace mvm::engines {
 
 namespace {
 
@@ -64,11 +64,11 @@ PerfResult run_dirty_log_perf(const Kvm& kvm, const PerfOptions& opt)
 {
     PerfResult r;
     r.opt = opt;
-    r.eager = eager_split_info();
-    EagerSplitSetting eager(opt.eager_split);
+    r.eager = dirty::eager_split_info();
+    dirty::EagerSplitSetting eager(opt.eager_split);
     r.eager_note = eager.note();
     if (eager.changed())
-        r.eager = eager_split_info();
+        r.eager = dirty::eager_split_info();
 
     MachineConfig cfg = single_node_config(opt.vcpus, opt.bytes_per_vcpu * opt.vcpus, opt.backing);
     cfg.workload.write_pct = opt.write_pct;
@@ -77,14 +77,14 @@ PerfResult run_dirty_log_perf(const Kvm& kvm, const PerfOptions& opt)
     cfg.dirty_ring_bytes = opt.ring_bytes;
     StressVm m(kvm, cfg);
 
-    TrackerOptions to;
-    to.mode = opt.ring_bytes ? Mode::Ring : Mode::Bitmap;
+    dirty::TrackerOptions to;
+    to.mode = opt.ring_bytes ? dirty::Mode::Ring : dirty::Mode::Bitmap;
     to.manual_protect = opt.manual_protect;
     to.initially_set = opt.manual_protect && opt.initially_set;
     to.clear_chunk_bytes = opt.clear_chunk_bytes;
-    auto tracker = Tracker::create(m, to);
+    auto tracker = dirty::Tracker::create(m, to);
     r.untracked = tracker->untracked_slots();
-    r.mode = to.mode == Mode::Ring
+    r.mode = to.mode == dirty::Mode::Ring
                  ? fmt::format("ring ({} entries per vCPU)", opt.ring_bytes / sizeof(kvm_dirty_gfn))
                  : fmt::format("bitmap ({})", !to.manual_protect ? "GET_DIRTY_LOG clears"
                                               : to.initially_set ? "manual protect, initially set"
@@ -108,7 +108,7 @@ PerfResult run_dirty_log_perf(const Kvm& kvm, const PerfOptions& opt)
                 r.vm_stats_enable_first = stat_delta(vm0, m.vm_stats());
                 r.vcpu_stats_enable_first = sum_vcpus(vc0, m);
             }
-            Harvest h = tracker->harvest();
+            dirty::Harvest h = tracker->harvest();
             pi.get_s = h.get_s;
             pi.clear_s = h.clear_s;
             pi.sync_s = h.sync_s;
@@ -205,7 +205,7 @@ nlohmann::json to_json(const PerfResult& r)
                         {"setting", r.eager_note}};
     j["populate_s"] = r.populate_s;
     j["pass_before_logging_s"] = r.pass_before_s;
-    auto enable_json = [](const EnableReport& e) {
+    auto enable_json = [](const dirty::EnableReport& e) {
         json a = json::array();
         for (const auto& s : e.slots)
             a.push_back({{"slot", s.slot}, {"vnode", s.vnode}, {"seconds", s.seconds}, {"cpu", s.cpu}});
@@ -243,4 +243,4 @@ nlohmann::json to_json(const PerfResult& r)
     return j;
 }
 
-}  // namespace mvm::dirty
+}  // namespace mvm::engines

@@ -17,7 +17,7 @@
 #include "vmm/kvm/stats.hpp"
 #include "vmm/stress/workload.hpp"
 
-namespace mvm::dirty {
+namespace mvm::engines {
 
 struct PerfOptions {
     uint32_t vcpus = 1;
@@ -45,12 +45,12 @@ struct PerfResult {
     std::string mode;             // "bitmap (manual protect, initially set)" ...
     double populate_s = 0;        // first pass: faults every page in
     double pass_before_s = 0;     // a warm pass with logging off
-    EnableReport enable, disable;
+    dirty::EnableReport enable, disable;
     std::vector<PerfIteration> iterations;
     StatDelta vm_stats_enable_first;  // around enable + iteration 1
     StatDelta vcpu_stats_enable_first;  // summed over vCPUs
     std::vector<std::pair<uint32_t, std::string>> untracked;
-    EagerSplitInfo eager;
+    dirty::EagerSplitInfo eager;
     std::string eager_note;
     std::optional<StampCheck> stamps;
     std::optional<VcpuFailure> failure;
@@ -62,4 +62,4 @@ PerfResult run_dirty_log_perf(const Kvm& kvm, const PerfOptions& opt);
 std::string to_text(const PerfResult& r);
 nlohmann::json to_json(const PerfResult& r);
 
-}  // namespace mvm::dirty
+}  // namespace mvm::engines

@@ -14,7 +14,7 @@
 #include "vmm/dirty/tracker.hpp"
 #include "vmm/stress/stress_vm.hpp"
 
-namespace mvm::dirty {
+namespace mvm::engines {
 
 enum class RateMode { Ring, Bitmap, Sampling };
 
@@ -49,4 +49,4 @@ RateResult measure_dirty_rate(StressVm& m, const RateOptions& opt);
 nlohmann::json to_json(const RateResult& r);
 std::string to_table(const RateResult& r);
 
-}  // namespace mvm::dirty
+}  // namespace mvm::engines

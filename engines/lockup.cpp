@@ -13,7 +13,7 @@
 #include "base/error.hpp"
 #include "base/units.hpp"
 
-namespace mvm::migration {
+namespace mvm::engines {
 
 namespace {
 
@@ -67,14 +67,20 @@ std::string phase_of(const Stall& s, const std::vector<PhaseSpan>& phases)
     return best;
 }
 
-VariantResult run_variant(const Kvm& kvm, MachineConfig cfg, const std::string& name, const LockupOptions& opt,
-                          const MidLoggingAction& action)
+// What a variant asks of the tracker and of KVM's eager_page_split.
+struct VariantSetup {
+    dirty::TrackerOptions tracker;
+    std::optional<bool> eager;  // eager_page_split for the variant's lifetime; nullopt: as it is
+    std::string skipped;        // why the host cannot run the variant, when it cannot
+};
+
+// The tracker options of variant `name` (and the ring size it puts in `cfg`);
+// throws UsageError for an unknown variant.
+VariantSetup variant_setup(const std::string& name, const LockupOptions& opt, MachineConfig& cfg)
 {
-    VariantResult v;
-    v.name = name;
-    dirty::TrackerOptions to;
+    VariantSetup s;
+    dirty::TrackerOptions& to = s.tracker;
     to.per_node_enable = false;  // one thread enables every slot, unless the variant says otherwise
-    std::optional<bool> eager;
     if (name == "bitmap") {
         to.mode = dirty::Mode::Bitmap;
         to.manual_protect = false;
@@ -93,112 +99,161 @@ VariantResult run_variant(const Kvm& kvm, MachineConfig cfg, const std::string& 
     } else if (name == "eager-split-on" || name == "eager-split-off") {
         to.mode = dirty::Mode::Bitmap;
         to.manual_protect = false;
-        eager = name == "eager-split-on";
+        s.eager = name == "eager-split-on";
         dirty::EagerSplitInfo info = dirty::eager_split_info();
-        const std::string want = *eager ? "Y" : "N";
-        if (info.param != want && !info.writable) {
-            v.skipped = info.path.empty() ? "no eager_page_split parameter on this host"
+        const std::string want = *s.eager ? "Y" : "N";
+        if (info.param != want && !info.writable)
+            s.skipped = info.path.empty() ? "no eager_page_split parameter on this host"
                                           : fmt::format("eager_page_split is {} and read-only here", info.param);
-            return v;
-        }
     } else {
         throw UsageError(fmt::format("--variants: unknown variant '{}'", name));
     }
-    dirty::EagerSplitSetting eager_setting(eager);
+    return s;
+}
 
-    StressVm m(kvm, cfg);
-    auto tracker = dirty::Tracker::create(m, to);
-    ProgressSampler sampler(m, 1000, opt.keep_samples);
-    std::mutex rf_mu;
-    std::vector<PhaseSpan> ring_full;
+// One variant's run on its own VM: what every phase reads and writes. Times
+// in the result are ms since `origin`, when the sampler started.
+struct VariantRun {
+    const LockupOptions& opt;
+    StressVm& m;
+    dirty::Tracker& tracker;
+    ProgressSampler& sampler;
+    VariantResult& v;
+    clock::time_point origin{};
+    std::mutex ring_full_mu;
+    std::vector<PhaseSpan> ring_full;  // from the tracker's hook, on vCPU threads
+    std::vector<uint64_t> wd0;         // each vCPU's watchdog event count at the start
+    StatSnapshot vm0;                  // KVM stats when logging went on
+    std::vector<StatSnapshot> vc0;
+
+    double ms(clock::time_point t) const { return std::chrono::duration<double, std::milli>(t - origin).count(); }
+    void span(const std::string& name, clock::time_point a, clock::time_point b)
+    {
+        v.phases.push_back({name, ms(a), ms(b), -1});
+    }
+};
+
+// Starts the guest, waits until every vCPU is through its first pass (memory
+// faulted in), then starts the sampler, the clock and the ring-full record.
+void start_variant(VariantRun& run)
+{
+    StressVm& m = run.m;
     m.start();
-    // Steady: every vCPU through its first pass (memory faulted in).
     if (!m.wait_first_pass(std::chrono::minutes(5)))
         throw Error(m.failure() ? m.failure()->reason : "the guest did not finish its first pass within 5 minutes");
-    sampler.start();
-    const auto origin = clock::now();
-    auto ms = [&](clock::time_point t) { return std::chrono::duration<double, std::milli>(t - origin).count(); };
-    tracker->set_ring_full_hook([&](uint32_t vcpu, clock::time_point a, clock::time_point b) {
-        std::lock_guard lk(rf_mu);
-        ring_full.push_back({"ring-full", ms(a), ms(b), static_cast<int>(vcpu)});
+    run.sampler.start();
+    run.origin = clock::now();
+    run.tracker.set_ring_full_hook([&run](uint32_t vcpu, clock::time_point a, clock::time_point b) {
+        std::lock_guard lk(run.ring_full_mu);
+        run.ring_full.push_back({"ring-full", run.ms(a), run.ms(b), static_cast<int>(vcpu)});
     });
-    std::vector<uint64_t> wd0(m.vcpu_count());
+    run.wd0.resize(m.vcpu_count());
     for (uint32_t i = 0; i < m.vcpu_count(); i++)
-        wd0[i] = m.snapshot(i).wd_events;
-    auto span = [&](const std::string& n, clock::time_point a, clock::time_point b) {
-        v.phases.push_back({n, ms(a), ms(b), -1});
-    };
+        run.wd0[i] = m.snapshot(i).wd_events;
+}
 
-    auto t = clock::now();
-    const uint64_t w0 = guest_writes(m);
-    std::this_thread::sleep_for(std::chrono::duration<double>(opt.steady_s));
-    span("steady", t, clock::now());
-    v.rate_before = static_cast<double>(guest_writes(m) - w0) / opt.steady_s;
+// Steady: the guest's write rate before logging goes on.
+void steady_phase(VariantRun& run)
+{
+    const auto t = clock::now();
+    const uint64_t w0 = guest_writes(run.m);
+    std::this_thread::sleep_for(std::chrono::duration<double>(run.opt.steady_s));
+    run.span("steady", t, clock::now());
+    run.v.rate_before = static_cast<double>(guest_writes(run.m) - w0) / run.opt.steady_s;
+}
 
-    StatSnapshot vm0 = m.vm_stats();
-    std::vector<StatSnapshot> vc0;
+// One harvest, its spans (the clear apart) and its counts.
+dirty::Harvest harvest(VariantRun& run, bool first)
+{
+    const auto t = clock::now();
+    dirty::Harvest h = run.tracker.harvest();
+    const auto t_end = clock::now();
+    const auto t_clear = t_end - std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(h.clear_s));
+    run.span(first ? "first-harvest" : "harvest", t, t_clear);
+    if (h.clear_s > 0)
+        run.span("clear", t_clear, t_end);
+    run.v.harvests++;
+    run.v.dirty_pages += h.dirty_pages;
+    run.v.ring_full += h.ring_full_harvests;
+    return h;
+}
+
+// Copies what was harvested into `scratch` (round robin), as a migration would.
+void copy_harvested(VariantRun& run, const dirty::Harvest& h, std::vector<uint8_t>& scratch)
+{
+    const auto t = clock::now();
+    size_t off = 0;
+    for (const auto& s : h.slots)
+        s.for_each([&](uint64_t page) {
+            std::memcpy(scratch.data() + off, run.m.host_ptr(s.gpa + page * 4096, 4096), 4096);
+            off = (off + 4096) % scratch.size();
+        });
+    run.span("copy", t, clock::now());
+}
+
+// Logging: enable, then harvest, copy and wait for --logging seconds; the
+// mid-logging action runs once, after the first copy.
+void logging_phase(VariantRun& run, const MidLoggingAction& action)
+{
+    StressVm& m = run.m;
+    run.vm0 = m.vm_stats();
     for (uint32_t i = 0; i < m.vcpu_count(); i++)
-        vc0.push_back(m.vcpu_stats(i));
+        run.vc0.push_back(m.vcpu_stats(i));
     const auto log0 = clock::now();
     const uint64_t w1 = guest_writes(m);
-    t = clock::now();
-    v.enable_ms = tracker->enable().wall_s * 1e3;
-    span("enable-logging", t, clock::now());
+    auto t = clock::now();
+    run.v.enable_ms = run.tracker.enable().wall_s * 1e3;
+    run.span("enable-logging", t, clock::now());
 
     std::vector<uint8_t> scratch(64ull << 20);
-    bool first = true, paused = false;
-    while (std::chrono::duration<double>(clock::now() - log0).count() < opt.logging_s) {
-        t = clock::now();
-        dirty::Harvest h = tracker->harvest();
-        const auto t_end = clock::now();
-        const auto t_clear = t_end - std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(h.clear_s));
-        span(first ? "first-harvest" : "harvest", t, t_clear);
-        if (h.clear_s > 0)
-            span("clear", t_clear, t_end);
+    bool first = true, acted = false;
+    while (std::chrono::duration<double>(clock::now() - log0).count() < run.opt.logging_s) {
+        copy_harvested(run, harvest(run, first), scratch);
         first = false;
-        v.harvests++;
-        v.dirty_pages += h.dirty_pages;
-        v.ring_full += h.ring_full_harvests;
-        // Copy what was harvested, as a migration would.
-        t = clock::now();
-        size_t off = 0;
-        for (const auto& s : h.slots)
-            s.for_each([&](uint64_t page) {
-                std::memcpy(scratch.data() + off, m.host_ptr(s.gpa + page * 4096, 4096), 4096);
-                off = (off + 4096) % scratch.size();
-            });
-        span("copy", t, clock::now());
-        if (action.run && !paused) {
-            paused = true;
+        if (action.run && !acted) {
+            acted = true;
             t = clock::now();
             action.run(m);
-            span(action.phase, t, clock::now());
+            run.span(action.phase, t, clock::now());
         }
         t = clock::now();
-        std::this_thread::sleep_until(t + std::chrono::duration<double, std::milli>(opt.harvest_ms));
-        span("logging", t, clock::now());
+        std::this_thread::sleep_until(t + std::chrono::duration<double, std::milli>(run.opt.harvest_ms));
+        run.span("logging", t, clock::now());
         if (auto f = m.failure())
             throw Error(f->reason);
     }
     const double logging_s = std::chrono::duration<double>(clock::now() - log0).count();
-    v.rate_during = static_cast<double>(guest_writes(m) - w1) / logging_s;
-    t = clock::now();
-    v.disable_ms = tracker->disable().wall_s * 1e3;
-    span("disable-logging", t, clock::now());
-    v.vm_stats = stat_delta(vm0, m.vm_stats());
-    v.vcpu_stats = sum_vcpu_stats(vc0, m);
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    sampler.stop();
-    {
-        std::lock_guard lk(rf_mu);
-        v.phases.insert(v.phases.end(), ring_full.begin(), ring_full.end());
-    }
-    v.samples = sampler.samples();
-    v.sampler_hz = sampler.wall_seconds() > 0 ? static_cast<double>(sampler.ticks()) / sampler.wall_seconds() : 0;
+    run.v.rate_during = static_cast<double>(guest_writes(m) - w1) / logging_s;
+}
 
-    // Stalls, attributed to phases.
-    v.stalls = sampler.stalls(opt.threshold_ms);
-    std::vector<double> longest(m.vcpu_count(), 0);
+// Disable logging, take the KVM stats deltas, stop the sampler (50 ms later)
+// and keep its samples; the ring-full spans join the phases.
+void disable_phase(VariantRun& run)
+{
+    VariantResult& v = run.v;
+    const auto t = clock::now();
+    v.disable_ms = run.tracker.disable().wall_s * 1e3;
+    run.span("disable-logging", t, clock::now());
+    v.vm_stats = stat_delta(run.vm0, run.m.vm_stats());
+    v.vcpu_stats = sum_vcpu_stats(run.vc0, run.m);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    run.sampler.stop();
+    {
+        std::lock_guard lk(run.ring_full_mu);
+        v.phases.insert(v.phases.end(), run.ring_full.begin(), run.ring_full.end());
+    }
+    v.samples = run.sampler.samples();
+    const double wall_s = run.sampler.wall_seconds();
+    v.sampler_hz = wall_s > 0 ? static_cast<double>(run.sampler.ticks()) / wall_s : 0;
+}
+
+// The sampler's stalls, each attributed to a phase; the longest, the
+// percentiles over each vCPU's longest, and how many vCPUs stalled per phase.
+void attribute_stalls(VariantRun& run)
+{
+    VariantResult& v = run.v;
+    v.stalls = run.sampler.stalls(run.opt.threshold_ms);
+    std::vector<double> longest(run.m.vcpu_count(), 0);
     std::map<std::string, std::set<uint32_t>> by_phase;
     for (auto& s : v.stalls) {
         s.phase = phase_of(s, v.phases);
@@ -216,30 +271,59 @@ VariantResult run_variant(const Kvm& kvm, MachineConfig cfg, const std::string& 
         v.vcpus_stalled_by_phase[p] = static_cast<uint32_t>(set.size());
     v.p50_stall_ms = percentile(longest, 50);
     v.p99_stall_ms = percentile(longest, 99);
-    // The guest watchdog's own events since the variant started.
+}
+
+// The guest watchdog's own events since the variant started.
+void count_watchdog_events(VariantRun& run)
+{
+    StressVm& m = run.m;
     for (uint32_t i = 0; i < m.vcpu_count(); i++) {
         auto s = m.snapshot(i);
-        v.watchdog_events += s.wd_events - wd0[i];
-        for (const auto& ev : watchdog_events(*m.mailbox(i), s.wd_events, wd0[i]))
-            v.watchdog_longest_ms = std::max(v.watchdog_longest_ms,
-                                             static_cast<double>(ev.len_tsc) / static_cast<double>(m.tsc_khz()));
+        run.v.watchdog_events += s.wd_events - run.wd0[i];
+        for (const auto& ev : watchdog_events(*m.mailbox(i), s.wd_events, run.wd0[i]))
+            run.v.watchdog_longest_ms = std::max(run.v.watchdog_longest_ms,
+                                                 static_cast<double>(ev.len_tsc) / static_cast<double>(m.tsc_khz()));
     }
-    // The verdict, in the words of a soft-lockup report.
-    if (v.stalls.empty()) {
-        v.verdict = fmt::format("no vCPU went without progress for > {:.0f} ms", opt.threshold_ms);
-    } else {
-        std::string worst_phase;
-        uint32_t worst = 0;
-        for (const auto& [p, n] : v.vcpus_stalled_by_phase)
-            if (n > worst) {
-                worst = n;
-                worst_phase = p;
-            }
-        v.verdict = fmt::format("{} of {} vCPUs made no progress for > {:.0f} ms during {}; longest {:.0f} ms on vCPU {} "
-                                "({})",
-                                worst, m.vcpu_count(), opt.threshold_ms, worst_phase, v.longest_stall_ms, v.longest_vcpu,
-                                v.longest_phase);
+}
+
+// The verdict, in the words of a soft-lockup report.
+std::string verdict(const VariantResult& v, uint32_t vcpus, double threshold_ms)
+{
+    if (v.stalls.empty())
+        return fmt::format("no vCPU went without progress for > {:.0f} ms", threshold_ms);
+    std::string worst_phase;
+    uint32_t worst = 0;
+    for (const auto& [p, n] : v.vcpus_stalled_by_phase)
+        if (n > worst) {
+            worst = n;
+            worst_phase = p;
+        }
+    return fmt::format("{} of {} vCPUs made no progress for > {:.0f} ms during {}; longest {:.0f} ms on vCPU {} ({})",
+                       worst, vcpus, threshold_ms, worst_phase, v.longest_stall_ms, v.longest_vcpu, v.longest_phase);
+}
+
+VariantResult run_variant(const Kvm& kvm, MachineConfig cfg, const std::string& name, const LockupOptions& opt,
+                          const MidLoggingAction& action)
+{
+    VariantResult v;
+    v.name = name;
+    const VariantSetup setup = variant_setup(name, opt, cfg);
+    if (!setup.skipped.empty()) {
+        v.skipped = setup.skipped;
+        return v;
     }
+    dirty::EagerSplitSetting eager_setting(setup.eager);
+    StressVm m(kvm, cfg);
+    auto tracker = dirty::Tracker::create(m, setup.tracker);
+    ProgressSampler sampler(m, 1000, opt.keep_samples);
+    VariantRun run{opt, m, *tracker, sampler, v};
+    start_variant(run);
+    steady_phase(run);
+    logging_phase(run, action);
+    disable_phase(run);
+    attribute_stalls(run);
+    count_watchdog_events(run);
+    v.verdict = verdict(v, m.vcpu_count(), opt.threshold_ms);
     m.request_stop();
     if (!m.wait_finished(std::chrono::seconds(10)))
         m.kill();
@@ -377,4 +461,4 @@ void LockupReport::write_timeline(const std::string& path) const
     }
 }
 
-}  // namespace mvm::migration
+}  // namespace mvm::engines

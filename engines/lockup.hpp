@@ -19,7 +19,7 @@
 #include "vmm/stress/stress_vm.hpp"
 #include "vmm/stress/sampler.hpp"
 
-namespace mvm::migration {
+namespace mvm::engines {
 
 // bitmap | bitmap-initially-set | ring | per-node-parallel-enable | eager-split-on | eager-split-off
 const std::vector<std::string>& lockup_variant_names();
@@ -88,4 +88,4 @@ struct MidLoggingAction {
 LockupReport run_lockup(const Kvm& kvm, const MachineConfig& cfg, const LockupOptions& opt,
                         const MidLoggingAction& action = {});
 
-}  // namespace mvm::migration
+}  // namespace mvm::engines

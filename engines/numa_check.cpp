@@ -15,7 +15,7 @@
 #define MADV_POPULATE_READ 22
 #endif
 
-namespace mvm {
+namespace mvm::engines {
 
 namespace {
 
@@ -78,6 +78,78 @@ std::string numa_balancing_advice(const std::string& setting, const MachineConfi
 
 std::vector<int> policy_nodes(const NodeConfig& node) { return expected_nodes(node.host_policy); }
 
+namespace {
+
+// Where vCPU `v`'s thread may run and where it does, read while it exists.
+VcpuPlacementReport vcpu_placement(const StressVm& m, uint32_t v)
+{
+    VcpuThreadInfo info = m.vcpu_thread_info(v);
+    VcpuPlacementReport vr;
+    vr.vcpu = v;
+    vr.vnode = m.vcpu_params(v).vnode;
+    vr.tid = info.tid;
+    try {
+        vr.affinity = numa::task_cpus(info.tid);
+    } catch (const std::exception&) {
+        vr.affinity = info.affinity;  // the thread already ended
+    }
+    for (const auto& n : m.config().nodes)
+        if (n.id == vr.vnode)
+            vr.expected = n.host_cpus;
+    vr.mempolicy = numa::to_string(info.mempolicy);
+    vr.ok = vr.expected.empty() || vr.affinity == vr.expected;
+    return vr;
+}
+
+// The share of queried pages on an expected host node, and the first range
+// that is not (misplaced before absent, whichever comes first).
+void judge_placement(NodePlacementReport& nr)
+{
+    const auto& pl = nr.placement;
+    uint64_t good = 0;
+    for (const auto& [hn, pages] : pl.pages_per_node)
+        if (nr.expected_nodes.empty() ||
+            std::find(nr.expected_nodes.begin(), nr.expected_nodes.end(), hn) != nr.expected_nodes.end())
+            good += pages;
+    nr.on_policy_pct = pl.pages_queried ? 100.0 * static_cast<double>(good) / static_cast<double>(pl.pages_queried) : 0;
+    if (pl.first_unexpected_offset != ~uint64_t{0} &&
+        (pl.first_not_present_offset == ~uint64_t{0} || pl.first_unexpected_offset < pl.first_not_present_offset)) {
+        nr.bad_range = {nr.gpa + pl.first_unexpected_offset, pl.first_unexpected_len};
+        nr.bad_reason = fmt::format("on host node {}", pl.first_unexpected_node);
+    } else if (pl.first_not_present_offset != ~uint64_t{0}) {
+        nr.bad_range = {nr.gpa + pl.first_not_present_offset, pl.first_not_present_len};
+        nr.bad_reason = "not present (never faulted in)";
+    }
+}
+
+// Where virtual node `i`'s memory is, queried with move_pages.
+NodePlacementReport node_placement(const StressVm& m, size_t i, const NumaCheckOptions& opt, const PlacementJudge& judge)
+{
+    const NodeConfig& node = m.config().nodes[i];
+    const Backing& b = m.node_backing(i);
+    NodePlacementReport nr;
+    nr.vnode = node.id;
+    nr.backing = backing_name(node.backing);
+    nr.policy = numa::to_string(node.host_policy);
+    nr.gpa = m.layout().ram[i].gpa;
+    nr.bytes = b.size();
+    nr.query_page_bytes = b.page_size();
+    nr.expected_nodes = judge(node);
+    for (const auto& p : m.prealloc_results())
+        if (p.name == fmt::format("node{}", node.id))
+            nr.prealloc_s = p.seconds;
+    // The guest reaches guest_memfd pages through KVM, not through our
+    // mapping: map what it allocated (a read fault finds the existing
+    // folio) so move_pages can see it.
+    if (node.backing == BackingKind::Gmem && ::madvise(b.host(), b.size(), MADV_POPULATE_READ) != 0)
+        throw SysError(fmt::format("MADV_POPULATE_READ on vnode {}'s guest_memfd mapping", node.id), errno);
+    nr.placement = numa::query_placement(b.host(), b.size(), nr.query_page_bytes, nr.expected_nodes, opt.sample_pages);
+    judge_placement(nr);
+    return nr;
+}
+
+}  // namespace
+
 NumaCheckReport numa_check(StressVm& m, const NumaCheckOptions& opt, const PlacementJudge& judge)
 {
     using clock = std::chrono::steady_clock;
@@ -95,24 +167,8 @@ NumaCheckReport numa_check(StressVm& m, const NumaCheckOptions& opt, const Place
     // Affinity is read while the vCPU threads still exist.
     ro.on_tick = [&](double) {
         if (r.vcpus.empty())
-            for (uint32_t v = 0; v < m.vcpu_count(); v++) {
-                VcpuThreadInfo info = m.vcpu_thread_info(v);
-                VcpuPlacementReport vr;
-                vr.vcpu = v;
-                vr.vnode = m.vcpu_params(v).vnode;
-                vr.tid = info.tid;
-                try {
-                    vr.affinity = numa::task_cpus(info.tid);
-                } catch (const std::exception&) {
-                    vr.affinity = info.affinity;  // the thread already ended
-                }
-                for (const auto& n : cfg.nodes)
-                    if (n.id == vr.vnode)
-                        vr.expected = n.host_cpus;
-                vr.mempolicy = numa::to_string(info.mempolicy);
-                vr.ok = vr.expected.empty() || vr.affinity == vr.expected;
-                r.vcpus.push_back(vr);
-            }
+            for (uint32_t v = 0; v < m.vcpu_count(); v++)
+                r.vcpus.push_back(vcpu_placement(m, v));
     };
     m.start();
     ro.on_tick(0);
@@ -126,45 +182,10 @@ NumaCheckReport numa_check(StressVm& m, const NumaCheckOptions& opt, const Place
         return r;
 
     auto c0 = clock::now();
-    const auto& pre = m.prealloc_results();
     for (size_t i = 0; i < cfg.nodes.size(); i++) {
-        const NodeConfig& node = cfg.nodes[i];
-        const Backing& b = m.node_backing(i);
-        NodePlacementReport nr;
-        nr.vnode = node.id;
-        nr.backing = backing_name(node.backing);
-        nr.policy = numa::to_string(node.host_policy);
-        nr.gpa = m.layout().ram[i].gpa;
-        nr.bytes = b.size();
-        nr.query_page_bytes = b.page_size();
-        nr.expected_nodes = judge(node);
-        for (const auto& p : pre)
-            if (p.name == fmt::format("node{}", node.id))
-                nr.prealloc_s = p.seconds;
-        // The guest reaches guest_memfd pages through KVM, not through our
-        // mapping: map what it allocated (a read fault finds the existing
-        // folio) so move_pages can see it.
-        if (node.backing == BackingKind::Gmem && ::madvise(b.host(), b.size(), MADV_POPULATE_READ) != 0)
-            throw SysError(fmt::format("MADV_POPULATE_READ on vnode {}'s guest_memfd mapping", node.id), errno);
-        nr.placement = numa::query_placement(b.host(), b.size(), nr.query_page_bytes, nr.expected_nodes,
-                                             opt.sample_pages);
-        const auto& pl = nr.placement;
-        r.sampled |= pl.sampled;
-        r.checked_bytes += pl.pages_queried * nr.query_page_bytes;
-        uint64_t good = 0;
-        for (const auto& [hn, pages] : pl.pages_per_node)
-            if (nr.expected_nodes.empty() ||
-                std::find(nr.expected_nodes.begin(), nr.expected_nodes.end(), hn) != nr.expected_nodes.end())
-                good += pages;
-        nr.on_policy_pct = pl.pages_queried ? 100.0 * static_cast<double>(good) / static_cast<double>(pl.pages_queried) : 0;
-        if (pl.first_unexpected_offset != ~uint64_t{0} &&
-            (pl.first_not_present_offset == ~uint64_t{0} || pl.first_unexpected_offset < pl.first_not_present_offset)) {
-            nr.bad_range = {nr.gpa + pl.first_unexpected_offset, pl.first_unexpected_len};
-            nr.bad_reason = fmt::format("on host node {}", pl.first_unexpected_node);
-        } else if (pl.first_not_present_offset != ~uint64_t{0}) {
-            nr.bad_range = {nr.gpa + pl.first_not_present_offset, pl.first_not_present_len};
-            nr.bad_reason = "not present (never faulted in)";
-        }
+        NodePlacementReport nr = node_placement(m, i, opt, judge);
+        r.sampled |= nr.placement.sampled;
+        r.checked_bytes += nr.placement.pages_queried * nr.query_page_bytes;
         r.nodes.push_back(std::move(nr));
     }
     r.check_s = std::chrono::duration<double>(clock::now() - c0).count();
@@ -273,4 +294,4 @@ std::string to_table(const NumaCheckReport& r)
     return o;
 }
 
-}  // namespace mvm
+}  // namespace mvm::engines

@@ -16,7 +16,7 @@
 #include "vmm/stress/stress_vm.hpp"
 #include "engines/run_report.hpp"
 
-namespace mvm {
+namespace mvm::engines {
 
 struct NodePlacementReport {
     uint32_t vnode = 0;
@@ -81,4 +81,4 @@ std::string numa_balancing_advice(const std::string& setting, const MachineConfi
 nlohmann::json to_json(const NumaCheckReport& r);
 std::string to_table(const NumaCheckReport& r);
 
-}  // namespace mvm
+}  // namespace mvm::engines

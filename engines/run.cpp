@@ -1,27 +1,13 @@
 #include "engines/run.hpp"
 
-#include <signal.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <chrono>
 #include <fmt/format.h>
 #include <thread>
 
-namespace mvm {
+#include "base/stop_signal.hpp"
 
-std::atomic<int> g_stop_signal{0};
-
-static void on_stop_signal(int sig) { g_stop_signal.store(sig); }
-
-void install_stop_signals()
-{
-    struct sigaction sa {};
-    sa.sa_handler = on_stop_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, nullptr);
-    sigaction(SIGTERM, &sa, nullptr);
-}
+namespace mvm::engines {
 
 ProgressLine::ProgressLine(const StressVm& m, bool enabled) : m_(m), enabled_(enabled), last_pages_(m.vcpu_count(), 0) {}
 
@@ -162,4 +148,4 @@ RunResult run_command(StressVm& m, RunOptions opt, const std::optional<DirtyLogO
     return result;
 }
 
-}  // namespace mvm
+}  // namespace mvm::engines

@@ -2,7 +2,6 @@
 // line, and stops it cleanly on a deadline, on a failure or on SIGINT/SIGTERM.
 #pragma once
 
-#include <atomic>
 #include <cstdio>
 #include <functional>
 #include <optional>
@@ -16,11 +15,7 @@
 #include "engines/run_report.hpp"
 #include "vmm/dirty/tracker.hpp"
 
-namespace mvm {
-
-// Set by the SIGINT/SIGTERM handler (install_stop_signals); 0 when none came.
-extern std::atomic<int> g_stop_signal;
-void install_stop_signals();
+namespace mvm::engines {
 
 struct RunOptions {
     double duration_s = 3;   // 0 with max_passes: until the guest is done
@@ -76,4 +71,4 @@ struct RunResult {
 // needs `m` made with a dirty ring.
 RunResult run_command(StressVm& m, RunOptions opt, const std::optional<DirtyLogOptions>& log);
 
-}  // namespace mvm
+}  // namespace mvm::engines

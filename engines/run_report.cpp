@@ -5,7 +5,7 @@
 
 #include "base/units.hpp"
 
-namespace mvm {
+namespace mvm::engines {
 
 StatsBaseline read_stats(const StressVm& m)
 {
@@ -202,4 +202,4 @@ std::string to_table(const RunReport& r)
     return out;
 }
 
-}  // namespace mvm
+}  // namespace mvm::engines

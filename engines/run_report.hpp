@@ -13,7 +13,7 @@
 #include "vmm/stress/stress_vm.hpp"
 #include "vmm/stress/workload.hpp"
 
-namespace mvm {
+namespace mvm::engines {
 
 struct WatchdogEvent {
     double at_ms;   // since the vCPU's workload started
@@ -66,4 +66,4 @@ RunReport collect_report(const StressVm& m, const StatsBaseline& before, double 
 nlohmann::json to_json(const RunReport& r);
 std::string to_table(const RunReport& r);
 
-}  // namespace mvm
+}  // namespace mvm::engines

@@ -2,12 +2,12 @@
 #include <fmt/format.h>
 
 #include "base/error.hpp"
+#include "base/stop_signal.hpp"
 #include "base/units.hpp"
 #include "cli/command.hpp"
 #include "cli/options.hpp"
 #include "cli/output.hpp"
 #include "engines/dirty_log_perf.hpp"
-#include "engines/run.hpp"
 #include "numa/topology.hpp"
 #include "vmm/kvm/kvm.hpp"
 
@@ -42,7 +42,7 @@ public:
     int run() override
     {
         check_json_dest(json_);
-        dirty::PerfOptions o = parse_options();
+        engines::PerfOptions o = parse_options();
         Kvm kvm(kvm_device());
         if (!ring_.empty()) {
             o.ring_bytes = parse_ring_size("--ring", ring_, kvm);
@@ -57,7 +57,7 @@ public:
         validate_config(probe, numa::host_topology());
         check_host_resources(probe, kvm);
         install_stop_signals();
-        dirty::PerfResult r = dirty::run_dirty_log_perf(kvm, o);
+        engines::PerfResult r = engines::run_dirty_log_perf(kvm, o);
         fmt::print(table_stream(json_), "{}", to_text(r));
         if (!json_.empty())
             write_json(json_, to_json(r));
@@ -68,9 +68,9 @@ public:
 
 private:
     // Everything that needs no KVM.
-    dirty::PerfOptions parse_options() const
+    engines::PerfOptions parse_options() const
     {
-        dirty::PerfOptions o;
+        engines::PerfOptions o;
         o.vcpus = static_cast<uint32_t>(parse_uint("-v", vcpus_, 1, 1024));
         o.bytes_per_vcpu = parse_size_option("-b", bytes_);
         o.iterations = static_cast<uint32_t>(parse_uint("-i", iterations_, 1, 1000000));

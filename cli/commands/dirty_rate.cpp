@@ -2,11 +2,11 @@
 #include <fmt/format.h>
 
 #include "base/error.hpp"
+#include "base/stop_signal.hpp"
 #include "cli/command.hpp"
 #include "cli/options.hpp"
 #include "cli/output.hpp"
 #include "engines/dirty_rate.hpp"
-#include "engines/run.hpp"
 #include "vmm/kvm/kvm.hpp"
 
 namespace mvm::cli {
@@ -14,12 +14,12 @@ namespace mvm::cli {
 namespace {
 
 // A tracker mode from the registry, or sampling (no tracker at all).
-dirty::RateMode parse_rate_mode(const std::string& value)
+engines::RateMode parse_rate_mode(const std::string& value)
 {
     if (value == "sampling")
-        return dirty::RateMode::Sampling;
-    return dirty::parse_mode_option("--mode", value, "mode", "ring, bitmap or sampling") == dirty::Mode::Ring ? dirty::RateMode::Ring
-                                                                                     : dirty::RateMode::Bitmap;
+        return engines::RateMode::Sampling;
+    const dirty::Mode mode = dirty::parse_mode_option("--mode", value, "mode", "ring, bitmap or sampling");
+    return mode == dirty::Mode::Ring ? engines::RateMode::Ring : engines::RateMode::Bitmap;
 }
 
 class DirtyRate : public Command {
@@ -41,9 +41,9 @@ public:
 
     int run() override
     {
-        using dirty::RateMode;
+        using engines::RateMode;
         check_json_dest(json_);
-        dirty::RateOptions o;
+        engines::RateOptions o;
         o.mode = parse_rate_mode(mode_);
         o.period_s = parse_seconds("--period", period_);
         if (o.period_s <= 0)
@@ -59,7 +59,7 @@ public:
         cfg.show_progress = o.progress = stderr_is_terminal();
         install_stop_signals();
         StressVm m(kvm, cfg);
-        dirty::RateResult r = dirty::measure_dirty_rate(m, o);
+        engines::RateResult r = engines::measure_dirty_rate(m, o);
         fmt::print(table_stream(json_), "{}", to_table(r));
         if (!json_.empty())
             write_json(json_, to_json(r));

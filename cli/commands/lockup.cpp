@@ -25,7 +25,7 @@ std::vector<std::string> parse_variants(const std::string& v)
         size_t c = v.find(',', pos);
         std::string name = v.substr(pos, c == std::string::npos ? std::string::npos : c - pos);
         pos = c == std::string::npos ? v.size() + 1 : c + 1;
-        const auto& known = migration::lockup_variant_names();
+        const auto& known = engines::lockup_variant_names();
         if (std::find(known.begin(), known.end(), name) == known.end()) {
             std::string list;
             for (const auto& k : known)
@@ -41,7 +41,7 @@ std::vector<std::string> parse_variants(const std::string& v)
 
 // MINIVMM_TEST_PAUSE_MS=MS: pause every vCPU this long mid-logging (phase
 // "test-pause"), a stall of known length for the detector.
-migration::MidLoggingAction pause_from_test_hook()
+engines::MidLoggingAction pause_from_test_hook()
 {
     const std::string ms = test_hook("PAUSE_MS");
     if (ms.empty())
@@ -81,9 +81,8 @@ public:
 
     int run() override
     {
-        using namespace mvm::migration;
         check_json_dest(json_);
-        LockupOptions o;
+        engines::LockupOptions o;
         if (variants_given_)
             o.variants = parse_variants(variants_);
         o.threshold_ms = parse_seconds("--threshold-ms", threshold_);
@@ -97,7 +96,7 @@ public:
         o.clear_chunk_bytes = parse_size_option("--clear-chunk", clear_chunk_);
         if (o.clear_chunk_bytes < 256 * 1024 || o.clear_chunk_bytes % (256 * 1024))
             throw UsageError(fmt::format("--clear-chunk {}: must be a multiple of 256K, e.g. 1M", clear_chunk_));
-        const MidLoggingAction pause = pause_from_test_hook();
+        const engines::MidLoggingAction pause = pause_from_test_hook();
         check_output_path("--timeline", timeline_, "give a writable path for the CSV");
         Kvm kvm(kvm_device());
         o.ring_bytes = parse_ring_size("--ring", ring_, kvm);
@@ -105,7 +104,7 @@ public:
         cfg.workload.watchdog_ms = o.threshold_ms;
         cfg.show_progress = o.progress = stderr_is_terminal();
         o.keep_samples = !timeline_.empty();
-        LockupReport r = run_lockup(kvm, cfg, o, pause);
+        engines::LockupReport r = engines::run_lockup(kvm, cfg, o, pause);
         std::FILE* out = table_stream(json_);
         fmt::print(out, "{}", r.to_table());
         if (!timeline_.empty()) {

@@ -4,12 +4,12 @@
 #include <thread>
 
 #include "base/error.hpp"
+#include "base/stop_signal.hpp"
 #include "base/units.hpp"
 #include "cli/command.hpp"
 #include "cli/options.hpp"
 #include "cli/output.hpp"
 #include "cli/test_hooks.hpp"
-#include "engines/run.hpp"
 #include "migration/migrate.hpp"
 #include "migration/transport/fault.hpp"
 #include "vmm/kvm/kvm.hpp"

@@ -2,12 +2,12 @@
 #include <fmt/format.h>
 
 #include "base/error.hpp"
+#include "base/stop_signal.hpp"
 #include "cli/command.hpp"
 #include "cli/options.hpp"
 #include "cli/output.hpp"
 #include "cli/test_hooks.hpp"
 #include "engines/numa_check.hpp"
-#include "engines/run.hpp"
 #include "numa/topology.hpp"
 #include "vmm/kvm/kvm.hpp"
 
@@ -17,11 +17,11 @@ namespace {
 
 // MINIVMM_TEST_EXPECT_HOST_NODES=LIST: judge every node against these host
 // nodes instead of its policy's.
-PlacementJudge judge_from_test_hook()
+engines::PlacementJudge judge_from_test_hook()
 {
     const std::string list = test_hook("EXPECT_HOST_NODES");
     if (list.empty())
-        return policy_nodes;
+        return engines::policy_nodes;
     std::vector<int> nodes;
     try {
         nodes = numa::parse_cpu_list(list);
@@ -47,9 +47,9 @@ public:
     int run() override
     {
         check_json_dest(json_);
-        NumaCheckOptions opt;
+        engines::NumaCheckOptions opt;
         opt.sample_pages = parse_uint("--sample", sample_, 0, 1ull << 40);
-        const PlacementJudge judge = judge_from_test_hook();
+        const engines::PlacementJudge judge = judge_from_test_hook();
         Kvm kvm(kvm_device());
         MachineConfig cfg = vm_.to_config(kvm);
         // One pass that writes every page: each page then exists where it was faulted.
@@ -59,7 +59,7 @@ public:
         opt.progress = cfg.show_progress;
         install_stop_signals();
         StressVm m(kvm, cfg);
-        NumaCheckReport r = numa_check(m, opt, judge);
+        engines::NumaCheckReport r = engines::numa_check(m, opt, judge);
         fmt::print(table_stream(json_), "{}", to_table(r));
         if (!json_.empty())
             write_json(json_, to_json(r));

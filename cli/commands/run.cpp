@@ -2,6 +2,7 @@
 #include <fmt/format.h>
 
 #include "base/error.hpp"
+#include "base/stop_signal.hpp"
 #include "cli/command.hpp"
 #include "cli/options.hpp"
 #include "cli/output.hpp"
@@ -35,7 +36,7 @@ public:
         MachineConfig cfg = vm_.to_config(kvm);
         if (duration <= 0 && cfg.workload.max_passes == 0)
             throw UsageError("--duration: must be positive unless --passes is given");
-        std::optional<DirtyLogOptions> log;
+        std::optional<engines::DirtyLogOptions> log;
         if (!dirty_log_.empty()) {
             log.emplace();
             log->mode = dirty::parse_mode_option("--dirty-log", dirty_log_);
@@ -50,12 +51,12 @@ public:
         install_stop_signals();
         cfg.show_progress = stderr_is_terminal();
         StressVm m(kvm, cfg);
-        RunOptions opt;
+        engines::RunOptions opt;
         opt.duration_s = duration;
         opt.progress = stderr_is_terminal();
         opt.verify = !no_verify_;
-        RunResult res = run_command(m, opt, log);
-        const RunReport& r = res.report;
+        engines::RunResult res = engines::run_command(m, opt, log);
+        const engines::RunReport& r = res.report;
         nlohmann::json j = to_json(r);
         std::string table = to_table(r);
         if (res.dirty_log) {

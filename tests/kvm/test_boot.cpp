@@ -194,9 +194,9 @@ TEST(Run, ReportHasStatsAndNativeExecution)
 {
     REQUIRE_KVM();
     StressVm m(kvm, small_config(2, 64ull << 20));
-    RunOptions opt;
+    engines::RunOptions opt;
     opt.duration_s = 0.5;
-    RunReport r = run_workload(m, opt);
+    engines::RunReport r = engines::run_workload(m, opt);
     ASSERT_FALSE(r.failure) << r.failure->reason;
     ASSERT_TRUE(r.stamps.has_value());
     EXPECT_TRUE(r.stamps->ok()) << r.stamps->summary();
@@ -213,7 +213,7 @@ TEST(Run, ReportHasStatsAndNativeExecution)
         EXPECT_LT(static_cast<double>(it->second), 0.001 * static_cast<double>(r.vcpus[i].pages_written));
         EXPECT_LT(it->second, 100);
     }
-    auto j = to_json(r);
+    auto j = engines::to_json(r);
     for (const char* k : {"id", "pages_written", "passes", "max_stall_ms", "watchdog_events"})
         EXPECT_TRUE(j["vcpus"][0].contains(k)) << k;
     EXPECT_TRUE(j["kvm_stats"].contains("vm"));
@@ -229,9 +229,9 @@ TEST(Workload, RateCapLimitsPagesPerSecond)
     MachineConfig c = small_config(2, 16ull << 20);
     c.workload.rate_pages_per_s = 100000;
     StressVm m(kvm, c);
-    RunOptions opt;
+    engines::RunOptions opt;
     opt.duration_s = 0.5;
-    RunReport r = run_workload(m, opt);
+    engines::RunReport r = engines::run_workload(m, opt);
     ASSERT_FALSE(r.failure) << r.failure->reason;
     for (const auto& v : r.vcpus) {
         EXPECT_GT(v.pages_written, 0u);
