@@ -72,6 +72,7 @@ void add(RingProbeResult& r, const dirty::Harvest& h)
     r.harvests++;
     r.entries += h.entries;
     r.reset += h.reset;
+    r.short_resets += h.reset < h.entries;
 }
 
 // Every vCPU completes `passes` more passes from now (false on failure or timeout).
@@ -173,16 +174,17 @@ std::string RingProbeResult::summary() const
     if (!skipped.empty())
         return "skipped: " + skipped;
     return fmt::format("{} {}: {} of {} pages written after the signals stopped were never logged ({} harvests in "
-                       "{:.1f} s under {} signals, {} handled; {} entries collected, KVM_RESET_DIRTY_RINGS said {})",
+                       "{:.1f} s under {} signals, {} handled; {} entries collected, KVM_RESET_DIRTY_RINGS said {}, "
+                       "short {} times)",
                        dirty::mode_name(mode), guarded ? "with signals blocked around the reset" : "unguarded",
-                       unlogged, pages_checked, harvests, storm_s, signals_sent, signals_handled, entries, reset);
+                       unlogged, pages_checked, harvests, storm_s, signals_sent, signals_handled, entries, reset, short_resets);
 }
 
 nlohmann::json RingProbeResult::to_json() const
 {
     return {{"skipped", skipped},         {"mode", dirty::mode_name(mode)}, {"guarded", guarded},
             {"storm_s", storm_s},         {"harvests", harvests},           {"entries", entries},
-            {"reset", reset},             {"signals_sent", signals_sent},   {"signals_handled", signals_handled},
+            {"reset", reset},             {"short_resets", short_resets}, {"signals_sent", signals_sent},   {"signals_handled", signals_handled},
             {"pages_checked", pages_checked}, {"unlogged", unlogged},       {"unlogged_gpas", unlogged_gpas}};
 }
 

@@ -37,6 +37,7 @@ struct RingProbeResult {
     bool guarded = true;
     double storm_s = 0;
     uint64_t harvests = 0, entries = 0, reset = 0;   // entries collected vs what KVM_RESET_DIRTY_RINGS returned
+    uint64_t short_resets = 0;      // harvests whose reset returned fewer than it collected (a signal cut it short)
     uint64_t signals_sent = 0, signals_handled = 0;
     uint64_t pages_checked = 0;     // written by the last full pass
     uint64_t unlogged = 0;          // ... and absent from the log

@@ -87,6 +87,58 @@ static void inject_fault(uint32_t fault)
     }
 }
 
+/* Lock-step iterations: until the VMM opens the gate, wait in the VMM (an
+ * exit, like the selftests' ucall) so an idle vCPU costs no host CPU.
+ * Waiting by design is not a stall: restart the watchdog. */
+static inline void wait_at_gate(struct mvm_mailbox *mb, struct watchdog *wd, uint32_t vcpu, uint64_t gen)
+{
+    if (mb->pass_gate && gen > mb->pass_gate && !mb->stop) {
+        while (mb->pass_gate && gen > mb->pass_gate && !mb->stop)
+            ring_doorbell(MVM_DOORBELL_GATE, vcpu);
+        wd->prev = rdtsc();
+        mb->last_tsc = wd->prev;
+    }
+}
+
+/* After a batch: a progress point, then the VMM's controls: park, the rate
+ * cap (deadline: TSC by which the next batch may start) and the throttle. */
+static inline void pace_batch(struct mvm_mailbox *mb, struct watchdog *wd, uint32_t vcpu, uint64_t batch_start,
+                              uint64_t *deadline)
+{
+    uint64_t now = progress_point(wd, mb);
+    if (mb->park) {
+        /* Parked by the VMM between batches: every stamp of the batch
+         * is stored and the cursor says so. Waiting is not a stall. */
+        while (mb->park && !mb->stop)
+            ring_doorbell(MVM_DOORBELL_PARK, vcpu);
+        now = wd->prev = rdtsc();
+        mb->last_tsc = now;
+        *deadline = now;
+    }
+
+    uint64_t rate = mb->rate_pages_per_s;
+    if (rate) {
+        uint64_t step = (mb->tsc_per_page_q16 * BATCH) >> 16;
+        /* After a stall, do not burst to catch up: restart from now. */
+        if (now > *deadline + 16 * step)
+            *deadline = now;
+        *deadline += step;
+        while (rdtsc() < *deadline && !mb->stop && !mb->park) {
+            cpu_relax();
+            progress_point(wd, mb);
+        }
+    }
+    uint64_t thr = mb->throttle_pct;
+    if (thr) {
+        /* Idle thr% of the time: after a batch that took t, spin t*thr/(100-thr). */
+        uint64_t spin_until = now + ((now - batch_start) * thr) / (100 - (thr > 99 ? 99 : thr));
+        while (rdtsc() < spin_until && !mb->stop && !mb->park) {
+            cpu_relax();
+            progress_point(wd, mb);
+        }
+    }
+}
+
 __attribute__((noreturn, used, section(".text.user")))
 void user_entry(const struct mvm_boot_params *bp, const struct mvm_vcpu_params *vp,
                 struct mvm_mailbox *mb)
@@ -108,15 +160,7 @@ void user_entry(const struct mvm_boot_params *bp, const struct mvm_vcpu_params *
     inject_fault(vp->fault);
 
     for (uint64_t gen = 1; n != 0 && !mb->stop; gen++) {
-        /* Lock-step iterations: until the VMM opens the gate, wait in the
-         * VMM (an exit, like the selftests' ucall) so an idle vCPU costs no
-         * host CPU. Waiting by design is not a stall: restart the watchdog. */
-        if (mb->pass_gate && gen > mb->pass_gate && !mb->stop) {
-            while (mb->pass_gate && gen > mb->pass_gate && !mb->stop)
-                ring_doorbell(MVM_DOORBELL_GATE, vcpu);
-            wd.prev = rdtsc();
-            mb->last_tsc = wd.prev;
-        }
+        wait_at_gate(mb, &wd, vcpu, gen);
         if (mb->stop)
             break;
         struct mvm_perm perm = mvm_perm_for(seed, vcpu, gen, n);
@@ -154,38 +198,7 @@ void user_entry(const struct mvm_boot_params *bp, const struct mvm_vcpu_params *
             }
             mb->pages_written = written;
             mb->pages_read = read;
-            uint64_t now = progress_point(&wd, mb);
-            if (mb->park) {
-                /* Parked by the VMM between batches: every stamp of the batch
-                 * is stored and the cursor says so. Waiting is not a stall. */
-                while (mb->park && !mb->stop)
-                    ring_doorbell(MVM_DOORBELL_PARK, vcpu);
-                now = wd.prev = rdtsc();
-                mb->last_tsc = now;
-                deadline = now;
-            }
-
-            uint64_t rate = mb->rate_pages_per_s;
-            if (rate) {
-                uint64_t step = (mb->tsc_per_page_q16 * BATCH) >> 16;
-                /* After a stall, do not burst to catch up: restart from now. */
-                if (now > deadline + 16 * step)
-                    deadline = now;
-                deadline += step;
-                while (rdtsc() < deadline && !mb->stop && !mb->park) {
-                    cpu_relax();
-                    progress_point(&wd, mb);
-                }
-            }
-            uint64_t thr = mb->throttle_pct;
-            if (thr) {
-                /* Idle thr% of the time: after a batch that took t, spin t*thr/(100-thr). */
-                uint64_t spin_until = now + ((now - batch_start) * thr) / (100 - (thr > 99 ? 99 : thr));
-                while (rdtsc() < spin_until && !mb->stop && !mb->park) {
-                    cpu_relax();
-                    progress_point(&wd, mb);
-                }
-            }
+            pace_batch(mb, &wd, vcpu, batch_start, &deadline);
         }
         if (mb->cursor == visits) {
             mb->passes = gen;
