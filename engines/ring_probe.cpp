@@ -173,11 +173,16 @@ std::string RingProbeResult::summary() const
 {
     if (!skipped.empty())
         return "skipped: " + skipped;
-    return fmt::format("{} {}: {} of {} pages written after the signals stopped were never logged ({} harvests in "
-                       "{:.1f} s under {} signals, {} handled; {} entries collected, KVM_RESET_DIRTY_RINGS said {}, "
-                       "short {} times)",
-                       dirty::mode_name(mode), guarded ? "with signals blocked around the reset" : "unguarded",
-                       unlogged, pages_checked, harvests, storm_s, signals_sent, signals_handled, entries, reset, short_resets);
+    const std::string how = mode == dirty::Mode::Bitmap ? "bitmap (KVM_GET_DIRTY_LOG)"
+                            : guarded                  ? "ring with signals blocked around the reset"
+                                                       : "ring unguarded";
+    std::string o = fmt::format("{}: {} of {} pages written after the signals stopped were never logged ({} harvests in "
+                                "{:.1f} s under {} signals, {} handled",
+                                how, unlogged, pages_checked, harvests, storm_s, signals_sent, signals_handled);
+    if (mode == dirty::Mode::Ring)
+        o += fmt::format("; {} entries collected, KVM_RESET_DIRTY_RINGS said {}, short {} times", entries, reset,
+                         short_resets);
+    return o + ")";
 }
 
 nlohmann::json RingProbeResult::to_json() const

@@ -54,8 +54,9 @@ Mode parse_mode_option(std::string_view option, const std::string& value, std::s
 // logging (x86 PML) reaches the rings only when a vCPU exits, so a ring
 // harvest must kick first there; KVM_GET_DIRTY_LOG kicks by itself. Auto:
 // ring harvests kick where the host reserves ring space for PML.
-// Measured here (kvm-pvm, shadow MMU, no PML): kicking vCPUs with a signal
-// while ring logging is on loses dirty pages, so Auto does not kick here.
+// This host (kvm-pvm, shadow MMU) has no PML, so Auto does not kick here.
+// (A kick that lands while a vCPU thread resets its full ring used to lose
+// entries: see Vm::reset_dirty_rings, which now blocks signals around it.)
 enum class Kick { Auto, On, Off };
 
 // Smallest ring KVM accepts here (probed on scratch VMs; 0 without rings).

@@ -45,8 +45,8 @@ public:
     // Graceful: every guest finishes its current batch and reports done.
     void request_stop();
     // Pause without signals: each guest finishes its batch, exits through the
-    // park doorbell and is held outside KVM_RUN (exits the guest asks for lose
-    // no dirty-ring entries here, signal kicks can). False if not every vCPU
+    // park doorbell and is held outside KVM_RUN at a batch boundary, so its
+    // last stamps and cursor agree (a signal kick stops it anywhere). False if not every vCPU
     // parked within `timeout` (they stay asked to; unpark_guests() releases).
     bool park_guests(std::chrono::milliseconds timeout);
     void unpark_guests();
