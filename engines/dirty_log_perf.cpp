@@ -1,4 +1,5 @@
 #include "engines/dirty_log_perf.hpp"
+#include "engines/run_report.hpp"
 
 #include <unistd.h>
 
@@ -49,15 +50,6 @@ double run_pass(StressVm& m, uint64_t gate, bool progress, const char* what)
     return since(t0);
 }
 
-StatDelta sum_vcpus(const std::vector<StatSnapshot>& before, const StressVm& m)
-{
-    StatDelta sum;
-    for (uint32_t i = 0; i < m.vcpu_count(); i++)
-        for (const auto& [k, v] : stat_delta(before[i], m.vcpu_stats(i)))
-            sum[k] += v;
-    return sum;
-}
-
 }  // namespace
 
 PerfResult run_dirty_log_perf(const Kvm& kvm, const PerfOptions& opt)
@@ -106,7 +98,7 @@ PerfResult run_dirty_log_perf(const Kvm& kvm, const PerfOptions& opt)
             pi.dirty_s = run_pass(m, 2 + it, opt.progress, fmt::format("iteration {}", it).c_str());
             if (it == 1) {
                 r.vm_stats_enable_first = stat_delta(vm0, m.vm_stats());
-                r.vcpu_stats_enable_first = sum_vcpus(vc0, m);
+                r.vcpu_stats_enable_first = sum_vcpu_stats(vc0, m);
             }
             dirty::Harvest h = tracker->harvest();
             pi.get_s = h.get_s;

@@ -1,4 +1,5 @@
 #include "engines/lockup.hpp"
+#include "engines/run_report.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -34,15 +35,6 @@ uint64_t guest_writes(const StressVm& m)
     for (uint32_t i = 0; i < m.vcpu_count(); i++)
         s += m.snapshot(i).pages_written;
     return s;
-}
-
-StatDelta sum_vcpu_stats(const std::vector<StatSnapshot>& before, const StressVm& m)
-{
-    StatDelta sum;
-    for (uint32_t i = 0; i < m.vcpu_count(); i++)
-        for (const auto& [k, v] : stat_delta(before[i], m.vcpu_stats(i)))
-            sum[k] += v;
-    return sum;
 }
 
 // The phase a stall overlaps most; a ring-full span of its own vCPU wins.

@@ -202,4 +202,13 @@ std::string to_table(const RunReport& r)
     return out;
 }
 
+StatDelta sum_vcpu_stats(const std::vector<StatSnapshot>& before, const StressVm& m)
+{
+    StatDelta sum;
+    for (uint32_t i = 0; i < m.vcpu_count(); i++)
+        for (const auto& [k, v] : stat_delta(before[i], m.vcpu_stats(i)))
+            sum[k] += v;
+    return sum;
+}
+
 }  // namespace mvm::engines

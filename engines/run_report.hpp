@@ -66,4 +66,7 @@ RunReport collect_report(const StressVm& m, const StatsBaseline& before, double 
 nlohmann::json to_json(const RunReport& r);
 std::string to_table(const RunReport& r);
 
+// The vCPUs' binary stats since `before` (one snapshot per vCPU), summed over vCPUs.
+StatDelta sum_vcpu_stats(const std::vector<StatSnapshot>& before, const StressVm& m);
+
 }  // namespace mvm::engines
