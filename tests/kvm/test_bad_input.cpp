@@ -341,13 +341,15 @@ INSTANTIATE_TEST_SUITE_P(
                       Row{"--frobnicate caps", 2, "--frobnicate", "minivmm --help"}),
     row_name);
 
-// caps takes no numbers and nothing that can conflict: a wrong type, options
-// it does not take, and the host's KVM.
+// caps takes one number (--probe-ring-reset SECONDS) and nothing that can
+// conflict: a wrong type, options it does not take, and the host's KVM.
 INSTANTIATE_TEST_SUITE_P(
     Caps, BadInput,
     ::testing::Values(Row{"caps --json=maybe", 2, "--json", "minivmm caps --help"},
                       Row{"caps --vcpus 2", 2, "--vcpus", "minivmm caps --help"},
                       Row{"caps extra", 2, "extra", "minivmm caps --help"},
+                      Row{"caps --probe-ring-reset soon", 2, "--probe-ring-reset", "number of seconds"},
+                      Row{"caps --probe-ring-reset 0", 2, "--probe-ring-reset", "(0, 600]"},
                       Row{"caps --json", 4, "/nonexistent/kvm does not exist", "load the kvm module", kNoKvm},
                       Row{"caps", 4, "no permission to open /dev/kvm", "add your user to the group", kNobody}),
     row_name);

@@ -72,3 +72,26 @@ TEST(ResetUnderSignals, UnguardedResetIsAHostFinding)
     EXPECT_GT(r.signals_handled, 100u);
     EXPECT_EQ(r.pages_checked, 2 * (16ull << 20) / 4096);
 }
+
+// `minivmm caps --probe-ring-reset S` runs both probes and reports them: the
+// guarded one must lose nothing; the unguarded one is the host's answer.
+TEST(ResetUnderSignals, CapsReportsTheProbe)
+{
+    REQUIRE_KVM();
+    if (!dirty::min_dirty_ring_bytes(kvm))
+        GTEST_SKIP() << "needs KVM_CAP_DIRTY_LOG_RING";
+    auto r = mvm::test::run_minivmm("caps --json --probe-ring-reset 0.5");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    auto j = nlohmann::json::parse(r.out);
+    ASSERT_TRUE(j.contains("ring_reset_probe")) << r.out;
+    const auto& g = j["ring_reset_probe"]["guarded"];
+    const auto& u = j["ring_reset_probe"]["unguarded"];
+    EXPECT_EQ(g["pages_checked"].get<uint64_t>(), 8192u);
+    EXPECT_EQ(g["unlogged"].get<uint64_t>(), 0u);
+    EXPECT_EQ(g["short_resets"].get<uint64_t>(), 0u) << "a blocked signal cannot cut a reset short";
+    EXPECT_EQ(u["pages_checked"].get<uint64_t>(), 8192u);
+    EXPECT_GT(u["signals_handled"].get<uint64_t>(), 0u);
+    std::printf("caps probe, unguarded: %llu pages unlogged, %llu short resets\n",
+                static_cast<unsigned long long>(u["unlogged"].get<uint64_t>()),
+                static_cast<unsigned long long>(u["short_resets"].get<uint64_t>()));
+}
