@@ -164,10 +164,11 @@ void user_entry(const struct mvm_boot_params *bp, const struct mvm_vcpu_params *
         if (mb->stop)
             break;
         struct mvm_perm perm = mvm_perm_for(seed, vcpu, gen, n);
-        /* Order matters to the VMM's stamp check: `passes` was stored at the
-         * end of the previous pass, then the generation moves, then the
-         * cursor resets. A reader seeing generation == passes + 1 with a
-         * full cursor knows the cursor is still the previous pass's. */
+        /* Order matters to the VMM's stamp check: `passes` was stored just
+         * before the cursor read full at the end of the previous pass, then
+         * the generation moves, then the cursor resets. A reader seeing
+         * generation == passes + 1 with a full cursor knows the cursor is
+         * still the previous pass's. */
         mb->generation = gen;
         barrier();
         mb->cursor = 0;
@@ -194,6 +195,13 @@ void user_entry(const struct mvm_boot_params *bp, const struct mvm_vcpu_params *
                     read++;
                 }
                 barrier(); /* the stamp is stored before the cursor moves past it */
+                if (i + 1 == visits) {
+                    /* The pass is complete: say so before the cursor reads
+                     * full, so that a full cursor with passes == generation - 1
+                     * only ever means a pass whose cursor is not reset yet. */
+                    mb->passes = gen;
+                    barrier();
+                }
                 mb->cursor = i + 1;
             }
             mb->pages_written = written;
