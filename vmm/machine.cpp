@@ -76,19 +76,6 @@ const char* exit_reason_name(uint32_t r)
 
 }  // namespace
 
-const char* to_string(VcpuRunState s)
-{
-    switch (s) {
-    case VcpuRunState::Created: return "created";
-    case VcpuRunState::Placing: return "placing";
-    case VcpuRunState::Running: return "running";
-    case VcpuRunState::Held: return "held";
-    case VcpuRunState::Paused: return "paused";
-    case VcpuRunState::Exited: return "exited";
-    }
-    return "?";
-}
-
 Machine::Machine(const Kvm& kvm, MachineConfig cfg, const MemoryPlan& plan)
     : kvm_(&kvm), cfg_(std::move(cfg)), vm_(kvm.create_vm()),
       slots_(static_cast<uint32_t>(std::max(1, vm_.cap(KVM_CAP_NR_MEMSLOTS))))
@@ -167,12 +154,6 @@ bool Machine::started() const
 {
     std::lock_guard lk(mu_);
     return !all_vcpus([](VcpuRunState st) { return st == VcpuRunState::Created; });
-}
-
-VcpuRunState Machine::vcpu_run_state(uint32_t i) const
-{
-    std::lock_guard lk(mu_);
-    return vcpus_.at(i)->state;
 }
 
 void Machine::start()

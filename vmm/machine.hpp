@@ -56,7 +56,6 @@ struct VcpuThreadInfo {
 //   Running <-> Paused   the VMM paused the VM (pause()/resume())
 //   any started state -> Exited (the guest finished, a failure, kill())
 enum class VcpuRunState { Created, Placing, Running, Held, Paused, Exited };
-const char* to_string(VcpuRunState s);
 
 // What an exit handler tells its vCPU thread.
 enum class ExitAction { Continue, Stop };
@@ -145,7 +144,6 @@ public:
     // ---- what happened ----
     std::optional<VcpuFailure> failure() const;
     uint32_t finished_count() const;
-    VcpuRunState vcpu_run_state(uint32_t i) const;
     uint64_t kicks(uint32_t i) const { return vcpus_[i]->kicks.load(); }
     uint64_t exits(uint32_t i) const { return vcpus_[i]->exits.load(); }
     // Valid once the vCPU thread has started (start() waits for that).

@@ -266,13 +266,12 @@ bool ring_needs_kick(const Kvm& kvm)
 }
 
 namespace {
-constexpr ModeSpec kModes[] = {
-    {Mode::Bitmap, "bitmap", false},
-    {Mode::Ring, "ring", true},
+struct ModeName {
+    Mode mode;
+    std::string_view name;
 };
+constexpr ModeName kModes[] = {{Mode::Bitmap, "bitmap"}, {Mode::Ring, "ring"}};
 }  // namespace
-
-std::span<const ModeSpec> modes() { return kModes; }
 
 const char* mode_name(Mode m)
 {

@@ -21,7 +21,6 @@
 #include <memory>
 #include <mutex>
 #include <optional>
-#include <span>
 #include <string_view>
 #include <string>
 #include <vector>
@@ -33,14 +32,7 @@ namespace mvm::dirty {
 enum class Mode { Bitmap, Ring };
 
 // The one registry of tracking modes every command names (--dirty-log,
-// --tracker, dirty-rate --mode): name, what it is, and what it needs from
-// the VM before vCPUs exist (a ring size).
-struct ModeSpec {
-    Mode mode;
-    std::string_view name;
-    bool needs_ring;  // the VM must be made with KVM_CAP_DIRTY_LOG_RING(_ACQ_REL)
-};
-std::span<const ModeSpec> modes();
+// --tracker, dirty-rate --mode): name <-> mode, and one error text.
 const char* mode_name(Mode m);
 std::optional<Mode> parse_mode(std::string_view name);
 // "bitmap or ring" (the names joined for an error message).
