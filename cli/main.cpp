@@ -6,6 +6,7 @@
 
 #include "base/error.hpp"
 #include "cli/command.hpp"
+#include "cli/options.hpp"
 
 using namespace mvm;
 
@@ -23,6 +24,7 @@ int main(int argc, char** argv)
     std::vector<std::pair<CLI::App*, cli::Command*>> table;
     for (auto& c : commands)
         table.emplace_back(c->add_to(app), c.get());
+    cli::label_value_kinds(app);
 
     if (argc > 1 && argv[1][0] != '-') {
         std::string cmd = argv[1];

@@ -7,6 +7,7 @@
 #include <set>
 #include <cmath>
 #include <fmt/format.h>
+#include <optional>
 
 #include "vmm/dirty/tracker.hpp"
 #include "base/error.hpp"
@@ -27,13 +28,52 @@ uint64_t parse_uint(std::string_view option, const std::string& value, uint64_t 
     return v;
 }
 
-double parse_seconds(std::string_view option, const std::string& value)
+namespace {
+
+// A number with an optional unit (us, ms, s, m), in seconds; `bare` is the
+// unit of a number without one. nullopt when it is not that.
+std::optional<double> parse_duration(std::string_view value, double bare)
 {
+    static const std::pair<std::string_view, double> units[] = {{"us", 1e-6}, {"ms", 1e-3}, {"s", 1.0}, {"m", 60.0}};
+    double scale = bare;
+    for (const auto& [suffix, unit] : units)
+        if (value.size() > suffix.size() && value.ends_with(suffix) &&
+            !std::isalpha(static_cast<unsigned char>(value[value.size() - suffix.size() - 1]))) {
+            value.remove_suffix(suffix.size());
+            scale = unit;
+            break;
+        }
     double v = 0;
     auto [p, ec] = std::from_chars(value.data(), value.data() + value.size(), v);
     if (value.empty() || ec != std::errc() || p != value.data() + value.size() || !std::isfinite(v) || v < 0)
-        throw UsageError(fmt::format("{}: '{}' is not a number of seconds; use e.g. 3 or 0.5", option, value));
-    return v;
+        return std::nullopt;
+    return v * scale;
+}
+
+}  // namespace
+
+double parse_seconds(std::string_view option, const std::string& value)
+{
+    auto v = parse_duration(value, 1.0);
+    if (!v)
+        throw UsageError(fmt::format("{}: '{}' is not a duration; use seconds (3, 0.5) or a unit (500ms, 2s, 1m)",
+                                     option, value));
+    return *v;
+}
+
+double parse_ms(std::string_view option, const std::string& value)
+{
+    auto v = parse_duration(value, 1e-3);
+    if (!v)
+        throw UsageError(fmt::format("{}: '{}' is not a duration; use milliseconds (300) or a unit (300ms, 0.3s)",
+                                     option, value));
+    // A bare fraction of a millisecond is almost always seconds meant as ms.
+    const bool bare = !value.empty() && std::isdigit(static_cast<unsigned char>(value.back()));
+    if (bare && *v > 0 && *v < 1e-3)
+        throw UsageError(fmt::format("{}: '{}' would be {} ms; this option is in milliseconds: write {}ms, or {}s "
+                                     "for seconds",
+                                     option, value, value, value, value));
+    return *v * 1e3;
 }
 
 namespace {
@@ -310,7 +350,7 @@ void parse_workload(const VmOptions& o, WorkloadConfig& w)
     w.write_pct = static_cast<uint32_t>(parse_uint("--write-pct", o.write_pct, 0, 100));
     w.rate_pages_per_s = parse_uint("--rate", o.rate, 0, 1ull << 40);
     w.seed = parse_uint("--seed", o.seed, 0, ~0ull);
-    w.watchdog_ms = parse_seconds("--watchdog-ms", o.watchdog_ms);
+    w.watchdog_ms = parse_ms("--watchdog-ms", o.watchdog_ms);
     if (w.watchdog_ms <= 0)
         throw UsageError("--watchdog-ms: must be positive, e.g. 20");
     w.max_passes = parse_uint("--passes", o.passes, 0, 1ull << 40);

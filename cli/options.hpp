@@ -15,7 +15,19 @@
 namespace mvm::cli {
 
 uint64_t parse_uint(std::string_view option, const std::string& value, uint64_t min, uint64_t max);
+// Durations: a number with an optional unit (us, ms, s, m). parse_seconds
+// reads a bare number as seconds and returns seconds; parse_ms reads it as
+// milliseconds and returns milliseconds (refusing a bare 0 < x < 1, which is
+// seconds written where ms are asked for).
 double parse_seconds(std::string_view option, const std::string& value);
+double parse_ms(std::string_view option, const std::string& value);
+
+// After every command registered its options: names each option's kind of
+// value in --help (SIZE, MS, SECONDS, N, LIST, ...) from one table, so the
+// same option reads the same everywhere. Options it does not know keep
+// CLI11's TEXT (tests/unit/test_options.cpp fails on any).
+void label_value_kinds(CLI::App& app);
+const char* value_kind(std::string_view option_name);  // nullptr when unknown
 
 // One --numa value, in the spirit of QEMU's -numa node + memory-backend:
 //   node=0,cpus=0-1,mem=512M,backing=hugetlb2m,host-nodes=0,policy=bind,prealloc=on

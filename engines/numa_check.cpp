@@ -6,6 +6,7 @@
 #include <chrono>
 #include <fmt/format.h>
 #include <fstream>
+#include <map>
 
 #include "base/error.hpp"
 #include "engines/run.hpp"
@@ -143,9 +144,102 @@ NodePlacementReport node_placement(const StressVm& m, size_t i, const NumaCheckO
     // folio) so move_pages can see it.
     if (node.backing == BackingKind::Gmem && ::madvise(b.host(), b.size(), MADV_POPULATE_READ) != 0)
         throw SysError(fmt::format("MADV_POPULATE_READ on vnode {}'s guest_memfd mapping", node.id), errno);
-    nr.placement = numa::query_placement(b.host(), b.size(), nr.query_page_bytes, nr.expected_nodes, opt.sample_pages);
+    nr.placement = numa::query_placement(b.host(), b.size(), nr.query_page_bytes, nr.expected_nodes, opt.sample_pages,
+                                           /*split_kinds=*/true);
     judge_placement(nr);
     return nr;
+}
+
+
+// Queried pages as a share of all queried pages of the node, in %.
+double share_pct(const NodePlacementReport& n, uint64_t pages)
+{
+    return n.placement.pages_queried ? 100.0 * static_cast<double>(pages) / n.placement.pages_queried : 0.0;
+}
+
+// Bytes that `pages` queried pages stand for: exact when every page was
+// queried, else the node's size times their share (an estimate).
+uint64_t placed_bytes(const NodePlacementReport& n, uint64_t pages)
+{
+    if (!n.placement.sampled)
+        return pages * n.query_page_bytes;
+    return n.placement.pages_queried ? static_cast<uint64_t>(static_cast<double>(n.bytes) * pages /
+                                                             n.placement.pages_queried)
+                                     : 0;
+}
+
+struct KindBytes {
+    uint64_t huge = 0, thp = 0, base = 0;
+    uint64_t total() const { return huge + thp + base; }
+};
+
+// numastat -p's view: per host node, huge (hugetlb), THP and base-page bytes
+// of every virtual node together.
+std::map<int, KindBytes> host_node_totals(const NumaCheckReport& r)
+{
+    std::map<int, KindBytes> t;
+    for (const auto& n : r.nodes)
+        for (const auto& [hn, k] : n.placement.kinds_per_node) {
+            t[hn].huge += placed_bytes(n, k.huge);
+            t[hn].thp += placed_bytes(n, k.thp);
+            t[hn].base += placed_bytes(n, k.small);
+        }
+    return t;
+}
+
+std::string kinds_error(const NumaCheckReport& r)
+{
+    for (const auto& n : r.nodes)
+        if (!n.placement.kinds_error.empty())
+            return n.placement.kinds_error;
+    return "";
+}
+
+nlohmann::json host_node_totals_json(const NumaCheckReport& r)
+{
+    nlohmann::json j = {{"estimated", r.sampled}};
+    if (auto why = kinds_error(r); !why.empty())
+        j["error"] = why;
+    nlohmann::json per = nlohmann::json::object();
+    KindBytes all;
+    for (const auto& [hn, k] : host_node_totals(r)) {
+        per[std::to_string(hn)] = {
+            {"huge_bytes", k.huge}, {"thp_bytes", k.thp}, {"base_bytes", k.base}, {"total_bytes", k.total()}};
+        all.huge += k.huge, all.thp += k.thp, all.base += k.base;
+    }
+    j["per_host_node"] = per;
+    j["total"] = {{"huge_bytes", all.huge}, {"thp_bytes", all.thp}, {"base_bytes", all.base}, {"total_bytes", all.total()}};
+    return j;
+}
+
+// Rows huge / THP / 4K / total, one column per host node and a total column.
+std::string host_node_table(const NumaCheckReport& r)
+{
+    if (r.nodes.empty())
+        return "";
+    if (auto why = kinds_error(r); !why.empty())
+        return fmt::format("\nper host node by page kind: unavailable ({})\n", why);
+    const auto t = host_node_totals(r);
+    std::string o = fmt::format("\nper host node by page kind, as numastat -p splits it (MiB{}):\n{:<12}",
+                                r.sampled ? "; estimated from the sample" : "", "");
+    for (const auto& [hn, k] : t)
+        o += fmt::format(" {:>10}", fmt::format("Node {}", hn));
+    o += fmt::format(" {:>10}\n", "Total");
+    auto row = [&](const char* name, uint64_t KindBytes::*field) {
+        uint64_t sum = 0;
+        o += fmt::format("{:<12}", name);
+        for (const auto& [hn, k] : t) {
+            const uint64_t v = field ? k.*field : k.total();
+            sum += v;
+            o += fmt::format(" {:>10.1f}", static_cast<double>(v) / (1 << 20));
+        }
+        o += fmt::format(" {:>10.1f}\n", static_cast<double>(sum) / (1 << 20));
+    };
+    row("Huge", &KindBytes::huge);
+    row("THP", &KindBytes::thp);
+    row("4K", &KindBytes::base);
+    row("Total", nullptr);
+    return o;
 }
 
 }  // namespace
@@ -208,16 +302,27 @@ nlohmann::json to_json(const NumaCheckReport& r)
     j["check_gib_per_s"] = r.check_s > 0 ? static_cast<double>(r.checked_bytes) / (1ull << 30) / r.check_s : 0;
     json nodes = json::array();
     for (const auto& n : r.nodes) {
-        json per = json::object();
-        for (const auto& [hn, pages] : n.placement.pages_per_node)
-            per[std::to_string(hn)] = pages * n.query_page_bytes;
+        json pages = json::object(), share = json::object(), bytes = json::object(), kinds = json::object();
+        for (const auto& [hn, count] : n.placement.pages_per_node) {
+            const std::string key = std::to_string(hn);
+            pages[key] = count;
+            share[key] = share_pct(n, count);
+            bytes[key] = placed_bytes(n, count);
+        }
+        for (const auto& [hn, k] : n.placement.kinds_per_node)
+            kinds[std::to_string(hn)] = {{"huge_bytes", placed_bytes(n, k.huge)},
+                                         {"thp_bytes", placed_bytes(n, k.thp)},
+                                         {"base_bytes", placed_bytes(n, k.small)}};
         json jn = {{"vnode", n.vnode},
                    {"backing", n.backing},
                    {"policy", n.policy},
                    {"gpa", n.gpa},
                    {"bytes", n.bytes},
                    {"expected_host_nodes", n.expected_nodes},
-                   {"bytes_per_host_node", per},
+                   {"pages_per_host_node", pages},
+                   {"share_per_host_node_pct", share},
+                   {n.placement.sampled ? "estimated_bytes_per_host_node" : "bytes_per_host_node", bytes},
+                   {"kinds_per_host_node", kinds},
                    {"pages_queried", n.placement.pages_queried},
                    {"pages_total", n.placement.pages_total},
                    {"page_bytes", n.query_page_bytes},
@@ -231,6 +336,7 @@ nlohmann::json to_json(const NumaCheckReport& r)
         nodes.push_back(jn);
     }
     j["vnodes"] = nodes;
+    j["host_nodes"] = host_node_totals_json(r);
     json vcpus = json::array();
     for (const auto& v : r.vcpus)
         vcpus.push_back({{"vcpu", v.vcpu},
@@ -258,8 +364,11 @@ std::string to_table(const NumaCheckReport& r)
     for (const auto& n : r.nodes) {
         std::string where;
         for (const auto& [hn, pages] : n.placement.pages_per_node)
-            where += fmt::format("{}n{}: {:.1f} MiB", where.empty() ? "" : ", ", hn,
-                                 static_cast<double>(pages * n.query_page_bytes) / (1 << 20));
+            where += n.placement.sampled
+                         ? fmt::format("{}n{}: {:.1f}% (~{})", where.empty() ? "" : ", ", hn, share_pct(n, pages),
+                                       human_bytes(placed_bytes(n, pages)))
+                         : fmt::format("{}n{}: {:.1f} MiB", where.empty() ? "" : ", ", hn,
+                                       static_cast<double>(placed_bytes(n, pages)) / (1 << 20));
         if (n.placement.pages_not_present)
             where += fmt::format("{}absent: {:.1f} MiB", where.empty() ? "" : ", ",
                                  static_cast<double>(n.placement.pages_not_present * n.query_page_bytes) / (1 << 20));
@@ -268,7 +377,8 @@ std::string to_table(const NumaCheckReport& r)
                          n.prealloc_s ? fmt::format("{:.2f}s", *n.prealloc_s) : "-");
     }
     if (r.sampled)
-        o += "  (sampled: not every page was queried; see pages_queried in --json)\n";
+        o += "  (sampled: shares of the queried pages; ~ marks the estimate of the node's bytes; see pages_queried in --json)\n";
+    o += host_node_table(r);
     o += fmt::format("\n{:>5}  {:>5}  {:>8}  {:<12} {:<12} {:<14} {}\n", "vCPU", "vnode", "tid", "affinity", "expected",
                      "mempolicy", "");
     for (const auto& v : r.vcpus)
@@ -277,8 +387,8 @@ std::string to_table(const NumaCheckReport& r)
                          v.ok ? "ok" : "WRONG");
     o += fmt::format("\naccess: {}\nnuma_balancing: {} - {}\n", r.access, r.numa_balancing, r.advice);
     const double gib = static_cast<double>(r.checked_bytes) / (1ull << 30);
-    o += fmt::format("checked {} in {:.3f} s ({:.1f} GiB/s) after a {:.2f} s guest pass over all memory\n",
-                     human_bytes(r.checked_bytes), r.check_s, r.check_s > 0 ? gib / r.check_s : 0.0, r.touch_s);
+    o += fmt::format("{} {} in {:.3f} s ({:.1f} GiB/s) after a {:.2f} s guest pass over all memory\n",
+                     r.sampled ? "queried a sample of" : "checked", human_bytes(r.checked_bytes), r.check_s, r.check_s > 0 ? gib / r.check_s : 0.0, r.touch_s);
     if (r.stamps)
         o += fmt::format("stamp check: {} pages checked, {} mismatches\n", r.stamps->pages_checked, r.stamps->mismatches);
     if (r.failure)

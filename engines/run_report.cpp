@@ -88,7 +88,7 @@ nlohmann::json to_json(const RunReport& r)
                    {"access", r.access}};
     j["vnodes"] = nlohmann::json::array();
     for (const auto& n : r.vnodes)
-        j["vnodes"].push_back({{"id", n.id},
+        j["vnodes"].push_back({{"vnode", n.id},
                                {"gpa", n.gpa},
                                {"bytes", n.bytes},
                                {"backing", n.backing},
@@ -98,7 +98,7 @@ nlohmann::json to_json(const RunReport& r)
                                {"prealloc", n.prealloc}});
     j["vcpus"] = nlohmann::json::array();
     for (const auto& v : r.vcpus) {
-        nlohmann::json e = {{"id", v.id},
+        nlohmann::json e = {{"vcpu", v.id},
                             {"vnode", v.vnode},
                             {"pages_written", v.pages_written},
                             {"pages_read", v.pages_read},

@@ -13,7 +13,7 @@
 #include <stdint.h>
 #endif
 
-#define MVM_ABI_VERSION 4u
+#define MVM_ABI_VERSION 5u
 #define MVM_PAGE_SIZE 4096ull
 #define MVM_PAGE_SHIFT 12
 
@@ -117,6 +117,8 @@ struct mvm_boot_params {
     uint64_t max_passes;       /* 0 = until the VMM says stop */
     uint64_t seed;
     uint64_t watchdog_threshold_tsc;
+    uint32_t vm_tag;           /* this VM's identity in every stamp (8 bits used); migrates with it */
+    uint32_t pad0;
     struct mvm_vnode vnode[MVM_MAX_VNODES];
     struct mvm_vcpu_params vcpu[]; /* nr_vcpus entries */
 };
@@ -174,13 +176,20 @@ struct mvm_mailbox {
 };
 
 /* ---- stamps ---------------------------------------------------------- */
-/* A written page starts with MVM_STAMP(vcpu, generation); with touch=page
- * every qword of the page holds it. Never-written memory reads as 0. */
+/* A written page starts with MVM_STAMP(vm, vcpu, generation); with touch=page
+ * every qword of the page holds it. Never-written memory reads as 0.
+ *   bits 63..56  MVM_STAMP_TAG (a written stamp is never 0)
+ *   bits 55..48  the VM's tag (boot params vm_tag): a page holding another
+ *                VM's tag was written by a foreign guest, not by a lost write
+ *   bits 47..32  vCPU id
+ *   bits 31..0   generation (pass number, modulo 2^32; both sides truncate) */
 #define MVM_STAMP_TAG 0xa5ull
-#define MVM_STAMP(vcpu, gen) \
-    ((MVM_STAMP_TAG << 56) | (((uint64_t)(vcpu) & 0xffffull) << 40) | ((uint64_t)(gen) & 0xffffffffffull))
-#define MVM_STAMP_VCPU(s) ((uint32_t)(((s) >> 40) & 0xffff))
-#define MVM_STAMP_GEN(s) ((s) & 0xffffffffffull)
+#define MVM_STAMP(vm, vcpu, gen)                                                          \
+    ((MVM_STAMP_TAG << 56) | (((uint64_t)(vm) & 0xffull) << 48) | (((uint64_t)(vcpu) & 0xffffull) << 32) | \
+     ((uint64_t)(gen) & 0xffffffffull))
+#define MVM_STAMP_VM(s) ((uint32_t)(((s) >> 48) & 0xff))
+#define MVM_STAMP_VCPU(s) ((uint32_t)(((s) >> 32) & 0xffff))
+#define MVM_STAMP_GEN(s) ((s) & 0xffffffffull)
 
 /* ---- per-pass permutation -------------------------------------------- */
 /* A pass visits every page of the working set exactly once. Sequential: visit

@@ -149,6 +149,7 @@ void user_entry(const struct mvm_boot_params *bp, const struct mvm_vcpu_params *
     const uint32_t touch = bp->touch;
     const uint32_t write_pct = bp->write_pct;
     const uint64_t seed = bp->seed;
+    const uint32_t vm = bp->vm_tag;
     const uint64_t visits = mvm_visits_per_pass(pattern, n);
     struct watchdog wd = { rdtsc(), bp->watchdog_threshold_tsc };
     uint64_t written = 0, read = 0, sink = 0;
@@ -181,7 +182,7 @@ void user_entry(const struct mvm_boot_params *bp, const struct mvm_vcpu_params *
                     continue; /* cycle walking: the cursor still counts the visit */
                 uint64_t *page = (uint64_t *)page_gpa(vp, idx);
                 if (mvm_writes(write_pct, seed, vcpu, gen, idx)) {
-                    uint64_t stamp = MVM_STAMP(vcpu, gen);
+                    uint64_t stamp = MVM_STAMP(vm, vcpu, gen);
                     if (touch == MVM_TOUCH_PAGE) {
                         uint64_t cnt = MVM_PAGE_SIZE / 8;
                         void *dst = page;

@@ -230,6 +230,7 @@ void Receiver::check_guest()
         send_result(r);
         throw Error("incompatible guest: " + r.text);
     }
+    dst_.adopt_guest_vm_tag();  // the same VM continues here: its stamps carry the source's tag
 }
 
 void Receiver::resume_and_check(const std::vector<VcpuState>& states, ResultRecord sw, double post_run_s)

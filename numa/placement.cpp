@@ -2,7 +2,13 @@
 
 #include <numaif.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstring>
+#include <optional>
+#include <string>
 #include <cerrno>
 #include <fmt/format.h>
 
@@ -12,10 +18,67 @@ namespace mvm::numa {
 
 namespace {
 constexpr size_t kBatch = 16384;
-}
+
+// Classifies pages by their frame's flags: pagemap gives the PFN (bit 63:
+// present, bits 0-54: PFN, zero without CAP_SYS_ADMIN), kpageflags the flags.
+class PageKindReader {
+public:
+    PageKindReader()
+        : pagemap_(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)),
+          kpageflags_(::open("/proc/kpageflags", O_RDONLY | O_CLOEXEC))
+    {
+        if (pagemap_ < 0 || kpageflags_ < 0)
+            error_ = fmt::format("cannot open {}: {}", pagemap_ < 0 ? "/proc/self/pagemap" : "/proc/kpageflags",
+                                 std::strerror(errno));
+    }
+    ~PageKindReader()
+    {
+        if (pagemap_ >= 0)
+            ::close(pagemap_);
+        if (kpageflags_ >= 0)
+            ::close(kpageflags_);
+    }
+    PageKindReader(const PageKindReader&) = delete;
+    PageKindReader& operator=(const PageKindReader&) = delete;
+
+    const std::string& error() const { return error_; }
+
+    // Counts the page at `addr` into `k`; false (and error()) when it cannot.
+    bool classify(uintptr_t addr, PageKinds& k)
+    {
+        constexpr uint64_t kPresent = 1ull << 63, kPfnMask = (1ull << 55) - 1;
+        constexpr uint64_t kHuge = 1ull << 17, kThp = 1ull << 22;  // KPF_HUGE, KPF_THP
+        uint64_t entry = 0, flags = 0;
+        if (::pread(pagemap_, &entry, 8, static_cast<off_t>(addr / 4096 * 8)) != 8)
+            return fail(fmt::format("reading /proc/self/pagemap: {}", std::strerror(errno)));
+        const uint64_t pfn = entry & kPfnMask;
+        if (!(entry & kPresent) || pfn == 0)
+            return fail("/proc/self/pagemap shows no page frame numbers (needs CAP_SYS_ADMIN)");
+        if (::pread(kpageflags_, &flags, 8, static_cast<off_t>(pfn * 8)) != 8)
+            return fail(fmt::format("reading /proc/kpageflags: {}", std::strerror(errno)));
+        if (flags & kHuge)
+            k.huge++;
+        else if (flags & kThp)
+            k.thp++;
+        else
+            k.small++;
+        return true;
+    }
+
+private:
+    bool fail(std::string why)
+    {
+        error_ = std::move(why);
+        return false;
+    }
+    int pagemap_, kpageflags_;
+    std::string error_;
+};
+
+}  // namespace
 
 Placement query_placement(const void* addr, size_t len, size_t page_size, const std::vector<int>& expected_nodes,
-                          size_t max_pages) {
+                          size_t max_pages, bool split_kinds) {
     if (page_size == 0) throw UsageError("query_placement: page size must not be 0");
     Placement pl;
     pl.pages_total = (len + page_size - 1) / page_size;
@@ -33,6 +96,11 @@ Placement query_placement(const void* addr, size_t len, size_t page_size, const 
         return i * (total / count) + (i * (total % count)) / count;
     };
 
+    std::optional<PageKindReader> kinds;
+    if (split_kinds) {
+        kinds.emplace();
+        pl.kinds_error = kinds->error();
+    }
     std::vector<void*> pages;
     std::vector<int> status;
     pages.reserve(std::min<uint64_t>(count, kBatch));
@@ -60,6 +128,10 @@ Placement query_placement(const void* addr, size_t len, size_t page_size, const 
                 continue;
             }
             ++pl.pages_per_node[s];
+            if (kinds && pl.kinds_error.empty() && !kinds->classify(base + off, pl.kinds_per_node[s])) {
+                pl.kinds_error = kinds->error();
+                pl.kinds_per_node.clear();
+            }
             if (expected_nodes.empty() ||
                 std::find(expected_nodes.begin(), expected_nodes.end(), s) != expected_nodes.end())
                 continue;

@@ -28,6 +28,7 @@ struct WorkloadConfig {
     uint64_t max_passes = 0;        // 0 = until stopped
     uint64_t working_set_pages = 0; // per vCPU, the first pages of its share; 0 = all of it
     uint64_t seed = 1;
+    uint32_t vm_tag = 0;            // the VM's identity in its stamps (1..255); 0: StressVm picks one
     double watchdog_ms = 20.0;
     uint32_t fault = 0;               // test hook: this fault (0: MVM_FAULT_NONE) ...
     int fault_vcpu = -1;              // ... on this vCPU (-1: none)

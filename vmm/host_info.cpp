@@ -145,7 +145,7 @@ nlohmann::json host_info(const Kvm& kvm)
     auto topo = numa::host_topology();
     for (size_t i = 0; i < topo.nodes.size(); i++) {
         const auto& n = topo.nodes[i];
-        nodes.push_back({{"id", n.id}, {"cpus", numa::format_cpu_list(n.cpus)}, {"mem_total_bytes", n.mem_total_bytes},
+        nodes.push_back({{"node", n.id}, {"cpus", numa::format_cpu_list(n.cpus)}, {"mem_total_bytes", n.mem_total_bytes},
                          {"mem_free_bytes", n.mem_free_bytes}, {"distances", topo.distance[i]}});
     }
     j["numa"]["nodes"] = nodes;
@@ -204,7 +204,7 @@ std::string host_info_table(const nlohmann::json& j)
     }
     o += "\nNUMA nodes\n";
     for (const auto& n : j["numa"]["nodes"])
-        o += fmt::format("  node {}: cpus {}, {} total, {} free\n", n["id"].get<int>(), n["cpus"].get<std::string>(),
+        o += fmt::format("  node {}: cpus {}, {} total, {} free\n", n["node"].get<int>(), n["cpus"].get<std::string>(),
                          human_bytes(static_cast<double>(n["mem_total_bytes"].get<uint64_t>())),
                          human_bytes(static_cast<double>(n["mem_free_bytes"].get<uint64_t>())));
     std::string bal = j["numa"]["numa_balancing"].get<std::string>();

@@ -19,7 +19,11 @@ public:
     {
         auto* c = app.add_subcommand("caps", "the host as minivmm sees it: KVM capabilities, module parameters, "
                                              "THP, hugetlb pools, NUMA");
-        c->add_flag("--json", json_, "JSON instead of a table");
+        // --json alone (stdout), like the other commands' --json FILE|-.
+        c->add_option("--json", json_, "write the report as JSON to FILE, or - (or nothing) for stdout instead "
+                                        "of the table")
+            ->expected(0, 1)
+            ->default_str("-");
         c->add_option("--probe-ring-reset", probe_,
                       "also probe for SECONDS whether dirty-log entries are lost when a signal is pending at "
                       "KVM_RESET_DIRTY_RINGS (unguarded, then as minivmm resets), e.g. 2");
@@ -28,6 +32,7 @@ public:
 
     int run() override
     {
+        check_json_dest(json_);
         double probe_s = 0;
         if (!probe_.empty()) {
             probe_s = parse_seconds("--probe-ring-reset", probe_);
@@ -39,10 +44,9 @@ public:
         std::string probe_table;
         if (probe_s > 0)
             probe_table = probe_ring_reset(kvm, probe_s, info);
-        if (json_)
-            fmt::print("{}\n", info.dump(2));
-        else
-            fmt::print("{}{}", host_info_table(info), probe_table);
+        fmt::print(table_stream(json_), "{}{}", host_info_table(info), probe_table);
+        if (!json_.empty())
+            write_json(json_, info);
         return kExitOk;
     }
 
@@ -72,8 +76,7 @@ private:
         return out;
     }
 
-    bool json_ = false;
-    std::string probe_;
+    std::string json_, probe_;
 };
 
 }  // namespace

@@ -178,7 +178,7 @@ int main(int argc, char** argv)
         const auto* p = reinterpret_cast<const uint8_t*>(&mb);
         c.insert(c.end(), p, p + sizeof(mb));
         std::vector<uint8_t> page(4096, 0);
-        const uint64_t stamp = MVM_STAMP(0, 1);
+        const uint64_t stamp = MVM_STAMP(1, 0, 1);
         std::memcpy(page.data(), &stamp, 8);
         c.insert(c.end(), page.begin(), page.end());
         save("guest_state", "progress-and-a-page", c);

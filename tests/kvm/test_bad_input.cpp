@@ -345,10 +345,10 @@ INSTANTIATE_TEST_SUITE_P(
 // conflict: a wrong type, options it does not take, and the host's KVM.
 INSTANTIATE_TEST_SUITE_P(
     Caps, BadInput,
-    ::testing::Values(Row{"caps --json=maybe", 2, "--json", "minivmm caps --help"},
+    ::testing::Values(Row{"caps --json /nonexistent/dir/caps.json", 2, "--json", "writable path"},
                       Row{"caps --vcpus 2", 2, "--vcpus", "minivmm caps --help"},
                       Row{"caps extra", 2, "extra", "minivmm caps --help"},
-                      Row{"caps --probe-ring-reset soon", 2, "--probe-ring-reset", "number of seconds"},
+                      Row{"caps --probe-ring-reset soon", 2, "--probe-ring-reset", "seconds"},
                       Row{"caps --probe-ring-reset 0", 2, "--probe-ring-reset", "(0, 600]"},
                       Row{"caps --json", 4, "/nonexistent/kvm does not exist", "load the kvm module", kNoKvm},
                       Row{"caps", 4, "no permission to open /dev/kvm", "add your user to the group", kNobody}),
@@ -380,6 +380,8 @@ INSTANTIATE_TEST_SUITE_P(
         Row{"run --mem 3M --backing hugetlb2m", 2, "--mem", "page size 2M"},
         Row{"run --write-pct 150", 2, "--write-pct", "0..100"},
         Row{"run --watchdog-ms 0", 2, "--watchdog-ms", "positive"},
+        Row{"run --watchdog-ms 0.02", 2, "--watchdog-ms", "write 0.02ms, or 0.02s"},
+        Row{"run --watchdog-ms 20 minutes", 2, "minutes", "minivmm run --help"},
         Row{"run --dirty-log ring --ring 3000", 2, "--ring 3000", "power of two"},
         // conflicting
         Row{"run --duration 0", 2, "--duration", "unless --passes"},

@@ -88,12 +88,68 @@ TEST(StampCheck, DetectsACorruptedPage)
     ASSERT_TRUE(verify_stamps(m).ok());
     uint64_t gpa = m.vcpu_params(0).seg[0].gpa + 17 * 4096;
     auto* p = reinterpret_cast<uint64_t*>(m.host_ptr(gpa, 8));
-    *p = MVM_STAMP(0, 1);  // an older generation: a "lost" write
+    *p = MVM_STAMP(m.vm_tag(), 0, 1);  // an older generation: a "lost" write
     StampCheck check = verify_stamps(m);
     EXPECT_EQ(check.mismatches, 1u);
+    EXPECT_EQ(check.foreign, 0u);
     ASSERT_FALSE(check.first.empty());
     EXPECT_EQ(check.first[0].gpa, gpa);
-    EXPECT_EQ(check.first[0].expected, MVM_STAMP(0, 2));
+    EXPECT_EQ(check.first[0].expected, MVM_STAMP(m.vm_tag(), 0, 2));
+}
+
+// Every VM stamps its pages with its own tag, so a page written by another
+// guest is named as such rather than taken for a lost write.
+TEST(StampCheck, NamesAForeignVmsWrite)
+{
+    REQUIRE_KVM();
+    MachineConfig c = small_config(1, 4ull << 20);
+    c.workload.max_passes = 2;
+    StressVm a(kvm, c), b(kvm, c);
+    ASSERT_NE(a.vm_tag(), b.vm_tag());
+    ASSERT_NE(a.vm_tag(), 0u);
+    a.start();
+    ASSERT_TRUE(a.wait_finished(10s));
+    ASSERT_TRUE(verify_stamps(a).ok());
+    uint64_t gpa = a.vcpu_params(0).seg[0].gpa + 5 * 4096;
+    auto* p = reinterpret_cast<uint64_t*>(a.host_ptr(gpa, 8));
+    *p = MVM_STAMP(b.vm_tag(), 0, 2);  // the right vCPU and pass, but B's
+    StampCheck check = verify_stamps(a);
+    EXPECT_EQ(check.mismatches, 1u);
+    EXPECT_EQ(check.foreign, 1u);
+    EXPECT_NE(check.summary().find("another VM"), std::string::npos) << check.summary();
+}
+
+// A working set of one batch makes every park land at a pass boundary (the
+// guest parks between batches): the state the old mailbox order got wrong
+// (cursor full before passes was stored, read as the previous pass's cursor:
+// every page "one generation ahead"). Parks many times, each at a boundary.
+TEST(StampCheck, ParkedAtThePassBoundary)
+{
+    REQUIRE_KVM();
+    for (uint32_t pattern : {static_cast<uint32_t>(MVM_PATTERN_SEQ), static_cast<uint32_t>(MVM_PATTERN_RANDOM)}) {
+        MachineConfig c = small_config(2, 4ull << 20);
+        c.workload.pattern = pattern;
+        c.workload.working_set_pages = 64;  // the guest's batch: one batch per pass
+        StressVm m(kvm, c);
+        m.start();
+        ASSERT_TRUE(m.wait_first_pass(10s));
+        for (int round = 0; round < 40; round++) {
+            ASSERT_TRUE(m.park_guests(5s)) << "round " << round;
+            for (uint32_t v = 0; v < m.vcpu_count(); v++) {
+                auto s = m.snapshot(v);
+                // Parked after a batch that was a whole pass: complete, cursor full.
+                ASSERT_EQ(s.cursor, mvm_visits_per_pass(pattern, 64)) << "vCPU " << v;
+                ASSERT_EQ(s.passes, s.generation) << "vCPU " << v << " round " << round;
+            }
+            StampCheck check = verify_stamps(m);
+            ASSERT_TRUE(check.ok()) << "pattern " << pattern << " round " << round << ": " << check.summary();
+            EXPECT_EQ(check.pages_checked, 128u);
+            m.unpark_guests();
+            std::this_thread::sleep_for(1ms);
+        }
+        m.kill();
+        EXPECT_FALSE(m.failure());
+    }
 }
 
 struct PatternCase {
@@ -214,7 +270,7 @@ TEST(Run, ReportHasStatsAndNativeExecution)
         EXPECT_LT(it->second, 100);
     }
     auto j = engines::to_json(r);
-    for (const char* k : {"id", "pages_written", "passes", "max_stall_ms", "watchdog_events"})
+    for (const char* k : {"vcpu", "pages_written", "passes", "max_stall_ms", "watchdog_events"})
         EXPECT_TRUE(j["vcpus"][0].contains(k)) << k;
     EXPECT_TRUE(j["kvm_stats"].contains("vm"));
     EXPECT_EQ(j["kvm_stats"]["vcpus"].size(), 2u);

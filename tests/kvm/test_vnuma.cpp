@@ -104,7 +104,17 @@ TEST_P(NumaCheckBacking, TwoNodesWithGmemAllOnPolicy)
         EXPECT_EQ(n["pages_not_present"].get<uint64_t>(), 0u) << n.dump();
         EXPECT_EQ(n["bytes_per_host_node"]["0"].get<uint64_t>(), sizes[i]) << n.dump();
         EXPECT_FALSE(n["sampled"].get<bool>());
+        // numastat's split: hugetlb pages are Huge, nothing else is; every page is one kind.
+        const auto& k = n["kinds_per_host_node"]["0"];
+        const bool hugetlb = std::string(backings[i]).starts_with("hugetlb");
+        EXPECT_EQ(k["huge_bytes"].get<uint64_t>(), hugetlb ? sizes[i] : 0) << n.dump();
+        EXPECT_EQ(k["huge_bytes"].get<uint64_t>() + k["thp_bytes"].get<uint64_t>() + k["base_bytes"].get<uint64_t>(),
+                  sizes[i])
+            << n.dump();
     }
+    EXPECT_FALSE(j["host_nodes"]["estimated"].get<bool>());
+    EXPECT_EQ(j["host_nodes"]["total"]["total_bytes"].get<uint64_t>(), sizes[0] + sizes[1]) << j["host_nodes"].dump();
+    EXPECT_NE(r.err.find("as numastat -p splits it"), std::string::npos) << r.err;
     EXPECT_EQ(j["stamps"]["mismatches"].get<uint64_t>(), 0u);
     for (const auto& v : j["vcpus"]) {
         EXPECT_TRUE(v["ok"].get<bool>()) << v.dump();
@@ -171,8 +181,17 @@ TEST(NumaCheck, SampledModeSaysItSampled)
     ASSERT_EQ(r.exit_code, 0) << r.err;
     auto j = parse_json(r.out);
     EXPECT_TRUE(j["sampled"].get<bool>());
-    EXPECT_EQ(j["vnodes"][0]["pages_queried"].get<uint64_t>(), 100u);
+    const auto& n = j["vnodes"][0];
+    EXPECT_EQ(n["pages_queried"].get<uint64_t>(), 100u);
     EXPECT_NE(r.err.find("sampled"), std::string::npos) << "the table says so too";
+    // 100 sampled pages are shown as shares and an estimate, never as 0.4 MiB "on n0".
+    EXPECT_FALSE(n.contains("bytes_per_host_node")) << n.dump();
+    EXPECT_DOUBLE_EQ(n["share_per_host_node_pct"]["0"].get<double>(), 100.0) << n.dump();
+    EXPECT_EQ(n["estimated_bytes_per_host_node"]["0"].get<uint64_t>(), 64 * kMiB) << n.dump();
+    EXPECT_NE(r.err.find("n0: 100.0%"), std::string::npos) << r.err;
+    EXPECT_EQ(r.err.find("n0: 0.4 MiB"), std::string::npos) << r.err;
+    EXPECT_TRUE(j["host_nodes"]["estimated"].get<bool>());
+    EXPECT_NE(r.err.find("estimated from the sample"), std::string::npos) << r.err;
 }
 
 TEST(NumaCheck, RemoteAccessTouchesEveryPageOfEveryNode)

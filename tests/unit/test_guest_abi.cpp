@@ -192,13 +192,15 @@ TEST(GuestAbiWrites, DecisionIsDeterministicButVariesByGeneration)
 TEST(GuestAbiStamp, RoundTrip)
 {
     struct Case {
-        uint32_t vcpu;
+        uint32_t vm, vcpu;
         uint64_t gen;
-    } cases[] = {{0, 0}, {0, 1}, {1, 1}, {7, 123456}, {1023, 2}, {0xffff, 0xffffffffffull}, {42, 1ull << 39}};
+    } cases[] = {{1, 0, 0}, {1, 0, 1}, {0x5f, 1, 1}, {255, 7, 123456}, {2, 1023, 2}, {9, 0xffff, 0xffffffffull},
+                 {42, 42, 1ull << 31}};
     for (const auto& c : cases) {
-        uint64_t s = MVM_STAMP(c.vcpu, c.gen);
-        EXPECT_EQ(MVM_STAMP_VCPU(s), c.vcpu) << c.vcpu << "/" << c.gen;
-        EXPECT_EQ(MVM_STAMP_GEN(s), c.gen) << c.vcpu << "/" << c.gen;
+        uint64_t s = MVM_STAMP(c.vm, c.vcpu, c.gen);
+        EXPECT_EQ(MVM_STAMP_VM(s), c.vm) << c.vm << "/" << c.vcpu << "/" << c.gen;
+        EXPECT_EQ(MVM_STAMP_VCPU(s), c.vcpu) << c.vm << "/" << c.vcpu << "/" << c.gen;
+        EXPECT_EQ(MVM_STAMP_GEN(s), c.gen) << c.vm << "/" << c.vcpu << "/" << c.gen;
         EXPECT_EQ(s >> 56, MVM_STAMP_TAG);
         EXPECT_NE(s, 0u);  // never confused with never-written memory
     }
@@ -208,12 +210,14 @@ TEST(GuestAbiStamp, FieldsDoNotBleedIntoEachOther)
 {
     // Out-of-range inputs are truncated to their field, never spill into the
     // neighbouring one or the tag.
-    uint64_t s = MVM_STAMP(0x1ffffu, (1ull << 40) + 5);
+    uint64_t s = MVM_STAMP(0x1abu, 0x1ffffu, (1ull << 32) + 5);
+    EXPECT_EQ(MVM_STAMP_VM(s), 0xabu);
     EXPECT_EQ(MVM_STAMP_VCPU(s), 0xffffu);
     EXPECT_EQ(MVM_STAMP_GEN(s), 5u);
     EXPECT_EQ(s >> 56, MVM_STAMP_TAG);
-    EXPECT_NE(MVM_STAMP(1, 2), MVM_STAMP(2, 1));
-    EXPECT_NE(MVM_STAMP(0, 1), MVM_STAMP(1, 1));
+    EXPECT_NE(MVM_STAMP(1, 1, 2), MVM_STAMP(1, 2, 1));
+    EXPECT_NE(MVM_STAMP(1, 0, 1), MVM_STAMP(1, 1, 1));
+    EXPECT_NE(MVM_STAMP(1, 0, 1), MVM_STAMP(2, 0, 1));  // the same page work by another VM
 }
 
 constexpr size_t line_of(size_t offset) { return offset / 64; }

@@ -79,6 +79,7 @@ void write_boot_params(const MachineConfig& cfg, const GuestLayout& layout, mvm_
     bp->write_pct = w.write_pct;
     bp->max_passes = w.max_passes;
     bp->seed = w.seed;
+    bp->vm_tag = w.vm_tag;
     write_vnuma_table(cfg, layout, bp);
     for (uint32_t v = 0; v < cfg.vcpus; v++) {
         mvm_vcpu_params& vp = bp->vcpu[v];

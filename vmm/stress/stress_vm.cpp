@@ -1,9 +1,11 @@
 #include "vmm/stress/stress_vm.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <fmt/format.h>
 #include <thread>
+#include <unistd.h>
 
 #include "base/error.hpp"
 #include "vmm/stress/guest_image.hpp"
@@ -25,7 +27,24 @@ const char* vector_name(int v)
 
 }  // namespace
 
-StressVm::StressVm(const Kvm& kvm, MachineConfig cfg) : StressVm(kvm, cfg, plan_layout(cfg)) {}
+namespace {
+
+// Gives the VM a stamp tag of its own unless the caller chose one (a
+// migration destination continues its source's): different for every VM of
+// this process and, very likely, of other processes.
+MachineConfig with_vm_tag(MachineConfig cfg)
+{
+    static std::atomic<uint32_t> next{0};
+    if (cfg.workload.vm_tag == 0) {
+        const uint32_t salt = static_cast<uint32_t>(getpid()) * 40503u;
+        cfg.workload.vm_tag = (salt + next.fetch_add(1)) % 255 + 1;
+    }
+    return cfg;
+}
+
+}  // namespace
+
+StressVm::StressVm(const Kvm& kvm, MachineConfig cfg) : StressVm(kvm, with_vm_tag(cfg), plan_layout(cfg)) {}
 
 StressVm::StressVm(const Kvm& kvm, MachineConfig cfg, GuestLayout layout)
     : Machine(kvm, std::move(cfg), memory_plan(layout)), layout_(std::move(layout))
@@ -178,6 +197,12 @@ MailboxSnapshot StressVm::snapshot(uint32_t i) const { return read_mailbox(*mail
 const mvm_boot_params* StressVm::boot_params() const
 {
     return reinterpret_cast<const mvm_boot_params*>(boot_params_host_.data());
+}
+
+void StressVm::adopt_guest_vm_tag()
+{
+    const auto* guest = reinterpret_cast<const mvm_boot_params*>(host_ptr(layout_.boot_params_gpa, sizeof(mvm_boot_params)));
+    reinterpret_cast<mvm_boot_params*>(boot_params_host_.data())->vm_tag = guest->vm_tag;
 }
 
 std::string StressVm::guest_boot_params_difference() const

@@ -35,6 +35,10 @@ public:
     // "" when the copy in guest memory still matches the host's (what a
     // receiver checks after a stream has overwritten it), else the first difference.
     std::string guest_boot_params_difference() const;
+    // A destination continues its source's VM: after the boot parameters
+    // arrived (and agree), take the VM tag the guest stamps pages with.
+    void adopt_guest_vm_tag();
+    uint32_t vm_tag() const { return boot_params()->vm_tag; }
 
     // ---- controls, read by the guest once per batch ----
     // Per-vCPU rate cap in pages/s (0: none) and idle share in % (auto-converge).

@@ -11,6 +11,8 @@ namespace mvm {
 std::string StampCheck::summary() const
 {
     std::string s = fmt::format("{} pages checked, {} mismatches", pages_checked, mismatches);
+    if (foreign)
+        s += fmt::format(" ({} hold another VM's stamp: a foreign write, not a lost one)", foreign);
     for (size_t i = 0; i < first.size() && i < 4; i++)
         s += fmt::format("{} vCPU {} gpa {:#x}: expected {:#x}, found {:#x}", i ? ";" : ":", first[i].vcpu,
                          first[i].gpa, first[i].expected, first[i].found);
@@ -36,14 +38,20 @@ void verify_vcpu_stamps(const mvm_boot_params& bp, const mvm_vcpu_params& vp, Wo
 {
     const uint64_t n = vp.total_pages;
     const uint32_t v = vp.vcpu_id;
+    const uint32_t vm = bp.vm_tag;
     const uint64_t visits = mvm_visits_per_pass(bp.pattern, n);
+    // The guest's order (guest/workload.c) gives every observable state one
+    // meaning: passes is stored before the cursor reads full, then the
+    // generation moves, then the cursor resets. So
+    //   passes >= G            pass G is complete, whatever the cursor says
+    //   passes < G, C < visits pass G has visited C
+    //   passes < G, C full     the generation moved, the cursor is still the
+    //                          previous pass's: pass G has visited nothing
     uint64_t G = p.generation, C = p.cursor;
-    // Between "generation = G+1" and "cursor = 0" the cursor is still the
-    // previous pass's (full). A full cursor of an unfinished pass is that.
-    if (G == p.passes + 1 && C >= visits)
-        C = 0;
-    if (C > visits)
+    if (G && p.passes >= G)
         C = visits;
+    else if (C >= visits)
+        C = 0;
 
     // Which pages pass G has visited, and which one it was about to write
     // (the vCPU may have stopped between the stamp and the cursor store).
@@ -71,7 +79,7 @@ void verify_vcpu_stamps(const mvm_boot_params& bp, const mvm_vcpu_params& vp, Wo
             return 0;
         for (; g >= 1; g--)
             if (mvm_writes(bp.write_pct, bp.seed, v, g, idx))
-                return MVM_STAMP(v, g);
+                return MVM_STAMP(vm, v, g);
         return 0;
     };
 
@@ -80,9 +88,9 @@ void verify_vcpu_stamps(const mvm_boot_params& bp, const mvm_vcpu_params& vp, Wo
         uint64_t older = G ? last_write_before(idx, G - 1) : 0;
         uint64_t expected = older;
         if (G && visited[idx] && mvm_writes(bp.write_pct, bp.seed, v, G, idx))
-            expected = MVM_STAMP(v, G);
+            expected = MVM_STAMP(vm, v, G);
         // The in-flight page may hold the new stamp, the old one, or (touch=page) a mix.
-        uint64_t alt = (idx == in_flight && mvm_writes(bp.write_pct, bp.seed, v, G, idx)) ? MVM_STAMP(v, G) : expected;
+        uint64_t alt = (idx == in_flight && mvm_writes(bp.write_pct, bp.seed, v, G, idx)) ? MVM_STAMP(vm, v, G) : expected;
         uint64_t gpa = page_gpa(vp, idx);
         const uint8_t* p8 = gpa == ~0ull ? nullptr : page(gpa);
         out.pages_checked++;
@@ -94,6 +102,8 @@ void verify_vcpu_stamps(const mvm_boot_params& bp, const mvm_vcpu_params& vp, Wo
         }
         if (bad) {
             out.mismatches++;
+            if (found >> 56 == MVM_STAMP_TAG && MVM_STAMP_VM(found) != (vm & 0xff))
+                out.foreign++;
             if (out.first.size() < 16)
                 out.first.push_back({v, gpa, expected, found});
         }

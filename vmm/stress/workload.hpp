@@ -1,7 +1,7 @@
 // vmm/stress/workload.hpp - what the guest workload must have left in memory.
 //
 // Every pass visits each page of a vCPU's working set once; written pages
-// hold MVM_STAMP(vcpu, generation). From the mailbox (generation, cursor,
+// hold MVM_STAMP(vm, vcpu, generation). From the mailbox (generation, cursor,
 // passes) the VMM recomputes, for every page, the stamp the guest last wrote,
 // and checks memory against it. This is the lost-page check of the dirty
 // tracking and migration work: run it on paused or finished vCPUs.
@@ -29,6 +29,7 @@ struct StampMismatch {
 struct StampCheck {
     uint64_t pages_checked = 0;
     uint64_t mismatches = 0;
+    uint64_t foreign = 0;  // of the mismatches: pages holding another VM's tag
     std::vector<StampMismatch> first;  // up to 16
     bool ok() const { return mismatches == 0; }
     std::string summary() const;  // "32768 pages checked, 0 mismatches" or names the first GPAs
