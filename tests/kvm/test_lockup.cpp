@@ -4,7 +4,13 @@
 // watchdog's events reach the report.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <tuple>
+#include <unistd.h>
+#include <sys/wait.h>
 #include <thread>
 
 #include <fmt/format.h>
@@ -211,4 +217,48 @@ TEST(Lockup, CtrlCPrintsThePartialReportAndWritesTheJson)
     ASSERT_EQ(j["variants"].size(), 1u) << "the second variant never started";
     EXPECT_TRUE(j["variants"][0]["interrupted"].get<bool>());
     EXPECT_EQ(j["variants"][0]["verdict"].get<std::string>().find("interrupted"), 0u) << j["variants"][0]["verdict"];
+}
+
+// scripts/plot-timeline: a bad --out is one line, not a traceback; a small
+// timeline with its report gives the per-variant picture and the variants chart.
+TEST(PlotTimeline, BadOutIsOneLineAndASmallRunPlots)
+{
+    if (std::system("/usr/bin/python3 -c 'import matplotlib, numpy' 2>/dev/null") != 0)
+        GTEST_SKIP() << "no python3-matplotlib (scripts/setup installs it)";
+    const std::string script = std::string(MINIVMM_FUZZ_DIR) + "/../../scripts/plot-timeline";
+    char dir[] = "/tmp/minivmm-plot-XXXXXX";
+    ASSERT_TRUE(mkdtemp(dir));
+    const std::string d = dir;
+    {
+        FILE* f = fopen((d + "/t.csv").c_str(), "w");
+        fprintf(f, "variant,t_ms,vcpu,pages,phase\n");
+        for (int t = 1; t <= 300; t++)
+            for (int v = 0; v < 2; v++)
+                fprintf(f, "bitmap,%d.000,%d,%d,%s\n", t, v, (v == 1 && t > 150 && t < 250) ? 150 * 50 : t * 50,
+                        t < 100 ? "steady" : "logging");
+        fclose(f);
+        f = fopen((d + "/r.json").c_str(), "w");
+        fprintf(f, R"({"vcpus":2,"mem_bytes":16777216,"backing":"anon","threshold_ms":20,"variants":[)"
+                   R"({"name":"bitmap","skipped":"","verdict":"v","harvests":2,"harvests_expected":2,)"
+                   R"("harvester_starved":false,"phases":[{"name":"steady","start_ms":0,"end_ms":100,"vcpu":-1},)"
+                   R"({"name":"logging","start_ms":100,"end_ms":300,"vcpu":-1}],)"
+                   R"("stalls":[{"vcpu":1,"start_ms":150,"len_ms":100,"phase":"logging"}]},)"
+                   R"({"name":"eager-split-on","skipped":"tdp_mmu=N","stalls":[],"phases":[]}]})");
+        fclose(f);
+    }
+    auto run = [&](const std::string& args) {
+        const std::string err = d + "/err";
+        const int st = std::system(("cd " + d + " && " + script + " " + args + " >/dev/null 2>" + err).c_str());
+        return std::make_pair(WEXITSTATUS(st), mvm::test::read_file(err));
+    };
+    auto [rc, err] = run("t.csv --json r.json --out missing/dir/x");
+    EXPECT_NE(rc, 0);
+    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+    EXPECT_EQ(err.find("Traceback"), std::string::npos) << err;
+    EXPECT_NE(err.find("--out missing/dir/x"), std::string::npos) << err;
+    std::tie(rc, err) = run("t.csv --json r.json --out " + d + "/p");
+    EXPECT_EQ(rc, 0) << err;
+    for (const char* png : {"/p-bitmap.png", "/p-variants.png"})
+        EXPECT_FALSE(mvm::test::read_file(d + png).empty()) << png;
+    std::system(("rm -rf " + d).c_str());
 }
