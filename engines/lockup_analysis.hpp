@@ -75,8 +75,11 @@ struct HarvestSchedule {
     uint64_t expected = 0;  // deadline slots in the logging window
     uint64_t done = 0;      // slots a harvest served
     double late_max_ms = 0; // latest start after a served slot's deadline
-    // Starved: fewer than 90% of the expected harvests ran.
-    bool starved() const { return done * 10 < expected * 9; }
+    uint64_t missed() const { return expected > done ? expected - done : 0; }
+    // Starved: no harvest ran, or more than one slot and more than 10% of
+    // the slots were missed (one late slot, e.g. a first copy of all memory,
+    // is not starvation).
+    bool starved() const { return done == 0 || (missed() >= 2 && missed() * 10 > expected); }
 };
 // Slots in a window of `window_ms`: ceil(window / period), at least 1.
 uint64_t harvest_slots(double window_ms, double period_ms);

@@ -128,6 +128,9 @@ TEST(LockupPhases, StarvedHarvesterRefusesAVerdict)
     EXPECT_TRUE(h.starved());
     h.done = 18;
     EXPECT_FALSE(h.starved());
+    EXPECT_FALSE((HarvestSchedule{100, 5, 4, 150}).starved()) << "one late slot is not starvation";
+    EXPECT_TRUE((HarvestSchedule{100, 5, 3, 250}).starved());
+    EXPECT_TRUE((HarvestSchedule{100, 1, 0, 0}).starved());
     EXPECT_TRUE((HarvestSchedule{100, 20, 0, 0}).starved()) << "harvests: 0 is never a dirty-logging run";
     VerdictInput in;
     in.harvests = {100, 20, 0, 0};
