@@ -58,6 +58,7 @@ nlohmann::json LockupReport::to_json() const
                                  {"watchdog_longest_ms", v.watchdog_longest_ms},
                                  {"dirty_rate_before_pages_per_s", v.rate_before},
                                  {"dirty_rate_during_pages_per_s", v.rate_during},
+                                 {"write_slowdown_x", v.rate_during > 0 ? v.rate_before / v.rate_during : 0.0},
                                  {"harvests", v.harvests},
                                  {"harvests_expected", v.schedule.expected},
                                  {"harvest_period_ms", v.schedule.period_ms},

@@ -149,6 +149,10 @@ TEST(Lockup, WatchdogEventsAndTheDeliberatePauseReachTheReport)
                   0u)
             << verdict;
         EXPECT_NE(verdict.find("M pages/s while logging"), std::string::npos) << verdict;
+        EXPECT_NEAR(v["write_slowdown_x"].get<double>(),
+                    v["dirty_rate_before_pages_per_s"].get<double>() / v["dirty_rate_during_pages_per_s"].get<double>(),
+                    1e-6 * v["write_slowdown_x"].get<double>());
+        EXPECT_GT(v["write_slowdown_x"].get<double>(), 1.0) << "logging slows the guest's writes (write-protect faults)";
     }
     EXPECT_NE(r.err.find("pages_2m"), std::string::npos) << "the table shows huge-page deltas";
     EXPECT_NE(r.err.find("pages_1g"), std::string::npos);
