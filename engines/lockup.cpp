@@ -7,7 +7,11 @@
 #include <fmt/format.h>
 #include <fstream>
 #include <set>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/resource.h>
 #include <thread>
+#include <unistd.h>
 
 #include "vmm/dirty/eager_split.hpp"
 #include "vmm/dirty/tracker.hpp"
@@ -20,15 +24,6 @@ namespace {
 
 using clock = std::chrono::steady_clock;
 
-double percentile(std::vector<double> v, double p)
-{
-    if (v.empty())
-        return 0;
-    std::sort(v.begin(), v.end());
-    size_t i = static_cast<size_t>(p / 100.0 * static_cast<double>(v.size() - 1) + 0.5);
-    return v[std::min(i, v.size() - 1)];
-}
-
 uint64_t guest_writes(const StressVm& m)
 {
     uint64_t s = 0;
@@ -37,27 +32,53 @@ uint64_t guest_writes(const StressVm& m)
     return s;
 }
 
-// The phase a stall overlaps most; a ring-full span of its own vCPU wins.
-std::string phase_of(const Stall& s, const std::vector<PhaseSpan>& phases)
-{
-    const double a = s.start_ms, b = s.start_ms + s.len_ms;
-    std::string best = "steady";
-    double best_overlap = 0;
-    for (const auto& p : phases) {
-        if (p.vcpu >= 0 && p.vcpu != static_cast<int>(s.vcpu))
-            continue;
-        const double o = std::min(b, p.end_ms) - std::max(a, p.start_ms);
-        if (o <= 0)
-            continue;
-        if (p.vcpu >= 0)
-            return p.name;
-        if (o > best_overlap) {
-            best_overlap = o;
-            best = p.name;
+// The harvesting thread's priority, as a VMM gives its migration thread:
+// SCHED_FIFO (it preempts the vCPU threads, which run SCHED_OTHER), else nice
+// -10, else as it is. Only this thread changes, and it gets its old policy
+// and nice value back; nothing global is touched.
+class HarvesterPriority {
+public:
+    explicit HarvesterPriority(bool want)
+    {
+        pthread_getschedparam(pthread_self(), &old_policy_, &old_param_);
+        if (!want) {
+            what_ = "normal (not requested)";
+            return;
+        }
+        sched_param p{};
+        p.sched_priority = 10;
+        const int err = pthread_setschedparam(pthread_self(), SCHED_FIFO, &p);
+        if (err == 0) {
+            fifo_ = true;
+            what_ = "SCHED_FIFO 10";
+            return;
+        }
+        errno = 0;
+        old_nice_ = getpriority(PRIO_PROCESS, static_cast<id_t>(gettid()));
+        if (errno == 0 && setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), -10) == 0) {
+            niced_ = true;
+            what_ = fmt::format("nice -10 (SCHED_FIFO refused: {})", errno_text(err));
+        } else {
+            what_ = fmt::format("normal (SCHED_FIFO refused: {}; nice -10 refused)", errno_text(err));
         }
     }
-    return best;
-}
+    ~HarvesterPriority()
+    {
+        if (fifo_)
+            pthread_setschedparam(pthread_self(), old_policy_, &old_param_);
+        if (niced_)
+            setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), old_nice_);
+    }
+    HarvesterPriority(const HarvesterPriority&) = delete;
+    HarvesterPriority& operator=(const HarvesterPriority&) = delete;
+    const std::string& what() const { return what_; }
+
+private:
+    int old_policy_ = SCHED_OTHER, old_nice_ = 0;
+    sched_param old_param_{};
+    bool fifo_ = false, niced_ = false;
+    std::string what_;
+};
 
 // What a variant asks of the tracker and of KVM's eager_page_split.
 struct VariantSetup {
@@ -65,6 +86,21 @@ struct VariantSetup {
     std::optional<bool> eager;  // eager_page_split for the variant's lifetime; nullopt: as it is
     std::string skipped;        // why the host cannot run the variant, when it cannot
 };
+
+// Why an eager-split variant cannot differ from the other on this host, or "".
+std::string eager_skip_reason(bool on)
+{
+    const dirty::EagerSplitInfo info = dirty::eager_split_info();
+    if (info.path.empty())
+        return "no eager_page_split parameter on this host";
+    if (info.tdp_mmu != "Y")
+        return fmt::format("eager_page_split has no effect here: tdp_mmu={} (upstream KVM splits eagerly only with the "
+                           "TDP MMU; this host runs the shadow MMU)",
+                           info.tdp_mmu.empty() ? "absent" : info.tdp_mmu);
+    if (info.param != (on ? "Y" : "N") && !info.writable)
+        return fmt::format("eager_page_split is {} and read-only here", info.param);
+    return "";
+}
 
 // The tracker options of variant `name` (and the ring size it puts in `cfg`);
 // throws UsageError for an unknown variant.
@@ -88,15 +124,13 @@ VariantSetup variant_setup(const std::string& name, const LockupOptions& opt, Ma
         to.mode = dirty::Mode::Bitmap;
         to.manual_protect = false;
         to.per_node_enable = true;
+        if (cfg.nodes.size() < 2)
+            s.skipped = "the VM has one virtual node: enabling per node in parallel is the bitmap variant (give --nodes)";
     } else if (name == "eager-split-on" || name == "eager-split-off") {
         to.mode = dirty::Mode::Bitmap;
         to.manual_protect = false;
         s.eager = name == "eager-split-on";
-        dirty::EagerSplitInfo info = dirty::eager_split_info();
-        const std::string want = *s.eager ? "Y" : "N";
-        if (info.param != want && !info.writable)
-            s.skipped = info.path.empty() ? "no eager_page_split parameter on this host"
-                                          : fmt::format("eager_page_split is {} and read-only here", info.param);
+        s.skipped = eager_skip_reason(*s.eager);
     } else {
         throw UsageError(fmt::format("--variants: unknown variant '{}'", name));
     }
@@ -112,21 +146,33 @@ struct VariantRun {
     ProgressSampler& sampler;
     VariantResult& v;
     clock::time_point origin{};
+    PhaseTimeline timeline;            // the global phases, contiguous
     std::mutex ring_full_mu;
     std::vector<PhaseSpan> ring_full;  // from the tracker's hook, on vCPU threads
     std::vector<uint64_t> wd0;         // each vCPU's watchdog event count at the start
     StatSnapshot vm0;                  // KVM stats when logging went on
     std::vector<StatSnapshot> vc0;
+    bool logging_on = false;
 
     double ms(clock::time_point t) const { return std::chrono::duration<double, std::milli>(t - origin).count(); }
-    void span(const std::string& name, clock::time_point a, clock::time_point b)
+    void enter(const std::string& name, clock::time_point t) { timeline.enter(name, ms(t)); }
+    bool stopped() const { return opt.stop && opt.stop->load(); }
+    // Sleeps until `t` in short steps; false when a stop came first.
+    bool sleep_until(clock::time_point t) const
     {
-        v.phases.push_back({name, ms(a), ms(b), -1});
+        while (!stopped()) {
+            const auto now = clock::now();
+            if (now >= t)
+                return true;
+            std::this_thread::sleep_for(std::min<clock::duration>(t - now, std::chrono::milliseconds(20)));
+        }
+        return false;
     }
 };
 
 // Starts the guest, waits until every vCPU is through its first pass (memory
-// faulted in), then starts the sampler, the clock and the ring-full record.
+// faulted in), then starts the sampler, the clock (the timeline's 0, where
+// "steady" begins) and the ring-full record.
 void start_variant(VariantRun& run)
 {
     StressVm& m = run.m;
@@ -135,6 +181,7 @@ void start_variant(VariantRun& run)
         throw Error(m.failure() ? m.failure()->reason : "the guest did not finish its first pass within 5 minutes");
     run.sampler.start();
     run.origin = clock::now();
+    run.timeline.enter("steady", 0);
     run.tracker.set_ring_full_hook([&run](uint32_t vcpu, clock::time_point a, clock::time_point b) {
         std::lock_guard lk(run.ring_full_mu);
         run.ring_full.push_back({"ring-full", run.ms(a), run.ms(b), static_cast<int>(vcpu)});
@@ -144,26 +191,26 @@ void start_variant(VariantRun& run)
         run.wd0[i] = m.snapshot(i).wd_events;
 }
 
-// Steady: the guest's write rate before logging goes on.
+// Steady: the guest's write rate before logging goes on (the baseline).
 void steady_phase(VariantRun& run)
 {
     const auto t = clock::now();
     const uint64_t w0 = guest_writes(run.m);
-    std::this_thread::sleep_for(std::chrono::duration<double>(run.opt.steady_s));
-    run.span("steady", t, clock::now());
-    run.v.rate_before = static_cast<double>(guest_writes(run.m) - w0) / run.opt.steady_s;
+    run.sleep_until(t + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(run.opt.steady_s)));
+    const double s = std::chrono::duration<double>(clock::now() - t).count();
+    run.v.rate_before = s > 0 ? static_cast<double>(guest_writes(run.m) - w0) / s : 0;
 }
 
-// One harvest, its spans (the clear apart) and its counts.
+// One harvest, its phases (the clear apart) and its counts.
 dirty::Harvest harvest(VariantRun& run, bool first)
 {
     const auto t = clock::now();
+    run.enter(first ? "first-harvest" : "harvest", t);
     dirty::Harvest h = run.tracker.harvest();
     const auto t_end = clock::now();
     const auto t_clear = t_end - std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(h.clear_s));
-    run.span(first ? "first-harvest" : "harvest", t, t_clear);
-    if (h.clear_s > 0)
-        run.span("clear", t_clear, t_end);
+    if (h.clear_s > 0 && t_clear > t)
+        run.enter("clear", t_clear);
     run.v.harvests++;
     run.v.dirty_pages += h.dirty_pages;
     run.v.ring_full += h.ring_full_harvests;
@@ -173,44 +220,61 @@ dirty::Harvest harvest(VariantRun& run, bool first)
 // Copies what was harvested into `scratch` (round robin), as a migration would.
 void copy_harvested(VariantRun& run, const dirty::Harvest& h, std::vector<uint8_t>& scratch)
 {
-    const auto t = clock::now();
+    run.enter("copy", clock::now());
     size_t off = 0;
     for (const auto& s : h.slots)
         s.for_each([&](uint64_t page) {
             std::memcpy(scratch.data() + off, run.m.host_ptr(s.gpa + page * 4096, 4096), 4096);
             off = (off + 4096) % scratch.size();
         });
-    run.span("copy", t, clock::now());
 }
 
-// Logging: enable, then harvest, copy and wait for --logging seconds; the
-// mid-logging action runs once, after the first copy.
+// Logging: enable, then a harvest (and copy) in every --harvest-ms slot of
+// the --logging window that starts after enabling; a harvest that starts too
+// late for its slot leaves the slots it skipped missed. Between harvests the
+// phase is "logging" (logging on, harvester idle). The mid-logging action
+// runs once, after the first copy; the window is extended by its length.
 void logging_phase(VariantRun& run, const MidLoggingAction& action)
 {
     StressVm& m = run.m;
+    HarvestSchedule& hs = run.v.schedule;
     run.vm0 = m.vm_stats();
     for (uint32_t i = 0; i < m.vcpu_count(); i++)
         run.vc0.push_back(m.vcpu_stats(i));
-    const auto log0 = clock::now();
+    std::vector<uint8_t> scratch(64ull << 20);  // zeroed here, before the logging window
     const uint64_t w1 = guest_writes(m);
-    auto t = clock::now();
+    const auto log0 = clock::now();
+    run.enter("enable-logging", log0);
     run.v.enable_ms = run.tracker.enable().wall_s * 1e3;
-    run.span("enable-logging", t, clock::now());
-
-    std::vector<uint8_t> scratch(64ull << 20);
-    bool first = true, acted = false;
-    while (std::chrono::duration<double>(clock::now() - log0).count() < run.opt.logging_s) {
-        copy_harvested(run, harvest(run, first), scratch);
-        first = false;
+    run.logging_on = true;
+    const auto period = std::chrono::duration_cast<clock::duration>(std::chrono::duration<double, std::milli>(run.opt.harvest_ms));
+    auto base = clock::now(), wake = base;
+    auto end = base + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(run.opt.logging_s));
+    hs.period_ms = run.opt.harvest_ms;
+    hs.expected = harvest_slots(run.opt.logging_s * 1e3, run.opt.harvest_ms);
+    bool acted = false;
+    for (int64_t slot = 0;; slot++) {
+        const auto now = clock::now();
+        if (now >= end || run.stopped())
+            break;
+        slot = std::max<int64_t>(slot, (now - base) / period);  // the slot this harvest serves
+        hs.late_max_ms = std::max(hs.late_max_ms, std::chrono::duration<double, std::milli>(now - wake).count());
+        copy_harvested(run, harvest(run, hs.done == 0), scratch);
+        hs.done++;
+        if (action.after_each_harvest)
+            action.after_each_harvest();
         if (action.run && !acted) {
             acted = true;
-            t = clock::now();
+            const auto a = clock::now();
+            run.enter(action.phase, a);
             action.run(m);
-            run.span(action.phase, t, clock::now());
+            base += clock::now() - a;
+            end += clock::now() - a;
         }
-        t = clock::now();
-        std::this_thread::sleep_until(t + std::chrono::duration<double, std::milli>(run.opt.harvest_ms));
-        run.span("logging", t, clock::now());
+        run.enter("logging", clock::now());
+        wake = std::min(base + (slot + 1) * period, end);
+        if (!run.sleep_until(wake))
+            break;
         if (auto f = m.failure())
             throw Error(f->reason);
     }
@@ -218,18 +282,23 @@ void logging_phase(VariantRun& run, const MidLoggingAction& action)
     run.v.rate_during = static_cast<double>(guest_writes(m) - w1) / logging_s;
 }
 
-// Disable logging, take the KVM stats deltas, stop the sampler (50 ms later)
-// and keep its samples; the ring-full spans join the phases.
+// Disable logging (if it went on), take the KVM stats deltas, stop the
+// sampler (50 ms later: phase "after-logging") and keep its samples; the
+// ring-full spans join the phases.
 void disable_phase(VariantRun& run)
 {
     VariantResult& v = run.v;
-    const auto t = clock::now();
-    v.disable_ms = run.tracker.disable().wall_s * 1e3;
-    run.span("disable-logging", t, clock::now());
-    v.vm_stats = stat_delta(run.vm0, run.m.vm_stats());
-    v.vcpu_stats = sum_vcpu_stats(run.vc0, run.m);
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (run.logging_on) {
+        run.enter("disable-logging", clock::now());
+        v.disable_ms = run.tracker.disable().wall_s * 1e3;
+        v.vm_stats = stat_delta(run.vm0, run.m.vm_stats());
+        v.vcpu_stats = sum_vcpu_stats(run.vc0, run.m);
+        run.enter("after-logging", clock::now());
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
     run.sampler.stop();
+    run.timeline.close(std::max(run.ms(clock::now()), run.sampler.wall_seconds() * 1e3));
+    v.phases = run.timeline.spans();
     {
         std::lock_guard lk(run.ring_full_mu);
         v.phases.insert(v.phases.end(), run.ring_full.begin(), run.ring_full.end());
@@ -240,16 +309,19 @@ void disable_phase(VariantRun& run)
 }
 
 // The sampler's stalls, each attributed to a phase; the longest, the
-// percentiles over each vCPU's longest, and how many vCPUs stalled per phase.
+// per-stall percentiles, how many vCPUs stalled per phase, and per phase the
+// distribution against the steady baseline.
 void attribute_stalls(VariantRun& run)
 {
     VariantResult& v = run.v;
     v.stalls = run.sampler.stalls(run.opt.threshold_ms);
-    std::vector<double> longest(run.m.vcpu_count(), 0);
+    std::vector<bool> stalled(run.m.vcpu_count(), false);
     std::map<std::string, std::set<uint32_t>> by_phase;
+    std::vector<double> lens;
     for (auto& s : v.stalls) {
         s.phase = phase_of(s, v.phases);
-        longest[s.vcpu] = std::max(longest[s.vcpu], s.len_ms);
+        stalled[s.vcpu] = true;
+        lens.push_back(s.len_ms);
         by_phase[s.phase].insert(s.vcpu);
         if (s.len_ms > v.longest_stall_ms) {
             v.longest_stall_ms = s.len_ms;
@@ -257,12 +329,13 @@ void attribute_stalls(VariantRun& run)
             v.longest_phase = s.phase;
         }
     }
-    for (double l : longest)
-        v.vcpus_stalled += l > 0;
+    v.stall_count = static_cast<uint32_t>(v.stalls.size());
+    v.vcpus_stalled = static_cast<uint32_t>(std::count(stalled.begin(), stalled.end(), true));
     for (const auto& [p, set] : by_phase)
         v.vcpus_stalled_by_phase[p] = static_cast<uint32_t>(set.size());
-    v.p50_stall_ms = percentile(longest, 50);
-    v.p99_stall_ms = percentile(longest, 99);
+    v.p50_stall_ms = percentile(lens, 50);
+    v.p99_stall_ms = percentile(lens, 99);
+    v.phase_stalls = phase_stalls(v.stalls, v.phases, run.m.vcpu_count(), run.opt.threshold_ms);
 }
 
 // The guest watchdog's own events since the variant started.
@@ -278,20 +351,21 @@ void count_watchdog_events(VariantRun& run)
     }
 }
 
-// The verdict, in the words of a soft-lockup report.
 std::string verdict(const VariantResult& v, uint32_t vcpus, double threshold_ms)
 {
-    if (v.stalls.empty())
-        return fmt::format("no vCPU went without progress for > {:.0f} ms", threshold_ms);
-    std::string worst_phase;
-    uint32_t worst = 0;
-    for (const auto& [p, n] : v.vcpus_stalled_by_phase)
-        if (n > worst) {
-            worst = n;
-            worst_phase = p;
-        }
-    return fmt::format("{} of {} vCPUs made no progress for > {:.0f} ms during {}; longest {:.0f} ms on vCPU {} ({})",
-                       worst, vcpus, threshold_ms, worst_phase, v.longest_stall_ms, v.longest_vcpu, v.longest_phase);
+    VerdictInput in;
+    in.harvests = v.schedule;
+    in.phases = v.phase_stalls;
+    in.threshold_ms = threshold_ms;
+    in.vcpus = vcpus;
+    in.rate_before = v.rate_before;
+    in.rate_during = v.rate_during;
+    in.longest_ms = v.longest_stall_ms;
+    in.longest_vcpu = v.longest_vcpu;
+    if (v.interrupted)
+        return fmt::format("interrupted before the variant finished: no verdict ({} of {} harvests ran)", v.schedule.done,
+                           v.schedule.expected);
+    return lockup_verdict(in);
 }
 
 VariantResult run_variant(const Kvm& kvm, MachineConfig cfg, const std::string& name, const LockupOptions& opt,
@@ -311,8 +385,14 @@ VariantResult run_variant(const Kvm& kvm, MachineConfig cfg, const std::string& 
     VariantRun run{opt, m, *tracker, sampler, v};
     start_variant(run);
     steady_phase(run);
-    logging_phase(run, action);
-    disable_phase(run);
+    {
+        HarvesterPriority prio(opt.harvester_priority);
+        v.harvester_priority = prio.what();
+        if (!run.stopped())
+            logging_phase(run, action);
+        disable_phase(run);
+    }
+    v.interrupted = run.stopped();
     attribute_stalls(run);
     count_watchdog_events(run);
     v.verdict = verdict(v, m.vcpu_count(), opt.threshold_ms);
@@ -343,114 +423,18 @@ LockupReport run_lockup(const Kvm& kvm, const MachineConfig& cfg, const LockupOp
     }
     r.threshold_ms = opt.threshold_ms;
     for (const auto& name : opt.variants) {
+        if (opt.stop && opt.stop->load()) {
+            r.interrupted = true;
+            break;
+        }
         if (opt.progress)
             fmt::print(stderr, "\r\033[Klockup: variant {} ...", name);
         r.variants.push_back(run_variant(kvm, cfg, name, opt, action));
+        r.interrupted |= r.variants.back().interrupted;
     }
     if (opt.progress)
         fmt::print(stderr, "\r\033[K");
     return r;
-}
-
-nlohmann::json LockupReport::to_json() const
-{
-    using nlohmann::json;
-    json j;
-    j["vcpus"] = vcpus;
-    j["mem_bytes"] = mem_bytes;
-    j["backing"] = backing;
-    j["threshold_ms"] = threshold_ms;
-    j["variants"] = json::array();
-    for (const auto& v : variants) {
-        json s = json::array();
-        for (const auto& st : v.stalls)
-            s.push_back({{"vcpu", st.vcpu}, {"start_ms", st.start_ms}, {"len_ms", st.len_ms}, {"phase", st.phase}});
-        json ph = json::array();
-        for (const auto& p : v.phases)
-            ph.push_back({{"name", p.name}, {"start_ms", p.start_ms}, {"end_ms", p.end_ms}, {"vcpu", p.vcpu}});
-        json vm = json::object(), vc = json::object();
-        for (const auto& [k, x] : v.vm_stats)
-            vm[k] = x;
-        for (const auto& [k, x] : v.vcpu_stats)
-            vc[k] = x;
-        j["variants"].push_back({{"name", v.name},
-                                 {"skipped", v.skipped},
-                                 {"enable_ms", v.enable_ms},
-                                 {"disable_ms", v.disable_ms},
-                                 {"longest_stall_ms", v.longest_stall_ms},
-                                 {"longest_stall_vcpu", v.longest_vcpu},
-                                 {"longest_stall_phase", v.longest_phase},
-                                 {"p50_stall_ms", v.p50_stall_ms},
-                                 {"p99_stall_ms", v.p99_stall_ms},
-                                 {"vcpus_stalled", v.vcpus_stalled},
-                                 {"vcpus_stalled_by_phase", v.vcpus_stalled_by_phase},
-                                 {"watchdog_events", v.watchdog_events},
-                                 {"watchdog_longest_ms", v.watchdog_longest_ms},
-                                 {"dirty_rate_before_pages_per_s", v.rate_before},
-                                 {"dirty_rate_during_pages_per_s", v.rate_during},
-                                 {"harvests", v.harvests},
-                                 {"dirty_pages", v.dirty_pages},
-                                 {"ring_full_exits", v.ring_full},
-                                 {"sampler_hz", v.sampler_hz},
-                                 {"kvm_stats", {{"vm", vm}, {"vcpus_sum", vc}}},
-                                 {"stalls", s},
-                                 {"phases", ph},
-                                 {"verdict", v.verdict}});
-    }
-    return j;
-}
-
-std::string LockupReport::to_table() const
-{
-    std::string o = fmt::format("minivmm lockup: {} vCPUs, {} {}, stall threshold {:.0f} ms\n\n", vcpus,
-                                human_bytes(static_cast<double>(mem_bytes)), backing, threshold_ms);
-    o += fmt::format("{:<26} {:>9} {:>16} {:>8} {:>8} {:>6} {:>12} {:>12} {:>9} {:>9}\n", "variant", "enable ms",
-                     "longest stall", "p50 ms", "p99 ms", "wd ev", "rate before", "rate during", "pages_4k", "pf_fixed");
-    for (const auto& v : variants) {
-        if (!v.skipped.empty()) {
-            o += fmt::format("{:<26} skipped: {}\n", v.name, v.skipped);
-            continue;
-        }
-        auto stat = [](const StatDelta& d, const char* k) {
-            auto it = d.find(k);
-            return it == d.end() ? std::string("-") : fmt::format("{:+}", it->second);
-        };
-        o += fmt::format("{:<26} {:>9.2f} {:>16} {:>8.1f} {:>8.1f} {:>6} {:>12} {:>12} {:>9} {:>9}\n", v.name,
-                         v.enable_ms,
-                         v.longest_vcpu >= 0 ? fmt::format("{:.1f} (vCPU {})", v.longest_stall_ms, v.longest_vcpu) : "-",
-                         v.p50_stall_ms, v.p99_stall_ms, v.watchdog_events,
-                         fmt::format("{:.1f}M/s", v.rate_before / 1e6), fmt::format("{:.1f}M/s", v.rate_during / 1e6),
-                         stat(v.vm_stats, "pages_4k"), stat(v.vcpu_stats, "pf_fixed"));
-    }
-    o += "\n";
-    for (const auto& v : variants)
-        if (v.skipped.empty())
-            o += fmt::format("{}: {}\n", v.name, v.verdict);
-    return o;
-}
-
-void LockupReport::write_timeline(const std::string& path) const
-{
-    std::ofstream f(path);
-    if (!f)
-        throw UsageError(fmt::format("--timeline: cannot write '{}': {}", path, errno_text(errno)));
-    f << "variant,t_ms,vcpu,pages,phase\n";
-    for (const auto& v : variants) {
-        // Samples are in time order per tick; walk the global phases alongside.
-        std::vector<const PhaseSpan*> global;
-        for (const auto& p : v.phases)
-            if (p.vcpu < 0)
-                global.push_back(&p);
-        size_t pi = 0;
-        for (const auto& s : v.samples) {
-            while (pi + 1 < global.size() && global[pi]->end_ms < s.t_ms)
-                pi++;
-            const char* phase = global.empty() || s.t_ms < global[pi]->start_ms || s.t_ms > global[pi]->end_ms
-                                    ? "between"
-                                    : global[pi]->name.c_str();
-            f << v.name << ',' << fmt::format("{:.3f}", s.t_ms) << ',' << s.vcpu << ',' << s.pages << ',' << phase << '\n';
-        }
-    }
 }
 
 }  // namespace mvm::engines

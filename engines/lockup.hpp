@@ -3,9 +3,11 @@
 // reach a steady rate, enable dirty logging, keep harvesting (and copying, as
 // a migration would) for a while, disable; meanwhile sample every vCPU's
 // progress at >= 1 kHz from the mailboxes and collect the guest watchdog's own
-// events. Stalls are attributed to the phase they overlap.
+// events. The timeline's phases are contiguous; stalls are attributed to the
+// phase they overlap most and compared with the steady baseline per phase.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -15,6 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "engines/lockup_analysis.hpp"
 #include "vmm/kvm/stats.hpp"
 #include "vmm/stress/stress_vm.hpp"
 #include "vmm/stress/sampler.hpp"
@@ -34,12 +37,8 @@ struct LockupOptions {
     uint32_t ring_bytes = 64 << 10;           // ring
     bool keep_samples = true;
     bool progress = false;
-};
-
-struct PhaseSpan {
-    std::string name;
-    double start_ms = 0, end_ms = 0;
-    int vcpu = -1;  // ring-full spans belong to one vCPU
+    bool harvester_priority = true;            // SCHED_FIFO (or nice) for the harvesting thread
+    const std::atomic<int>* stop = nullptr;    // non-zero: stop (Ctrl-C), report what was measured
 };
 
 struct VariantResult {
@@ -49,13 +48,18 @@ struct VariantResult {
     double longest_stall_ms = 0;
     int longest_vcpu = -1;
     std::string longest_phase;
-    double p50_stall_ms = 0, p99_stall_ms = 0;  // over each vCPU's longest stall (0 for none)
+    double p50_stall_ms = 0, p99_stall_ms = 0;  // over every stall (each counted once), 0 for none
+    uint32_t stall_count = 0;
     uint32_t vcpus_stalled = 0;                 // with a stall over the threshold
     std::map<std::string, uint32_t> vcpus_stalled_by_phase;
     uint64_t watchdog_events = 0;
     double watchdog_longest_ms = 0;
     double rate_before = 0, rate_during = 0;    // guest writes, pages/s, all vCPUs
     uint64_t harvests = 0, dirty_pages = 0, ring_full = 0;
+    HarvestSchedule schedule;                   // harvests expected vs done in the logging window
+    std::string harvester_priority;             // what the harvesting thread ran with
+    bool interrupted = false;                   // stopped by a signal before it finished
+    std::vector<PhaseStalls> phase_stalls;      // per phase, against the steady baseline
     StatDelta vm_stats, vcpu_stats;
     std::vector<PhaseSpan> phases;
     std::vector<Stall> stalls;
@@ -69,6 +73,7 @@ struct LockupReport {
     uint64_t mem_bytes = 0;
     std::string backing;
     double threshold_ms = 0;
+    bool interrupted = false;  // a signal stopped the run: variants holds what was measured
     std::vector<VariantResult> variants;
 
     nlohmann::json to_json() const;
@@ -83,6 +88,7 @@ struct LockupReport {
 struct MidLoggingAction {
     std::string phase;
     std::function<void(StressVm&)> run;
+    std::function<void()> after_each_harvest;  // on the harvesting thread, counted as its own time
 };
 
 LockupReport run_lockup(const Kvm& kvm, const MachineConfig& cfg, const LockupOptions& opt,

@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "base/error.hpp"
+#include "base/stop_signal.hpp"
 #include "base/units.hpp"
 #include "cli/command.hpp"
 #include "cli/options.hpp"
@@ -74,6 +75,9 @@ public:
         c->add_option("--clear-chunk", clear_chunk_, "bitmap-initially-set: bytes per KVM_CLEAR_DIRTY_LOG")
             ->capture_default_str();
         c->add_option("--ring", ring_, "ring: bytes per vCPU ring")->capture_default_str();
+        c->add_flag("--no-harvester-priority", no_priority_,
+                    "leave the harvesting thread at normal priority (default: SCHED_FIFO, as a VMM's migration "
+                    "thread; a starved harvester makes the verdict inconclusive)");
         c->add_option("--json", json_, "also write the report as JSON to FILE, or - for stdout");
         c->add_option("--timeline", timeline_, "write the per-vCPU progress timeline as CSV");
         return c;
@@ -96,7 +100,15 @@ public:
         o.clear_chunk_bytes = parse_size_option("--clear-chunk", clear_chunk_);
         if (o.clear_chunk_bytes < 256 * 1024 || o.clear_chunk_bytes % (256 * 1024))
             throw UsageError(fmt::format("--clear-chunk {}: must be a multiple of 256K, e.g. 1M", clear_chunk_));
-        const engines::MidLoggingAction pause = pause_from_test_hook();
+        engines::MidLoggingAction pause = pause_from_test_hook();
+        // MINIVMM_TEST_HARVEST_DELAY_MS=MS: the harvester sleeps this long
+        // after every harvest (a starved harvester, on purpose).
+        if (const std::string d = test_hook("HARVEST_DELAY_MS"); !d.empty()) {
+            const double delay_ms = parse_seconds("MINIVMM_TEST_HARVEST_DELAY_MS", d);
+            pause.after_each_harvest = [delay_ms] {
+                std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(delay_ms));
+            };
+        }
         check_output_path("--timeline", timeline_, "give a writable path for the CSV");
         Kvm kvm(kvm_device());
         o.ring_bytes = parse_ring_size("--ring", ring_, kvm);
@@ -104,6 +116,9 @@ public:
         cfg.workload.watchdog_ms = o.threshold_ms;
         cfg.show_progress = o.progress = stderr_is_terminal();
         o.keep_samples = !timeline_.empty();
+        o.harvester_priority = !no_priority_;
+        install_stop_signals();
+        o.stop = &g_stop_signal;
         engines::LockupReport r = engines::run_lockup(kvm, cfg, o, pause);
         std::FILE* out = table_stream(json_);
         fmt::print(out, "{}", r.to_table());
@@ -113,7 +128,9 @@ public:
         }
         if (!json_.empty())
             write_json(json_, r.to_json());
-        return kExitOk;
+        if (r.interrupted)
+            fmt::print(out, "interrupted: stopped cleanly; the report above is partial\n");
+        return r.interrupted ? 128 + g_stop_signal.load() : kExitOk;
     }
 
 private:
@@ -121,6 +138,7 @@ private:
     std::string variants_, threshold_ = "20", steady_ = "0.5", logging_ = "2", harvest_ms_ = "100",
                            clear_chunk_ = "1M", ring_ = "64K", json_, timeline_;
     bool variants_given_ = false;  // even as --variants ''
+    bool no_priority_ = false;
 };
 
 }  // namespace
