@@ -47,7 +47,7 @@ engines::MidLoggingAction pause_from_test_hook()
     const std::string ms = test_hook("PAUSE_MS");
     if (ms.empty())
         return {};
-    const double pause_ms = parse_seconds("MINIVMM_TEST_PAUSE_MS", ms);
+    const double pause_ms = parse_ms("MINIVMM_TEST_PAUSE_MS", ms);
     return {"test-pause", [pause_ms](StressVm& m) {
                 m.pause();
                 std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(pause_ms));
@@ -89,12 +89,12 @@ public:
         engines::LockupOptions o;
         if (variants_given_)
             o.variants = parse_variants(variants_);
-        o.threshold_ms = parse_seconds("--threshold-ms", threshold_);
+        o.threshold_ms = parse_ms("--threshold-ms", threshold_);
         if (o.threshold_ms <= 0)
             throw UsageError("--threshold-ms: must be positive, e.g. 20");
         o.steady_s = parse_seconds("--steady", steady_);
         o.logging_s = parse_seconds("--logging", logging_);
-        o.harvest_ms = parse_seconds("--harvest-ms", harvest_ms_);
+        o.harvest_ms = parse_ms("--harvest-ms", harvest_ms_);
         if (o.harvest_ms <= 0)
             throw UsageError("--harvest-ms: must be positive, e.g. 100");
         o.clear_chunk_bytes = parse_size_option("--clear-chunk", clear_chunk_);
@@ -104,7 +104,7 @@ public:
         // MINIVMM_TEST_HARVEST_DELAY_MS=MS: the harvester sleeps this long
         // after every harvest (a starved harvester, on purpose).
         if (const std::string d = test_hook("HARVEST_DELAY_MS"); !d.empty()) {
-            const double delay_ms = parse_seconds("MINIVMM_TEST_HARVEST_DELAY_MS", d);
+            const double delay_ms = parse_ms("MINIVMM_TEST_HARVEST_DELAY_MS", d);
             pause.after_each_harvest = [delay_ms] {
                 std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(delay_ms));
             };

@@ -40,7 +40,7 @@ public:
         if (!dirty_log_.empty()) {
             log.emplace();
             log->mode = dirty::parse_mode_option("--dirty-log", dirty_log_);
-            log->harvest_ms = parse_seconds("--harvest-ms", harvest_ms_);
+            log->harvest_ms = parse_ms("--harvest-ms", harvest_ms_);
             if (log->harvest_ms <= 0)
                 throw UsageError("--harvest-ms: must be positive, e.g. 100");
             if (log->mode == dirty::Mode::Ring)
