@@ -544,7 +544,7 @@ void Sender::stop_series()
     if (total.size() < 2)
         return;
     const double span = total.rbegin()->first - total.begin()->first;
-    const double bin = std::max(10.0, span / 400);
+    const double bin = std::max(25.0, span / 400);
     auto prev = total.begin();
     for (auto it = std::next(total.begin()); it != total.end(); ++it) {
         const double dt = it->first - prev->first;
