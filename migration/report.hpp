@@ -26,8 +26,8 @@ struct RoundReport {
     std::string kind = "precopy";    // bulk | precopy | stop | interrupted (the round a failure cut short)
     double start_ms = 0;             // since the migration started
     double harvest_interval_s = 0;   // dirty_rate = dirty_pages / this (previous harvest -> this one)
-    uint64_t tracked_pages = 0;      // pages under dirty logging
-    bool saturated = false;          // dirty_pages == tracked_pages: the true rate is >= dirty_rate
+    uint64_t tracked_pages = 0;      // pages of the guest's logged memory slots (the system slot aside)
+    bool saturated = false;          // every one of them dirty: the true rate is >= dirty_rate
 };
 
 // The guest's own progress while migrating (pages written + read, all vCPUs).

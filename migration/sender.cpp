@@ -76,7 +76,8 @@ void Sender::setup()
     last_harvest_ = clock::now();  // the first harvest holds what was dirtied since logging went on
     rep_.setup_tracking_ms = since(t) * 1e3;
     for (uint32_t id : tracker_.tracked_slots())
-        tracked_pages_ += src_.memslots().by_slot(id)->pages();
+        if (src_.memslots().by_slot(id)->vnode >= 0)  // the guest's memory, not the system slot
+            tracked_pages_ += src_.memslots().by_slot(id)->pages();
     for (const auto& [slot, why] : rep_.untracked)
         rep_.untracked_bytes += src_.memslots().by_slot(slot)->pages() * 4096;
     rep_.setup_ms = since(t0_) * 1e3;
@@ -130,7 +131,7 @@ bool Sender::precopy_round()
     }
     RoundReport rr = begin_round(round_, "precopy", start);
     rr.dirty_pages = h.dirty_pages;
-    rate(rr, h.dirty_pages, interval_s);
+    rate(rr, h.dirty_pages, interval_s, guest_dirty(h, nullptr));
     begin_send(rr, h.dirty_pages);
     if (round_ == 2)
         fault_point("precopy");
@@ -165,7 +166,7 @@ void Sender::stop_and_copy()
     rep_.remaining_bytes = n * 4096;
     RoundReport fr = begin_round(static_cast<uint32_t>(rep_.rounds.size()), "stop", tdown_);
     fr.dirty_pages = n - rep_.untracked_bytes / 4096;  // distinct dirty pages of both last harvests
-    rate(fr, fr.dirty_pages, interval_s);
+    rate(fr, fr.dirty_pages, interval_s, guest_dirty(last, pending_ ? &*pending_ : nullptr));
     begin_send(fr, n);
     fault_point("stop");
     final_bytes_ = send(per);
@@ -454,11 +455,29 @@ RoundReport Sender::begin_round(uint32_t round, const char* kind, clock::time_po
 
 // Dirty pages over the interval they accrued in (previous harvest -> this
 // one); when every tracked page is dirty the true rate can be any higher.
-void Sender::rate(RoundReport& rr, uint64_t dirty, double interval_s) const
+void Sender::rate(RoundReport& rr, uint64_t dirty, double interval_s, uint64_t guest_dirty) const
 {
     rr.harvest_interval_s = interval_s;
     rr.dirty_rate = interval_s > 0 ? static_cast<double>(dirty) / interval_s : 0;
-    rr.saturated = tracked_pages_ > 0 && dirty >= tracked_pages_;
+    rr.saturated = tracked_pages_ > 0 && guest_dirty >= tracked_pages_;
+}
+
+// Distinct dirty pages of the guest's memory slots (the system slot aside) in a, or in a and b.
+uint64_t Sender::guest_dirty(const dirty::Harvest& a, const dirty::Harvest* b) const
+{
+    uint64_t n = 0;
+    for (const auto& s : a.slots) {
+        if (s.vnode < 0)
+            continue;
+        const dirty::SlotDirty* o = b ? b->slot(s.slot) : nullptr;
+        if (!o || o->bits.size() != s.bits.size()) {
+            n += s.count;
+            continue;
+        }
+        for (size_t w = 0; w < s.bits.size(); w++)
+            n += static_cast<uint64_t>(__builtin_popcountll(s.bits[w] | o->bits[w]));
+    }
+    return n;
 }
 
 // The dirty set plus the guest_memfd slots (sent whole at stop) at the bandwidth measured so far.

@@ -124,7 +124,8 @@ private:
     // mig-a (issue 14): round bookkeeping.
     double harvested();  // seconds since the previous harvest; this one becomes the previous
     RoundReport begin_round(uint32_t round, const char* kind, clock::time_point start) const;
-    void rate(RoundReport& rr, uint64_t dirty, double interval_s) const;
+    void rate(RoundReport& rr, uint64_t dirty, double interval_s, uint64_t guest_dirty) const;
+    uint64_t guest_dirty(const dirty::Harvest& a, const dirty::Harvest* b) const;
     double expected_downtime_ms(uint64_t dirty_pages) const;
     void begin_send(const RoundReport& rr, uint64_t pages);
     void end_send() { inflight_ = false; }

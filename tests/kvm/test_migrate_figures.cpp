@@ -7,6 +7,10 @@
 #include <gtest/gtest.h>
 
 #include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
 
 #include <atomic>
 #include <chrono>
@@ -41,6 +45,32 @@ double sum_round_ms(const MigrateReport& r)
     return s;
 }
 
+// scripts/plot-migration draws this report; a bad --out is one line, no traceback.
+void expect_plot(const nlohmann::json& j)
+{
+    const std::string script = std::string(MINIVMM_FUZZ_DIR) + "/../../scripts/plot-migration";
+    if (std::system("/usr/bin/python3 -c 'import matplotlib' 2>/dev/null") != 0) {
+        fmt::print("plot-migration not tried: python3-matplotlib is missing\n");
+        return;
+    }
+    const std::string in = fmt::format("/tmp/minivmm-plot-{}.json", ::getpid()), png = in + ".png";
+    {
+        std::FILE* f = std::fopen(in.c_str(), "w");
+        ASSERT_TRUE(f);
+        std::fputs(j.dump().c_str(), f);
+        std::fclose(f);
+    }
+    EXPECT_EQ(std::system(fmt::format("{} {} --out {} >/dev/null", script, in, png).c_str()), 0);
+    EXPECT_GT(mvm::test::read_file(png).size(), 10000u);
+    const std::string err = in + ".err";
+    EXPECT_NE(std::system(fmt::format("{} {} --out /nonexistent/dir/x.png 2>{}", script, in, err).c_str()), 0);
+    const std::string msg = mvm::test::read_file(err);
+    EXPECT_EQ(std::count(msg.begin(), msg.end(), '\n'), 1) << msg;
+    EXPECT_NE(msg.find("--out"), std::string::npos) << msg;
+    for (const auto& p : {in, png, err})
+        std::remove(p.c_str());
+}
+
 }  // namespace
 
 // One forced, bandwidth-capped in-process migration: the timing relations,
@@ -49,8 +79,7 @@ double sum_round_ms(const MigrateReport& r)
 TEST(MigrateFigures, TimingsConvergenceRoundsAndConfig)
 {
     REQUIRE_KVM();
-    MachineConfig cfg = single_node_config(2, 32 * kMiB);
-    cfg.workload.rate_pages_per_s = 50000;
+    MachineConfig cfg = single_node_config(2, 32 * kMiB);  // unlimited rate: it always dirties
     StressVm src(kvm, cfg);
     auto tracker = dirty::Tracker::create(src, dirty::TrackerOptions{});
     src.start();
@@ -88,12 +117,13 @@ TEST(MigrateFigures, TimingsConvergenceRoundsAndConfig)
         const RoundReport& rr = r.rounds[i];
         EXPECT_GT(rr.harvest_interval_s, 0.0) << i;
         EXPECT_NEAR(rr.dirty_rate, rr.dirty_pages / rr.harvest_interval_s, 1e-6 * rr.dirty_rate + 1e-9) << i;
-        EXPECT_EQ(rr.saturated, rr.dirty_pages >= rr.tracked_pages) << i;
+        if (rr.saturated)
+            EXPECT_GE(rr.dirty_pages, rr.tracked_pages) << i;
         EXPECT_GE(rr.start_ms + 1.0, prev_end_ms) << "rounds follow each other";
         prev_end_ms = rr.start_ms + rr.duration_s * 1e3;
     }
     const RoundReport& stop = r.rounds.back();
-    EXPECT_GT(stop.dirty_pages, 0u) << "the stop row is filled (the guest dirties 100k pages/s)";
+    EXPECT_GT(stop.dirty_pages, 0u) << "the stop row is filled (the guest dirties without a cap)";
     EXPECT_GT(stop.dirty_rate, 0.0);
 
     uint64_t bytes = 0, pages = 0;
@@ -120,6 +150,7 @@ TEST(MigrateFigures, TimingsConvergenceRoundsAndConfig)
     EXPECT_TRUE(j["config"]["host"]["kvm_module_params"].is_object());
     EXPECT_EQ(j["forced_by"], "max-iterations");
     src.kill();
+    expect_plot(j);
 }
 
 // A guest rewriting all of its memory between harvests: the rate is a
@@ -141,7 +172,10 @@ TEST(MigrateFigures, SaturatedRoundsAreFlagged)
     ASSERT_EQ(r.status, "completed") << r.error;
     size_t saturated = 0;
     for (const auto& rr : r.rounds) {
-        EXPECT_EQ(rr.saturated, rr.kind != "bulk" && rr.dirty_pages == rr.tracked_pages) << rr.round;
+        EXPECT_EQ(rr.tracked_pages, 8 * kMiB / 4096) << "the guest's slot, not the system slot";
+        if (rr.saturated)  // every guest page, plus whatever of the system slot
+            EXPECT_GE(rr.dirty_pages, rr.tracked_pages) << rr.round;
+        EXPECT_FALSE(rr.kind == "bulk" && rr.saturated);
         saturated += rr.saturated;
     }
     EXPECT_GE(saturated, 1u);
