@@ -250,8 +250,10 @@ void Sender::fail(const std::string& error)
     rep_.destination_state = switched_over_ ? "lost after it resumed the guest" : "aborted";
     if (switched_over_)  // the guest ran on at the destination: resuming the source would run it twice
         rep_.source_state = "parked since the switchover, not resumed (its guest was handed to the destination)";
-    else
+    else {
         give_back_source();
+        rep_.source_state = "running again (given back: logging and throttles off)";
+    }
     rep_.total_ms = since(t0_) * 1e3;  // start -> failure
     phase_ = Phase::Done;
 }
