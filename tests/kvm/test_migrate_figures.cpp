@@ -100,7 +100,7 @@ TEST(MigrateFigures, TimingsConvergenceRoundsAndConfig)
     EXPECT_GE(r.total_ms + 1.0, r.setup_ms + sum_round_ms(r)) << "total >= setup + bulk + rounds + stop";
     EXPECT_GE(r.total_ms, r.downtime_ms);
     EXPECT_GT(r.verify_ms, 0.0) << "in-process: the page compare is timed";
-    EXPECT_NEAR(r.setup_ms, r.setup_destination_ms + r.setup_tracking_ms, 5.0);
+    EXPECT_NEAR(r.setup_ms, r.setup_destination_ms + r.setup_tracking_ms, 20.0);
     EXPECT_GE(r.stop_ms + r.downtime_ms, r.total_ms - 1.0) << "the downtime window ends when the destination runs";
 
     EXPECT_FALSE(r.converged);
@@ -167,7 +167,7 @@ TEST(MigrateFigures, SaturatedRoundsAreFlagged)
     o.post_run_s = 0.1;
     o.max_downtime_ms = 0.001;
     o.max_iterations = 3;
-    o.bandwidth = 40 * kMiB;  // 8 MiB per round: 200 ms, ample time to rewrite everything
+    o.bandwidth = 20 * kMiB;  // 8 MiB per round: 400 ms, ample time to rewrite everything
     MigrateReport r = migrate(src, *tracker, o, nullptr);
     ASSERT_EQ(r.status, "completed") << r.error;
     size_t saturated = 0;
@@ -287,7 +287,7 @@ TEST(MigrateFigures, InterruptedReceiverReportsWhatItGot)
     const std::string json = fmt::format("/tmp/minivmm-recv-{}.json", port);
     Receiver recv(fmt::format("--vcpus 2 --mem 32M --listen tcp:127.0.0.1:{} --json {}", port, json));
     auto r = run_minivmm(fmt::format("migrate --to tcp:127.0.0.1:{} --vcpus 2 --mem 32M --warmup 0.2 --bandwidth 64M "
-                                     "--max-downtime 0.001 --max-iterations 100000 --timeout 1.5 --json -",
+                                     "--max-downtime 0.001 --max-iterations 100000 --timeout 3 --json -",
                                      port));
     EXPECT_EQ(r.exit_code, 5) << r.err;
     auto j = nlohmann::json::parse(r.out, nullptr, false);
