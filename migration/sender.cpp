@@ -215,6 +215,7 @@ void Sender::finish()
         throw std::logic_error("Sender::finish() called before switchover()");
     enter(Phase::Destination);
     const auto t = clock::now();
+    fault_point("destination");  // the tests' hook: the destination lost after it resumed the guest
     ResultRecord fin = dest_->finish();
     rep_.post_run_ms = since(t) * 1e3;
     rep_.destination_state = "ran --post-run, stopped and checked";

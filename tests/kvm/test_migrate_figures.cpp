@@ -300,3 +300,21 @@ TEST(MigrateFigures, InterruptedReceiverReportsWhatItGot)
     ASSERT_FALSE(rj.is_discarded()) << recv.output();
     EXPECT_GE(rj["pages"].get<uint64_t>(), 32 * kMiB / 4096) << rj.dump();
 }
+
+// The same through the command: after the switchover the source is reported
+// parked (not "kept running"), its frozen memory checked, exit 5.
+TEST(MigrateFigures, CommandSaysTheSourceIsParkedAfterTheSwitchover)
+{
+    REQUIRE_KVM();
+    auto r = run_minivmm("migrate --to inproc --vcpus 2 --mem 32M --rate 50000 --warmup 0.2 --post-run 0.1 --json -",
+                         "env MINIVMM_TEST_FAIL_IN=destination");
+    EXPECT_EQ(r.exit_code, 5) << r.err;
+    auto j = nlohmann::json::parse(r.out, nullptr, false);
+    ASSERT_FALSE(j.is_discarded()) << r.out;
+    EXPECT_EQ(j["failed_phase"], "destination");
+    EXPECT_FALSE(j["source"]["running"].get<bool>());
+    EXPECT_EQ(j["source"]["state"].get<std::string>().rfind("parked since the switchover", 0), 0u) << j["source"];
+    EXPECT_EQ(j["source"]["mismatches"].get<uint64_t>(), 0u);
+    EXPECT_EQ(j["destination_state"], "lost after it resumed the guest");
+    EXPECT_EQ(r.err.find("kept running"), std::string::npos) << r.err;
+}
