@@ -100,8 +100,8 @@ std::string MigrateReport::to_table() const
     std::string o = summary_line() + "\n";
     o += fmt::format("total {:.1f} ms (start -> {}), setup {:.1f} ms (destination {:.1f} ms, logging "
                      "on {:.1f} ms), downtime {:.1f} ms (expected {:.1f} ms); verify {:.1f} ms, post-run {:.1f} ms\n",
-                     total_ms, error.empty() ? "destination running" : "failure", setup_ms, setup_destination_ms, setup_tracking_ms, downtime_ms, expected_downtime_ms,
-                     verify_ms, post_run_ms);
+                     total_ms, downtime_ms > 0 ? "destination running" : "failure", setup_ms, setup_destination_ms,
+                     setup_tracking_ms, downtime_ms, expected_downtime_ms, verify_ms, post_run_ms);
     o += fmt::format("transferred {} ({} pages, {} zero), remaining {} {}, pre-copy throughput {}/s, {:.0f} Mbit/s "
                      "and {:.0f} pages/s over total - setup\n",
                      human_bytes(static_cast<double>(transferred_bytes)), pages, zero_pages,

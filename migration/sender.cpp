@@ -253,7 +253,8 @@ void Sender::fail(const std::string& error)
         give_back_source();
         rep_.source_state = "running again (given back: logging and throttles off)";
     }
-    rep_.total_ms = since(t0_) * 1e3;  // start -> failure
+    if (!switched_over_)
+        rep_.total_ms = since(t0_) * 1e3;  // start -> failure (after the switchover: -> destination running)
     phase_ = Phase::Done;
 }
 

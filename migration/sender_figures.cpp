@@ -126,7 +126,8 @@ void Sender::count_failure()
     rep_.transferred_bytes = channels_.sent_bytes();
     rep_.zero_pages = channels_.zero_pages();
     rep_.throughput = precopy_s_ > 0 ? static_cast<double>(precopy_bytes_) / precopy_s_ : 0;
-    rep_.total_ms = since(t0_) * 1e3;
+    if (!switched_over_)
+        rep_.total_ms = since(t0_) * 1e3;
     fill_rates();
 }
 
