@@ -55,7 +55,9 @@ public:
         c->add_option("--timeout", timeout_, "seconds before giving up (the source resumes)")->capture_default_str();
         c->add_option("--throttle", throttle_, "auto-converge or dirty-limit:PAGES_PER_S (per vCPU)");
         c->add_option("--warmup", warmup_, "seconds the guest runs before migrating")->capture_default_str();
-        c->add_option("--post-run", post_run_, "seconds the destination runs before its stamp check")
+        c->add_option("--post-run", post_run_,
+                      "seconds the destination runs before its stamp check (and up to 5 s more until every vCPU "
+                      "showed progress)")
             ->capture_default_str();
         c->add_option("--channels", channels_, "connections (0 = one per virtual node)")->capture_default_str();
         c->add_flag("--no-verify", no_verify_, "skip the switchover compare and the destination stamp check");
