@@ -104,6 +104,8 @@ uint64_t PageChannels::send_channel(Destination& dest, uint32_t c, const std::ve
         uint64_t b = 0;
         dest.send(c, part, b, zeros);
         sent += b;
+        sent_bytes_ += b;
+        sent_pages_ += part.size();
         pace(b);
     }
     std::lock_guard lk(mu_);

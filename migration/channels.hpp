@@ -40,6 +40,10 @@ public:
     void set_bandwidth(uint64_t bytes_per_s) { bandwidth_ = bytes_per_s; }
     uint64_t bandwidth() const { return bandwidth_; }
     uint64_t zero_pages() const;
+    // Everything sent so far over all send() calls, an interrupted one's
+    // batches included (what a failure report counts). Safe while sending.
+    uint64_t sent_bytes() const { return sent_bytes_.load(); }
+    uint64_t sent_pages() const { return sent_pages_.load(); }
 
 private:
     uint64_t send_channel(Destination& dest, uint32_t c, const std::vector<uint64_t>& pages,
@@ -54,6 +58,7 @@ private:
     mutable std::mutex mu_;  // guards the pacing state and zero_pages_
     std::chrono::steady_clock::time_point paced_since_;
     uint64_t paced_bytes_ = 0, zero_pages_ = 0;
+    std::atomic<uint64_t> sent_bytes_{0}, sent_pages_{0};
 };
 
 }  // namespace mvm::migration

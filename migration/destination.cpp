@@ -1,6 +1,7 @@
 #include "migration/destination.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <fmt/format.h>
 
@@ -60,7 +61,9 @@ ResultRecord InprocDestination::switchover(const std::vector<VcpuState>& states,
     ResultRecord r;
     r.ok = 1;
     if (verify_) {
+        const auto t = std::chrono::steady_clock::now();
         r = compare_with_source();
+        verify_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
         if (!r.ok)
             return r;
     }

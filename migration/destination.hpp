@@ -36,6 +36,8 @@ public:
     virtual bool wants_digests() const { return true; }
     // MSRs the destination would not load at the switchover.
     virtual std::vector<uint32_t> refused_msrs() const { return {}; }
+    // Time switchover() spent verifying here (the sender's digests are timed by the sender).
+    virtual double verify_seconds() const { return 0; }
 };
 
 // A second VM in this process, made like the source with its memory populated.
@@ -51,6 +53,7 @@ public:
     void abort() override;
     bool wants_digests() const override { return false; }  // it compares the pages themselves
     std::vector<uint32_t> refused_msrs() const override { return resumed_.refused_msrs; }
+    double verify_seconds() const override { return verify_s_; }
 
 private:
     ResultRecord compare_with_source() const;
@@ -60,6 +63,7 @@ private:
     double post_run_s_;
     std::unique_ptr<StressVm> dst_;
     Resumed resumed_;
+    double verify_s_ = 0;
 };
 
 // `minivmm receive` at host:port: one connection per channel, each through

@@ -3,6 +3,7 @@
 #include <sys/socket.h>
 
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <fmt/format.h>
 #include <mutex>
@@ -147,6 +148,18 @@ void Receiver::pump(Transport& t, bool skip_hello)
 {
     RecordReader r(t);
     uint64_t pages = 0, zeros = 0, bytes = 0;
+    // What this channel got counts in the report even when the stream breaks (issue 14).
+    struct Count {
+        Receiver& rc;
+        uint64_t &pages, &zeros, &bytes;
+        ~Count()
+        {
+            std::lock_guard lk(rc.mu_);
+            rc.rep_.pages += pages;
+            rc.rep_.zero_pages += zeros;
+            rc.rep_.bytes += bytes;
+        }
+    } count{*this, pages, zeros, bytes};
     for (;;) {
         Record rec = r.read();
         if (skip_hello && rec.type == RecordType::Hello) {
@@ -168,10 +181,6 @@ void Receiver::pump(Transport& t, bool skip_hello)
         if (total > layout_pages_)
             phase("precopy");
     }
-    std::lock_guard lk(mu_);
-    rep_.pages += pages;
-    rep_.zero_pages += zeros;
-    rep_.bytes += bytes;
 }
 
 // State, digests, end.
@@ -253,12 +262,29 @@ void Receiver::resume_and_check(const std::vector<VcpuState>& states, ResultReco
 
 // ---- accepting -------------------------------------------------------------------------
 
+// A connection closed before its first byte is `minivmm migrate` checking
+// that the destination is there before it boots its guest: skipped.
+bool is_probe(const FdTransport& t)
+{
+    char c;
+    ssize_t n;
+    do
+        n = ::recv(t.fd(), &c, 1, MSG_PEEK);
+    while (n < 0 && errno == EINTR);
+    return n == 0;
+}
+
 std::unique_ptr<FdTransport> accept_one(int ls, double timeout_s, const std::string& listen)
 {
-    auto t = accept_within(ls, timeout_s, "the sender");
-    if (!t)
-        throw Error(fmt::format("receive: no sender connected to {} within {:.0f} s", listen, timeout_s));
-    return t;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+    for (;;) {
+        const double left = std::chrono::duration<double>(deadline - std::chrono::steady_clock::now()).count();
+        auto t = left > 0 ? accept_within(ls, left, "the sender") : nullptr;
+        if (!t)
+            throw Error(fmt::format("receive: no sender connected to {} within {:.0f} s", listen, timeout_s));
+        if (!is_probe(*t))
+            return t;
+    }
 }
 
 std::optional<Hello> read_hello(Transport& t)

@@ -27,9 +27,14 @@ nlohmann::json MigrateReport::to_json() const
     j["rounds"] = json::array();
     for (const auto& r : rounds)
         j["rounds"].push_back({{"round", r.round},
+                               {"kind", r.kind},
+                               {"start_ms", r.start_ms},
                                {"pages", r.pages},
                                {"dirty_pages", r.dirty_pages},
                                {"dirty_rate_pages_per_s", r.dirty_rate},
+                               {"harvest_interval_ms", r.harvest_interval_s * 1e3},
+                               {"tracked_pages", r.tracked_pages},
+                               {"saturated", r.saturated},
                                {"bytes", r.bytes},
                                {"duration_ms", r.duration_s * 1e3},
                                {"throttle_pct", r.throttle_pct},
@@ -49,25 +54,70 @@ nlohmann::json MigrateReport::to_json() const
                    {"destination_progressed", destination_progressed}};
     if (!refused_msrs.empty())
         j["refused_msrs"] = refused_msrs;
+    add_mig_a_fields(j);
     return j;
+}
+
+// mig-a (issue 14): timings apart from total-time, convergence, QEMU's rates, states, config.
+void MigrateReport::add_mig_a_fields(nlohmann::json& j) const
+{
+    j["verify_ms"] = verify_ms;
+    j["post_run_ms"] = post_run_ms;
+    j["setup_destination_ms"] = setup_destination_ms;
+    j["setup_tracking_ms"] = setup_tracking_ms;
+    j["stop_ms"] = stop_ms;
+    j["converged"] = converged;
+    j["forced_by"] = forced_by.empty() ? nlohmann::json(nullptr) : nlohmann::json(forced_by);
+    j["max_downtime_ms"] = max_downtime_ms;
+    j["mbps"] = mbps;
+    j["pages_per_second"] = pages_per_second;
+    j["untracked_bytes"] = untracked_bytes;
+    j["source_state"] = source_state;
+    j["destination_state"] = destination_state;
+    nlohmann::json gp = nlohmann::json::array();
+    for (const auto& p : guest_progress)
+        gp.push_back({p.t_ms, p.pages_per_s});
+    j["guest_progress"] = {{"columns", {"t_ms", "pages_per_s"}}, {"points", gp}};
+    if (!config.is_null())
+        j["config"] = config;
+}
+
+// The first line of the table: the outcome, and whether pre-copy converged or was forced.
+std::string MigrateReport::summary_line() const
+{
+    std::string o = "migration " + status;
+    if (!error.empty())
+        return o + fmt::format(" in {}: {}", phase, error);
+    if (converged)
+        return o + fmt::format(" (converged: the dirty set fitted --max-downtime {:g} ms)", max_downtime_ms);
+    return o + fmt::format(", NOT converged: stop-and-copy forced by {} (downtime {:.1f} ms against --max-downtime "
+                           "{:g} ms)",
+                           forced_by.empty() ? "?" : forced_by, downtime_ms, max_downtime_ms);
 }
 
 std::string MigrateReport::to_table() const
 {
-    std::string o = fmt::format("migration {}{}\n", status, error.empty() ? "" : fmt::format(" in {}: {}", phase, error));
-    o += fmt::format("total {:.1f} ms, setup {:.1f} ms (logging on in {:.1f} ms), downtime {:.1f} ms (expected {:.1f} "
-                     "ms)\n",
-                     total_ms, setup_ms, enable.wall_s * 1e3, downtime_ms, expected_downtime_ms);
-    o += fmt::format("transferred {} ({} pages, {} zero), remaining at stop {} , throughput {}/s\n",
+    std::string o = summary_line() + "\n";
+    o += fmt::format("total {:.1f} ms (start -> {}), setup {:.1f} ms (destination {:.1f} ms, logging "
+                     "on {:.1f} ms), downtime {:.1f} ms (expected {:.1f} ms); verify {:.1f} ms, post-run {:.1f} ms\n",
+                     total_ms, downtime_ms > 0 ? "destination running" : "failure", setup_ms, setup_destination_ms,
+                     setup_tracking_ms, downtime_ms, expected_downtime_ms, verify_ms, post_run_ms);
+    o += fmt::format("transferred {} ({} pages, {} zero), remaining {} {}, pre-copy throughput {}/s, {:.0f} Mbit/s "
+                     "and {:.0f} pages/s over total - setup\n",
                      human_bytes(static_cast<double>(transferred_bytes)), pages, zero_pages,
-                     human_bytes(static_cast<double>(remaining_bytes)), human_bytes(throughput));
-    o += fmt::format("{:>6} {:>10} {:>12} {:>14} {:>12} {:>10} {:>9} {:>12}\n", "round", "pages", "dirty pages",
+                     error.empty() ? "at stop" : "when it failed", human_bytes(static_cast<double>(remaining_bytes)),
+                     human_bytes(throughput), mbps, pages_per_second);
+    o += fmt::format("{:>6} {:>10} {:>12} {:>22} {:>12} {:>10} {:>9} {:>12}\n", "round", "pages", "dirty pages",
                      "dirty pages/s", "bytes", "ms", "throttle", "dirty-limit");
-    for (size_t i = 0; i < rounds.size(); i++) {
-        const auto& r = rounds[i];
-        std::string name = i == 0 ? "bulk" : (i + 1 == rounds.size() && status != "failed" ? "stop" : std::to_string(r.round));
-        o += fmt::format("{:>6} {:>10} {:>12} {:>14.0f} {:>12} {:>10.1f} {:>8}% {:>12}\n", name, r.pages, r.dirty_pages,
-                         r.dirty_rate, human_bytes(static_cast<double>(r.bytes)), r.duration_s * 1e3, r.throttle_pct,
+    for (const auto& r : rounds) {
+        std::string name = r.kind == "precopy" ? std::to_string(r.round)
+                           : r.kind == "interrupted" ? fmt::format("{}(cut)", r.round)
+                                                     : r.kind;
+        std::string rate = r.saturated ? fmt::format("saturated, >= {:.0f}", r.dirty_rate) : fmt::format("{:.0f}", r.dirty_rate);
+        if (r.kind == "bulk")
+            rate = "-";
+        o += fmt::format("{:>6} {:>10} {:>12} {:>22} {:>12} {:>10.1f} {:>8}% {:>12}\n", name, r.pages, r.dirty_pages,
+                         rate, human_bytes(static_cast<double>(r.bytes)), r.duration_s * 1e3, r.throttle_pct,
                          r.dirty_limit ? std::to_string(r.dirty_limit) : "-");
     }
     if (!vcpu_stall_ms.empty()) {
@@ -78,6 +128,10 @@ std::string MigrateReport::to_table() const
     }
     for (const auto& [s, why] : untracked)
         o += fmt::format("slot {} sent whole at stop-and-copy: {}\n", s, why);
+    if (status == "completed")
+        o += fmt::format("source: {}; destination: {}\n", source_state, destination_state);
+    else
+        o += fmt::format("destination: {}\n", destination_state);
     if (verified)
         o += fmt::format("verify: switchover {} pages checked, {} mismatches; destination {}\n", switchover_pages_checked,
                          switchover_mismatches, stamp_summary);

@@ -22,6 +22,18 @@ struct RoundReport {
     double duration_s = 0;
     uint32_t throttle_pct = 0;   // auto-converge share in effect
     uint64_t dirty_limit = 0;    // per-vCPU cap in effect (dirty-limit)
+    // mig-a (issue 14): what each row is and when its dirty pages accrued.
+    std::string kind = "precopy";    // bulk | precopy | stop | interrupted (the round a failure cut short)
+    double start_ms = 0;             // since the migration started
+    double harvest_interval_s = 0;   // dirty_rate = dirty_pages / this (previous harvest -> this one)
+    uint64_t tracked_pages = 0;      // pages of the guest's logged memory slots (the system slot aside)
+    bool saturated = false;          // every one of them dirty: the true rate is >= dirty_rate
+};
+
+// The guest's own progress while migrating (pages written + read, all vCPUs).
+struct ProgressPoint {
+    double t_ms = 0;          // since the migration started
+    double pages_per_s = 0;   // over the bin ending at t_ms
 };
 
 struct MigrateReport {
@@ -44,8 +56,28 @@ struct MigrateReport {
     bool destination_progressed = false;
     std::vector<uint32_t> refused_msrs;
 
+    // ---- mig-a (issue 14) ----
+    // total_ms is QEMU's total-time: start -> destination running. These come after or apart.
+    double verify_ms = 0;             // the tool's own checks (digests / page compare), wherever they ran
+    double post_run_ms = 0;           // destination running -> its stamp check reported
+    double setup_destination_ms = 0;  // in-process: building the destination VM; TCP: connections + layout check
+    double setup_tracking_ms = 0;     // dirty logging on (setup_ms = both + the rest)
+    double max_downtime_ms = 0;       // the limit it ran with (--max-downtime)
+    double stop_ms = 0;               // since start: the source began to park (the downtime window opens)
+    bool converged = false;           // the dirty set fitted --max-downtime at the measured bandwidth
+    std::string forced_by;            // when not converged: max-iterations | caller (stop forced from outside)
+    double mbps = 0;                  // QEMU's mbps: transferred bits / (total - setup), in Mbit/s
+    double pages_per_second = 0;      // QEMU's pages-per-second: pages / (total - setup)
+    uint64_t untracked_bytes = 0;     // guest_memfd slots, sent whole at stop (part of expected downtime)
+    std::string source_state;         // running (given back) | parked (handed over at the switchover) | ...
+    std::string destination_state;    // none | aborted | running | checked
+    std::vector<ProgressPoint> guest_progress;  // sampled every ~10 ms from setup to park
+    nlohmann::json config;            // what it ran with (engines: config_echo()), echoed into the JSON
+
     nlohmann::json to_json() const;
     std::string to_table() const;
+    std::string summary_line() const;
+    void add_mig_a_fields(nlohmann::json& j) const;
 };
 
 struct ReceiveReport {

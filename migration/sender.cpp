@@ -48,6 +48,10 @@ Sender::Sender(StressVm& src, dirty::Tracker& tracker, const MigrateOptions& opt
       dest_(make_destination(src, opt.to, opt.verify, opt.post_run_s, hooks_.transport)),
       max_downtime_ms_(opt.max_downtime_ms)
 {
+    rep_.max_downtime_ms = opt.max_downtime_ms;
+    rep_.config = config_echo(src, opt, channels_.count());
+    rep_.source_state = "running (migration not started)";
+    rep_.destination_state = "none";
 }
 
 Sender::~Sender() = default;
@@ -58,13 +62,26 @@ void Sender::setup()
 {
     require({Phase::Idle}, "setup");
     enter(Phase::Setup);
+    rep_.source_state = "running";
+    rep_.destination_state = "being set up";
     dest_->open(StreamHeader::of(src_, channels_.count()));
+    rep_.setup_destination_ms = since(t0_) * 1e3;
+    rep_.destination_state = "receiving";
+    const auto t = clock::now();
     rep_.untracked = tracker_.untracked_slots();
     rep_.enable = tracker_.enable();
     tracking_ = true;
+    last_harvest_ = clock::now();  // the first harvest holds what was dirtied since logging went on
+    rep_.setup_tracking_ms = since(t) * 1e3;
+    for (uint32_t id : tracker_.tracked_slots())
+        if (src_.memslots().by_slot(id)->vnode >= 0)  // the guest's memory, not the system slot
+            tracked_pages_ += src_.memslots().by_slot(id)->pages();
+    for (const auto& [slot, why] : rep_.untracked)
+        rep_.untracked_bytes += src_.memslots().by_slot(slot)->pages() * 4096;
     rep_.setup_ms = since(t0_) * 1e3;
     sampler_ = std::make_unique<ProgressSampler>(src_, 1000, false);
     sampler_->start();
+    start_series();
 }
 
 // Every page of the tracked slots (logging is already on, so whatever
@@ -73,18 +90,19 @@ void Sender::bulk()
 {
     require({Phase::Setup}, "bulk");
     enter(Phase::Bulk);
-    const auto start = clock::now();
+    const auto start = bulk_start_ = clock::now();
     ChannelPages per = channels_.empty();
     uint64_t n = 0;
     for (uint32_t id : tracker_.tracked_slots()) {
         channels_.add_slot(per, id);
         n += src_.memslots().by_slot(id)->pages();
     }
-    fault_point("bulk");
-    RoundReport rr;
-    rr.round = 0;
+    RoundReport rr = begin_round(0, "bulk", start);
     rr.pages = n;
+    begin_send(rr, n);
+    fault_point("bulk");
     rr.bytes = send(per);
+    end_send();
     rr.duration_s = since(start);
     account(rr);
 }
@@ -96,25 +114,28 @@ bool Sender::precopy_round()
         enter(Phase::Precopy);
     check_cancel();
     const auto start = clock::now();
-    const double prev_s = rep_.rounds.back().duration_s;
     dirty::Harvest h = tracker_.harvest();
-    const uint64_t dirty_bytes = h.dirty_pages * 4096;
-    rep_.expected_downtime_ms = bw_ > 0 ? static_cast<double>(dirty_bytes) / bw_ * 1e3 : 0;
+    const double interval_s = harvested();
+    rep_.expected_downtime_ms = expected_downtime_ms(h.dirty_pages);
     const bool converged = bw_ > 0 && rep_.expected_downtime_ms <= max_downtime_ms_.load();
     if (converged || round_ > opt_.max_iterations) {
+        rep_.converged = converged;
+        rep_.forced_by = converged ? "" : "max-iterations";
         pending_ = std::move(h);
+        pending_interval_s_ = interval_s;
         if (opt_.progress)
             fmt::print(stderr, "\r\033[K");
         return false;
     }
+    RoundReport rr = begin_round(round_, "precopy", start);
+    rr.dirty_pages = h.dirty_pages;
+    rate(rr, h.dirty_pages, interval_s, guest_dirty(h, nullptr));
+    begin_send(rr, h.dirty_pages);
     if (round_ == 2)
         fault_point("precopy");
-    RoundReport rr;
-    rr.round = round_;
-    rr.dirty_pages = h.dirty_pages;
-    rr.dirty_rate = prev_s > 0 ? static_cast<double>(h.dirty_pages) / prev_s : 0;
-    throttle(h, prev_s, rr);
+    throttle(h, interval_s, rr);
     rr.bytes = send(channels_.split(h));
+    end_send();
     rr.pages = h.dirty_pages;
     rr.duration_s = since(start);
     account(rr);
@@ -128,27 +149,36 @@ void Sender::stop_and_copy()
     require({Phase::Bulk, Phase::Precopy}, "stop_and_copy");
     enter(Phase::Stop);
     rep_.vcpu_stall_ms = stop_sampler();
+    if (!pending_)
+        rep_.forced_by = "caller";  // stopped before pre-copy said it was done
     tdown_ = clock::now();
+    rep_.stop_ms = since(t0_) * 1e3;
     park_source();
+    rep_.source_state = "parked (stop-and-copy)";
     dirty::Harvest last = tracker_.harvest();
-    fault_point("stop");
+    const double interval_s = harvested() + pending_interval_s_;
     const ChannelPages per = final_pages(last);
     uint64_t n = 0;
     for (const auto& v : per)
         n += v.size();
     rep_.remaining_bytes = n * 4096;
+    RoundReport fr = begin_round(static_cast<uint32_t>(rep_.rounds.size()), "stop", tdown_);
+    fr.dirty_pages = n - rep_.untracked_bytes / 4096;  // distinct dirty pages of both last harvests
+    rate(fr, fr.dirty_pages, interval_s, guest_dirty(last, pending_ ? &*pending_ : nullptr));
+    begin_send(fr, n);
+    fault_point("stop");
     final_bytes_ = send(per);
-    rep_.pages += n;
-    RoundReport fr;
-    fr.round = static_cast<uint32_t>(rep_.rounds.size());
+    end_send();
     fr.pages = n;
-    fr.dirty_pages = n;
     fr.bytes = final_bytes_;
     fr.duration_s = since(tdown_);
     fr.throttle_pct = throttle_pct_;
     rep_.rounds.push_back(fr);
     rounds_++;
+    const auto tv = clock::now();
     save_state();
+    if (opt_.verify && dest_->wants_digests())
+        rep_.verify_ms += since(tv) * 1e3;
 }
 
 void Sender::switchover()
@@ -158,6 +188,8 @@ void Sender::switchover()
         throw std::logic_error("Sender::switchover() called twice");
     ResultRecord sw = dest_->switchover(states_, digests_);
     rep_.downtime_ms = since(tdown_) * 1e3;
+    rep_.total_ms = since(t0_) * 1e3;  // QEMU's total-time: the destination runs from here
+    rep_.verify_ms += dest_->verify_seconds() * 1e3;
     rep_.switchover_pages_checked = sw.pages_checked;
     rep_.switchover_mismatches = sw.mismatches;
     rep_.switchover_mismatch_gpas = sw.mismatched_gpas;
@@ -167,9 +199,12 @@ void Sender::switchover()
     // The guest lives on at the destination now; the source stays parked.
     tracker_.disable();
     tracking_ = false;
-    rep_.transferred_bytes = precopy_bytes_ + final_bytes_;
+    rep_.transferred_bytes = channels_.sent_bytes();
     rep_.zero_pages = channels_.zero_pages();
     rep_.throughput = precopy_s_ > 0 ? static_cast<double>(precopy_bytes_) / precopy_s_ : 0;
+    fill_rates();
+    rep_.source_state = "parked (handed over at the switchover)";
+    rep_.destination_state = "running";
     switched_over_ = true;
 }
 
@@ -179,13 +214,16 @@ void Sender::finish()
     if (!switched_over_)
         throw std::logic_error("Sender::finish() called before switchover()");
     enter(Phase::Destination);
+    const auto t = clock::now();
+    fault_point("destination");  // the tests' hook: the destination lost after it resumed the guest
     ResultRecord fin = dest_->finish();
+    rep_.post_run_ms = since(t) * 1e3;
+    rep_.destination_state = "ran --post-run, stopped and checked";
     rep_.pages_checked = fin.pages_checked;
     rep_.mismatches = fin.mismatches;
     rep_.stamp_summary = fin.text;
     rep_.destination_progressed = fin.ok != 0 || fin.text.find("no progress") == std::string::npos;
     rep_.verified = opt_.verify;
-    rep_.total_ms = since(t0_) * 1e3;
     phase_ = Phase::Done;
     if (!fin.ok) {
         rep_.status = "failed";
@@ -202,13 +240,21 @@ void Sender::fail(const std::string& error)
     rep_.status = cancelled() ? "cancelled" : "failed";
     if (sampler_)
         sampler_->stop();
+    stop_series();
+    count_failure();
     try {
         dest_->abort();
     } catch (...) {
     }
-    give_back_source();
-    rep_.transferred_bytes = precopy_bytes_;
-    rep_.total_ms = since(t0_) * 1e3;
+    rep_.destination_state = switched_over_ ? "lost after it resumed the guest" : "aborted";
+    if (switched_over_)  // the guest ran on at the destination: resuming the source would run it twice
+        rep_.source_state = "parked since the switchover, not resumed (its guest was handed to the destination)";
+    else {
+        give_back_source();
+        rep_.source_state = "running again (given back: logging and throttles off)";
+    }
+    if (!switched_over_)
+        rep_.total_ms = since(t0_) * 1e3;  // start -> failure (after the switchover: -> destination running)
     phase_ = Phase::Done;
 }
 
@@ -254,6 +300,11 @@ void Sender::fault_point(const char* phase)
 uint64_t Sender::send(const ChannelPages& per)
 {
     return channels_.send(*dest_, per, [this] {
+        const Phase p = phase_.load();
+        if (p == Phase::Bulk || p == Phase::Precopy) {
+            check_cancel();  // --timeout too: a long bulk pass must not outrun it
+            return;
+        }
         if (cancel_signal_ && cancel_signal_->load())
             throw Error("cancelled by signal");
         if (cancel_requested_.load())
@@ -264,7 +315,6 @@ uint64_t Sender::send(const ChannelPages& per)
 // A bulk or pre-copy round: its pages count, and the bandwidth it measured.
 void Sender::account(const RoundReport& rr)
 {
-    rep_.pages += rr.pages;
     precopy_bytes_ += rr.bytes;
     precopy_s_ += rr.duration_s;
     bw_ = precopy_s_ > 0 ? static_cast<double>(precopy_bytes_) / precopy_s_ : 0;
@@ -314,6 +364,7 @@ void Sender::print_progress(const RoundReport& rr) const
 std::vector<double> Sender::stop_sampler()
 {
     sampler_->stop();
+    stop_series();
     std::vector<double> longest(src_.vcpu_count(), 0);
     for (const Stall& s : sampler_->stalls(0))
         longest[s.vcpu] = std::max(longest[s.vcpu], s.len_ms);

@@ -55,8 +55,8 @@ struct MigrateOptions {
 // What a caller injects: the tests' faults (cli/test_hooks.hpp), later TLS.
 struct SenderHooks {
     // Called at one point of bulk (before its pages go), of precopy (round 2,
-    // after its harvest) and of stop (the source parked, its last harvest
-    // taken) with that phase's name. Throwing there loses the destination:
+    // after its harvest), of stop (the source parked, its last harvest
+    // taken) and of destination (after the switchover) with that phase's name. Throwing there loses the destination:
     // it is aborted and the migration fails in that phase.
     std::function<void(const char* phase)> at_fault_point;
     // Put around every connection to a remote destination.
@@ -67,6 +67,11 @@ enum class Phase : uint8_t { Idle, Setup, Bulk, Precopy, Stop, Destination, Done
 // "idle", "setup", "bulk", "precopy", "stop", "destination", "done"
 // (MigrateReport::phase names the phase a migration failed in).
 const char* phase_name(Phase p);
+
+// The configuration a migration ran with, and the host's kernel and KVM
+// parameters (vmm/host_info.hpp: machine_echo(), host_echo()): every
+// migrate JSON report carries it as "config".
+nlohmann::json config_echo(const StressVm& src, const MigrateOptions& o, uint32_t channels);
 
 class Sender {
 public:
@@ -116,6 +121,18 @@ private:
     ChannelPages final_pages(const dirty::Harvest& last);
     void save_state();
     void give_back_source();
+    // mig-a (issue 14): round bookkeeping.
+    double harvested();  // seconds since the previous harvest; this one becomes the previous
+    RoundReport begin_round(uint32_t round, const char* kind, clock::time_point start) const;
+    void rate(RoundReport& rr, uint64_t dirty, double interval_s, uint64_t guest_dirty) const;
+    uint64_t guest_dirty(const dirty::Harvest& a, const dirty::Harvest* b) const;
+    double expected_downtime_ms(uint64_t dirty_pages) const;
+    void begin_send(const RoundReport& rr, uint64_t pages);
+    void end_send() { inflight_ = false; }
+    void count_failure();
+    void fill_rates();
+    void start_series();
+    void stop_series();
 
     StressVm& src_;
     dirty::Tracker& tracker_;
@@ -126,6 +143,8 @@ private:
     PageChannels channels_;
     std::unique_ptr<Destination> dest_;
     std::unique_ptr<ProgressSampler> sampler_;
+    std::unique_ptr<ProgressSampler> series_;  // 100 Hz, kept: the report's guest_progress
+    double series_offset_ms_ = 0;
     MigrateReport rep_;
 
     std::atomic<Phase> phase_{Phase::Idle};
@@ -140,6 +159,14 @@ private:
     double precopy_s_ = 0, bw_ = 0;
     uint32_t round_ = 1, throttle_pct_ = 0;
     std::optional<dirty::Harvest> pending_;
+    // mig-a: harvest intervals, the round being sent (for a failure's true counts).
+    clock::time_point last_harvest_, bulk_start_;
+    double pending_interval_s_ = 0;
+    uint64_t tracked_pages_ = 0;
+    bool inflight_ = false;
+    RoundReport inflight_round_;
+    uint64_t inflight_pages_ = 0, inflight_sent_pages_ = 0, inflight_sent_bytes_ = 0;
+    clock::time_point inflight_start_;
     // Stop-and-copy.
     clock::time_point tdown_;
     uint64_t final_bytes_ = 0;

@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <sys/stat.h>
+#include <sys/utsname.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -9,7 +10,10 @@
 #include <fmt/format.h>
 
 #include "memory/hugetlb.hpp"
+#include "memory/backing.hpp"
+#include "numa/policy.hpp"
 #include "numa/topology.hpp"
+#include "vmm/config.hpp"
 #include "vmm/kvm/caps.hpp"
 #include "vmm/kvm/kvm.hpp"
 #include "base/units.hpp"
@@ -63,6 +67,41 @@ nlohmann::json module_params()
 }
 
 }  // namespace
+
+nlohmann::json host_echo()
+{
+    utsname u{};
+    ::uname(&u);
+    nlohmann::json params = nlohmann::json::object();
+    for (const auto& p : module_params())
+        params[p["module"].get<std::string>() + "." + p["name"].get<std::string>()] = p["value"];
+    std::string bal = read_line("/proc/sys/kernel/numa_balancing");
+    return {{"kernel", std::string(u.release)},
+            {"kvm_module_params", params},
+            {"thp_enabled", bracketed(read_line("/sys/kernel/mm/transparent_hugepage/enabled"))},
+            {"numa_balancing", bal.empty() ? "unavailable" : bal}};
+}
+
+nlohmann::json machine_echo(const MachineConfig& cfg)
+{
+    nlohmann::json nodes = nlohmann::json::array();
+    for (const auto& n : cfg.nodes)
+        nodes.push_back({{"vnode", n.id},
+                         {"vcpus", n.vcpus},
+                         {"mem_bytes", n.mem_bytes},
+                         {"backing", std::string(backing_name(n.backing))},
+                         {"host_policy", numa::to_string(n.host_policy)},
+                         {"host_cpus", numa::format_cpu_list(n.host_cpus)},
+                         {"prealloc", n.prealloc}});
+    const auto& w = cfg.workload;
+    return {{"vcpus", cfg.vcpus},
+            {"dirty_ring_bytes", cfg.dirty_ring_bytes},
+            {"slots_per_node", cfg.slots_per_node},
+            {"workload",
+             {{"pattern", w.pattern}, {"touch", w.touch}, {"write_pct", w.write_pct},
+              {"rate_pages_per_s", w.rate_pages_per_s}, {"seed", w.seed}}},
+            {"nodes", nodes}};
+}
 
 std::string kvm_module_param(const std::string& name)
 {

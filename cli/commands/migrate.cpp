@@ -1,4 +1,6 @@
 // minivmm migrate: boot the guest, let it dirty memory, live-migrate it.
+#include <unistd.h>
+
 #include <chrono>
 #include <fmt/format.h>
 #include <thread>
@@ -53,7 +55,9 @@ public:
         c->add_option("--timeout", timeout_, "seconds before giving up (the source resumes)")->capture_default_str();
         c->add_option("--throttle", throttle_, "auto-converge or dirty-limit:PAGES_PER_S (per vCPU)");
         c->add_option("--warmup", warmup_, "seconds the guest runs before migrating")->capture_default_str();
-        c->add_option("--post-run", post_run_, "seconds the destination runs before its stamp check")
+        c->add_option("--post-run", post_run_,
+                      "seconds the destination runs before its stamp check (and up to 5 s more until every vCPU "
+                      "showed progress)")
             ->capture_default_str();
         c->add_option("--channels", channels_, "connections (0 = one per virtual node)")->capture_default_str();
         c->add_flag("--no-verify", no_verify_, "skip the switchover compare and the destination stamp check");
@@ -65,6 +69,7 @@ public:
     {
         check_json_dest(json_);
         MigrateOptions o = parse_options();
+        check_destination(o.to);
         Kvm kvm(kvm_device());
         MachineConfig cfg = vm_.to_config(kvm);
         if (o.tracker == dirty::Mode::Ring)
@@ -116,6 +121,16 @@ private:
         return o;
     }
 
+    // A TCP destination must answer before the guest boots: one connection,
+    // closed before its first byte (receive skips it), or one line and exit 1.
+    static void check_destination(const std::string& to)
+    {
+        if (to == "inproc")
+            return;
+        auto [host, port] = parse_tcp("--to", to);
+        ::close(connect_tcp(host, port));
+    }
+
     // Test hooks (cli/test_hooks.hpp): lose the destination in a phase, or damage the stream.
     static SenderHooks test_hooks(const MigrateOptions& o)
     {
@@ -140,12 +155,20 @@ private:
         nlohmann::json j = r.to_json();
         std::string table = r.to_table();
         int rc = kExitOk;
-        if (r.status != "completed") {
+        if (r.status != "completed" && r.source_state.rfind("parked", 0) == 0) {
+            // After the switchover the source stays parked: the guest was handed over.
+            src.kill();
+            StampCheck c = verify_stamps(src);
+            table += fmt::format("source: {}; stamp check of its frozen memory {}\n", r.source_state, c.summary());
+            j["source"] = {{"running", false}, {"state", r.source_state}, {"pages_checked", c.pages_checked},
+                           {"mismatches", c.mismatches}};
+            rc = g_stop_signal.load() ? 128 + g_stop_signal.load() : kExitMigration;
+        } else if (r.status != "completed") {
             SourceCheck c = stop_and_check_source(src);
-            table += fmt::format("source: kept running ({}), stamp check {}\n",
-                                 c.running ? "made progress" : "NO PROGRESS", c.stamps.summary());
-            j["source"] = {
-                {"running", c.running}, {"pages_checked", c.stamps.pages_checked}, {"mismatches", c.stamps.mismatches}};
+            table += fmt::format("source: {} ({}), stamp check {}\n", c.running ? "kept running" : "NOT RUNNING",
+                                 c.running ? "made progress" : "no progress in 300 ms", c.stamps.summary());
+            j["source"] = {{"running", c.running}, {"state", r.source_state}, {"pages_checked", c.stamps.pages_checked},
+                           {"mismatches", c.stamps.mismatches}};
             rc = g_stop_signal.load() ? 128 + g_stop_signal.load() : kExitMigration;
         } else {
             src.kill();

@@ -100,6 +100,11 @@ TEST(Migrate, TwoNodesWithGuestMemfdOverTwoChannels)
     auto j = parse(r.out);
     expect_verified(j, 64 * kMiB / 4096);
     EXPECT_EQ(j["untracked_slots"].size(), 1u);
+    // The guest_memfd node goes whole at stop-and-copy: the expected downtime counts it.
+    EXPECT_EQ(j["untracked_bytes"].get<uint64_t>(), 32 * kMiB);
+    EXPECT_GE(j["expected_downtime_ms"].get<double>() * 1.0001,
+              32.0 * kMiB / j["throughput_bytes_per_s"].get<double>() * 1e3)
+        << j.dump();
     EXPECT_EQ(recv.wait(), 0) << recv.output();
 }
 
@@ -117,6 +122,7 @@ TEST_P(MigrateFault, InProcessSourceSurvives)
     EXPECT_EQ(j["status"], "failed");
     EXPECT_EQ(j["failed_phase"], GetParam());
     EXPECT_TRUE(j["source"]["running"].get<bool>()) << "the source guest must keep running";
+    EXPECT_EQ(j["source"]["state"].get<std::string>().rfind("running again", 0), 0u) << j["source"].dump();
     EXPECT_EQ(j["source"]["mismatches"].get<uint64_t>(), 0u);
     EXPECT_EQ(j["source"]["pages_checked"].get<uint64_t>(), 64 * kMiB / 4096);
     EXPECT_NE(r.err.find("minivmm: migration failed in " + GetParam()), std::string::npos) << r.err;
@@ -196,6 +202,7 @@ TEST_P(MigrateStreamFault, ReceiverRefusesAndTheSourceSurvives)
     EXPECT_EQ(j["status"], "failed");
     EXPECT_EQ(j["failed_phase"], phase);
     EXPECT_TRUE(j["source"]["running"].get<bool>()) << "the source guest must keep running";
+    EXPECT_EQ(j["source"]["state"].get<std::string>().rfind("running again", 0), 0u) << j["source"].dump();
     EXPECT_EQ(j["source"]["mismatches"].get<uint64_t>(), 0u);
     EXPECT_EQ(j["source"]["pages_checked"].get<uint64_t>(), 64 * kMiB / 4096);
 }
@@ -293,6 +300,8 @@ TEST(Migrate, SenderCanBeDrivenPhaseByPhase)
     EXPECT_EQ(s.phase(), Phase::Done);
     const MigrateReport& r = s.report();
     EXPECT_EQ(r.status, "completed") << r.error;
+    EXPECT_TRUE(r.converged) << "pre-copy ended because the dirty set fitted the raised limit";
+    EXPECT_TRUE(r.forced_by.empty()) << r.forced_by;
     EXPECT_EQ(r.rounds.size(), s.rounds());
     EXPECT_EQ(r.switchover_mismatches, 0u);
     EXPECT_EQ(r.mismatches, 0u) << r.stamp_summary;
@@ -350,6 +359,17 @@ TEST(Migrate, CtrlCCancelsAndTheSourceSurvives)
     MigrateReport r = migrate(src, *tracker, o, &cancel);
     t.join();
     EXPECT_EQ(r.status, "cancelled") << r.error;
+    // The true counts: the cut-short round is not "stop", what went is counted.
+    ASSERT_FALSE(r.rounds.empty());
+    EXPECT_NE(r.rounds.back().kind, "stop");
+    uint64_t bytes = 0;
+    for (const auto& rr : r.rounds)
+        bytes += rr.bytes;
+    EXPECT_EQ(r.transferred_bytes, bytes);
+    EXPECT_GT(r.transferred_bytes, 0u);
+    EXPECT_GT(r.throughput, 0.0);
+    EXPECT_GT(r.remaining_bytes, 0u) << "it never converged: pages were left";
+    EXPECT_EQ(r.to_table().find("\n  stop "), std::string::npos) << r.to_table();
     const uint64_t before = src.snapshot(1).pages_written;
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     EXPECT_GT(src.snapshot(1).pages_written, before);
