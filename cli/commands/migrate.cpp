@@ -104,7 +104,7 @@ private:
         if (o.to != "inproc")
             parse_tcp("--to", o.to);
         o.tracker = dirty::parse_mode_option("--tracker", tracker_, "tracker", "ring or bitmap");
-        o.max_downtime_ms = parse_seconds("--max-downtime", max_downtime_);
+        o.max_downtime_ms = parse_ms("--max-downtime", max_downtime_);
         o.bandwidth = parse_size_option("--bandwidth", bandwidth_);
         o.max_iterations = static_cast<uint32_t>(parse_uint("--max-iterations", max_iterations_, 1, 100000));
         o.timeout_s = parse_seconds("--timeout", timeout_);

@@ -477,6 +477,8 @@ INSTANTIATE_TEST_SUITE_P(
                       Row{"migrate --to inproc --throttle slow", 2, "--throttle", "auto-converge"},
                       Row{"migrate --to inproc --channels two", 2, "--channels", "0..64"},
                       Row{"migrate --to inproc --bandwidth fast", 2, "--bandwidth", "K/M/G suffix"},
+                      Row{"migrate --to inproc --max-downtime 0.3", 2, "--max-downtime", "write 0.3ms, or 0.3s"},
+                      Row{"migrate --to inproc --max-downtime 300 ms", 2, "ms", "minivmm migrate --help"},
                       Row{"migrate --to tcp:127.0.0.1:99999", 2, "--to", "1..65535"},
                       Row{"migrate --to inproc --channels 65", 2, "--channels", "0..64"},
                       Row{"migrate --to inproc --max-iterations 0", 2, "--max-iterations", "1..100000"},
