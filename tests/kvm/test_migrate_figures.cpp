@@ -287,7 +287,7 @@ TEST(MigrateFigures, InterruptedReceiverReportsWhatItGot)
     const std::string json = fmt::format("/tmp/minivmm-recv-{}.json", port);
     Receiver recv(fmt::format("--vcpus 2 --mem 32M --listen tcp:127.0.0.1:{} --json {}", port, json));
     auto r = run_minivmm(fmt::format("migrate --to tcp:127.0.0.1:{} --vcpus 2 --mem 32M --warmup 0.2 --bandwidth 64M "
-                                     "--max-downtime 0.001 --max-iterations 100000 --timeout 3 --json -",
+                                     "--max-downtime 0.001ms --max-iterations 100000 --timeout 3 --json -",
                                      port));
     EXPECT_EQ(r.exit_code, 5) << r.err;
     auto j = nlohmann::json::parse(r.out, nullptr, false);
