@@ -1,4 +1,5 @@
 #include "cli/output.hpp"
+#include "vmm/host_info.hpp"
 
 #include <sys/stat.h>
 #include <unistd.h>
@@ -51,6 +52,12 @@ void check_json_dest(const std::string& dest)
 {
     if (dest != "-")
         check_output_path("--json", dest, "give a writable path or - for stdout");
+}
+
+void echo_config(nlohmann::json& report, const MachineConfig& cfg)
+{
+    report["config"]["machine"] = machine_echo(cfg);
+    report["config"]["host"] = host_echo();
 }
 
 std::FILE* table_stream(const std::string& json_dest) { return json_dest == "-" ? stderr : stdout; }

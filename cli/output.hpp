@@ -9,10 +9,17 @@
 
 #include <nlohmann/json.hpp>
 
+#include "vmm/config.hpp"
+
 namespace mvm::cli {
 
 // Writes `j` to the file `dest`, or to stdout for "-".
 void write_json(const std::string& dest, const nlohmann::json& j);
+
+// Every report's JSON says what it ran with: config.machine (vCPUs, ring
+// size, workload, per virtual node backing and policy) and config.host
+// (kernel, KVM module parameters as `caps` reads them, THP, numa_balancing).
+void echo_config(nlohmann::json& report, const MachineConfig& cfg);
 
 // An output file (--json, --timeline) must be writable before a guest is
 // booted for it. Checked without opening it: bad input must neither create

@@ -126,8 +126,11 @@ public:
             r.write_timeline(timeline_);
             fmt::print(out, "timeline written to {} (plot it with scripts/plot-timeline {})\n", timeline_, timeline_);
         }
-        if (!json_.empty())
-            write_json(json_, r.to_json());
+        if (!json_.empty()) {
+            nlohmann::json j = r.to_json();
+            echo_config(j, cfg);
+            write_json(json_, j);
+        }
         if (r.interrupted)
             fmt::print(out, "interrupted: stopped cleanly; the report above is partial\n");
         return r.interrupted ? 128 + g_stop_signal.load() : kExitOk;

@@ -61,8 +61,11 @@ public:
         StressVm m(kvm, cfg);
         engines::NumaCheckReport r = engines::numa_check(m, opt, judge);
         fmt::print(table_stream(json_), "{}", to_table(r));
-        if (!json_.empty())
-            write_json(json_, to_json(r));
+        if (!json_.empty()) {
+            nlohmann::json j = to_json(r);
+            echo_config(j, m.config());
+            write_json(json_, j);
+        }
         if (r.failure || (r.stamps && !r.stamps->ok()))
             return kExitFailure;
         if (r.interrupted)

@@ -64,6 +64,7 @@ public:
             table += res.dirty_log->table();
         }
         fmt::print(table_stream(json_), "{}", table);
+        echo_config(j, m.config());
         if (!json_.empty())
             write_json(json_, j);
         if (r.failure || (r.stamps && !r.stamps->ok()))

@@ -79,6 +79,11 @@ TEST(Cli, RunJsonToStdoutHasTheDocumentedKeys)
     EXPECT_EQ(j["verify"]["mismatches"], 0);
     EXPECT_EQ(j["status"], "completed");
     EXPECT_NE(r.err.find("pages written"), std::string::npos) << "the table goes to stderr when JSON takes stdout";
+    // What it ran with, as every report says it.
+    EXPECT_EQ(j["config"]["machine"]["vcpus"], 2);
+    EXPECT_EQ(j["config"]["machine"]["nodes"][0]["backing"], "anon");
+    EXPECT_TRUE(j["config"]["host"]["kvm_module_params"].is_object());
+    EXPECT_FALSE(j["config"]["host"]["kernel"].get<std::string>().empty());
 }
 
 TEST(Cli, GuestExceptionFailsTheRunWithTheVector)

@@ -187,7 +187,10 @@ TEST(Lockup, StarvedHarvesterMakesTheVerdictInconclusive)
     auto r = run_minivmm("lockup --vcpus 2 --mem 16M --variants bitmap --logging 0.5 --steady 0.1 --json -",
                          "env MINIVMM_TEST_HARVEST_DELAY_MS=250");
     ASSERT_EQ(r.exit_code, 0) << r.err;
-    auto v = nlohmann::json::parse(r.out)["variants"][0];
+    const auto j = nlohmann::json::parse(r.out);
+    EXPECT_EQ(j["config"]["machine"]["vcpus"], 2) << "the report says what it ran with";
+    EXPECT_TRUE(j["config"]["host"].contains("kvm_module_params"));
+    auto v = j["variants"][0];
     EXPECT_EQ(v["harvests_expected"].get<uint64_t>(), 5u);
     EXPECT_LE(v["harvests"].get<uint64_t>(), 3u);
     EXPECT_GE(v["harvests"].get<uint64_t>(), 1u);

@@ -191,6 +191,9 @@ TEST(NumaCheck, SampledModeSaysItSampled)
     EXPECT_NE(r.err.find("n0: 100.0%"), std::string::npos) << r.err;
     EXPECT_EQ(r.err.find("n0: 0.4 MiB"), std::string::npos) << r.err;
     EXPECT_TRUE(j["host_nodes"]["estimated"].get<bool>());
+    // What it ran with (every report's config.machine and config.host).
+    EXPECT_EQ(j["config"]["machine"]["nodes"][0]["mem_bytes"].get<uint64_t>(), 64 * kMiB) << j["config"].dump();
+    EXPECT_FALSE(j["config"]["host"]["kernel"].get<std::string>().empty());
     EXPECT_NE(r.err.find("estimated from the sample"), std::string::npos) << r.err;
 }
 
