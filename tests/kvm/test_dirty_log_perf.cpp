@@ -106,3 +106,63 @@ TEST(DirtyLogPerf, KvmStatsPerStepAndAMessageByWhatTheyShow)
 }
 
 }  // namespace
+
+namespace {
+
+// selftest-compare repeats both tools, prints each ratio with its spread and
+// says per row whether it compares like with like. The selftest is stood in
+// for by a script printing its lines (building the real one needs
+// linux-source and minutes); minivmm is the real binary.
+TEST(SelftestCompare, RatiosWithSpreadAndWhatIsComparable)
+{
+    REQUIRE_KVM();
+    const std::string dir = testing::TempDir() + "selftest-compare-" + std::to_string(::getpid());
+    ASSERT_EQ(std::system(("mkdir -p " + dir).c_str()), 0);
+    const std::string fake = dir + "/dirty_log_perf_test";
+    {
+        std::FILE* f = std::fopen(fake.c_str(), "w");
+        ASSERT_TRUE(f);
+        std::fputs("#!/bin/sh\n"
+                   "echo 'Populate memory time: 0.400000000s'\n"
+                   "echo 'Enabling dirty logging time: 0.000100000s'\n"
+                   "echo 'Iteration 1 dirty memory time: 0.300000000s'\n"
+                   "echo 'Iteration 2 dirty memory time: 0.300000000s'\n"
+                   "echo 'Disabling dirty logging time: 0.000200000s'\n"
+                   "echo 'Get dirty log over 2 iterations took 0.000020000s. (Avg 0.000010000s/iteration)'\n"
+                   "echo 'Clear dirty log over 2 iterations took 0.000040000s. (Avg 0.000020000s/iteration)'\n",
+                   f);
+        std::fclose(f);
+    }
+    ASSERT_EQ(::chmod(fake.c_str(), 0755), 0);
+    const std::string script = std::string(MINIVMM_FUZZ_DIR) + "/../../scripts/selftest-compare";
+    const std::string json = dir + "/out.json";
+    const std::string cmd = fmt::format("{} --repeat 3 --selftest {} --minivmm {} --json {} -v 1 -b 8M -i 2 2>&1",
+                                        script, fake, MINIVMM_BINARY, json);
+    std::string out;
+    std::FILE* p = ::popen(cmd.c_str(), "r");
+    ASSERT_TRUE(p);
+    char buf[4096];
+    while (size_t n = std::fread(buf, 1, sizeof buf, p))
+        out.append(buf, n);
+    ASSERT_EQ(::pclose(p), 0) << out;
+    EXPECT_NE(out.find("median [min..max]"), std::string::npos) << out;
+    EXPECT_NE(out.find("3 of each tool per mode"), std::string::npos) << out;
+    const auto j = nlohmann::json::parse(mvm::test::read_file(json));
+    bool saw_dirty = false;
+    for (const auto& row : j["rows"]) {
+        EXPECT_EQ(row["ratios"].size(), 3u) << row.dump();
+        EXPECT_EQ(row["minivmm_s"].size(), 3u) << row.dump();
+        const auto& st = row["ratio"];
+        EXPECT_LE(st["min"].get<double>(), st["median"].get<double>());
+        EXPECT_LE(st["median"].get<double>(), st["max"].get<double>());
+        if (row["figure"] == "dirty" || row["figure"] == "populate") {
+            saw_dirty = true;
+            EXPECT_FALSE(row["comparable"].get<bool>()) << "the selftest's guest writes through the emulator here";
+        }
+    }
+    EXPECT_TRUE(saw_dirty) << out;
+    EXPECT_NE(out.find("no: the selftest's guest writes through KVM's emulator here"), std::string::npos) << out;
+    std::system(("rm -rf " + dir).c_str());
+}
+
+}  // namespace
