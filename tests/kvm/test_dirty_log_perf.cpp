@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 
@@ -162,6 +163,17 @@ TEST(SelftestCompare, RatiosWithSpreadAndWhatIsComparable)
     }
     EXPECT_TRUE(saw_dirty) << out;
     EXPECT_NE(out.find("no: the selftest's guest writes through KVM's emulator here"), std::string::npos) << out;
+    // Bad input: one line naming the option, non-zero exit.
+    for (const char* bad : {"--repeat 0", "--repeat x", "--selftest /nonexistent"}) {
+        std::string err;
+        std::FILE* q = ::popen(fmt::format("{} --minivmm {} {} 2>&1", script, MINIVMM_BINARY, bad).c_str(), "r");
+        ASSERT_TRUE(q);
+        while (size_t n = std::fread(buf, 1, sizeof buf, q))
+            err.append(buf, n);
+        EXPECT_NE(::pclose(q), 0) << bad;
+        EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << bad << ": " << err;
+        EXPECT_NE(err.find(std::string(bad).substr(0, std::string(bad).find(' '))), std::string::npos) << err;
+    }
     std::system(("rm -rf " + dir).c_str());
 }
 

@@ -94,8 +94,11 @@ TEST(DirtyRate, IntervalGivesATimeSeriesPerVcpuAndVnode)
                 EXPECT_LE(w["dirty_pages"].get<uint64_t>(), j["dirty_pages"].get<uint64_t>());
         }
         EXPECT_NEAR(covered, j["period_s"].get<double>(), 0.01) << mode;
-        EXPECT_GT(vcpu_pages[0], 0u) << mode;
-        EXPECT_GT(vcpu_pages[1], 0u) << mode;
+        // Each vCPU that wrote in the period shows dirty pages in the series
+        // (one starved for the whole period on a loaded host writes nothing).
+        for (size_t v = 0; v < 2; v++)
+            if (j["vcpus"][v]["guest_writes_per_s"].get<double>() * j["period_s"].get<double>() > 100)
+                EXPECT_GT(vcpu_pages[v], 0u) << mode << " vCPU " << v << ": " << r.err;
         EXPECT_NE(r.err.find("time series"), std::string::npos) << r.err;
     }
 }
