@@ -50,6 +50,42 @@ double run_pass(StressVm& m, uint64_t gate, bool progress, const char* what)
     return since(t0);
 }
 
+// VM and per-vCPU stats at one moment; close() records the window since then.
+struct StatMark {
+    StatSnapshot vm;
+    std::vector<StatSnapshot> vcpus;
+
+    static StatMark take(const StressVm& m)
+    {
+        StatMark k;
+        k.vm = m.vm_stats();
+        for (uint32_t i = 0; i < m.vcpu_count(); i++)
+            k.vcpus.push_back(m.vcpu_stats(i));
+        return k;
+    }
+    void close(const StressVm& m, std::vector<StatsWindow>& out, std::string name, std::string what)
+    {
+        StatMark now = take(m);
+        StatsWindow w{std::move(name), std::move(what), false, stat_delta(vm, now.vm), {}};
+        for (size_t i = 0; i < vcpus.size(); i++)
+            for (const auto& [k, v] : stat_delta(vcpus[i], now.vcpus[i]))
+                w.vcpus[k] += v;
+        out.push_back(std::move(w));
+        *this = std::move(now);
+    }
+};
+
+// What harvest `it` does in the tracker's mode.
+std::string harvest_what(const dirty::TrackerOptions& to, uint32_t it)
+{
+    if (to.mode == dirty::Mode::Ring)
+        return "collecting the dirty rings + KVM_RESET_DIRTY_RINGS";
+    if (!to.manual_protect)
+        return "KVM_GET_DIRTY_LOG (which clears and write-protects)";
+    return it == 1 ? "KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG (the first clear)"
+                   : "KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG";
+}
+
 }  // namespace
 
 PerfResult run_dirty_log_perf(const Kvm& kvm, const PerfOptions& opt)
@@ -88,19 +124,18 @@ PerfResult run_dirty_log_perf(const Kvm& kvm, const PerfOptions& opt)
         r.populate_s = run_pass(m, 1, opt.progress, "populating");
         r.pass_before_s = run_pass(m, 2, opt.progress, "pass before logging");
 
-        StatSnapshot vm0 = m.vm_stats();
-        std::vector<StatSnapshot> vc0;
-        for (uint32_t i = 0; i < m.vcpu_count(); i++)
-            vc0.push_back(m.vcpu_stats(i));
+        StatMark mark = StatMark::take(m);
+        r.vm_stats_before = mark.vm;
         r.enable = tracker->enable();
+        mark.close(m, r.windows, "enable", "KVM_SET_USER_MEMORY_REGION with KVM_MEM_LOG_DIRTY_PAGES");
+        const bool clears = to.mode == dirty::Mode::Bitmap && to.manual_protect;
         for (uint32_t it = 1; it <= opt.iterations; it++) {
             PerfIteration pi;
             pi.dirty_s = run_pass(m, 2 + it, opt.progress, fmt::format("iteration {}", it).c_str());
-            if (it == 1) {
-                r.vm_stats_enable_first = stat_delta(vm0, m.vm_stats());
-                r.vcpu_stats_enable_first = sum_vcpu_stats(vc0, m);
-            }
+            mark.close(m, r.windows, fmt::format("iteration {}", it), "the guest's writes");
             dirty::Harvest h = tracker->harvest();
+            mark.close(m, r.windows, fmt::format("harvest {}", it), harvest_what(to, it));
+            r.windows.back().first_clear = clears && it == 1;
             pi.get_s = h.get_s;
             pi.clear_s = h.clear_s;
             pi.sync_s = h.sync_s;
@@ -112,6 +147,7 @@ PerfResult run_dirty_log_perf(const Kvm& kvm, const PerfOptions& opt)
             r.iterations.push_back(pi);
         }
         r.disable = tracker->disable();
+        mark.close(m, r.windows, "disable", "KVM_SET_USER_MEMORY_REGION without KVM_MEM_LOG_DIRTY_PAGES");
     } catch (...) {
         m.kill();
         throw;
@@ -123,116 +159,6 @@ PerfResult run_dirty_log_perf(const Kvm& kvm, const PerfOptions& opt)
     if (!r.failure)
         r.stamps = verify_stamps(m);
     return r;
-}
-
-std::string to_text(const PerfResult& r)
-{
-    const auto& o = r.opt;
-    std::string s = fmt::format("minivmm dirty-log-perf: {} vCPUs x {}, {} iterations, write {}%, {} access, {} slot(s), "
-                                "{} backing, {}\n",
-                                o.vcpus, human_bytes(static_cast<double>(o.bytes_per_vcpu)), o.iterations, o.write_pct,
-                                o.random ? "random" : "sequential", o.slots, backing_name(o.backing), r.mode);
-    s += fmt::format("eager_page_split: {} (tdp_mmu {}): {}\n", r.eager.param.empty() ? "absent" : r.eager.param,
-                     r.eager.tdp_mmu.empty() ? "?" : r.eager.tdp_mmu, r.eager.note);
-    if (!r.eager_note.empty())
-        s += r.eager_note + "\n";
-    for (const auto& [slot, why] : r.untracked)
-        s += fmt::format("slot {} not tracked: {}\n", slot, why);
-    s += fmt::format("Populate memory time: {:.9f}s\n", r.populate_s);
-    s += fmt::format("Pass before logging time: {:.9f}s\n", r.pass_before_s);
-    s += fmt::format("Enabling dirty logging time: {:.9f}s\n", r.enable.wall_s);
-    for (const auto& st : r.enable.slots)
-        s += fmt::format("  slot {} (vnode {}) enabled in {:.9f}s on CPU {}\n", st.slot, st.vnode, st.seconds, st.cpu);
-    s += "\n";
-    double get = 0, clear = 0;
-    for (size_t i = 0; i < r.iterations.size(); i++) {
-        const auto& it = r.iterations[i];
-        s += fmt::format("Iteration {} dirty memory time: {:.9f}s\n", i + 1, it.dirty_s);
-        s += fmt::format("Iteration {} get dirty log time: {:.9f}s\n", i + 1, it.get_s);
-        s += fmt::format("Iteration {} clear dirty log time: {:.9f}s\n", i + 1, it.clear_s);
-        s += fmt::format("Iteration {} dirty pages: {}{}\n", i + 1, it.dirty_pages,
-                         it.ring_full_harvests ? fmt::format(" ({} ring-full harvests, {} entries, {} reset)",
-                                                             it.ring_full_harvests, it.entries, it.reset)
-                         : it.entries    ? fmt::format(" ({} entries, {} reset)", it.entries, it.reset)
-                                         : "");
-        get += it.get_s;
-        clear += it.clear_s;
-    }
-    s += fmt::format("Disabling dirty logging time: {:.9f}s\n", r.disable.wall_s);
-    const double n = static_cast<double>(std::max<size_t>(1, r.iterations.size()));
-    s += fmt::format("Get dirty log over {} iterations took {:.9f}s. (Avg {:.9f}s/iteration)\n", r.iterations.size(),
-                     get, get / n);
-    s += fmt::format("Clear dirty log over {} iterations took {:.9f}s. (Avg {:.9f}s/iteration)\n", r.iterations.size(),
-                     clear, clear / n);
-    if (!r.iterations.empty() && r.pass_before_s > 0)
-        s += fmt::format("First pass after enabling took {:.2f}x the pass before it ({:.6f}s vs {:.6f}s)\n",
-                         r.iterations[0].dirty_s / r.pass_before_s, r.iterations[0].dirty_s, r.pass_before_s);
-    s += "KVM stats over enable + iteration 1:";
-    for (const char* k : {"pages_4k", "pages_2m", "pages_1g"})
-        if (auto it = r.vm_stats_enable_first.find(k); it != r.vm_stats_enable_first.end())
-            s += fmt::format(" {} {:+}", k, it->second);
-    for (const char* k : {"pf_taken", "pf_fixed", "pf_fast", "pf_spurious"})
-        if (auto it = r.vcpu_stats_enable_first.find(k); it != r.vcpu_stats_enable_first.end())
-            s += fmt::format(" {} {:+}", k, it->second);
-    s += "\n";
-    if (r.stamps)
-        s += fmt::format("stamp check: {}\n", r.stamps->summary());
-    if (r.failure)
-        s += fmt::format("FAILED: {}\n", r.failure->reason);
-    return s;
-}
-
-nlohmann::json to_json(const PerfResult& r)
-{
-    using nlohmann::json;
-    const auto& o = r.opt;
-    json j;
-    j["config"] = {{"vcpus", o.vcpus},          {"bytes_per_vcpu", o.bytes_per_vcpu}, {"iterations", o.iterations},
-                   {"write_pct", o.write_pct},  {"random", o.random},                 {"slots", o.slots},
-                   {"backing", backing_name(o.backing)}, {"manual_protect", o.manual_protect},
-                   {"initially_set", o.manual_protect && o.initially_set}, {"ring_bytes", o.ring_bytes},
-                   {"clear_chunk_bytes", o.clear_chunk_bytes}, {"mode", r.mode}};
-    j["eager_split"] = {{"eager_page_split", r.eager.param}, {"tdp_mmu", r.eager.tdp_mmu},
-                        {"effective", r.eager.effective}, {"writable", r.eager.writable}, {"note", r.eager.note},
-                        {"setting", r.eager_note}};
-    j["populate_s"] = r.populate_s;
-    j["pass_before_logging_s"] = r.pass_before_s;
-    auto enable_json = [](const dirty::EnableReport& e) {
-        json a = json::array();
-        for (const auto& s : e.slots)
-            a.push_back({{"slot", s.slot}, {"vnode", s.vnode}, {"seconds", s.seconds}, {"cpu", s.cpu}});
-        return json{{"wall_s", e.wall_s}, {"slots", a}};
-    };
-    j["enable"] = enable_json(r.enable);
-    j["disable"] = enable_json(r.disable);
-    j["iterations"] = json::array();
-    double get = 0, clear = 0;
-    for (const auto& it : r.iterations) {
-        j["iterations"].push_back({{"dirty_s", it.dirty_s},         {"get_s", it.get_s},
-                                   {"clear_s", it.clear_s},         {"sync_s", it.sync_s},
-                                   {"dirty_pages", it.dirty_pages}, {"ring_entries", it.entries},
-                                   {"ring_reset", it.reset},        {"ring_full_harvests", it.ring_full_harvests},
-                                   {"clear_calls", it.clear_calls}});
-        get += it.get_s;
-        clear += it.clear_s;
-    }
-    j["get_total_s"] = get;
-    j["clear_total_s"] = clear;
-    json vm = json::object(), vc = json::object();
-    for (const auto& [k, v] : r.vm_stats_enable_first)
-        vm[k] = v;
-    for (const auto& [k, v] : r.vcpu_stats_enable_first)
-        vc[k] = v;
-    j["kvm_stats_enable_first_iteration"] = {{"vm", vm}, {"vcpus_sum", vc}};
-    j["untracked_slots"] = json::array();
-    for (const auto& [slot, why] : r.untracked)
-        j["untracked_slots"].push_back({{"slot", slot}, {"why", why}});
-    if (r.stamps)
-        j["verify"] = {{"pages_checked", r.stamps->pages_checked}, {"mismatches", r.stamps->mismatches}};
-    if (r.failure)
-        j["failure"] = r.failure->reason;
-    j["status"] = r.failure ? "failed" : "completed";
-    return j;
 }
 
 }  // namespace mvm::engines

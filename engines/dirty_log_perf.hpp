@@ -40,6 +40,15 @@ struct PerfIteration {
     uint64_t dirty_pages = 0, entries = 0, reset = 0, ring_full_harvests = 0, clear_calls = 0;
 };
 
+// KVM stats moved over one step of the run.
+struct StatsWindow {
+    std::string name;   // "enable", "iteration N", "harvest N", "disable"
+    std::string what;   // what ran in it, e.g. "KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG (the first clear)"
+    bool first_clear = false;  // holds the run's first KVM_CLEAR_DIRTY_LOG
+    StatDelta vm;       // VM stats (pages_4k, pages_2m, pages_1g ...)
+    StatDelta vcpus;    // vCPU stats summed over vCPUs (pf_taken, pf_fixed, pf_fast ...)
+};
+
 struct PerfResult {
     PerfOptions opt;
     std::string mode;             // "bitmap (manual protect, initially set)" ...
@@ -47,8 +56,8 @@ struct PerfResult {
     double pass_before_s = 0;     // a warm pass with logging off
     dirty::EnableReport enable, disable;
     std::vector<PerfIteration> iterations;
-    StatDelta vm_stats_enable_first;  // around enable + iteration 1
-    StatDelta vcpu_stats_enable_first;  // summed over vCPUs
+    StatSnapshot vm_stats_before;      // VM stats before logging goes on (absolute)
+    std::vector<StatsWindow> windows;  // enable, then iteration N and harvest N for each N, then disable
     std::vector<std::pair<uint32_t, std::string>> untracked;
     dirty::EagerSplitInfo eager;
     std::string eager_note;
@@ -60,6 +69,11 @@ PerfResult run_dirty_log_perf(const Kvm& kvm, const PerfOptions& opt);
 
 // The selftest's lines ("Populate memory time: ...") then a summary.
 std::string to_text(const PerfResult& r);
+// Where huge-page mappings were split, by what the stats windows show
+// (pages_2m/pages_1g going down), or that none were.
+std::string split_summary(const PerfResult& r);
+// What eager splitting should do in this run's mode, from the host's parameters.
+std::string split_expectation(const PerfResult& r);
 nlohmann::json to_json(const PerfResult& r);
 
 }  // namespace mvm::engines

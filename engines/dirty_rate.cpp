@@ -3,6 +3,7 @@
 #include <chrono>
 #include <fmt/format.h>
 #include <functional>
+#include <map>
 #include <random>
 #include <thread>
 
@@ -14,6 +15,7 @@ namespace {
 
 using clock = std::chrono::steady_clock;
 double since(clock::time_point t0) { return std::chrono::duration<double>(clock::now() - t0).count(); }
+double between(clock::time_point a, clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
 uint64_t hash_page(const uint8_t* p)
 {
@@ -25,18 +27,6 @@ uint64_t hash_page(const uint8_t* p)
     return h;
 }
 
-// Starts the machine and waits until every vCPU finished its first pass, then `warmup_s` more.
-void start_warm(StressVm& m, double warmup_s)
-{
-    m.start();
-    if (!m.wait_first_pass(std::chrono::seconds(60))) {
-        if (auto f = m.failure())
-            throw Error(f->reason);
-        throw Error("the guest did not finish its first pass within 60 s");
-    }
-    std::this_thread::sleep_for(std::chrono::duration<double>(warmup_s));
-}
-
 // What each vCPU's guest counted as written so far.
 std::vector<uint64_t> pages_written(const StressVm& m)
 {
@@ -46,31 +36,63 @@ std::vector<uint64_t> pages_written(const StressVm& m)
     return w;
 }
 
-// Sleeps in steps of up to 50 ms until the period since `t0` is over, calling
-// `tick` after each step, with the progress line; throws on a vCPU failure.
-void wait_period(const StressVm& m, const RateOptions& opt, clock::time_point t0, const std::function<void()>& tick)
+// A point in time with the guest's own write counts then.
+struct Mark {
+    clock::time_point t;
+    std::vector<uint64_t> writes;
+    static Mark now(const StressVm& m)
+    {
+        Mark k{clock::now(), pages_written(m)};
+        return k;
+    }
+};
+
+// Sleeps in steps of up to 50 ms (or `step_s`) until `len_s` since `t0` is
+// over, calling `tick` after each step, with the progress line; throws on a
+// vCPU failure.
+void wait_for(const StressVm& m, const RateOptions& opt, const char* what, clock::time_point t0, double len_s,
+              double step_s, const std::function<void()>& tick)
 {
-    while (since(t0) < opt.period_s) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(std::min(50, static_cast<int>(opt.period_s * 1000))));
+    const auto step = std::chrono::duration<double>(std::min({0.05, len_s, step_s > 0 ? step_s : 0.05}));
+    while (since(t0) < len_s) {
+        std::this_thread::sleep_for(std::min(step, std::chrono::duration<double>(len_s - since(t0))));
         if (tick)
             tick();
         if (opt.progress)
-            fmt::print(stderr, "\r\033[Kmeasuring ({}): {:.1f}/{:.1f} s", rate_mode_name(opt.mode), since(t0), opt.period_s);
+            fmt::print(stderr, "\r\033[K{} ({}): {:.1f}/{:.1f} s", what, rate_mode_name(opt.mode), since(t0), len_s);
         if (auto f = m.failure())
             throw Error(f->reason);
     }
+    if (opt.progress)
+        fmt::print(stderr, "\r\033[K");
 }
 
-// The measured period's rates, total and per vCPU (`vcpu_pages` dirtied by
-// each, `writes0`/`writes1` the guest's own counts at either end).
-void compute_rates(RateResult& r, const std::vector<double>& vcpu_pages, const std::vector<uint64_t>& writes0,
-                   const std::vector<uint64_t>& writes1)
+// Starts the machine and waits until every vCPU finished its first pass, then `warmup_s` more.
+void start_warm(StressVm& m, const RateOptions& opt)
 {
-    r.pages_per_s = static_cast<double>(r.dirty_pages) / r.period_s;
-    r.mib_per_s = r.pages_per_s * 4096 / (1 << 20);
-    for (uint32_t v = 0; v < vcpu_pages.size(); v++)
-        r.vcpus.push_back({v, vcpu_pages[v] / r.period_s, vcpu_pages[v] / r.period_s * 4096 / (1 << 20),
-                           static_cast<double>(writes1[v] - writes0[v]) / r.period_s});
+    m.start();
+    if (!m.wait_first_pass(std::chrono::seconds(60))) {
+        if (auto f = m.failure())
+            throw Error(f->reason);
+        throw Error("the guest did not finish its first pass within 60 s");
+    }
+    wait_for(m, opt, "warming up", clock::now(), opt.warmup_s, 0, {});
+}
+
+// The guest's own write rate over `opt.baseline_s` with logging still off.
+void measure_baseline(StressVm& m, const RateOptions& opt, LoggingCost& c)
+{
+    if (opt.baseline_s <= 0)
+        return;
+    const Mark a = Mark::now(m);
+    wait_for(m, opt, "baseline, logging off", a.t, opt.baseline_s, 0, {});
+    const Mark b = Mark::now(m);
+    c.measured = true;
+    c.baseline_s = between(a.t, b.t);
+    for (uint32_t v = 0; v < m.vcpu_count(); v++) {
+        c.unlogged_vcpu.push_back(static_cast<double>(b.writes[v] - a.writes[v]) / c.baseline_s);
+        c.unlogged_writes_per_s += c.unlogged_vcpu.back();
+    }
 }
 
 // Asks the guest to stop; kills its vCPUs if they have not within 10 s.
@@ -81,7 +103,47 @@ void stop(StressVm& m)
         m.kill();
 }
 
-// The harvests of one period folded into one: the union of their dirty
+// A window's skeleton: each vCPU with its working set, each vnode with the
+// working-set pages it holds, the guest's write rates between the marks.
+RateWindow open_window(const StressVm& m, const Mark& a, const Mark& b, clock::time_point origin)
+{
+    RateWindow w;
+    w.start_s = between(origin, a.t);
+    w.period_s = between(a.t, b.t);
+    std::map<uint32_t, uint64_t> node_cap;
+    for (const auto& r : m.layout().ram)
+        node_cap[r.node] = 0;
+    for (uint32_t v = 0; v < m.vcpu_count(); v++) {
+        const auto& vp = m.vcpu_params(v);
+        VcpuRate c;
+        c.vcpu = v;
+        c.working_set_pages = vp.total_pages;
+        c.guest_writes_per_s = static_cast<double>(b.writes[v] - a.writes[v]) / w.period_s;
+        w.guest_writes_per_s += c.guest_writes_per_s;
+        w.vcpus.push_back(c);
+        w.capacity_pages += vp.total_pages;
+        for (uint32_t k = 0; k < vp.nr_segments; k++)
+            for (const auto& r : m.layout().ram) {
+                const uint64_t lo = std::max(vp.seg[k].gpa, r.gpa);
+                const uint64_t hi = std::min(vp.seg[k].gpa + vp.seg[k].pages * 4096, r.gpa + r.bytes);
+                if (hi > lo)
+                    node_cap[r.node] += (hi - lo) / 4096;
+            }
+    }
+    for (const auto& [node, cap] : node_cap)
+        w.vnodes.push_back({node, 0, cap});
+    return w;
+}
+
+VnodeRate* vnode_of(RateWindow& w, int node)
+{
+    for (auto& n : w.vnodes)
+        if (static_cast<int>(n.vnode) == node)
+            return &n;
+    return nullptr;
+}
+
+// The harvests of one window folded into one: the union of their dirty
 // bits, each vCPU's ring entries summed, the time they took added to `harvest_s`.
 struct HarvestUnion {
     std::vector<uint64_t> per_vcpu;
@@ -89,13 +151,10 @@ struct HarvestUnion {
     bool have_total = false;
 
     explicit HarvestUnion(uint32_t vcpus) : per_vcpu(vcpus, 0) {}
-    void fold(dirty::Harvest h, double& harvest_s)
+    void merge_bits(const dirty::Harvest& h)
     {
-        harvest_s += h.get_s + h.clear_s;
-        for (uint32_t v = 0; v < per_vcpu.size() && v < h.per_vcpu.size(); v++)
-            per_vcpu[v] += h.per_vcpu[v];
         if (!have_total) {
-            total = std::move(h);
+            total = h;
             have_total = true;
             return;
         }
@@ -103,77 +162,114 @@ struct HarvestUnion {
             for (size_t w = 0; w < total.slots[i].bits.size(); w++)
                 total.slots[i].bits[w] |= h.slots[i].bits[w];
     }
+    void fold(const dirty::Harvest& h)
+    {
+        for (uint32_t v = 0; v < per_vcpu.size() && v < h.per_vcpu.size(); v++)
+            per_vcpu[v] += h.per_vcpu[v];
+        merge_bits(h);
+    }
+    void fold(const HarvestUnion& u)
+    {
+        for (uint32_t v = 0; v < per_vcpu.size(); v++)
+            per_vcpu[v] += u.per_vcpu[v];
+        if (u.have_total)
+            merge_bits(u.total);
+    }
 };
 
-// Distinct guest-memory pages in `total` (the system slot is the VMM's, not
-// the workload's); in bitmap mode each is also counted for the vCPU whose
-// working set holds it, in ring mode each vCPU gets the entries its ring received.
-uint64_t count_dirty_pages(const StressVm& m, RateMode mode, const HarvestUnion& u, std::vector<double>& vcpu_pages)
+// Counts a window's distinct dirty pages from its harvests: in all, per vnode
+// (by slot), per vCPU (each page to the vCPU whose working set holds it; the
+// system slot is the VMM's, not the workload's); ring entries per vCPU.
+void count_union(const StressVm& m, const HarvestUnion& u, RateWindow& w)
 {
-    uint64_t dirty_pages = 0;
     for (const auto& s : u.total.slots) {
         if (s.vnode < 0)
             continue;
-        for (uint64_t w : s.bits)
-            dirty_pages += static_cast<uint64_t>(__builtin_popcountll(w));
-        if (mode == RateMode::Bitmap)
-            s.for_each([&](uint64_t page) {
-                int o = owner_of_gpa(m, s.gpa + page * 4096);
-                if (o >= 0)
-                    vcpu_pages[static_cast<size_t>(o)] += 1;
-            });
+        uint64_t n = 0;
+        for (uint64_t b : s.bits)
+            n += static_cast<uint64_t>(__builtin_popcountll(b));
+        w.dirty_pages += n;
+        if (VnodeRate* node = vnode_of(w, s.vnode))
+            node->dirty_pages += n;
+        s.for_each([&](uint64_t page) {
+            int o = owner_of_gpa(m, s.gpa + page * 4096);
+            if (o >= 0)
+                w.vcpus[static_cast<size_t>(o)].dirty_pages++;
+        });
     }
-    if (mode == RateMode::Ring)
-        for (uint32_t v = 0; v < m.vcpu_count(); v++)
-            vcpu_pages[v] = static_cast<double>(u.per_vcpu[v]);  // entries this vCPU pushed
-    return dirty_pages;
+    for (uint32_t v = 0; v < w.vcpus.size() && v < u.per_vcpu.size(); v++)
+        w.vcpus[v].ring_entries = u.per_vcpu[v];
+    finish_window(w);
 }
 
-// Ring or bitmap: the tracker's distinct dirty pages over the period (ring
-// mode harvests every 50 ms so rings rarely fill).
+// Ring or bitmap: the tracker's distinct dirty pages over the period, and over
+// each --interval window (ring mode harvests every 50 ms so rings rarely fill).
 RateResult measure_with_tracker(StressVm& m, const RateOptions& opt)
 {
     RateResult r;
     r.mode = opt.mode;
+    r.interval_s = opt.interval_s;
     dirty::TrackerOptions to;
     to.mode = opt.mode == RateMode::Ring ? dirty::Mode::Ring : dirty::Mode::Bitmap;
     to.manual_protect = false;  // GET_DIRTY_LOG clears: one call per slot
     auto tracker = dirty::Tracker::create(m, to);
-    start_warm(m, opt.warmup_s);
+    start_warm(m, opt);
+    measure_baseline(m, opt, r.logging);
     tracker->enable();
-    auto h0 = clock::now();
-    tracker->harvest();  // start clean: everything before this moment is discarded
-    r.harvest_s += since(h0);
+    auto harvest = [&] {
+        dirty::Harvest h = tracker->harvest();
+        r.harvest_s += h.get_s + h.clear_s;
+        return h;
+    };
+    harvest();  // start clean: everything before this moment is discarded
 
-    const std::vector<uint64_t> writes0 = pages_written(m);
-    const auto t0 = clock::now();
-    HarvestUnion u(m.vcpu_count());
-    wait_period(m, opt, t0, [&] {
-        if (opt.mode == RateMode::Ring && since(t0) < opt.period_s)
-            u.fold(tracker->harvest(), r.harvest_s);
+    const Mark start = Mark::now(m);
+    Mark win = start;
+    HarvestUnion all(m.vcpu_count()), cur(m.vcpu_count());
+    auto close = [&] {
+        cur.fold(harvest());
+        const Mark end = Mark::now(m);
+        if (opt.interval_s > 0) {
+            RateWindow w = open_window(m, win, end, start.t);
+            count_union(m, cur, w);
+            r.series.push_back(std::move(w));
+        }
+        all.fold(cur);
+        cur = HarvestUnion(m.vcpu_count());
+        win = end;
+    };
+    wait_for(m, opt, "measuring", start.t, opt.period_s, opt.interval_s, [&] {
+        if (since(start.t) >= opt.period_s)
+            return;
+        if (opt.interval_s > 0 && since(win.t) >= opt.interval_s)
+            close();
+        else if (opt.mode == RateMode::Ring)
+            cur.fold(harvest());
     });
-    u.fold(tracker->harvest(), r.harvest_s);
-    r.period_s = since(t0);
-    const std::vector<uint64_t> writes1 = pages_written(m);
-    if (opt.progress)
-        fmt::print(stderr, "\r\033[K");
-
-    std::vector<double> vcpu_pages(m.vcpu_count(), 0);
-    r.dirty_pages = count_dirty_pages(m, opt.mode, u, vcpu_pages);
-    r.note = opt.mode == RateMode::Ring ? "per-vCPU rates are the entries each vCPU's ring received"
-                                        : "per-vCPU rates attribute each dirty page to the vCPU whose working set holds it";
+    close();
     tracker->disable();
-    compute_rates(r, vcpu_pages, writes0, writes1);
+    r.total = open_window(m, start, win, start.t);
+    count_union(m, all, r.total);
+    if (r.logging.measured) {
+        r.logging.logged_writes_per_s = r.total.guest_writes_per_s;
+        r.logging.slowdown = r.logging.logged_writes_per_s > 0
+                                 ? r.logging.unlogged_writes_per_s / r.logging.logged_writes_per_s
+                                 : 0;
+    }
+    r.note = opt.mode == RateMode::Ring
+                 ? "per-vCPU pages: distinct dirty pages of its working set; ring entries: what its ring received "
+                   "(a page counts again after every reset, so entries can exceed distinct pages)"
+                 : "per-vCPU pages: distinct dirty pages of its working set";
     stop(m);
     return r;
 }
 
-// A guest page hashed at the start of the period.
+// A guest page hashed at the start of the period and of the current window.
 struct Sample {
-    uint64_t gpa;
     const uint8_t* host;
-    uint64_t hash;
+    uint64_t hash_period, hash_window;
     int owner;  // the vCPU whose working set holds it, or -1
+    uint32_t node;
 };
 
 // Random guest pages of every node, `per_gib` per GiB (at least one per node).
@@ -189,62 +285,80 @@ std::vector<Sample> pick_samples(const StressVm& m, uint64_t per_gib)
             const uint8_t* host = m.host_ptr(gpa, 4096);
             if (!host)
                 continue;  // guest_memfd without a host mapping of ours: cannot be read here
-            samples.push_back({gpa, host, 0, owner_of_gpa(m, gpa)});
+            samples.push_back({host, 0, 0, owner_of_gpa(m, gpa), range.node});
         }
     }
     return samples;
 }
 
-// The samples whose hash changed, scaled to the guest's memory and to each
-// vCPU's working set.
-void judge_samples(RateResult& r, const StressVm& m, const std::vector<Sample>& samples, std::vector<double>& vcpu_pages)
+double scaled(uint64_t changed, uint64_t of, uint64_t pages)
 {
-    const uint32_t n = m.vcpu_count();
-    uint64_t guest_bytes = 0;
-    for (const auto& range : m.layout().ram)
-        guest_bytes += range.bytes;
-    std::vector<uint64_t> owned(n, 0), changed(n, 0);
-    for (const auto& s : samples) {
-        const bool c = hash_page(s.host) != s.hash;
-        r.samples_changed += c;
+    return of ? static_cast<double>(changed) / static_cast<double>(of) * static_cast<double>(pages) : 0;
+}
+
+// The samples whose hash changed since the period's (or the window's) start,
+// scaled to each vCPU's working set and each node's pages.
+void judge_samples(std::vector<Sample>& samples, bool whole_period, RateWindow& w)
+{
+    std::vector<uint64_t> owned(w.vcpus.size(), 0), changed(w.vcpus.size(), 0);
+    std::map<uint32_t, std::pair<uint64_t, uint64_t>> node;  // sampled, changed
+    for (auto& s : samples) {
+        const uint64_t h = hash_page(s.host);
+        const bool c = h != (whole_period ? s.hash_period : s.hash_window);
+        s.hash_window = h;
+        w.samples++;
+        w.samples_changed += c;
+        node[s.node].first++;
+        node[s.node].second += c;
         if (s.owner >= 0) {
             owned[static_cast<size_t>(s.owner)]++;
             changed[static_cast<size_t>(s.owner)] += c;
         }
     }
-    r.samples = samples.size();
-    r.dirty_pages = r.samples ? static_cast<uint64_t>(static_cast<double>(r.samples_changed) /
-                                                      static_cast<double>(r.samples) *
-                                                      static_cast<double>(guest_bytes / 4096))
-                              : 0;
-    for (uint32_t v = 0; v < n; v++)
-        vcpu_pages[v] = owned[v] ? static_cast<double>(changed[v]) / static_cast<double>(owned[v]) *
-                                       static_cast<double>(m.vcpu_params(v).total_pages)
-                                 : 0;
-    r.note = fmt::format("{} of {} sampled pages changed", r.samples_changed, r.samples);
+    w.dirty_pages = static_cast<uint64_t>(scaled(w.samples_changed, w.samples, w.capacity_pages));
+    for (size_t v = 0; v < w.vcpus.size(); v++)
+        w.vcpus[v].dirty_pages = static_cast<uint64_t>(scaled(changed[v], owned[v], w.vcpus[v].working_set_pages));
+    for (auto& n : w.vnodes)
+        n.dirty_pages = static_cast<uint64_t>(scaled(node[n.vnode].second, node[n.vnode].first, n.pages));
+    finish_window(w);
+    if (w.samples && w.samples_changed == w.samples)
+        w.saturated = w.lower_bound = true;
 }
 
-// Sampling: hash a random sample of pages at either end of the period, no logging at all.
+// Sampling: hash a random sample of pages at either end of the period (and of
+// each --interval window), no logging at all.
 RateResult measure_by_sampling(StressVm& m, const RateOptions& opt)
 {
     RateResult r;
     r.mode = opt.mode;
-    start_warm(m, opt.warmup_s);
+    r.interval_s = opt.interval_s;
+    start_warm(m, opt);
     std::vector<Sample> samples = pick_samples(m, opt.sample_pages_per_gib);
 
-    const std::vector<uint64_t> writes0 = pages_written(m);
-    const auto t0 = clock::now();
+    const Mark start = Mark::now(m);
     for (auto& s : samples)
-        s.hash = hash_page(s.host);
-    wait_period(m, opt, t0, {});
-    r.period_s = since(t0);
-    const std::vector<uint64_t> writes1 = pages_written(m);
-    if (opt.progress)
-        fmt::print(stderr, "\r\033[K");
-
-    std::vector<double> vcpu_pages(m.vcpu_count(), 0);
-    judge_samples(r, m, samples, vcpu_pages);
-    compute_rates(r, vcpu_pages, writes0, writes1);
+        s.hash_period = s.hash_window = hash_page(s.host);
+    Mark win = start;
+    wait_for(m, opt, "measuring", start.t, opt.period_s, opt.interval_s, [&] {
+        if (opt.interval_s <= 0 || since(win.t) < opt.interval_s || since(start.t) >= opt.period_s)
+            return;
+        const Mark end = Mark::now(m);
+        RateWindow w = open_window(m, win, end, start.t);
+        judge_samples(samples, false, w);
+        r.series.push_back(std::move(w));
+        win = end;
+    });
+    const Mark end = Mark::now(m);
+    if (opt.interval_s > 0) {
+        RateWindow w = open_window(m, win, end, start.t);
+        judge_samples(samples, false, w);
+        r.series.push_back(std::move(w));
+    }
+    r.total = open_window(m, start, end, start.t);
+    judge_samples(samples, true, r.total);
+    r.note = fmt::format("{} of {} sampled pages changed; sampling does no logging, so the guest's rate is the "
+                         "unlogged one",
+                         r.total.samples_changed, r.total.samples);
     stop(m);
     return r;
 }
@@ -264,40 +378,6 @@ const char* rate_mode_name(RateMode m)
 RateResult measure_dirty_rate(StressVm& m, const RateOptions& opt)
 {
     return opt.mode == RateMode::Sampling ? measure_by_sampling(m, opt) : measure_with_tracker(m, opt);
-}
-
-nlohmann::json to_json(const RateResult& r)
-{
-    nlohmann::json j;
-    j["mode"] = rate_mode_name(r.mode);
-    j["period_s"] = r.period_s;
-    j["dirty_pages"] = r.dirty_pages;
-    j["dirty_rate_pages_per_s"] = r.pages_per_s;
-    j["dirty_rate_mib_per_s"] = r.mib_per_s;
-    j["harvest_s"] = r.harvest_s;
-    if (r.mode == RateMode::Sampling)
-        j["sampling"] = {{"samples", r.samples}, {"changed", r.samples_changed}};
-    j["vcpus"] = nlohmann::json::array();
-    for (const auto& v : r.vcpus)
-        j["vcpus"].push_back({{"vcpu", v.vcpu},
-                              {"dirty_rate_pages_per_s", v.pages_per_s},
-                              {"dirty_rate_mib_per_s", v.mib_per_s},
-                              {"guest_writes_per_s", v.guest_writes_per_s}});
-    j["note"] = r.note;
-    return j;
-}
-
-std::string to_table(const RateResult& r)
-{
-    std::string o = fmt::format("dirty rate ({}, {:.2f} s): {:.1f} MiB/s, {:.0f} pages/s ({} distinct pages)\n",
-                                rate_mode_name(r.mode), r.period_s, r.mib_per_s, r.pages_per_s, r.dirty_pages);
-    o += fmt::format("{:>5} {:>14} {:>12} {:>18}\n", "vCPU", "pages/s", "MiB/s", "guest writes/s");
-    for (const auto& v : r.vcpus)
-        o += fmt::format("{:>5} {:>14.0f} {:>12.1f} {:>18.0f}\n", v.vcpu, v.pages_per_s, v.mib_per_s, v.guest_writes_per_s);
-    if (r.mode != RateMode::Sampling)
-        o += fmt::format("harvesting took {:.3f} ms in all\n", r.harvest_s * 1e3);
-    o += r.note + "\n";
-    return o;
 }
 
 }  // namespace mvm::engines

@@ -31,6 +31,12 @@ public:
         vm_.add_to(*c);
         c->add_option("--mode", mode_, "ring|bitmap|sampling")->capture_default_str();
         c->add_option("--period", period_, "seconds to measure over")->capture_default_str();
+        c->add_option("--interval", interval_,
+                      "also report a time series: one window every this many seconds (per vCPU and per node)");
+        c->add_option("--baseline", baseline_,
+                      "ring/bitmap: seconds of the guest's own write rate with logging off before logging goes on "
+                      "(0: none)")
+            ->capture_default_str();
         c->add_option("--warmup", warmup_, "seconds to run after the first pass before measuring")
             ->capture_default_str();
         c->add_option("--ring", ring_, "with --mode ring: bytes per vCPU ring (default 64K)");
@@ -49,6 +55,12 @@ public:
         if (o.period_s <= 0)
             throw UsageError("--period: must be positive, e.g. 1");
         o.warmup_s = parse_seconds("--warmup", warmup_);
+        o.baseline_s = parse_seconds("--baseline", baseline_);
+        if (!interval_.empty()) {
+            o.interval_s = parse_seconds("--interval", interval_);
+            if (o.interval_s < 0.01 || o.interval_s > o.period_s)
+                throw UsageError(fmt::format("--interval {}: must be between 0.01 and --period ({})", interval_, period_));
+        }
         o.sample_pages_per_gib = parse_uint("--sample-pages", sample_, 1, 1u << 18);
         if (!ring_.empty() && o.mode != RateMode::Ring)
             throw UsageError("--ring: only with --mode ring");
@@ -68,7 +80,8 @@ public:
 
 private:
     VmOptions vm_;
-    std::string mode_ = "bitmap", period_ = "1", warmup_ = "0.5", ring_, sample_ = "512", json_;
+    std::string mode_ = "bitmap", period_ = "1", warmup_ = "0.5", baseline_ = "0.5", interval_, ring_, sample_ = "512",
+                json_;
 };
 
 }  // namespace

@@ -336,7 +336,11 @@ TEST(DirtyRate, ModesAgreeWithTheGuestsOwnCount)
         for (const auto& v : j["vcpus"])
             guest += v["guest_writes_per_s"].get<double>();
         const double measured = j["dirty_rate_pages_per_s"].get<double>();
-        EXPECT_GT(guest, 30000) << mode;
+        // 2 x 20000 pages/s unlogged; logging slows the guest (every write in the
+        // period is a first write to a protected page: ~27000/s here with the
+        // machine half loaded; logging_cost shows it), so only ask for a real rate.
+        EXPECT_GT(guest, 10000) << mode;
+        EXPECT_FALSE(j["saturated"].get<bool>()) << mode << ": 10000 of 16384 pages per vCPU at most";
         // Exact for the logging modes (plus mailbox noise); sampling estimates.
         const double tol = std::string(mode) == "sampling" ? 0.25 : 0.08;
         EXPECT_NEAR(measured / guest, 1.0, tol) << mode << ": measured " << measured << " guest " << guest;
