@@ -104,6 +104,7 @@ PerfResult run_dirty_log_perf(const Kvm& kvm, const PerfOptions& opt)
     cfg.slots_per_node = opt.slots;
     cfg.dirty_ring_bytes = opt.ring_bytes;
     StressVm m(kvm, cfg);
+    r.machine = m.config();
 
     dirty::TrackerOptions to;
     to.mode = opt.ring_bytes ? dirty::Mode::Ring : dirty::Mode::Bitmap;

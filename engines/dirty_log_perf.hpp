@@ -51,6 +51,7 @@ struct StatsWindow {
 
 struct PerfResult {
     PerfOptions opt;
+    MachineConfig machine;        // the VM it built from opt
     std::string mode;             // "bitmap (manual protect, initially set)" ...
     double populate_s = 0;        // first pass: faults every page in
     double pass_before_s = 0;     // a warm pass with logging off

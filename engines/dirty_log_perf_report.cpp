@@ -151,7 +151,7 @@ nlohmann::json to_json(const PerfResult& r)
     auto enable_json = [](const dirty::EnableReport& e) {
         json a = json::array();
         for (const auto& s : e.slots)
-            a.push_back({{"slot", s.slot}, {"vnode", s.vnode}, {"seconds", s.seconds}, {"cpu", s.cpu}});
+            a.push_back({{"slot", s.slot}, {"vnode", s.vnode}, {"seconds", s.seconds}, {"host_cpu", s.cpu}});
         return json{{"wall_s", e.wall_s}, {"slots", a}};
     };
     j["enable"] = enable_json(r.enable);

@@ -59,8 +59,11 @@ public:
         install_stop_signals();
         engines::PerfResult r = engines::run_dirty_log_perf(kvm, o);
         fmt::print(table_stream(json_), "{}", to_text(r));
-        if (!json_.empty())
-            write_json(json_, to_json(r));
+        if (!json_.empty()) {
+            nlohmann::json j = to_json(r);
+            echo_config(j, r.machine);
+            write_json(json_, j);
+        }
         if (r.failure || (r.stamps && !r.stamps->ok()))
             return kExitFailure;
         return kExitOk;

@@ -73,8 +73,11 @@ public:
         StressVm m(kvm, cfg);
         engines::RateResult r = engines::measure_dirty_rate(m, o);
         fmt::print(table_stream(json_), "{}", to_table(r));
-        if (!json_.empty())
-            write_json(json_, to_json(r));
+        if (!json_.empty()) {
+            nlohmann::json j = to_json(r);
+            echo_config(j, m.config());
+            write_json(json_, j);
+        }
         return m.failure() ? kExitFailure : kExitOk;
     }
 

@@ -72,6 +72,9 @@ TEST(DirtyLogPerf, KvmStatsPerStepAndAMessageByWhatTheyShow)
         auto r = run_minivmm("dirty-log-perf -v 2 -b 16M -i 3 --json -" + extra);
         ASSERT_EQ(r.exit_code, 0) << extra << ": " << r.err;
         auto j = nlohmann::json::parse(r.out);
+        EXPECT_EQ(j["config"]["machine"]["vcpus"], 2) << "the report says what it ran with";
+        EXPECT_TRUE(j["config"]["host"].contains("kvm_module_params"));
+        EXPECT_EQ(j["config"]["vcpus"], 2) << "next to its own options";
         const auto& w = j["kvm_stats_windows"];
         std::vector<std::string> names;
         for (const auto& x : w)

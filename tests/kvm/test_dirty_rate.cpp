@@ -112,6 +112,8 @@ TEST(DirtyRate, RingColumnsSayWhatTheyCountAndLoggingCostIsShown)
     auto r = run_minivmm("dirty-rate --mode ring --period 0.5 --baseline 0.2 --vcpus 2 --mem 16M --json -");
     ASSERT_EQ(r.exit_code, 0) << r.err;
     auto j = nlohmann::json::parse(r.out);
+    EXPECT_EQ(j["config"]["machine"]["dirty_ring_bytes"], 64 * 1024) << "the report says what it ran with";
+    EXPECT_TRUE(j["config"]["host"].contains("kernel"));
     uint64_t distinct = 0, entries = 0;
     for (const auto& v : j["vcpus"]) {
         distinct += v["dirty_pages"].get<uint64_t>();
