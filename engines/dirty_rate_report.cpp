@@ -132,6 +132,7 @@ void finish_window(RateWindow& w)
 nlohmann::json to_json(const RateResult& r)
 {
     nlohmann::json j = window_json(r.total, r.mode);
+    j["status"] = "completed";  // a dirty-rate that fails reports an error instead
     j["mode"] = rate_mode_name(r.mode);
     j["harvest_s"] = r.harvest_s;
     j["vcpu_columns"] = vcpu_columns(r.mode);

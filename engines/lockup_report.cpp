@@ -13,6 +13,7 @@ nlohmann::json LockupReport::to_json() const
 {
     using nlohmann::json;
     json j;
+    j["status"] = interrupted ? "interrupted" : "completed";
     j["vcpus"] = vcpus;
     j["mem_bytes"] = mem_bytes;
     j["backing"] = backing;

@@ -290,6 +290,7 @@ nlohmann::json to_json(const NumaCheckReport& r)
 {
     using nlohmann::json;
     json j;
+    j["status"] = r.failure ? "failed" : r.interrupted ? "interrupted" : "completed";
     j["ok"] = r.placement_ok() && !r.failure && !r.interrupted;
     j["placement_ok"] = r.placement_ok();
     j["affinity_ok"] = r.affinity_ok();

@@ -116,10 +116,15 @@ nlohmann::json to_json(const RunReport& r)
     }
     j["kvm_stats"]["vm"] = stats_json(r.vm_stats);
     j["kvm_stats"]["vcpus"] = nlohmann::json::array();
-    for (const auto& d : r.vcpu_stats)
-        j["kvm_stats"]["vcpus"].push_back(stats_json(d));
+    for (size_t i = 0; i < r.vcpu_stats.size(); i++) {
+        nlohmann::json s = stats_json(r.vcpu_stats[i]);
+        s["vcpu"] = i;
+        j["kvm_stats"]["vcpus"].push_back(std::move(s));
+    }
     if (r.stamps)
-        j["verify"] = {{"pages_checked", r.stamps->pages_checked}, {"mismatches", r.stamps->mismatches}};
+        j["verify"] = {{"pages_checked", r.stamps->pages_checked},
+                       {"mismatches", r.stamps->mismatches},
+                       {"foreign", r.stamps->foreign}};
     if (r.failure)
         j["failure"] = {{"vcpu", r.failure->vcpu},
                         {"reason", r.failure->reason},

@@ -86,6 +86,55 @@ TEST(Cli, RunJsonToStdoutHasTheDocumentedKeys)
     EXPECT_FALSE(j["config"]["host"]["kernel"].get<std::string>().empty());
 }
 
+namespace {
+
+// Walks a report: no bare "id" anywhere (vcpu, vnode, node say which), every
+// object in vcpus[] / vnodes[] names itself with vcpu / vnode.
+void expect_vocabulary(const nlohmann::json& j, const std::string& where)
+{
+    if (j.is_object()) {
+        for (const auto& [k, v] : j.items()) {
+            EXPECT_NE(k, "id") << where;
+            if ((k == "vcpus" || k == "vnodes") && v.is_array())
+                for (const auto& e : v)
+                    if (e.is_object())
+                        EXPECT_TRUE(e.contains(k == "vcpus" ? "vcpu" : "vnode")) << where << "." << k << ": " << e.dump();
+            expect_vocabulary(v, where + "." + k);
+        }
+    } else if (j.is_array()) {
+        for (const auto& e : j)
+            expect_vocabulary(e, where + "[]");
+    }
+}
+
+}  // namespace
+
+// One schema vocabulary across commands (README "Reports and their JSON"):
+// status, config.machine and config.host in every report, ids named by what
+// they are, the same words for the same things.
+TEST(Cli, EveryReportSpeaksOneVocabulary)
+{
+    REQUIRE_KVM();
+    const char* runs[] = {
+        "run --vcpus 2 --mem 16M --duration 0.2 --json -",
+        "numa-check --vcpus 2 --mem 16M --json -",
+        "dirty-rate --vcpus 2 --mem 16M --period 0.2 --baseline 0 --json -",
+        "dirty-log-perf -v 2 -b 8M -i 2 --json -",
+        "lockup --vcpus 2 --mem 16M --variants bitmap --steady 0.1 --logging 0.2 --json -",
+        "migrate --to inproc --vcpus 2 --mem 16M --warmup 0.1 --post-run 0 --json -",
+    };
+    for (const char* cmd : runs) {
+        auto r = run_minivmm(cmd);
+        ASSERT_EQ(r.exit_code, 0) << cmd << ": " << r.err;
+        auto j = nlohmann::json::parse(r.out, nullptr, false);
+        ASSERT_FALSE(j.is_discarded()) << cmd;
+        EXPECT_EQ(j["status"], "completed") << cmd;
+        EXPECT_TRUE(j["config"]["machine"].contains("nodes")) << cmd;
+        EXPECT_TRUE(j["config"]["host"].contains("kvm_module_params")) << cmd;
+        expect_vocabulary(j, cmd);
+    }
+}
+
 TEST(Cli, GuestExceptionFailsTheRunWithTheVector)
 {
     REQUIRE_KVM();
