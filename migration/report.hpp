@@ -24,6 +24,17 @@ struct RoundReport {
     uint64_t dirty_limit = 0;    // per-vCPU cap in effect (dirty-limit)
 };
 
+// The downtime window (stop-and-copy to the destination running), part by
+// part; the parts sum to at most downtime_ms (the rest is bookkeeping).
+struct DowntimeSplit {
+    double park_ms = 0;                    // the source's vCPUs parked at a batch boundary
+    double final_harvest_ms = 0;           // the last dirty-log harvest
+    double final_send_ms = 0;              // its pages, plus guest_memfd slots whole
+    double vcpu_state_ms = 0;              // saving every vCPU's state at the source
+    double restore_ms = 0;                 // handing it over until the destination runs (over TCP: incl. the wire)
+    double destination_restore_ms = -1;    // of which the destination's own load-and-start (-1: not reported)
+};
+
 struct MigrateReport {
     std::string status = "failed";  // completed | failed | cancelled
     std::string error;
@@ -43,9 +54,17 @@ struct MigrateReport {
     std::string stamp_summary;
     bool destination_progressed = false;
     std::vector<uint32_t> refused_msrs;
+    // ---- downtime split, verification after resume, the guest's view (mig-b) ----
+    DowntimeSplit split;
+    double verify_ms = 0;            // after resume: hashing the parked source and comparing (not in downtime_ms)
+    double downtime_guest_ms = -1;   // longest vCPU gap across the switchover on the guest's migrated TSC
+    std::string downtime_guest_note; // why it is missing, when it is
+    std::string source_state, destination_state;  // what each side is at the end ("" before the switchover)
 
     nlohmann::json to_json() const;
     std::string to_table() const;
+    void split_to_json(nlohmann::json& j) const;
+    std::string split_to_table() const;
 };
 
 struct ReceiveReport {
@@ -53,7 +72,24 @@ struct ReceiveReport {
     uint64_t pages = 0, zero_pages = 0, bytes = 0;
     uint64_t pages_checked = 0, mismatches = 0;
     std::string stamp_summary;
+    // Timings, as this side saw them (ms).
+    double total_ms = 0;         // first record to the end of the stamp check
+    double memory_ms = 0;        // first page to the last CHANNEL_DONE (bulk, pre-copy and stop-and-copy)
+    double switchover_ms = 0;    // the last CHANNEL_DONE to the guest running here (vCPU states + restore)
+    double restore_ms = 0;       // loading the vCPU states and starting the guest
+    double verify_ms = 0;        // comparing the source's digests, the guest running
+    double post_run_ms = 0;      // the guest's run here and its stamp check
+    double downtime_guest_ms = -1;  // the switchover on the guest's own TSC (-1: not measured)
+    std::string downtime_guest_note;
+    bool verified = false;
+    uint64_t verify_pages_checked = 0, verify_mismatches = 0;
+    std::vector<uint32_t> refused_msrs;
+    std::string guest = "never started";  // its state at the end
     nlohmann::json to_json() const;
+    std::string to_table() const;
 };
+
+// MSR indices as the SDM writes them: "0x10".
+std::vector<std::string> msr_names(const std::vector<uint32_t>& msrs);
 
 }  // namespace mvm::migration

@@ -13,12 +13,12 @@ namespace mvm::migration {
 
 namespace {
 
-constexpr uint64_t kDigestBytes = 2ull << 20;
-
 double since(std::chrono::steady_clock::time_point t0)
 {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
+
+double ms_since(std::chrono::steady_clock::time_point t0) { return since(t0) * 1e3; }
 
 uint32_t channel_count(const StressVm& src, const MigrateOptions& opt)
 {
@@ -123,6 +123,7 @@ bool Sender::precopy_round()
     return true;
 }
 
+// The downtime window opens here: every part is timed (DowntimeSplit).
 void Sender::stop_and_copy()
 {
     require({Phase::Bulk, Phase::Precopy}, "stop_and_copy");
@@ -130,14 +131,19 @@ void Sender::stop_and_copy()
     rep_.vcpu_stall_ms = stop_sampler();
     tdown_ = clock::now();
     park_source();
+    rep_.split.park_ms = ms_since(tdown_);
+    auto t = clock::now();
     dirty::Harvest last = tracker_.harvest();
+    rep_.split.final_harvest_ms = ms_since(t);
     fault_point("stop");
+    t = clock::now();
     const ChannelPages per = final_pages(last);
     uint64_t n = 0;
     for (const auto& v : per)
         n += v.size();
     rep_.remaining_bytes = n * 4096;
     final_bytes_ = send(per);
+    rep_.split.final_send_ms = ms_since(t);
     rep_.pages += n;
     RoundReport fr;
     fr.round = static_cast<uint32_t>(rep_.rounds.size());
@@ -148,22 +154,29 @@ void Sender::stop_and_copy()
     fr.throttle_pct = throttle_pct_;
     rep_.rounds.push_back(fr);
     rounds_++;
+    t = clock::now();
     save_state();
+    rep_.split.vcpu_state_ms = ms_since(t);
 }
 
+// The destination resumes: the downtime window closes. Verification runs
+// after it, the destination running, the source still parked.
 void Sender::switchover()
 {
     require({Phase::Stop}, "switchover");
     if (switched_over_)
         throw std::logic_error("Sender::switchover() called twice");
-    ResultRecord sw = dest_->switchover(states_, digests_);
-    rep_.downtime_ms = since(tdown_) * 1e3;
-    rep_.switchover_pages_checked = sw.pages_checked;
-    rep_.switchover_mismatches = sw.mismatches;
-    rep_.switchover_mismatch_gpas = sw.mismatched_gpas;
+    const auto t = clock::now();
+    ResultRecord sw = dest_->switchover(states_);
+    rep_.split.restore_ms = ms_since(t);
+    rep_.downtime_ms = ms_since(tdown_);
+    rep_.split.destination_restore_ms = sw.restore_ms;
+    rep_.refused_msrs = sw.refused_msrs;
     if (!sw.ok)
-        throw Error("switchover check failed: " + sw.text);
-    rep_.refused_msrs = dest_->refused_msrs();
+        throw Error("the destination did not resume: " + sw.text);
+    rep_.source_state = "parked";
+    rep_.destination_state = "running";
+    enter(Phase::Destination);
     // The guest lives on at the destination now; the source stays parked.
     tracker_.disable();
     tracking_ = false;
@@ -171,14 +184,38 @@ void Sender::switchover()
     rep_.zero_pages = channels_.zero_pages();
     rep_.throughput = precopy_s_ > 0 ? static_cast<double>(precopy_bytes_) / precopy_s_ : 0;
     switched_over_ = true;
+    verify_after_resume();
+}
+
+// The parked source hashes its frozen memory; the destination compares it
+// with its pages as they landed. A mismatch fails the migration: the
+// destination's copy is discarded and fail() resumes the intact source.
+void Sender::verify_after_resume()
+{
+    const auto t = clock::now();
+    std::optional<PageHashes> frozen;
+    if (opt_.verify)
+        frozen = PageHashes::of_memory(src_);
+    ResultRecord v = dest_->verify(frozen ? &*frozen : nullptr);
+    rep_.verify_ms = ms_since(t);
+    rep_.downtime_guest_ms = v.guest_gap_ms;
+    if (v.guest_gap_ms < 0)
+        rep_.downtime_guest_note = v.text;
+    rep_.switchover_pages_checked = v.pages_checked;
+    rep_.switchover_mismatches = v.mismatches;
+    rep_.switchover_mismatch_gpas = v.mismatched_gpas;
+    if (!v.ok) {
+        rep_.destination_state = "stopped: its copy was discarded";
+        rep_.source_state = "resumed: the guest runs on at the source";
+        throw Error("verification after resume failed: " + v.text);
+    }
 }
 
 void Sender::finish()
 {
-    require({Phase::Stop}, "finish");
+    require({Phase::Destination}, "finish");
     if (!switched_over_)
         throw std::logic_error("Sender::finish() called before switchover()");
-    enter(Phase::Destination);
     ResultRecord fin = dest_->finish();
     rep_.pages_checked = fin.pages_checked;
     rep_.mismatches = fin.mismatches;
@@ -187,6 +224,7 @@ void Sender::finish()
     rep_.verified = opt_.verify;
     rep_.total_ms = since(t0_) * 1e3;
     phase_ = Phase::Done;
+    rep_.destination_state = "stopped after its post-run check";
     if (!fin.ok) {
         rep_.status = "failed";
         rep_.error = "destination check failed after resume: " + fin.text;
@@ -347,18 +385,11 @@ ChannelPages Sender::final_pages(const dirty::Harvest& last)
     return per;
 }
 
-// The parked source's vCPUs and, for a destination that checks them, digests of its memory.
+// The parked source's vCPUs.
 void Sender::save_state()
 {
     for (uint32_t i = 0; i < src_.vcpu_count(); i++)
         states_.push_back(save_vcpu(src_.kvm(), src_.vcpu(i)));
-    if (!opt_.verify || !dest_->wants_digests())
-        return;
-    for (const auto& r : src_.memslots().regions())
-        for (uint64_t off = 0; off < r.size; off += kDigestBytes) {
-            const uint64_t len = std::min(kDigestBytes, r.size - off);
-            digests_.push_back({r.gpa + off, len, digest64(src_.host_ptr(r.gpa + off, len), len)});
-        }
 }
 
 // The source resumes as it was: tracking off, no throttle, running.

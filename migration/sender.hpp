@@ -4,8 +4,8 @@
 // A Sender owns the source while migrating: setup (destination opened,
 // tracking on), a bulk pass, pre-copy rounds that harvest and send while
 // the vCPUs run, stop-and-copy (guests parked, final harvest, guest_memfd
-// slots whole, vCPU state), the switchover (verification, resume on the
-// destination) and the destination's own check. Any failure turns tracking
+// slots whole, vCPU state), the switchover (resume on the destination, then
+// verification against the parked source) and the destination's own check. Any failure turns tracking
 // off and resumes the source, memory untouched (fail()). migrate()
 // (migrate.hpp) drives the phases in order; a controller can drive them
 // itself, reading phase() and rounds() and changing the bandwidth, the
@@ -83,7 +83,8 @@ public:
     void bulk();           // every tracked page once
     bool precopy_round();  // harvest and send; false: converged or out of rounds
     void stop_and_copy();  // park the source, send what is left, save the vCPUs
-    void switchover();     // hand over and verify, the destination resumes; logging off
+    void switchover();     // hand over, the destination resumes (downtime ends); logging off;
+                           // then verify against the parked source (throws on a mismatch)
     void finish();         // the destination's check after it ran: completed or failed
     // After a phase threw: the source resumes as it was (tracking off,
     // throttles off, unparked and running); the report says why.
@@ -115,6 +116,7 @@ private:
     void park_source();
     ChannelPages final_pages(const dirty::Harvest& last);
     void save_state();
+    void verify_after_resume();
     void give_back_source();
 
     StressVm& src_;
@@ -144,7 +146,6 @@ private:
     clock::time_point tdown_;
     uint64_t final_bytes_ = 0;
     std::vector<VcpuState> states_;
-    std::vector<Digest> digests_;
 };
 
 }  // namespace mvm::migration
