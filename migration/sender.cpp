@@ -166,6 +166,7 @@ void Sender::switchover()
     require({Phase::Stop}, "switchover");
     if (switched_over_)
         throw std::logic_error("Sender::switchover() called twice");
+    fault_point("switchover");  // every page sent, nothing resumed yet
     const auto t = clock::now();
     ResultRecord sw = dest_->switchover(states_);
     rep_.split.restore_ms = ms_since(t);

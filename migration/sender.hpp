@@ -55,8 +55,9 @@ struct MigrateOptions {
 // What a caller injects: the tests' faults (cli/test_hooks.hpp), later TLS.
 struct SenderHooks {
     // Called at one point of bulk (before its pages go), of precopy (round 2,
-    // after its harvest) and of stop (the source parked, its last harvest
-    // taken) with that phase's name. Throwing there loses the destination:
+    // after its harvest), of stop (the source parked, its last harvest
+    // taken) and at "switchover" (every page sent, nothing resumed yet) with
+    // that phase's name. Throwing there loses the destination:
     // it is aborted and the migration fails in that phase.
     std::function<void(const char* phase)> at_fault_point;
     // Put around every connection to a remote destination.

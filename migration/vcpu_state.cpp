@@ -190,18 +190,21 @@ void set_tsc_khz(const Kvm& kvm, Vcpu& vcpu, uint32_t khz)
     kvm_ioctl_checked("KVM_SET_TSC_KHZ", vcpu.fd(), KVM_SET_TSC_KHZ, static_cast<unsigned long>(khz));
 }
 
-// The saved TSC advanced by the wall time since it was read.
-uint64_t tsc_now(const VcpuState& s, uint64_t saved)
+}  // namespace
+
+uint64_t restored_tsc(const VcpuState& s, int64_t now_ns)
 {
+    uint64_t saved = 0;
+    for (const auto& [idx, val] : s.msrs)
+        if (idx == kMsrTsc)
+            saved = val;
     if (!s.tsc_khz || !s.tsc_realtime_ns)
         return saved;  // a version 1 record: as saved
-    const int64_t elapsed_ns = realtime_ns() - s.tsc_realtime_ns;
+    const int64_t elapsed_ns = now_ns - s.tsc_realtime_ns;
     if (elapsed_ns <= 0)
         return saved;  // clocks disagree: never move the TSC back
     return saved + static_cast<uint64_t>(static_cast<__int128>(elapsed_ns) * s.tsc_khz / 1000000);
 }
-
-}  // namespace
 
 std::vector<uint32_t> restore_vcpu(const Kvm& kvm, Vcpu& vcpu, const VcpuState& s)
 {
@@ -227,7 +230,7 @@ std::vector<uint32_t> restore_vcpu(const Kvm& kvm, Vcpu& vcpu, const VcpuState& 
     set_tsc_khz(kvm, vcpu, s.tsc_khz);
     for (auto m : s.msrs) {
         if (m.first == kMsrTsc)
-            m.second = tsc_now(s, m.second);
+            m.second = restored_tsc(s, realtime_ns());
         try {
             vcpu.set_msrs({m});
         } catch (const Error&) {

@@ -46,6 +46,11 @@ const std::vector<uint32_t>& saveable_msrs(const Kvm& kvm);
 
 // Reads the state of a vCPU that is outside KVM_RUN.
 VcpuState save_vcpu(const Kvm& kvm, const Vcpu& vcpu);
+// The TSC value to load for `s` at CLOCK_REALTIME `now_ns`: the saved one
+// advanced by the wall time since it was read (as saved for a version 1
+// record, or when the clocks disagree).
+uint64_t restored_tsc(const VcpuState& s, int64_t now_ns);
+
 // Loads it into a vCPU that is outside KVM_RUN. MSRs the destination refuses
 // are skipped and returned, so callers can report them.
 std::vector<uint32_t> restore_vcpu(const Kvm& kvm, Vcpu& vcpu, const VcpuState& s);
