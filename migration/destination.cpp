@@ -26,13 +26,18 @@ void InprocDestination::open(const StreamHeader& h)
         throw Error("destination layout differs: " + why);
     if (verify_)
         landed_ = PageHashes::of_memory(*dst_);
+    copied_at_stop_.resize(h.nr_channels);
 }
 
-void InprocDestination::send(uint32_t, std::span<const uint64_t> gpas, uint64_t& bytes, uint64_t&)
+void InprocDestination::enter_phase(const char* phase) { stopped_ = std::string(phase) == "stop"; }
+
+void InprocDestination::send(uint32_t channel, std::span<const uint64_t> gpas, uint64_t& bytes, uint64_t&)
 {
     for (uint64_t gpa : gpas) {
         std::memcpy(dst_->host_ptr(gpa, 4096), src_.host_ptr(gpa, 4096), 4096);
-        if (verify_)
+        if (verify_ && stopped_)
+            copied_at_stop_.at(channel).push_back(gpa);
+        else if (verify_)
             landed_.note(*dst_, gpa);  // as it landed, while it is in cache
         bytes += 4096;
     }
@@ -51,6 +56,9 @@ ResultRecord InprocDestination::switchover(const std::vector<VcpuState>& states)
 
 ResultRecord InprocDestination::verify(const PageHashes* source)
 {
+    for (const auto& ch : copied_at_stop_)
+        for (uint64_t gpa : ch)
+            landed_.note(src_, gpa);  // what was copied: the source has not run since
     ResultRecord r = check_landed(landed_, source);
     const GuestGap g = guest_gap(*dst_, resumed_, std::chrono::seconds(2));
     r.guest_gap_ms = g.max_ms;

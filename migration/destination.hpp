@@ -53,6 +53,7 @@ public:
     ResultRecord verify(const PageHashes* source) override;
     ResultRecord finish() override;
     void abort() override;
+    void enter_phase(const char* phase) override;
 
 private:
     StressVm& src_;
@@ -60,6 +61,10 @@ private:
     double post_run_s_;
     std::unique_ptr<StressVm> dst_;
     PageHashes landed_;  // every page as it landed
+    // Pages copied in stop-and-copy, per channel: copied from the frozen
+    // source, they are hashed from it after the resume, not in the downtime.
+    bool stopped_ = false;
+    std::vector<std::vector<uint64_t>> copied_at_stop_;
     Resumed resumed_;
 };
 
