@@ -224,13 +224,15 @@ void Sender::finish()
     rep_.destination_progressed = fin.ok != 0 || fin.text.find("no progress") == std::string::npos;
     rep_.verified = opt_.verify;
     rep_.total_ms = since(t0_) * 1e3;
-    phase_ = Phase::Done;
     rep_.destination_state = "stopped after its post-run check";
     if (!fin.ok) {
-        rep_.status = "failed";
-        rep_.error = "destination check failed after resume: " + fin.text;
-        return;
+        // The destination's copy is not the guest's: discard it, and (like
+        // any failure, in fail()) the intact, parked source resumes.
+        rep_.destination_state = "stopped: its post-run check failed, its copy was discarded";
+        rep_.source_state = "resumed: the guest runs on at the source";
+        throw Error("destination check failed after resume: " + fin.text);
     }
+    phase_ = Phase::Done;
     rep_.status = "completed";
     rep_.phase.clear();
 }

@@ -86,7 +86,7 @@ public:
     void stop_and_copy();  // park the source, send what is left, save the vCPUs
     void switchover();     // hand over, the destination resumes (downtime ends); logging off;
                            // then verify against the parked source (throws on a mismatch)
-    void finish();         // the destination's check after it ran: completed or failed
+    void finish();         // the destination's check after it ran: completed, or throws (then fail())
     // After a phase threw: the source resumes as it was (tracking off,
     // throttles off, unparked and running); the report says why.
     void fail(const std::string& error);
