@@ -162,6 +162,13 @@ struct mvm_mailbox {
     volatile uint64_t wd_max_gap_at_tsc;
     uint64_t pad1;
     struct mvm_wd_event wd[MVM_WD_RING];
+    /* --- guest -> VMM: the latest park (stop-and-copy), on the guest's TSC.
+     * A migrated guest leaves the source's park on the destination, so
+     * unpark_tsc - park_tsc is the switchover as the guest saw it. --- */
+    volatile uint64_t park_tsc;       /* last progress point before it parked */
+    volatile uint64_t unpark_tsc;     /* TSC when it went on after the park was lifted */
+    volatile uint64_t parks;          /* parks entered (park_tsc is stored first) */
+    volatile uint64_t unparks;        /* parks left (unpark_tsc is stored first) */
     /* --- VMM -> guest (own line) --- */
     uint64_t pad2[6] __attribute__((aligned(64)));
     volatile uint64_t stop;                  /* non-zero: finish the batch, report done */

@@ -108,11 +108,18 @@ static inline void pace_batch(struct mvm_mailbox *mb, struct watchdog *wd, uint3
     uint64_t now = progress_point(wd, mb);
     if (mb->park) {
         /* Parked by the VMM between batches: every stamp of the batch
-         * is stored and the cursor says so. Waiting is not a stall. */
+         * is stored and the cursor says so. Waiting is not a stall for
+         * the watchdog; the park's own TSC stamps record how long it was. */
+        mb->park_tsc = now;
+        barrier();
+        mb->parks = mb->parks + 1;
         while (mb->park && !mb->stop)
             ring_doorbell(MVM_DOORBELL_PARK, vcpu);
         now = wd->prev = rdtsc();
         mb->last_tsc = now;
+        mb->unpark_tsc = now;
+        barrier();
+        mb->unparks = mb->parks;
         *deadline = now;
     }
 

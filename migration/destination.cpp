@@ -1,7 +1,6 @@
 #include "migration/destination.hpp"
 
 #include <algorithm>
-#include <chrono>
 #include <cstring>
 #include <fmt/format.h>
 
@@ -25,49 +24,46 @@ void InprocDestination::open(const StreamHeader& h)
     StreamHeader mine = StreamHeader::of(*dst_, h.nr_channels);
     if (auto why = mine.incompatibility(h); !why.empty())
         throw Error("destination layout differs: " + why);
+    if (verify_)
+        landed_ = PageHashes::of_memory(*dst_);
+    copied_at_stop_.resize(h.nr_channels);
 }
 
-void InprocDestination::send(uint32_t, std::span<const uint64_t> gpas, uint64_t& bytes, uint64_t&)
+void InprocDestination::enter_phase(const char* phase) { stopped_ = std::string(phase) == "stop"; }
+
+void InprocDestination::send(uint32_t channel, std::span<const uint64_t> gpas, uint64_t& bytes, uint64_t&)
 {
     for (uint64_t gpa : gpas) {
         std::memcpy(dst_->host_ptr(gpa, 4096), src_.host_ptr(gpa, 4096), 4096);
+        if (verify_ && stopped_)
+            copied_at_stop_.at(channel).push_back(gpa);
+        else if (verify_)
+            landed_.note(*dst_, gpa);  // as it landed, while it is in cache
         bytes += 4096;
     }
 }
 
-// Page by page against the parked source.
-ResultRecord InprocDestination::compare_with_source() const
+ResultRecord InprocDestination::switchover(const std::vector<VcpuState>& states)
 {
+    resumed_ = resume(*dst_, states);
     ResultRecord r;
     r.ok = 1;
-    for (const auto& reg : src_.memslots().regions())
-        for (uint64_t off = 0; off < reg.size; off += 4096) {
-            r.pages_checked++;
-            if (std::memcmp(src_.host_ptr(reg.gpa + off, 4096), dst_->host_ptr(reg.gpa + off, 4096), 4096)) {
-                r.mismatches++;
-                if (r.mismatched_gpas.size() < 16)
-                    r.mismatched_gpas.push_back(reg.gpa + off);
-            }
-        }
-    if (r.mismatches) {
-        r.ok = 0;
-        r.text = fmt::format("{} of {} pages differ at switchover", r.mismatches, r.pages_checked);
-    }
+    r.text = "resumed";
+    r.restore_ms = resumed_.restore_ms;
+    r.refused_msrs = resumed_.refused_msrs;
     return r;
 }
 
-ResultRecord InprocDestination::switchover(const std::vector<VcpuState>& states, const std::vector<Digest>&)
+ResultRecord InprocDestination::verify(const PageHashes* source)
 {
-    ResultRecord r;
-    r.ok = 1;
-    if (verify_) {
-        const auto t = std::chrono::steady_clock::now();
-        r = compare_with_source();
-        verify_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-        if (!r.ok)
-            return r;
-    }
-    resumed_ = resume(*dst_, states);
+    for (const auto& ch : copied_at_stop_)
+        for (uint64_t gpa : ch)
+            landed_.note(src_, gpa);  // what was copied: the source has not run since
+    ResultRecord r = check_landed(landed_, source);
+    const GuestGap g = guest_gap(*dst_, resumed_, std::chrono::seconds(2));
+    r.guest_gap_ms = g.max_ms;
+    if (g.max_ms < 0)
+        r.text += (r.text.empty() ? "" : "; ") + ("downtime_guest_ms not measured: " + g.note);
     return r;
 }
 
@@ -115,16 +111,22 @@ void RemoteDestination::send(uint32_t channel, std::span<const uint64_t> gpas, u
     bytes += w.bytes();
 }
 
-ResultRecord RemoteDestination::switchover(const std::vector<VcpuState>& states, const std::vector<Digest>& digests)
+ResultRecord RemoteDestination::switchover(const std::vector<VcpuState>& states)
 {
     for (auto& c : ch_)
         RecordWriter(*c).write(RecordType::ChannelDone, {});
     RecordWriter w(*ch_[0]);
     for (const auto& s : states)
         w.write(RecordType::Vcpu, s.serialize());
-    w.write(RecordType::Digests, encode_digests(digests));
     w.write(RecordType::End, {});
     return read_result("the switchover");
+}
+
+ResultRecord RemoteDestination::verify(const PageHashes* source)
+{
+    const std::vector<Digest> d = source ? source->digests() : std::vector<Digest>{};
+    RecordWriter(*ch_[0]).write(RecordType::Digests, encode_digests(d));
+    return read_result("the verification");
 }
 
 void RemoteDestination::abort()

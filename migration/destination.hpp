@@ -1,7 +1,8 @@
 // migration/destination.hpp - where the sender's pages and state go: a
-// second VM in this process (memory copied directly, compared page by page
-// at the switchover), or a `minivmm receive` over TCP with one connection
-// per channel (it checks digests and reports back in RESULT records).
+// second VM in this process (memory copied directly), or a `minivmm receive`
+// over TCP with one connection per channel (it reports back in RESULT
+// records). Either hashes every page as it lands (verify.hpp), so that
+// verification runs after the destination resumed, outside the downtime.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +14,7 @@
 #include "migration/resume.hpp"
 #include "migration/stream.hpp"
 #include "migration/transport/wrapper.hpp"
+#include "migration/verify.hpp"
 #include "migration/vcpu_state.hpp"
 #include "vmm/stress/stress_vm.hpp"
 
@@ -24,20 +26,19 @@ public:
     virtual void open(const StreamHeader& h) = 0;
     // Called by one thread per channel.
     virtual void send(uint32_t channel, std::span<const uint64_t> gpas, uint64_t& bytes, uint64_t& zeros) = 0;
-    // All pages are sent and the source is parked: hand over state, verify,
-    // resume the destination. Returns the switchover check.
-    virtual ResultRecord switchover(const std::vector<VcpuState>& states, const std::vector<Digest>& digests) = 0;
+    // All pages are sent and the source is parked: hand over the vCPU
+    // states and resume the destination. ok once it runs; restore_ms and
+    // refused_msrs filled.
+    virtual ResultRecord switchover(const std::vector<VcpuState>& states) = 0;
+    // After switchover(), the destination running: its pages as they landed
+    // against `source` (the parked source's frozen memory; null: no
+    // verification), and guest_gap_ms, the guest's own view of the downtime.
+    virtual ResultRecord verify(const PageHashes* source) = 0;
     // After the destination ran: its stamp check.
     virtual ResultRecord finish() = 0;
     virtual void abort() = 0;
     // The migration moved to another phase (bulk, precopy, stop, ...).
     virtual void enter_phase(const char*) {}
-    // Whether switchover() verifies by digests of the source's memory.
-    virtual bool wants_digests() const { return true; }
-    // MSRs the destination would not load at the switchover.
-    virtual std::vector<uint32_t> refused_msrs() const { return {}; }
-    // Time switchover() spent verifying here (the sender's digests are timed by the sender).
-    virtual double verify_seconds() const { return 0; }
 };
 
 // A second VM in this process, made like the source with its memory populated.
@@ -48,22 +49,23 @@ public:
     }
     void open(const StreamHeader& h) override;
     void send(uint32_t channel, std::span<const uint64_t> gpas, uint64_t& bytes, uint64_t& zeros) override;
-    ResultRecord switchover(const std::vector<VcpuState>& states, const std::vector<Digest>& digests) override;
+    ResultRecord switchover(const std::vector<VcpuState>& states) override;
+    ResultRecord verify(const PageHashes* source) override;
     ResultRecord finish() override;
     void abort() override;
-    bool wants_digests() const override { return false; }  // it compares the pages themselves
-    std::vector<uint32_t> refused_msrs() const override { return resumed_.refused_msrs; }
-    double verify_seconds() const override { return verify_s_; }
+    void enter_phase(const char* phase) override;
 
 private:
-    ResultRecord compare_with_source() const;
-
     StressVm& src_;
     bool verify_;
     double post_run_s_;
     std::unique_ptr<StressVm> dst_;
+    PageHashes landed_;  // every page as it landed
+    // Pages copied in stop-and-copy, per channel: copied from the frozen
+    // source, they are hashed from it after the resume, not in the downtime.
+    bool stopped_ = false;
+    std::vector<std::vector<uint64_t>> copied_at_stop_;
     Resumed resumed_;
-    double verify_s_ = 0;
 };
 
 // `minivmm receive` at host:port: one connection per channel, each through
@@ -76,7 +78,8 @@ public:
     }
     void open(const StreamHeader& h) override;
     void send(uint32_t channel, std::span<const uint64_t> gpas, uint64_t& bytes, uint64_t& zeros) override;
-    ResultRecord switchover(const std::vector<VcpuState>& states, const std::vector<Digest>& digests) override;
+    ResultRecord switchover(const std::vector<VcpuState>& states) override;
+    ResultRecord verify(const PageHashes* source) override;
     ResultRecord finish() override { return read_result("the destination's stamp check"); }
     void abort() override;
     void enter_phase(const char* phase) override;

@@ -13,10 +13,13 @@
 #include "migration/resume.hpp"
 #include "migration/transport/tcp.hpp"
 #include "migration/vcpu_state.hpp"
+#include "migration/verify.hpp"
 
 namespace mvm::migration {
 
 namespace {
+
+using clock = std::chrono::steady_clock;
 
 // One incoming migration into `dst` from connected channels, channel 0
 // (the control channel) first.
@@ -34,10 +37,12 @@ private:
     void check_header(RecordReader& in);
     void receive_memory();
     void pump(Transport& t, bool skip_hello);
-    void read_state(RecordReader& in, std::vector<VcpuState>& states, std::vector<Digest>& digests);
-    ResultRecord check_digests(const std::vector<Digest>& digests);
+    std::vector<VcpuState> read_state(RecordReader& in);
     void check_guest();
-    void resume_and_check(const std::vector<VcpuState>& states, ResultRecord sw, double post_run_s);
+    Resumed resume_here(const std::vector<VcpuState>& states);
+    void verify(RecordReader& in, const Resumed& at);
+    void run_and_report(const Resumed& at, double post_run_s);
+    double ms_since(clock::time_point t) const { return std::chrono::duration<double, std::milli>(clock::now() - t).count(); }
     void send_result(const ResultRecord& r);
     void phase(const char* p) const
     {
@@ -53,6 +58,8 @@ private:
     std::atomic<uint64_t> received_{0};
     std::mutex mu_;  // guards rep_ while the channels pump
     ReceiveReport rep_;
+    PageHashes landed_;  // every page as it landed
+    const clock::time_point t0_ = clock::now();
 };
 
 ReceiveReport Receiver::run(double post_run_s)
@@ -60,19 +67,25 @@ ReceiveReport Receiver::run(double post_run_s)
     try {
         RecordReader in(*ch_[0]);
         check_header(in);
+        auto t = clock::now();
         receive_memory();
-        std::vector<VcpuState> states;
-        std::vector<Digest> digests;
-        read_state(in, states, digests);
-        ResultRecord sw = check_digests(digests);
+        rep_.memory_ms = ms_since(t);
+        t = clock::now();
+        std::vector<VcpuState> states = read_state(in);
         check_guest();
-        resume_and_check(states, sw, post_run_s);
+        const Resumed at = resume_here(states);
+        rep_.switchover_ms = ms_since(t);
+        verify(in, at);
+        run_and_report(at, post_run_s);
+        rep_.total_ms = ms_since(t0_);
         return rep_;
     } catch (const std::exception& e) {
         rep_.status = "failed";
         rep_.error = e.what();
+        rep_.guest = dst_.started() ? "stopped (killed after the failure)" : "never started";
         if (dst_.started())
             dst_.kill();
+        rep_.total_ms = ms_since(t0_);
         return rep_;
     }
 }
@@ -104,6 +117,8 @@ void Receiver::check_header(RecordReader& in)
     }
     if (ch_.size() != sender.nr_channels)
         throw Error(fmt::format("the sender uses {} channels but {} connected", sender.nr_channels, ch_.size()));
+    // Our memory before any arrives: what a page never sent still holds.
+    landed_ = PageHashes::of_memory(dst_);
     ResultRecord accepted;
     accepted.ok = 1;
     accepted.text = "layout accepted";
@@ -173,7 +188,7 @@ void Receiver::pump(Transport& t, bool skip_hello)
         if (rec.type != RecordType::Pages)
             throw Error(
                 fmt::format("migration stream: {} where PAGES or CHANNEL_DONE belongs", record_name(rec.type)));
-        const uint64_t n = apply_pages(dst_, rec.payload, &zeros);
+        const uint64_t n = apply_pages(dst_, rec.payload, &zeros, [this](uint64_t gpa) { landed_.note(dst_, gpa); });
         pages += n;
         bytes += rec.payload.size();
         const uint64_t total = received_ += n;
@@ -183,50 +198,24 @@ void Receiver::pump(Transport& t, bool skip_hello)
     }
 }
 
-// State, digests, end.
-void Receiver::read_state(RecordReader& in, std::vector<VcpuState>& states, std::vector<Digest>& digests)
+// The vCPU states, then END.
+std::vector<VcpuState> Receiver::read_state(RecordReader& in)
 {
+    std::vector<VcpuState> states;
     for (;;) {
         Record rec = in.read();
         if (rec.type == RecordType::End)
             break;
-        if (rec.type == RecordType::Vcpu) {
-            states.push_back(VcpuState::parse(rec.payload));
-            if (states.back().id >= dst_.vcpu_count())
-                throw Error(fmt::format("migration stream: VCPU record for vCPU {} of {}", states.back().id,
-                                        dst_.vcpu_count()));
-        } else if (rec.type == RecordType::Digests) {
-            digests = decode_digests(rec.payload);
-        } else {
-            throw Error(fmt::format("migration stream: {} where VCPU, DIGESTS or END belongs", record_name(rec.type)));
-        }
+        if (rec.type != RecordType::Vcpu)
+            throw Error(fmt::format("migration stream: {} where VCPU or END belongs", record_name(rec.type)));
+        states.push_back(VcpuState::parse(rec.payload));
+        if (states.back().id >= dst_.vcpu_count())
+            throw Error(fmt::format("migration stream: VCPU record for vCPU {} of {}", states.back().id,
+                                    dst_.vcpu_count()));
     }
     if (states.size() != dst_.vcpu_count())
         throw Error(fmt::format("migration stream: {} vCPU states for {} vCPUs", states.size(), dst_.vcpu_count()));
-}
-
-// Our memory against the source's digests at the switchover.
-ResultRecord Receiver::check_digests(const std::vector<Digest>& digests)
-{
-    ResultRecord sw;
-    sw.ok = 1;
-    for (const auto& d : digests) {
-        const uint8_t* p = dst_.host_ptr(d.gpa, d.bytes);
-        sw.pages_checked += d.bytes / 4096;
-        if (!p || digest64(p, d.bytes) != d.value) {
-            sw.mismatches += d.bytes / 4096;
-            if (sw.mismatched_gpas.size() < 16)
-                sw.mismatched_gpas.push_back(d.gpa);
-        }
-    }
-    if (sw.mismatches) {
-        sw.ok = 0;
-        sw.text = fmt::format("{} ranges differ from the source at switchover, first at GPA {:#x}",
-                              sw.mismatched_gpas.size(), sw.mismatched_gpas[0]);
-        send_result(sw);
-        throw Error(sw.text);
-    }
-    return sw;
+    return states;
 }
 
 // The stream rewrote guest memory, boot parameters included: they must
@@ -242,12 +231,49 @@ void Receiver::check_guest()
     dst_.adopt_guest_vm_tag();  // the same VM continues here: its stamps carry the source's tag
 }
 
-void Receiver::resume_and_check(const std::vector<VcpuState>& states, ResultRecord sw, double post_run_s)
+Resumed Receiver::resume_here(const std::vector<VcpuState>& states)
 {
-    const Resumed at = resume(dst_, states);
-    sw.text = "resumed";
-    out_.write(RecordType::Result, sw.encode());
+    Resumed at = resume(dst_, states);
+    rep_.restore_ms = at.restore_ms;
+    rep_.refused_msrs = at.refused_msrs;
+    rep_.guest = "running";
+    ResultRecord r;
+    r.ok = 1;
+    r.text = "resumed";
+    r.restore_ms = at.restore_ms;
+    r.refused_msrs = at.refused_msrs;
+    out_.write(RecordType::Result, r.encode());
+    return at;
+}
+
+// While the guest runs: the parked source's digests against our pages as
+// they landed, and the switchover as the guest saw it.
+void Receiver::verify(RecordReader& in, const Resumed& at)
+{
+    Record rec = in.read();
+    const auto t = clock::now();
+    if (rec.type != RecordType::Digests)
+        throw Error(fmt::format("migration stream: {} where DIGESTS belongs", record_name(rec.type)));
+    const std::vector<Digest> digests = decode_digests(rec.payload);
+    ResultRecord r = check_landed(landed_, digests);
+    rep_.verify_ms = ms_since(t);
+    rep_.verified = !digests.empty();
+    rep_.verify_pages_checked = r.pages_checked;
+    rep_.verify_mismatches = r.mismatches;
+    const GuestGap g = guest_gap(dst_, at, std::chrono::seconds(2));
+    r.guest_gap_ms = rep_.downtime_guest_ms = g.max_ms;
+    rep_.downtime_guest_note = g.note;
+    send_result(r);
+    if (!r.ok)
+        throw Error("verification failed: " + r.text);
+}
+
+void Receiver::run_and_report(const Resumed& at, double post_run_s)
+{
+    const auto t = clock::now();
     const AfterRun after = run_and_check(dst_, at, post_run_s, std::chrono::seconds(3));
+    rep_.post_run_ms = ms_since(t);
+    rep_.guest = "stopped after its post-run check";
     const ResultRecord& fin = after.result;
     if (after.stamps_checked) {
         rep_.pages_checked = fin.pages_checked;

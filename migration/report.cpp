@@ -1,6 +1,7 @@
 #include "migration/report.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "base/units.hpp"
 
@@ -53,7 +54,8 @@ nlohmann::json MigrateReport::to_json() const
                    {"summary", stamp_summary},
                    {"destination_progressed", destination_progressed}};
     if (!refused_msrs.empty())
-        j["refused_msrs"] = refused_msrs;
+        j["refused_msrs"] = msr_names(refused_msrs);
+    split_to_json(j);
     add_mig_a_fields(j);
     return j;
 }
@@ -61,7 +63,6 @@ nlohmann::json MigrateReport::to_json() const
 // mig-a (issue 14): timings apart from total-time, convergence, QEMU's rates, states, config.
 void MigrateReport::add_mig_a_fields(nlohmann::json& j) const
 {
-    j["verify_ms"] = verify_ms;
     j["post_run_ms"] = post_run_ms;
     j["setup_destination_ms"] = setup_destination_ms;
     j["setup_tracking_ms"] = setup_tracking_ms;
@@ -72,8 +73,6 @@ void MigrateReport::add_mig_a_fields(nlohmann::json& j) const
     j["mbps"] = mbps;
     j["pages_per_second"] = pages_per_second;
     j["untracked_bytes"] = untracked_bytes;
-    j["source_state"] = source_state;
-    j["destination_state"] = destination_state;
     nlohmann::json gp = nlohmann::json::array();
     for (const auto& p : guest_progress)
         gp.push_back({p.t_ms, p.pages_per_s});
@@ -93,6 +92,54 @@ std::string MigrateReport::summary_line() const
     return o + fmt::format(", NOT converged: stop-and-copy forced by {} (downtime {:.1f} ms against --max-downtime "
                            "{:g} ms)",
                            forced_by.empty() ? "?" : forced_by, downtime_ms, max_downtime_ms);
+}
+
+// mig-b: the downtime split, verify_ms, the guest's own downtime, each side's state.
+void MigrateReport::split_to_json(nlohmann::json& j) const
+{
+    j["downtime_split"] = {{"park_ms", split.park_ms},
+                           {"final_harvest_ms", split.final_harvest_ms},
+                           {"final_send_ms", split.final_send_ms},
+                           {"vcpu_state_ms", split.vcpu_state_ms},
+                           {"restore_ms", split.restore_ms}};
+    if (split.destination_restore_ms >= 0)
+        j["downtime_split"]["destination_restore_ms"] = split.destination_restore_ms;
+    j["verify_ms"] = verify_ms;
+    j["downtime_guest_ms"] = downtime_guest_ms >= 0 ? nlohmann::json(downtime_guest_ms) : nlohmann::json(nullptr);
+    if (!downtime_guest_note.empty())
+        j["downtime_guest_note"] = downtime_guest_note;
+    if (!source_state.empty())
+        j["source_state"] = source_state;
+    if (!destination_state.empty())
+        j["destination_state"] = destination_state;
+}
+
+std::string MigrateReport::split_to_table() const
+{
+    if (downtime_ms <= 0)
+        return {};
+    std::string o = fmt::format("downtime {:.1f} ms: park {:.1f}, final harvest {:.1f}, final send {:.1f}, vCPU state "
+                                "{:.1f}, restore {:.1f}",
+                                downtime_ms, split.park_ms, split.final_harvest_ms, split.final_send_ms,
+                                split.vcpu_state_ms, split.restore_ms);
+    if (split.destination_restore_ms >= 0)
+        o += fmt::format(" (destination's own {:.1f})", split.destination_restore_ms);
+    o += fmt::format(" ms; guest's own view {}; verify after resume {:.1f} ms\n",
+                     downtime_guest_ms >= 0 ? fmt::format("{:.1f} ms", downtime_guest_ms) : "not measured (" + downtime_guest_note + ")",
+                     verify_ms);
+    if (!refused_msrs.empty())
+        o += fmt::format("MSRs the destination refused: {}\n", fmt::join(msr_names(refused_msrs), " "));
+    if (!source_state.empty())
+        o += fmt::format("source: {}; destination: {}\n", source_state, destination_state);
+    return o;
+}
+
+std::vector<std::string> msr_names(const std::vector<uint32_t>& msrs)
+{
+    std::vector<std::string> out;
+    for (uint32_t m : msrs)
+        out.push_back(fmt::format("{:#x}", m));
+    return out;
 }
 
 std::string MigrateReport::to_table() const
@@ -135,13 +182,50 @@ std::string MigrateReport::to_table() const
     if (verified)
         o += fmt::format("verify: switchover {} pages checked, {} mismatches; destination {}\n", switchover_pages_checked,
                          switchover_mismatches, stamp_summary);
+    o += split_to_table();
     return o;
 }
 
 nlohmann::json ReceiveReport::to_json() const
 {
-    return {{"status", status},         {"error", error},           {"pages", pages},
-            {"zero_pages", zero_pages}, {"bytes", bytes},           {"verify", {{"pages_checked", pages_checked}, {"mismatches", mismatches}, {"summary", stamp_summary}}}};
+    nlohmann::json j = {{"status", status},
+                        {"error", error},
+                        {"pages", pages},
+                        {"zero_pages", zero_pages},
+                        {"bytes", bytes},
+                        {"verify", {{"pages_checked", pages_checked}, {"mismatches", mismatches}, {"summary", stamp_summary}}}};
+    j["verify"]["enabled"] = verified;
+    j["verify"]["switchover_pages_checked"] = verify_pages_checked;
+    j["verify"]["switchover_mismatches"] = verify_mismatches;
+    j["total_ms"] = total_ms;
+    j["memory_ms"] = memory_ms;
+    j["switchover_ms"] = switchover_ms;
+    j["restore_ms"] = restore_ms;
+    j["verify_ms"] = verify_ms;
+    j["post_run_ms"] = post_run_ms;
+    j["downtime_guest_ms"] = downtime_guest_ms >= 0 ? nlohmann::json(downtime_guest_ms) : nlohmann::json(nullptr);
+    if (!downtime_guest_note.empty())
+        j["downtime_guest_note"] = downtime_guest_note;
+    j["refused_msrs"] = msr_names(refused_msrs);
+    j["guest"] = guest;
+    return j;
+}
+
+std::string ReceiveReport::to_table() const
+{
+    std::string o = fmt::format("receive {}: {} pages ({} zero, {}){}\n", status, pages, zero_pages,
+                                human_bytes(static_cast<double>(bytes)), error.empty() ? "" : "; " + error);
+    o += fmt::format("memory {:.1f} ms, switchover {:.1f} ms (restore {:.1f} ms), guest's own downtime {}, verify {:.1f} "
+                     "ms ({} pages, {} differ), post-run {:.1f} ms, total {:.1f} ms\n",
+                     memory_ms, switchover_ms, restore_ms,
+                     downtime_guest_ms >= 0 ? fmt::format("{:.1f} ms", downtime_guest_ms) : "not measured",
+                     verify_ms, verify_pages_checked, verify_mismatches, post_run_ms, total_ms);
+    if (!refused_msrs.empty())
+        o += fmt::format("MSRs refused here: {}\n", fmt::join(msr_names(refused_msrs), " "));
+    if (!stamp_summary.empty())
+        o += fmt::format("destination stamp check: {}\n", stamp_summary);
+    o += fmt::format("guest here: {}\n", guest);
+    return o;
 }
 
 }  // namespace mvm::migration

@@ -36,6 +36,17 @@ struct ProgressPoint {
     double pages_per_s = 0;   // over the bin ending at t_ms
 };
 
+// The downtime window (stop-and-copy to the destination running), part by
+// part; the parts sum to at most downtime_ms (the rest is bookkeeping).
+struct DowntimeSplit {
+    double park_ms = 0;                    // the source's vCPUs parked at a batch boundary
+    double final_harvest_ms = 0;           // the last dirty-log harvest
+    double final_send_ms = 0;              // its pages, plus guest_memfd slots whole
+    double vcpu_state_ms = 0;              // saving every vCPU's state at the source
+    double restore_ms = 0;                 // handing it over until the destination runs (over TCP: incl. the wire)
+    double destination_restore_ms = -1;    // of which the destination's own load-and-start (-1: not reported)
+};
+
 struct MigrateReport {
     std::string status = "failed";  // completed | failed | cancelled
     std::string error;
@@ -55,10 +66,15 @@ struct MigrateReport {
     std::string stamp_summary;
     bool destination_progressed = false;
     std::vector<uint32_t> refused_msrs;
+    // ---- downtime split, verification after resume, the guest's view (mig-b) ----
+    DowntimeSplit split;
+    double verify_ms = 0;            // after resume: hashing the parked source and comparing (not in downtime_ms)
+    double downtime_guest_ms = -1;   // longest vCPU gap across the switchover on the guest's migrated TSC
+    std::string downtime_guest_note; // why it is missing, when it is
+    std::string source_state, destination_state;  // what each side is at the end ("" before the switchover)
 
     // ---- mig-a (issue 14) ----
     // total_ms is QEMU's total-time: start -> destination running. These come after or apart.
-    double verify_ms = 0;             // the tool's own checks (digests / page compare), wherever they ran
     double post_run_ms = 0;           // destination running -> its stamp check reported
     double setup_destination_ms = 0;  // in-process: building the destination VM; TCP: connections + layout check
     double setup_tracking_ms = 0;     // dirty logging on (setup_ms = both + the rest)
@@ -69,8 +85,6 @@ struct MigrateReport {
     double mbps = 0;                  // QEMU's mbps: transferred bits / (total - setup), in Mbit/s
     double pages_per_second = 0;      // QEMU's pages-per-second: pages / (total - setup)
     uint64_t untracked_bytes = 0;     // guest_memfd slots, sent whole at stop (part of expected downtime)
-    std::string source_state;         // running (given back) | parked (handed over at the switchover) | ...
-    std::string destination_state;    // none | aborted | running | checked
     std::vector<ProgressPoint> guest_progress;  // sampled every ~10 ms from setup to park
     nlohmann::json config;            // what it ran with (engines: config_echo()), echoed into the JSON
 
@@ -78,6 +92,8 @@ struct MigrateReport {
     std::string to_table() const;
     std::string summary_line() const;
     void add_mig_a_fields(nlohmann::json& j) const;
+    void split_to_json(nlohmann::json& j) const;
+    std::string split_to_table() const;
 };
 
 struct ReceiveReport {
@@ -85,7 +101,24 @@ struct ReceiveReport {
     uint64_t pages = 0, zero_pages = 0, bytes = 0;
     uint64_t pages_checked = 0, mismatches = 0;
     std::string stamp_summary;
+    // Timings, as this side saw them (ms).
+    double total_ms = 0;         // first record to the end of the stamp check
+    double memory_ms = 0;        // first page to the last CHANNEL_DONE (bulk, pre-copy and stop-and-copy)
+    double switchover_ms = 0;    // the last CHANNEL_DONE to the guest running here (vCPU states + restore)
+    double restore_ms = 0;       // loading the vCPU states and starting the guest
+    double verify_ms = 0;        // comparing the source's digests, the guest running
+    double post_run_ms = 0;      // the guest's run here and its stamp check
+    double downtime_guest_ms = -1;  // the switchover on the guest's own TSC (-1: not measured)
+    std::string downtime_guest_note;
+    bool verified = false;
+    uint64_t verify_pages_checked = 0, verify_mismatches = 0;
+    std::vector<uint32_t> refused_msrs;
+    std::string guest = "never started";  // its state at the end
     nlohmann::json to_json() const;
+    std::string to_table() const;
 };
+
+// MSR indices as the SDM writes them: "0x10".
+std::vector<std::string> msr_names(const std::vector<uint32_t>& msrs);
 
 }  // namespace mvm::migration

@@ -13,12 +13,12 @@ namespace mvm::migration {
 
 namespace {
 
-constexpr uint64_t kDigestBytes = 2ull << 20;
-
 double since(std::chrono::steady_clock::time_point t0)
 {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
+
+double ms_since(std::chrono::steady_clock::time_point t0) { return since(t0) * 1e3; }
 
 uint32_t channel_count(const StressVm& src, const MigrateOptions& opt)
 {
@@ -144,6 +144,7 @@ bool Sender::precopy_round()
     return true;
 }
 
+// The downtime window opens here: every part is timed (DowntimeSplit).
 void Sender::stop_and_copy()
 {
     require({Phase::Bulk, Phase::Precopy}, "stop_and_copy");
@@ -154,9 +155,13 @@ void Sender::stop_and_copy()
     tdown_ = clock::now();
     rep_.stop_ms = since(t0_) * 1e3;
     park_source();
+    rep_.split.park_ms = ms_since(tdown_);
     rep_.source_state = "parked (stop-and-copy)";
+    auto t = clock::now();
     dirty::Harvest last = tracker_.harvest();
+    rep_.split.final_harvest_ms = ms_since(t);
     const double interval_s = harvested() + pending_interval_s_;
+    t = clock::now();
     const ChannelPages per = final_pages(last);
     uint64_t n = 0;
     for (const auto& v : per)
@@ -169,33 +174,36 @@ void Sender::stop_and_copy()
     fault_point("stop");
     final_bytes_ = send(per);
     end_send();
+    rep_.split.final_send_ms = ms_since(t);
     fr.pages = n;
     fr.bytes = final_bytes_;
     fr.duration_s = since(tdown_);
     fr.throttle_pct = throttle_pct_;
     rep_.rounds.push_back(fr);
     rounds_++;
-    const auto tv = clock::now();
+    t = clock::now();
     save_state();
-    if (opt_.verify && dest_->wants_digests())
-        rep_.verify_ms += since(tv) * 1e3;
+    rep_.split.vcpu_state_ms = ms_since(t);
 }
 
+// The destination resumes: the downtime window closes. Verification runs
+// after it, the destination running, the source still parked.
 void Sender::switchover()
 {
     require({Phase::Stop}, "switchover");
     if (switched_over_)
         throw std::logic_error("Sender::switchover() called twice");
-    ResultRecord sw = dest_->switchover(states_, digests_);
-    rep_.downtime_ms = since(tdown_) * 1e3;
+    fault_point("switchover");  // every page sent, nothing resumed yet
+    const auto t = clock::now();
+    ResultRecord sw = dest_->switchover(states_);
+    rep_.split.restore_ms = ms_since(t);
+    rep_.downtime_ms = ms_since(tdown_);
     rep_.total_ms = since(t0_) * 1e3;  // QEMU's total-time: the destination runs from here
-    rep_.verify_ms += dest_->verify_seconds() * 1e3;
-    rep_.switchover_pages_checked = sw.pages_checked;
-    rep_.switchover_mismatches = sw.mismatches;
-    rep_.switchover_mismatch_gpas = sw.mismatched_gpas;
+    rep_.split.destination_restore_ms = sw.restore_ms;
+    rep_.refused_msrs = sw.refused_msrs;
     if (!sw.ok)
-        throw Error("switchover check failed: " + sw.text);
-    rep_.refused_msrs = dest_->refused_msrs();
+        throw Error("the destination did not resume: " + sw.text);
+    enter(Phase::Destination);
     // The guest lives on at the destination now; the source stays parked.
     tracker_.disable();
     tracking_ = false;
@@ -206,14 +214,38 @@ void Sender::switchover()
     rep_.source_state = "parked (handed over at the switchover)";
     rep_.destination_state = "running";
     switched_over_ = true;
+    verify_after_resume();
+}
+
+// The parked source hashes its frozen memory; the destination compares it
+// with its pages as they landed. A mismatch fails the migration: the
+// destination's copy is discarded and fail() resumes the intact source.
+void Sender::verify_after_resume()
+{
+    const auto t = clock::now();
+    std::optional<PageHashes> frozen;
+    if (opt_.verify)
+        frozen = PageHashes::of_memory(src_);
+    ResultRecord v = dest_->verify(frozen ? &*frozen : nullptr);
+    rep_.verify_ms = ms_since(t);
+    rep_.downtime_guest_ms = v.guest_gap_ms;
+    if (v.guest_gap_ms < 0)
+        rep_.downtime_guest_note = v.text;
+    rep_.switchover_pages_checked = v.pages_checked;
+    rep_.switchover_mismatches = v.mismatches;
+    rep_.switchover_mismatch_gpas = v.mismatched_gpas;
+    if (!v.ok) {
+        destination_discarded_ = true;
+        rep_.destination_state = "stopped: verification failed, its copy was discarded";
+        throw Error("verification after resume failed: " + v.text);
+    }
 }
 
 void Sender::finish()
 {
-    require({Phase::Stop}, "finish");
+    require({Phase::Destination}, "finish");
     if (!switched_over_)
         throw std::logic_error("Sender::finish() called before switchover()");
-    enter(Phase::Destination);
     const auto t = clock::now();
     fault_point("destination");  // the tests' hook: the destination lost after it resumed the guest
     ResultRecord fin = dest_->finish();
@@ -224,12 +256,14 @@ void Sender::finish()
     rep_.stamp_summary = fin.text;
     rep_.destination_progressed = fin.ok != 0 || fin.text.find("no progress") == std::string::npos;
     rep_.verified = opt_.verify;
-    phase_ = Phase::Done;
     if (!fin.ok) {
-        rep_.status = "failed";
-        rep_.error = "destination check failed after resume: " + fin.text;
-        return;
+        // The destination's copy is not the guest's: discard it, and (like
+        // any failure, in fail()) the intact, parked source resumes.
+        destination_discarded_ = true;
+        rep_.destination_state = "stopped: its post-run check failed, its copy was discarded";
+        throw Error("destination check failed after resume: " + fin.text);
     }
+    phase_ = Phase::Done;
     rep_.status = "completed";
     rep_.phase.clear();
 }
@@ -246,12 +280,19 @@ void Sender::fail(const std::string& error)
         dest_->abort();
     } catch (...) {
     }
-    rep_.destination_state = switched_over_ ? "lost after it resumed the guest" : "aborted";
-    if (switched_over_)  // the guest ran on at the destination: resuming the source would run it twice
+    if (switched_over_ && !destination_discarded_) {
+        // The destination may still run the guest: resuming the source could
+        // run it twice (QEMU's source stays paused in postmigrate too).
+        rep_.destination_state = "lost after it resumed the guest";
         rep_.source_state = "parked since the switchover, not resumed (its guest was handed to the destination)";
-    else {
+    } else {
+        // Before the switchover, or the destination stopped and discarded its
+        // copy: the intact source is the guest; it runs on.
         give_back_source();
-        rep_.source_state = "running again (given back: logging and throttles off)";
+        if (!switched_over_)
+            rep_.destination_state = "aborted";
+        rep_.source_state = switched_over_ ? "resumed: the guest runs on at the source (the destination's copy was discarded)"
+                                           : "running again (given back: logging and throttles off)";
     }
     if (!switched_over_)
         rep_.total_ms = since(t0_) * 1e3;  // start -> failure (after the switchover: -> destination running)
@@ -398,18 +439,11 @@ ChannelPages Sender::final_pages(const dirty::Harvest& last)
     return per;
 }
 
-// The parked source's vCPUs and, for a destination that checks them, digests of its memory.
+// The parked source's vCPUs.
 void Sender::save_state()
 {
     for (uint32_t i = 0; i < src_.vcpu_count(); i++)
         states_.push_back(save_vcpu(src_.kvm(), src_.vcpu(i)));
-    if (!opt_.verify || !dest_->wants_digests())
-        return;
-    for (const auto& r : src_.memslots().regions())
-        for (uint64_t off = 0; off < r.size; off += kDigestBytes) {
-            const uint64_t len = std::min(kDigestBytes, r.size - off);
-            digests_.push_back({r.gpa + off, len, digest64(src_.host_ptr(r.gpa + off, len), len)});
-        }
 }
 
 // The source resumes as it was: tracking off, no throttle, running.

@@ -4,8 +4,8 @@
 // A Sender owns the source while migrating: setup (destination opened,
 // tracking on), a bulk pass, pre-copy rounds that harvest and send while
 // the vCPUs run, stop-and-copy (guests parked, final harvest, guest_memfd
-// slots whole, vCPU state), the switchover (verification, resume on the
-// destination) and the destination's own check. Any failure turns tracking
+// slots whole, vCPU state), the switchover (resume on the destination, then
+// verification against the parked source) and the destination's own check. Any failure turns tracking
 // off and resumes the source, memory untouched (fail()). migrate()
 // (migrate.hpp) drives the phases in order; a controller can drive them
 // itself, reading phase() and rounds() and changing the bandwidth, the
@@ -56,7 +56,8 @@ struct MigrateOptions {
 struct SenderHooks {
     // Called at one point of bulk (before its pages go), of precopy (round 2,
     // after its harvest), of stop (the source parked, its last harvest
-    // taken) and of destination (after the switchover) with that phase's name. Throwing there loses the destination:
+    // taken), at "switchover" (every page sent, nothing resumed yet) and of
+    // destination (after the switchover) with that phase's name. Throwing there loses the destination:
     // it is aborted and the migration fails in that phase.
     std::function<void(const char* phase)> at_fault_point;
     // Put around every connection to a remote destination.
@@ -88,8 +89,9 @@ public:
     void bulk();           // every tracked page once
     bool precopy_round();  // harvest and send; false: converged or out of rounds
     void stop_and_copy();  // park the source, send what is left, save the vCPUs
-    void switchover();     // hand over and verify, the destination resumes; logging off
-    void finish();         // the destination's check after it ran: completed or failed
+    void switchover();     // hand over, the destination resumes (downtime ends); logging off;
+                           // then verify against the parked source (throws on a mismatch)
+    void finish();         // the destination's check after it ran: completed, or throws (then fail())
     // After a phase threw: the source resumes as it was (tracking off,
     // throttles off, unparked and running); the report says why.
     void fail(const std::string& error);
@@ -120,6 +122,7 @@ private:
     void park_source();
     ChannelPages final_pages(const dirty::Harvest& last);
     void save_state();
+    void verify_after_resume();
     void give_back_source();
     // mig-a (issue 14): round bookkeeping.
     double harvested();  // seconds since the previous harvest; this one becomes the previous
@@ -153,6 +156,7 @@ private:
     std::atomic<bool> cancel_requested_{false};
 
     bool tracking_ = false, parked_ = false, switched_over_ = false;
+    bool destination_discarded_ = false;  // it stopped and dropped its copy after the switchover: the source may resume
     // Pre-copy: the bandwidth measured so far, the next round, the throttle
     // in effect and the harvest that ended it (sent at stop-and-copy).
     uint64_t precopy_bytes_ = 0;
@@ -171,7 +175,6 @@ private:
     clock::time_point tdown_;
     uint64_t final_bytes_ = 0;
     std::vector<VcpuState> states_;
-    std::vector<Digest> digests_;
 };
 
 }  // namespace mvm::migration

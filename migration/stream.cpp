@@ -44,6 +44,8 @@ private:
     const char* what_;
 };
 
+constexpr size_t kCoalesceBytes = 64 << 10;
+
 bool is_zero_page(const uint8_t* p)
 {
     const auto* w = reinterpret_cast<const uint64_t*>(p);
@@ -101,14 +103,6 @@ uint32_t crc32c(uint32_t crc, const void* data, size_t len)
     static const bool hw = __builtin_cpu_supports("sse4.2");
     const auto* p = static_cast<const uint8_t*>(data);
     return ~(hw ? crc32c_hw(~crc, p, len) : crc32c_sw(~crc, p, len));
-}
-
-uint64_t digest64(const void* data, size_t len)
-{
-    // Two independent CRC32C lanes (even/odd halves) make a 64-bit digest.
-    const auto* p = static_cast<const uint8_t*>(data);
-    const size_t half = len / 2;
-    return (static_cast<uint64_t>(crc32c(0x9e3779b9u, p, half)) << 32) | crc32c(0x7f4a7c15u, p + half, len - half);
 }
 
 // ---- header ---------------------------------------------------------------
@@ -251,6 +245,11 @@ std::vector<uint8_t> ResultRecord::encode() const
     put(out, static_cast<uint32_t>(mismatched_gpas.size()));
     for (uint64_t g : mismatched_gpas)
         put(out, g);
+    put(out, restore_ms);
+    put(out, guest_gap_ms);
+    put(out, static_cast<uint32_t>(refused_msrs.size()));
+    for (uint32_t m : refused_msrs)
+        put(out, m);
     return out;
 }
 
@@ -271,6 +270,17 @@ ResultRecord ResultRecord::decode(std::span<const uint8_t> p)
         throw Error("migration stream: RESULT lists too many GPAs");
     for (uint32_t i = 0; i < n; i++)
         res.mismatched_gpas.push_back(r.get<uint64_t>());
+    if (!r.left())
+        return res;  // no tail
+    res.restore_ms = r.get<double>();
+    res.guest_gap_ms = r.get<double>();
+    const auto nm = r.get<uint32_t>();
+    if (nm > 4096)
+        throw Error("migration stream: RESULT lists too many MSRs");
+    for (uint32_t i = 0; i < nm; i++)
+        res.refused_msrs.push_back(r.get<uint32_t>());
+    if (r.left())
+        throw Error("migration stream: RESULT has trailing bytes");
     return res;
 }
 
@@ -343,10 +353,20 @@ void RecordWriter::write(RecordType type, std::span<const uint8_t> payload)
     uint32_t hdr[2] = {static_cast<uint32_t>(type), static_cast<uint32_t>(payload.size())};
     uint32_t crc = crc32c(0, hdr, sizeof(hdr));
     crc = crc32c(crc, payload.data(), payload.size());
-    t_.write_all(hdr, sizeof(hdr));
-    if (!payload.empty())
+    if (payload.size() <= kCoalesceBytes) {
+        // One write: a record split into small writes waits on Nagle and
+        // delayed ACKs (~40 ms) when the peer has nothing to send back.
+        std::vector<uint8_t> frame(sizeof(hdr) + payload.size() + sizeof(crc));
+        std::memcpy(frame.data(), hdr, sizeof(hdr));
+        if (!payload.empty())
+            std::memcpy(frame.data() + sizeof(hdr), payload.data(), payload.size());
+        std::memcpy(frame.data() + sizeof(hdr) + payload.size(), &crc, sizeof(crc));
+        t_.write_all(frame.data(), frame.size());
+    } else {
+        t_.write_all(hdr, sizeof(hdr));
         t_.write_all(payload.data(), payload.size());
-    t_.write_all(&crc, sizeof(crc));
+        t_.write_all(&crc, sizeof(crc));
+    }
     bytes_ += sizeof(hdr) + payload.size() + sizeof(crc);
 }
 
@@ -403,7 +423,8 @@ std::vector<uint8_t> encode_pages(const StressVm& m, std::span<const uint64_t> g
     return out;
 }
 
-uint64_t apply_pages(StressVm& m, std::span<const uint8_t> payload, uint64_t* zero_pages)
+uint64_t apply_pages(StressVm& m, std::span<const uint8_t> payload, uint64_t* zero_pages,
+                     const std::function<void(uint64_t gpa)>& landed)
 {
     Reader r(payload, "PAGES");
     const auto n = r.get<uint32_t>();
@@ -424,12 +445,14 @@ uint64_t apply_pages(StressVm& m, std::span<const uint8_t> payload, uint64_t* ze
             std::memset(dst, 0, 4096);
             if (zero_pages)
                 (*zero_pages)++;
-            continue;
+        } else {
+            if (data.size() - data_pos < 4096)
+                throw Error(fmt::format("migration stream: PAGES data ends before page {} of {}", i, n));
+            std::memcpy(dst, data.data() + data_pos, 4096);
+            data_pos += 4096;
         }
-        if (data.size() - data_pos < 4096)
-            throw Error(fmt::format("migration stream: PAGES data ends before page {} of {}", i, n));
-        std::memcpy(dst, data.data() + data_pos, 4096);
-        data_pos += 4096;
+        if (landed)
+            landed(gpa);
     }
     if (data_pos != data.size())
         throw Error("migration stream: PAGES has more data than its index says");

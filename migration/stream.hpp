@@ -3,9 +3,12 @@
 // A stream is a sequence of records, each framed as
 //     u32 type | u32 payload length | payload | u32 CRC32C(type, length, payload)
 // Channel 0 (the control channel) starts with HEADER and carries the vCPU
-// states, digests and END; every channel (one per virtual node, plus the
-// system memory on channel 0) carries PAGES records and ends its memory with
-// CHANNEL_DONE. Zero pages are sent as a flag, without data.
+// states and END; every channel (one per virtual node, plus the system
+// memory on channel 0) carries PAGES records and ends its memory with
+// CHANNEL_DONE. Zero pages are sent as a flag, without data. After END the
+// receiver resumes the guest and answers RESULT ("resumed"); only then does
+// the parked sender hash its frozen memory and send DIGESTS (empty without
+// verification), answered by RESULT (the check), then RESULT (stamp check).
 //
 // HELLO    (first on every connection) channel index, channel count.
 // HEADER   magic "MVMMIGv1", version, page size, vCPU count, channel count,
@@ -15,11 +18,15 @@
 // PAGES    count, then count x u64 (GPA | 1 for a zero page), then the data of
 //          the non-zero pages in order.
 // VCPU     one vCPU's state (vcpu_state.hpp).
-// DIGESTS  (receiver-checked) count x {GPA, bytes, 64-bit digest}.
-// RESULT   receiver -> sender: status, text, mismatching GPAs, stamp check.
+// DIGESTS  (after the receiver resumed) count x {GPA, bytes, digest}: per
+//          2 MiB range, XXH3-64 over the range's page hashes (verify.hpp).
+// RESULT   receiver -> sender: status, text, mismatching GPAs, stamp check;
+//          then (optional tail) the receiver's restore time, the guest's
+//          own downtime and the MSRs it refused.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <span>
 #include <string>
@@ -47,7 +54,6 @@ enum class RecordType : uint32_t {
 const char* record_name(RecordType t);
 
 uint32_t crc32c(uint32_t crc, const void* data, size_t len);
-uint64_t digest64(const void* data, size_t len);
 
 struct SlotLayout {
     uint32_t slot = 0, flags = 0;
@@ -90,6 +96,10 @@ struct ResultRecord {
     std::string text;
     std::vector<uint64_t> mismatched_gpas;  // first few
     uint64_t pages_checked = 0, mismatches = 0;
+    // The tail (absent from a bare RESULT):
+    double restore_ms = -1;              // the destination loading the vCPU states and starting them
+    double guest_gap_ms = -1;            // downtime_guest_ms (-1: not measured; text says why)
+    std::vector<uint32_t> refused_msrs;  // MSRs the destination would not load
     std::vector<uint8_t> encode() const;
     static ResultRecord decode(std::span<const uint8_t> p);
 };
@@ -165,6 +175,8 @@ private:
 std::vector<uint8_t> encode_pages(const StressVm& m, std::span<const uint64_t> gpas, uint64_t* zero_pages);
 // Applies a PAGES payload to `m`'s memory; checks every GPA lies in a slot
 // of the header's layout and the data length. Returns pages applied.
-uint64_t apply_pages(StressVm& m, std::span<const uint8_t> payload, uint64_t* zero_pages = nullptr);
+// `landed`, when given, is told each GPA once its page is in place.
+uint64_t apply_pages(StressVm& m, std::span<const uint8_t> payload, uint64_t* zero_pages = nullptr,
+                     const std::function<void(uint64_t gpa)>& landed = {});
 
 }  // namespace mvm::migration

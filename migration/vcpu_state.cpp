@@ -4,6 +4,7 @@
 #include <cstring>
 #include <fmt/format.h>
 #include <mutex>
+#include <time.h>
 
 #include "base/error.hpp"
 #include "vmm/kvm/ioctl.hpp"
@@ -15,7 +16,14 @@ namespace mvm::migration {
 namespace {
 
 constexpr uint32_t kMsrTsc = 0x10;
-constexpr uint32_t kStateVersion = 1;
+constexpr uint32_t kStateVersion = 2;  // 2: + tsc_khz, tsc_realtime_ns (1 is still read)
+
+int64_t realtime_ns()
+{
+    timespec ts{};
+    ::clock_gettime(CLOCK_REALTIME, &ts);
+    return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
 
 template <class T>
 void put(std::vector<uint8_t>& out, const T& v)
@@ -73,6 +81,8 @@ std::vector<uint8_t> VcpuState::serialize() const
         put(out, idx);
         put(out, val);
     }
+    put(out, tsc_khz);
+    put(out, tsc_realtime_ns);
     return out;
 }
 
@@ -81,8 +91,9 @@ VcpuState VcpuState::parse(std::span<const uint8_t> data)
     Cursor c(data);
     VcpuState s;
     const auto version = c.get<uint32_t>("version");
-    if (version != kStateVersion)
-        throw Error(fmt::format("vCPU state version {} is not {} (the one this minivmm reads)", version, kStateVersion));
+    if (version != kStateVersion && version != 1)
+        throw Error(fmt::format("vCPU state version {} is not 1 or {} (the ones this minivmm reads)", version,
+                                kStateVersion));
     s.id = c.get<uint32_t>("id");
     s.regs = c.get<kvm_regs>("regs");
     s.sregs = c.get<kvm_sregs>("sregs");
@@ -102,6 +113,10 @@ VcpuState VcpuState::parse(std::span<const uint8_t> data)
         auto idx = c.get<uint32_t>("msr index");
         auto val = c.get<uint64_t>("msr value");
         s.msrs.emplace_back(idx, val);
+    }
+    if (version >= 2) {
+        s.tsc_khz = c.get<uint32_t>("tsc_khz");
+        s.tsc_realtime_ns = c.get<int64_t>("tsc_realtime_ns");
     }
     if (!c.done())
         throw Error("vCPU state record has trailing bytes");
@@ -153,9 +168,42 @@ VcpuState save_vcpu(const Kvm& kvm, const Vcpu& vcpu)
             s.msrs.push_back(v[0]);
     }
     auto tsc = vcpu.msrs({kMsrTsc});
+    s.tsc_realtime_ns = realtime_ns();
     if (!tsc.empty())
         s.msrs.push_back(tsc[0]);  // last, so nothing after it moves the TSC
+    if (kvm.cap(KVM_CAP_GET_TSC_KHZ) > 0)
+        s.tsc_khz = vcpu.tsc_khz();
     return s;
+}
+
+namespace {
+
+// The source's TSC frequency, when it differs from ours and KVM can scale.
+void set_tsc_khz(const Kvm& kvm, Vcpu& vcpu, uint32_t khz)
+{
+    if (!khz || kvm.cap(KVM_CAP_GET_TSC_KHZ) <= 0 || vcpu.tsc_khz() == khz)
+        return;
+    if (kvm.cap(KVM_CAP_TSC_CONTROL) <= 0)
+        throw Unsupported(fmt::format("the source's TSC runs at {} kHz, this vCPU's at {} kHz, and this KVM lacks "
+                                      "KVM_CAP_TSC_CONTROL to match it",
+                                      khz, vcpu.tsc_khz()));
+    kvm_ioctl_checked("KVM_SET_TSC_KHZ", vcpu.fd(), KVM_SET_TSC_KHZ, static_cast<unsigned long>(khz));
+}
+
+}  // namespace
+
+uint64_t restored_tsc(const VcpuState& s, int64_t now_ns)
+{
+    uint64_t saved = 0;
+    for (const auto& [idx, val] : s.msrs)
+        if (idx == kMsrTsc)
+            saved = val;
+    if (!s.tsc_khz || !s.tsc_realtime_ns)
+        return saved;  // a version 1 record: as saved
+    const int64_t elapsed_ns = now_ns - s.tsc_realtime_ns;
+    if (elapsed_ns <= 0)
+        return saved;  // clocks disagree: never move the TSC back
+    return saved + static_cast<uint64_t>(static_cast<__int128>(elapsed_ns) * s.tsc_khz / 1000000);
 }
 
 std::vector<uint32_t> restore_vcpu(const Kvm& kvm, Vcpu& vcpu, const VcpuState& s)
@@ -179,7 +227,10 @@ std::vector<uint32_t> restore_vcpu(const Kvm& kvm, Vcpu& vcpu, const VcpuState& 
     kvm_mp_state mp = s.mp_state;
     KVM_IOCTL(fd, KVM_SET_MP_STATE, &mp);
     std::vector<uint32_t> refused;
-    for (const auto& m : s.msrs) {
+    set_tsc_khz(kvm, vcpu, s.tsc_khz);
+    for (auto m : s.msrs) {
+        if (m.first == kMsrTsc)
+            m.second = restored_tsc(s, realtime_ns());
         try {
             vcpu.set_msrs({m});
         } catch (const Error&) {

@@ -60,10 +60,7 @@ public:
         StressVm dst(kvm, cfg);
         ReceiveReport r = receive(dst, o, die_in(test_hook("DIE_IN")));
         std::FILE* out = table_stream(json_);
-        fmt::print(out, "receive {}: {} pages ({} zero, {}){}\n", r.status, r.pages, r.zero_pages,
-                   human_bytes(static_cast<double>(r.bytes)), r.error.empty() ? "" : "; " + r.error);
-        if (!r.stamp_summary.empty())
-            fmt::print(out, "destination stamp check: {}\n", r.stamp_summary);
+        fmt::print(out, "{}", r.to_table());
         if (!json_.empty())
             write_json(json_, r.to_json());
         if (r.status != "completed") {

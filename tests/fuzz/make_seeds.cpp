@@ -17,6 +17,7 @@
 
 #include "migration/stream.hpp"
 #include "migration/vcpu_state.hpp"
+#include "migration/verify.hpp"
 #include "tests/fuzz/targets.hpp"
 #include "vmm/kvm/kvm.hpp"
 #include "vmm/stress/stress_vm.hpp"
@@ -73,11 +74,12 @@ int main(int argc, char** argv)
     auto pages = [&](std::span<const uint64_t> g) { return encode_pages(m, g, nullptr); };
     std::vector<uint8_t> vcpu0 = save_vcpu(kvm, m.vcpu(0)).serialize();
     std::vector<uint8_t> vcpu1 = save_vcpu(kvm, m.vcpu(1)).serialize();
+    // After END and the receiver's "resumed": the source's range digests.
     auto digests = [&](bool right) {
-        Digest d{ram, 3 * 4096, digest64(m.host_ptr(ram, 3 * 4096), 3 * 4096)};
+        std::vector<Digest> d = PageHashes::of_memory(m).digests();
         if (!right)
-            d.value ^= 1;
-        return encode_digests(std::vector<Digest>{d});
+            d[0].value ^= 1;
+        return encode_digests(d);
     };
     ResultRecord res;
     res.ok = 1;
@@ -92,8 +94,8 @@ int main(int argc, char** argv)
         s.rec(RecordType::ChannelDone, {});
         s.rec(RecordType::Vcpu, vcpu0);
         s.rec(RecordType::Vcpu, vcpu1);
-        s.rec(RecordType::Digests, digests(true));
         s.rec(RecordType::End, {});
+        s.rec(RecordType::Digests, digests(true));
         save("stream", "whole-1-channel", s.bytes());
     }
     {  // Two connections, each opened by HELLO, the second's pages in between.
@@ -108,8 +110,8 @@ int main(int argc, char** argv)
         s.rec(RecordType::Hello, hello(0, 2));  // back to connection 0
         s.rec(RecordType::Vcpu, vcpu0);
         s.rec(RecordType::Vcpu, vcpu1);
-        s.rec(RecordType::Digests, digests(true));
         s.rec(RecordType::End, {});
+        s.rec(RecordType::Digests, digests(true));
         save("stream", "whole-2-channels", s.bytes());
     }
     {  // Stops in each phase.
@@ -124,8 +126,8 @@ int main(int argc, char** argv)
         s.rec(RecordType::Vcpu, vcpu0);
         save("stream", "stops-in-stop-and-copy", s.bytes());
         s.rec(RecordType::Vcpu, vcpu1);
-        s.rec(RecordType::Digests, digests(false));
         s.rec(RecordType::End, {});
+        s.rec(RecordType::Digests, digests(false));
         save("stream", "digest-mismatch", s.bytes());
     }
     {  // Wrong things in the right frames.
