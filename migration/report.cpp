@@ -112,6 +112,8 @@ void MigrateReport::split_to_json(nlohmann::json& j) const
         j["source_state"] = source_state;
     if (!destination_state.empty())
         j["destination_state"] = destination_state;
+    if (!state_note.empty())
+        j["state_note"] = state_note;
 }
 
 std::string MigrateReport::split_to_table() const
@@ -130,7 +132,8 @@ std::string MigrateReport::split_to_table() const
     if (!refused_msrs.empty())
         o += fmt::format("MSRs the destination refused: {}\n", fmt::join(msr_names(refused_msrs), " "));
     if (!source_state.empty())
-        o += fmt::format("source: {}; destination: {}\n", source_state, destination_state);
+        o += fmt::format("source: {}; destination: {}{}\n", source_state, destination_state,
+                         state_note.empty() ? "" : " (" + state_note + ")");
     return o;
 }
 
@@ -176,7 +179,8 @@ std::string MigrateReport::to_table() const
     for (const auto& [s, why] : untracked)
         o += fmt::format("slot {} sent whole at stop-and-copy: {}\n", s, why);
     if (status == "completed")
-        o += fmt::format("source: {}; destination: {}\n", source_state, destination_state);
+        o += fmt::format("source: {}; destination: {}{}\n", source_state, destination_state,
+                         state_note.empty() ? "" : " (" + state_note + ")");
     else
         o += fmt::format("destination: {}\n", destination_state);
     if (verified)

@@ -71,7 +71,11 @@ struct MigrateReport {
     double verify_ms = 0;            // after resume: hashing the parked source and comparing (not in downtime_ms)
     double downtime_guest_ms = -1;   // longest vCPU gap across the switchover on the guest's migrated TSC
     std::string downtime_guest_note; // why it is missing, when it is
-    std::string source_state, destination_state;  // what each side is at the end ("" before the switchover)
+    // What each side is at the end. source: running | parked | resumed (after
+    // the switchover, the destination's copy discarded); destination: none |
+    // setting-up | receiving | running | checked | discarded | lost | aborted.
+    std::string source_state, destination_state;
+    std::string state_note;  // the same in words, with why
 
     // ---- mig-a (issue 14) ----
     // total_ms is QEMU's total-time: start -> destination running. These come after or apart.

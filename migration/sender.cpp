@@ -50,7 +50,7 @@ Sender::Sender(StressVm& src, dirty::Tracker& tracker, const MigrateOptions& opt
 {
     rep_.max_downtime_ms = opt.max_downtime_ms;
     rep_.config = config_echo(src, opt, channels_.count());
-    rep_.source_state = "running (migration not started)";
+    rep_.source_state = "running";
     rep_.destination_state = "none";
 }
 
@@ -63,7 +63,7 @@ void Sender::setup()
     require({Phase::Idle}, "setup");
     enter(Phase::Setup);
     rep_.source_state = "running";
-    rep_.destination_state = "being set up";
+    rep_.destination_state = "setting-up";
     dest_->open(StreamHeader::of(src_, channels_.count()));
     rep_.setup_destination_ms = since(t0_) * 1e3;
     rep_.destination_state = "receiving";
@@ -156,7 +156,7 @@ void Sender::stop_and_copy()
     rep_.stop_ms = since(t0_) * 1e3;
     park_source();
     rep_.split.park_ms = ms_since(tdown_);
-    rep_.source_state = "parked (stop-and-copy)";
+    rep_.source_state = "parked";
     auto t = clock::now();
     dirty::Harvest last = tracker_.harvest();
     rep_.split.final_harvest_ms = ms_since(t);
@@ -211,7 +211,8 @@ void Sender::switchover()
     rep_.zero_pages = channels_.zero_pages();
     rep_.throughput = precopy_s_ > 0 ? static_cast<double>(precopy_bytes_) / precopy_s_ : 0;
     fill_rates();
-    rep_.source_state = "parked (handed over at the switchover)";
+    rep_.source_state = "parked";
+    rep_.state_note = "the source is parked, its guest handed to the destination";
     rep_.destination_state = "running";
     switched_over_ = true;
     verify_after_resume();
@@ -236,7 +237,8 @@ void Sender::verify_after_resume()
     rep_.switchover_mismatch_gpas = v.mismatched_gpas;
     if (!v.ok) {
         destination_discarded_ = true;
-        rep_.destination_state = "stopped: verification failed, its copy was discarded";
+        rep_.destination_state = "discarded";
+        rep_.state_note = "verification failed: the destination was stopped and its copy discarded";
         throw Error("verification after resume failed: " + v.text);
     }
 }
@@ -250,7 +252,8 @@ void Sender::finish()
     fault_point("destination");  // the tests' hook: the destination lost after it resumed the guest
     ResultRecord fin = dest_->finish();
     rep_.post_run_ms = since(t) * 1e3;
-    rep_.destination_state = "ran --post-run, stopped and checked";
+    rep_.destination_state = "checked";
+    rep_.state_note = "the destination ran --post-run, was stopped and checked";
     rep_.pages_checked = fin.pages_checked;
     rep_.mismatches = fin.mismatches;
     rep_.stamp_summary = fin.text;
@@ -260,7 +263,8 @@ void Sender::finish()
         // The destination's copy is not the guest's: discard it, and (like
         // any failure, in fail()) the intact, parked source resumes.
         destination_discarded_ = true;
-        rep_.destination_state = "stopped: its post-run check failed, its copy was discarded";
+        rep_.destination_state = "discarded";
+        rep_.state_note = "its post-run check failed: the destination was stopped and its copy discarded";
         throw Error("destination check failed after resume: " + fin.text);
     }
     phase_ = Phase::Done;
@@ -283,16 +287,21 @@ void Sender::fail(const std::string& error)
     if (switched_over_ && !destination_discarded_) {
         // The destination may still run the guest: resuming the source could
         // run it twice (QEMU's source stays paused in postmigrate too).
-        rep_.destination_state = "lost after it resumed the guest";
-        rep_.source_state = "parked since the switchover, not resumed (its guest was handed to the destination)";
+        rep_.destination_state = "lost";
+        rep_.source_state = "parked";
+        rep_.state_note = "the destination was lost after it resumed the guest; the source stays parked since the "
+                          "switchover, not resumed";
     } else {
         // Before the switchover, or the destination stopped and discarded its
         // copy: the intact source is the guest; it runs on.
         give_back_source();
         if (!switched_over_)
             rep_.destination_state = "aborted";
-        rep_.source_state = switched_over_ ? "resumed: the guest runs on at the source (the destination's copy was discarded)"
-                                           : "running again (given back: logging and throttles off)";
+        rep_.source_state = switched_over_ ? "resumed" : "running";
+        if (switched_over_)
+            rep_.state_note += "; the intact source resumed: the guest runs on there";
+        else
+            rep_.state_note = "the source runs again (given back: logging and throttles off)";
     }
     if (!switched_over_)
         rep_.total_ms = since(t0_) * 1e3;  // start -> failure (after the switchover: -> destination running)

@@ -155,7 +155,7 @@ private:
         nlohmann::json j = r.to_json();
         std::string table = r.to_table();
         int rc = kExitOk;
-        if (r.status != "completed" && r.source_state.rfind("parked", 0) == 0) {
+        if (r.status != "completed" && r.source_state == "parked") {
             // After the switchover the source stays parked: the guest was handed over.
             src.kill();
             StampCheck c = verify_stamps(src);
@@ -165,7 +165,9 @@ private:
             rc = g_stop_signal.load() ? 128 + g_stop_signal.load() : kExitMigration;
         } else if (r.status != "completed") {
             SourceCheck c = stop_and_check_source(src);
-            table += fmt::format("source: {} ({}), stamp check {}\n", c.running ? "kept running" : "NOT RUNNING",
+            table += fmt::format("source: {} ({}), stamp check {}\n", !c.running                      ? "NOT RUNNING"
+                                 : r.source_state == "resumed" ? "resumed after the switchover"
+                                                               : "kept running",
                                  c.running ? "made progress" : "no progress in 300 ms", c.stamps.summary());
             j["source"] = {{"running", c.running}, {"state", r.source_state}, {"pages_checked", c.stamps.pages_checked},
                            {"mismatches", c.stamps.mismatches}};

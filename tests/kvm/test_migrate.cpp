@@ -163,7 +163,7 @@ TEST_P(MigrateFault, InProcessSourceSurvives)
     EXPECT_EQ(j["status"], "failed");
     EXPECT_EQ(j["failed_phase"], GetParam());
     EXPECT_TRUE(j["source"]["running"].get<bool>()) << "the source guest must keep running";
-    EXPECT_EQ(j["source"]["state"].get<std::string>().rfind("running again", 0), 0u) << j["source"].dump();
+    EXPECT_EQ(j["source"]["state"], "running") << j["source"].dump();
     EXPECT_EQ(j["source"]["mismatches"].get<uint64_t>(), 0u);
     EXPECT_EQ(j["source"]["pages_checked"].get<uint64_t>(), 64 * kMiB / 4096);
     EXPECT_NE(r.err.find("minivmm: migration failed in " + GetParam()), std::string::npos) << r.err;
@@ -243,7 +243,7 @@ TEST_P(MigrateStreamFault, ReceiverRefusesAndTheSourceSurvives)
     EXPECT_EQ(j["status"], "failed");
     EXPECT_EQ(j["failed_phase"], phase);
     EXPECT_TRUE(j["source"]["running"].get<bool>()) << "the source guest must keep running";
-    EXPECT_EQ(j["source"]["state"].get<std::string>().rfind("running again", 0), 0u) << j["source"].dump();
+    EXPECT_EQ(j["source"]["state"], "running") << j["source"].dump();
     EXPECT_EQ(j["source"]["mismatches"].get<uint64_t>(), 0u);
     EXPECT_EQ(j["source"]["pages_checked"].get<uint64_t>(), 64 * kMiB / 4096);
 }
