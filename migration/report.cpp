@@ -55,13 +55,13 @@ nlohmann::json MigrateReport::to_json() const
                    {"destination_progressed", destination_progressed}};
     if (!refused_msrs.empty())
         j["refused_msrs"] = msr_names(refused_msrs);
-    split_to_json(j);
-    add_mig_a_fields(j);
+    downtime_to_json(j);
+    figures_to_json(j);
     return j;
 }
 
-// mig-a (issue 14): timings apart from total-time, convergence, QEMU's rates, states, config.
-void MigrateReport::add_mig_a_fields(nlohmann::json& j) const
+// Timings apart from total-time, convergence, QEMU's rates, states, config.
+void MigrateReport::figures_to_json(nlohmann::json& j) const
 {
     j["post_run_ms"] = post_run_ms;
     j["setup_destination_ms"] = setup_destination_ms;
@@ -94,8 +94,8 @@ std::string MigrateReport::summary_line() const
                            forced_by.empty() ? "?" : forced_by, downtime_ms, max_downtime_ms);
 }
 
-// mig-b: the downtime split, verify_ms, the guest's own downtime, each side's state.
-void MigrateReport::split_to_json(nlohmann::json& j) const
+// The downtime split, verify_ms, the guest's own downtime, each side's state.
+void MigrateReport::downtime_to_json(nlohmann::json& j) const
 {
     j["downtime_split"] = {{"park_ms", split.park_ms},
                            {"final_harvest_ms", split.final_harvest_ms},
@@ -116,7 +116,7 @@ void MigrateReport::split_to_json(nlohmann::json& j) const
         j["state_note"] = state_note;
 }
 
-std::string MigrateReport::split_to_table() const
+std::string MigrateReport::downtime_to_table() const
 {
     if (downtime_ms <= 0)
         return {};
@@ -186,7 +186,7 @@ std::string MigrateReport::to_table() const
     if (verified)
         o += fmt::format("verify: switchover {} pages checked, {} mismatches; destination {}\n", switchover_pages_checked,
                          switchover_mismatches, stamp_summary);
-    o += split_to_table();
+    o += downtime_to_table();
     return o;
 }
 
@@ -196,7 +196,7 @@ nlohmann::json ReceiveReport::to_json() const
                         {"error", error},
                         {"pages", pages},
                         {"zero_pages", zero_pages},
-                        {"bytes", bytes},
+                        {"transferred_bytes", bytes},
                         {"verify", {{"pages_checked", pages_checked}, {"mismatches", mismatches}, {"summary", stamp_summary}}}};
     j["verify"]["enabled"] = verified;
     j["verify"]["switchover_pages_checked"] = verify_pages_checked;

@@ -22,7 +22,7 @@ struct RoundReport {
     double duration_s = 0;
     uint32_t throttle_pct = 0;   // auto-converge share in effect
     uint64_t dirty_limit = 0;    // per-vCPU cap in effect (dirty-limit)
-    // mig-a (issue 14): what each row is and when its dirty pages accrued.
+    // What each row is and when its dirty pages accrued.
     std::string kind = "precopy";    // bulk | precopy | stop | interrupted (the round a failure cut short)
     double start_ms = 0;             // since the migration started
     double harvest_interval_s = 0;   // dirty_rate = dirty_pages / this (previous harvest -> this one)
@@ -66,7 +66,7 @@ struct MigrateReport {
     std::string stamp_summary;
     bool destination_progressed = false;
     std::vector<uint32_t> refused_msrs;
-    // ---- downtime split, verification after resume, the guest's view (mig-b) ----
+    // ---- downtime split, verification after resume, the guest's view ----
     DowntimeSplit split;
     double verify_ms = 0;            // after resume: hashing the parked source and comparing (not in downtime_ms)
     double downtime_guest_ms = -1;   // longest vCPU gap across the switchover on the guest's migrated TSC
@@ -77,7 +77,7 @@ struct MigrateReport {
     std::string source_state, destination_state;
     std::string state_note;  // the same in words, with why
 
-    // ---- mig-a (issue 14) ----
+    // ---- timings, convergence, rates, the guest's progress, configuration ----
     // total_ms is QEMU's total-time: start -> destination running. These come after or apart.
     double post_run_ms = 0;           // destination running -> its stamp check reported
     double setup_destination_ms = 0;  // in-process: building the destination VM; TCP: connections + layout check
@@ -95,9 +95,9 @@ struct MigrateReport {
     nlohmann::json to_json() const;
     std::string to_table() const;
     std::string summary_line() const;
-    void add_mig_a_fields(nlohmann::json& j) const;
-    void split_to_json(nlohmann::json& j) const;
-    std::string split_to_table() const;
+    void figures_to_json(nlohmann::json& j) const;
+    void downtime_to_json(nlohmann::json& j) const;
+    std::string downtime_to_table() const;
 };
 
 struct ReceiveReport {

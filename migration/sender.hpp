@@ -124,7 +124,7 @@ private:
     void save_state();
     void verify_after_resume();
     void give_back_source();
-    // mig-a (issue 14): round bookkeeping.
+    // Round bookkeeping (migration/sender_figures.cpp).
     double harvested();  // seconds since the previous harvest; this one becomes the previous
     RoundReport begin_round(uint32_t round, const char* kind, clock::time_point start) const;
     void rate(RoundReport& rr, uint64_t dirty, double interval_s, uint64_t guest_dirty) const;
@@ -163,7 +163,7 @@ private:
     double precopy_s_ = 0, bw_ = 0;
     uint32_t round_ = 1, throttle_pct_ = 0;
     std::optional<dirty::Harvest> pending_;
-    // mig-a: harvest intervals, the round being sent (for a failure's true counts).
+    // Harvest intervals, the round being sent (for a failure's true counts).
     clock::time_point last_harvest_, bulk_start_;
     double pending_interval_s_ = 0;
     uint64_t tracked_pages_ = 0;

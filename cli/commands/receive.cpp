@@ -61,8 +61,11 @@ public:
         ReceiveReport r = receive(dst, o, die_in(test_hook("DIE_IN")));
         std::FILE* out = table_stream(json_);
         fmt::print(out, "{}", r.to_table());
-        if (!json_.empty())
-            write_json(json_, r.to_json());
+        if (!json_.empty()) {
+            nlohmann::json j = r.to_json();
+            echo_config(j, dst.config());
+            write_json(json_, j);
+        }
         if (r.status != "completed") {
             fmt::print(stderr, "minivmm: receive failed: {}\n", r.error);
             return kExitMigration;

@@ -119,6 +119,10 @@ TEST_P(MigrateTracker, TcpLoopbackZeroMismatches)
     EXPECT_DOUBLE_EQ(rj["downtime_guest_ms"].get<double>(), j["downtime_guest_ms"].get<double>());
     EXPECT_EQ(rj["verify"]["switchover_pages_checked"], j["verify"]["switchover_pages_checked"]);
     EXPECT_EQ(rj["refused_msrs"], j.value("refused_msrs", nlohmann::json::array())) << "over TCP too";
+    // One vocabulary: the receiver counts what arrived under the sender's (QEMU's) name.
+    EXPECT_GT(rj["transferred_bytes"].get<uint64_t>(), 0u) << rj.dump();
+    EXPECT_FALSE(rj.contains("bytes"));
+    EXPECT_TRUE(rj["config"]["machine"].contains("nodes")) << "the receiver says what it ran with too";
     for (const auto& m : rj["refused_msrs"])
         EXPECT_EQ(m.get<std::string>().rfind("0x", 0), 0u) << m;
     EXPECT_EQ(rj["guest"], "stopped after its post-run check");

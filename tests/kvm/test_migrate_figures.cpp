@@ -1,4 +1,4 @@
-// Migration figures mean what their names say (issue 14, mig-a): total_ms is
+// Migration figures mean what their names say: total_ms is
 // QEMU's total-time (start -> destination running) with verify and post-run
 // apart; convergence forced by --max-iterations is reported as such; each
 // round's dirty rate is over its own harvest interval, saturation flagged,
