@@ -146,6 +146,18 @@ static inline void pace_batch(struct mvm_mailbox *mb, struct watchdog *wd, uint3
     }
 }
 
+/* One qword, or (touch=page) every qword of the page. */
+static inline void write_stamp(uint64_t *page, uint32_t touch, uint64_t stamp)
+{
+    if (touch == MVM_TOUCH_PAGE) {
+        uint64_t cnt = MVM_PAGE_SIZE / 8;
+        void *dst = page;
+        __asm__ volatile("rep stosq" : "+D"(dst), "+c"(cnt) : "a"(stamp) : "memory");
+    } else {
+        *(volatile uint64_t *)page = stamp;
+    }
+}
+
 __attribute__((noreturn, used, section(".text.user")))
 void user_entry(const struct mvm_boot_params *bp, const struct mvm_vcpu_params *vp,
                 struct mvm_mailbox *mb)
@@ -176,7 +188,7 @@ void user_entry(const struct mvm_boot_params *bp, const struct mvm_vcpu_params *
          * before the cursor read full at the end of the previous pass, then
          * the generation moves, then the cursor resets. A reader seeing
          * generation == passes + 1 with a full cursor knows the cursor is
-         * still the previous pass's. */
+         * still the previous pass's; passes == generation is a whole pass. */
         mb->generation = gen;
         barrier();
         mb->cursor = 0;
@@ -185,22 +197,17 @@ void user_entry(const struct mvm_boot_params *bp, const struct mvm_vcpu_params *
             uint64_t batch_start = wd.prev;
             for (; i < end; i++) {
                 uint64_t idx = pattern == MVM_PATTERN_RANDOM ? mvm_perm_apply(&perm, i) : i;
-                if (idx >= n)
-                    continue; /* cycle walking: the cursor still counts the visit */
-                uint64_t *page = (uint64_t *)page_gpa(vp, idx);
-                if (mvm_writes(write_pct, seed, vcpu, gen, idx)) {
-                    uint64_t stamp = MVM_STAMP(vm, vcpu, gen);
-                    if (touch == MVM_TOUCH_PAGE) {
-                        uint64_t cnt = MVM_PAGE_SIZE / 8;
-                        void *dst = page;
-                        __asm__ volatile("rep stosq" : "+D"(dst), "+c"(cnt) : "a"(stamp) : "memory");
+                /* Cycle walking: a visit beyond the set touches nothing, but
+                 * the cursor (and the end of the pass) still count it. */
+                if (idx < n) {
+                    uint64_t *page = (uint64_t *)page_gpa(vp, idx);
+                    if (mvm_writes(write_pct, seed, vcpu, gen, idx)) {
+                        write_stamp(page, touch, MVM_STAMP(vm, vcpu, gen));
+                        written++;
                     } else {
-                        *(volatile uint64_t *)page = stamp;
+                        sink += *(volatile uint64_t *)page;
+                        read++;
                     }
-                    written++;
-                } else {
-                    sink += *(volatile uint64_t *)page;
-                    read++;
                 }
                 barrier(); /* the stamp is stored before the cursor moves past it */
                 if (i + 1 == visits) {
