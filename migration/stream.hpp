@@ -1,4 +1,4 @@
-// migration/stream.hpp - minivmm's migration stream, version 1.
+// migration/stream.hpp - minivmm's migration stream, version 2 (2: DIGESTS after the resume, RESULT tail, VCPU state v2).
 //
 // A stream is a sequence of records, each framed as
 //     u32 type | u32 payload length | payload | u32 CRC32C(type, length, payload)
@@ -37,7 +37,7 @@
 namespace mvm::migration {
 
 constexpr char kStreamMagic[8] = {'M', 'V', 'M', 'M', 'I', 'G', 'v', '1'};
-constexpr uint32_t kStreamVersion = 1;
+constexpr uint32_t kStreamVersion = 2;
 constexpr uint32_t kMaxPayload = 8u << 20;
 constexpr size_t kBatchPages = 256;  // pages per PAGES record the sender writes: 1 MiB of data
 
