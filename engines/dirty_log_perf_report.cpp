@@ -75,7 +75,7 @@ std::string split_summary(const PerfResult& r)
     const uint64_t m1 = r.vm_stats_before.count("pages_1g") ? r.vm_stats_before.at("pages_1g") : 0;
     if (m2 == 0 && m1 == 0)
         return fmt::format("no huge mappings before logging (pages_2m 0, pages_1g 0): nothing to split{}",
-                           r.eager.tdp_mmu == "N" ? " (the shadow MMU maps this guest with 4 KiB pages)" : "");
+                           r.eager.mmu == "shadow" ? " (the shadow MMU maps this guest with 4 KiB pages)" : "");
     return fmt::format("nothing split: pages_2m ({} before logging) and pages_1g ({}) went down in no window", m2,
                        m1);
 }
@@ -87,8 +87,8 @@ std::string to_text(const PerfResult& r)
                                 "{} backing, {}\n",
                                 o.vcpus, human_bytes(static_cast<double>(o.bytes_per_vcpu)), o.iterations, o.write_pct,
                                 o.random ? "random" : "sequential", o.slots, backing_name(o.backing), r.mode);
-    s += fmt::format("eager_page_split: {} (tdp_mmu {}): {}\n", r.eager.param.empty() ? "absent" : r.eager.param,
-                     r.eager.tdp_mmu.empty() ? "?" : r.eager.tdp_mmu, split_expectation(r));
+    s += fmt::format("eager_page_split: {} (guest MMU: {}, {}): {}\n", r.eager.param.empty() ? "absent" : r.eager.param,
+                     r.eager.mmu.empty() ? "?" : r.eager.mmu, r.eager.mmu_why, split_expectation(r));
     if (!r.eager_note.empty())
         s += r.eager_note + "\n";
     for (const auto& [slot, why] : r.untracked)
@@ -143,7 +143,7 @@ nlohmann::json to_json(const PerfResult& r)
                    {"backing", backing_name(o.backing)}, {"manual_protect", o.manual_protect},
                    {"initially_set", o.manual_protect && o.initially_set}, {"ring_bytes", o.ring_bytes},
                    {"clear_chunk_bytes", o.clear_chunk_bytes}, {"mode", r.mode}};
-    j["eager_split"] = {{"eager_page_split", r.eager.param}, {"tdp_mmu", r.eager.tdp_mmu},
+    j["eager_split"] = {{"eager_page_split", r.eager.param}, {"tdp_mmu", r.eager.tdp_mmu}, {"mmu", r.eager.mmu}, {"mmu_why", r.eager.mmu_why},
                         {"effective", r.eager.effective}, {"writable", r.eager.writable}, {"note", r.eager.note},
                         {"setting", r.eager_note}};
     j["populate_s"] = r.populate_s;

@@ -93,10 +93,10 @@ std::string eager_skip_reason(bool on)
     const dirty::EagerSplitInfo info = dirty::eager_split_info();
     if (info.path.empty())
         return "no eager_page_split parameter on this host";
-    if (info.tdp_mmu != "Y")
-        return fmt::format("eager_page_split has no effect here: tdp_mmu={} (upstream KVM splits eagerly only with the "
-                           "TDP MMU; this host runs the shadow MMU)",
-                           info.tdp_mmu.empty() ? "absent" : info.tdp_mmu);
+    if (info.mmu != "tdp")
+        return fmt::format("eager_page_split has no effect here: guests run on the shadow MMU ({}; upstream KVM splits "
+                           "eagerly only with the TDP MMU)",
+                           info.mmu_why.empty() ? "no tdp_mmu parameter" : info.mmu_why);
     if (info.param != (on ? "Y" : "N") && !info.writable)
         return fmt::format("eager_page_split is {} and read-only here", info.param);
     return "";

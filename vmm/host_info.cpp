@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <filesystem>
 #include <fmt/format.h>
 
 #include "memory/hugetlb.hpp"
@@ -113,6 +114,38 @@ std::string kvm_module_param(const std::string& name)
     return "";
 }
 
+GuestMmu guest_mmu()
+{
+    GuestMmu m;
+    const std::string tdp = kvm_module_param("tdp_mmu");
+    if (tdp.empty())
+        return m;
+    // The vendor module's two-dimensional paging switch, where there is one.
+    std::string vendor, tdp_paging;
+    for (const auto& [mod, param] : {std::pair{"kvm_amd", "npt"}, std::pair{"kvm_intel", "ept"}}) {
+        const std::string path = fmt::format("/sys/module/{}/parameters/{}", mod, param);
+        if (::access(path.c_str(), R_OK) == 0) {
+            vendor = fmt::format("{} {}", mod, param);
+            tdp_paging = read_line(path);
+        }
+    }
+    const bool paging = tdp_paging == "Y" || tdp_paging == "1";
+    m.name = tdp == "Y" && paging ? "tdp" : "shadow";
+    if (!vendor.empty()) {
+        m.why = fmt::format("{}={}, kvm.tdp_mmu={}", vendor, tdp_paging, tdp);
+        return m;
+    }
+    std::string others;  // a vendor module without two-dimensional paging, e.g. kvm_pvm
+    std::error_code ec;
+    for (const auto& e : std::filesystem::directory_iterator("/sys/module", ec)) {
+        const std::string n = e.path().filename().string();
+        if (n.rfind("kvm_", 0) == 0)
+            others += (others.empty() ? "" : ", ") + n;
+    }
+    m.why = fmt::format("kvm.tdp_mmu={}, {}", tdp, others.empty() ? "no vendor module" : others);
+    return m;
+}
+
 nlohmann::json host_info(const Kvm& kvm)
 {
     nlohmann::json j;
@@ -156,13 +189,22 @@ nlohmann::json host_info(const Kvm& kvm)
                                            {"initially_set", (manual & 2) != 0}};
     j["kvm"]["module_params"] = module_params();
     std::string eager = kvm_module_param("eager_page_split"), tdp = kvm_module_param("tdp_mmu");
-    j["kvm"]["eager_page_split"] = {
-        {"eager_page_split", eager},
-        {"tdp_mmu", tdp},
-        {"effective", eager == "Y" && tdp == "Y"},
-        {"note", eager == "Y" && tdp != "Y"
-                     ? "eager_page_split=Y but tdp_mmu=N: upstream KVM splits eagerly only on the TDP MMU"
-                     : ""}};
+    const GuestMmu mmu = guest_mmu();
+    j["kvm"]["mmu"] = {{"name", mmu.name.empty() ? "unknown" : mmu.name}, {"why", mmu.why}};
+    const std::string eager_path = "/sys/module/kvm/parameters/eager_page_split";
+    const bool writable = !eager.empty() && ::access(eager_path.c_str(), W_OK) == 0;
+    std::string note;
+    if (!mmu.tdp())
+        note = fmt::format("guests run on the shadow MMU ({}); upstream KVM splits eagerly only on the TDP MMU",
+                           mmu.why);
+    else if (!writable)
+        note = "eager_page_split is read-only here: it stays " + eager;
+    j["kvm"]["eager_page_split"] = {{"eager_page_split", eager},
+                                    {"tdp_mmu", tdp},
+                                    {"writable", writable},
+                                    {"effective", eager == "Y" && mmu.tdp()},
+                                    {"can_take_effect", mmu.tdp() && (eager == "Y" || writable)},
+                                    {"note", note}};
 
     j["thp"] = {{"enabled", bracketed(read_line("/sys/kernel/mm/transparent_hugepage/enabled"))},
                 {"defrag", bracketed(read_line("/sys/kernel/mm/transparent_hugepage/defrag"))}};
@@ -217,9 +259,14 @@ std::string host_info_table(const nlohmann::json& j)
     o += fmt::format("  manual dirty-log protect: {}{}\n",
                      k["manual_dirty_log_protect"]["enable"].get<bool>() ? "yes" : "no",
                      k["manual_dirty_log_protect"]["initially_set"].get<bool>() ? " (INITIALLY_SET)" : "");
+    o += fmt::format("  guest MMU: {} ({})\n", k["mmu"]["name"].get<std::string>() == "tdp" ? "TDP MMU" : "shadow MMU",
+                     k["mmu"]["why"].get<std::string>());
     const auto& e = k["eager_page_split"];
-    o += fmt::format("  eager page split: eager_page_split={} tdp_mmu={} -> {}\n", e["eager_page_split"].get<std::string>(),
-                     e["tdp_mmu"].get<std::string>(), e["effective"].get<bool>() ? "effective" : "not effective");
+    o += fmt::format("  eager page split: eager_page_split={} ({}) -> {}\n", e["eager_page_split"].get<std::string>(),
+                     e["writable"].get<bool>() ? "writable" : "read-only",
+                     e["effective"].get<bool>()          ? "in effect"
+                     : e["can_take_effect"].get<bool>() ? "off, can be turned on (--eager-split on)"
+                                                        : "cannot take effect");
     if (!e["note"].get<std::string>().empty())
         o += fmt::format("    ({})\n", e["note"].get<std::string>());
     o += "\nKVM module parameters\n";

@@ -26,4 +26,16 @@ nlohmann::json machine_echo(const MachineConfig& cfg);
 // KVM module parameter (kvm, kvm_intel or kvm_amd): its value, or "" if absent.
 std::string kvm_module_param(const std::string& name);
 
+// Which of KVM's x86 MMUs maps guest memory on this host. The TDP MMU needs
+// both kvm.tdp_mmu=Y and two-dimensional paging in the vendor module
+// (kvm_amd npt=Y / kvm_intel ept=Y); anything else (tdp_mmu=N, npt=0, a
+// paravirtual module such as kvm_pvm) runs the shadow MMU. Eager page
+// splitting and 2M/1G mappings of huge pages take effect only on the TDP MMU.
+struct GuestMmu {
+    std::string name;  // "tdp" or "shadow"; "" when KVM has no tdp_mmu parameter (not x86)
+    std::string why;   // "kvm_amd npt=Y, kvm.tdp_mmu=Y" ...
+    bool tdp() const { return name == "tdp"; }
+};
+GuestMmu guest_mmu();
+
 }  // namespace mvm

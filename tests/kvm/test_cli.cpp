@@ -2,6 +2,8 @@
 // test_bad_input.cpp).
 #include <gtest/gtest.h>
 
+#include <iostream>
+
 #include <fmt/format.h>
 
 #include <signal.h>
@@ -21,6 +23,33 @@
 #include "kvm_test_util.hpp"
 
 using mvm::test::run_minivmm;
+
+// caps says which MMU maps guests, by the parameters it depends on: the TDP
+// MMU only with kvm.tdp_mmu=Y and kvm_amd npt / kvm_intel ept on; eager
+// splitting can take effect only there. The svm stage runs this with npt=1 and
+// npt=0 (SvmHost / SvmShadow filters name it through Caps.*).
+TEST(Caps, SaysWhichMmuRunsGuestsAndWhetherEagerSplitCanTakeEffect)
+{
+    REQUIRE_KVM();
+    auto r = run_minivmm("caps --json -");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    auto j = nlohmann::json::parse(r.out);
+    auto yes = [](const char* path) {
+        const std::string v = mvm::test::read_file(path);
+        return !v.empty() && (v[0] == 'Y' || v[0] == '1');
+    };
+    const bool paging = yes("/sys/module/kvm_amd/parameters/npt") || yes("/sys/module/kvm_intel/parameters/ept");
+    const bool tdp = yes("/sys/module/kvm/parameters/tdp_mmu") && paging;
+    const auto& e = j["kvm"]["eager_page_split"];
+    EXPECT_EQ(j["kvm"]["mmu"]["name"], tdp ? "tdp" : "shadow") << j["kvm"]["mmu"];
+    EXPECT_EQ(e["effective"].get<bool>(), tdp && e["eager_page_split"] == "Y") << e;
+    if (!tdp)
+        EXPECT_FALSE(e["can_take_effect"].get<bool>()) << e;
+    EXPECT_NE(r.err.find(tdp ? "guest MMU: TDP MMU" : "guest MMU: shadow MMU"), std::string::npos) << r.err;
+    std::cout << "caps: guest MMU " << j["kvm"]["mmu"]["name"].get<std::string>() << " ("
+              << j["kvm"]["mmu"]["why"].get<std::string>() << "), eager split "
+              << (e["can_take_effect"].get<bool>() ? "can take effect" : "cannot take effect") << "\n";
+}
 
 TEST(Cli, CapsJsonHasWhatTheToolUses)
 {

@@ -6,6 +6,8 @@
 #include <fmt/format.h>
 #include <fstream>
 
+#include "vmm/host_info.hpp"
+
 namespace mvm::dirty {
 
 namespace {
@@ -41,11 +43,16 @@ EagerSplitInfo eager_split_info()
     i.param = read_first(i.path);
     std::string tdp = param_path("tdp_mmu");
     i.tdp_mmu = tdp.empty() ? "" : read_first(tdp);
+    const GuestMmu mmu = guest_mmu();
+    i.mmu = mmu.name;
+    i.mmu_why = mmu.why;
     struct stat st {};
     i.writable = ::stat(i.path.c_str(), &st) == 0 && (st.st_mode & S_IWUSR) && ::access(i.path.c_str(), W_OK) == 0;
-    i.effective = i.param == "Y" && i.tdp_mmu == "Y";
-    if (i.param == "Y" && i.tdp_mmu != "Y")
-        i.note = "eager_page_split=Y has no effect: tdp_mmu=N, and upstream KVM splits eagerly only on the TDP MMU";
+    i.effective = i.param == "Y" && mmu.tdp();
+    if (!mmu.tdp())
+        i.note = fmt::format("eager_page_split={} has no effect: guests run on the shadow MMU ({}), and upstream KVM "
+                             "splits eagerly only on the TDP MMU",
+                             i.param, mmu.why);
     else if (i.param == "Y")
         i.note = "enabling dirty logging splits huge pages eagerly (under the MMU lock)";
     else

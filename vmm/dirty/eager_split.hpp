@@ -13,9 +13,11 @@ namespace mvm::dirty {
 struct EagerSplitInfo {
     std::string param;        // "Y", "N", or "" when the parameter does not exist
     std::string tdp_mmu;      // "Y", "N", or ""
+    std::string mmu;          // which MMU maps guests: "tdp", "shadow", or "" (vmm/host_info guest_mmu)
+    std::string mmu_why;      // "kvm_amd npt=N, kvm.tdp_mmu=Y" ...
     std::string path;         // sysfs file of the parameter
     bool writable = false;
-    bool effective = false;   // param Y and TDP MMU in use (x86)
+    bool effective = false;   // param Y and the TDP MMU maps guests (x86)
     std::string note;         // why it does or does not take effect
 };
 
