@@ -54,10 +54,12 @@ double run_pass(StressVm& m, uint64_t gate, bool progress, const char* what)
 struct StatMark {
     StatSnapshot vm;
     std::vector<StatSnapshot> vcpus;
+    numa::NodeKib page_tables;
 
     static StatMark take(const StressVm& m)
     {
         StatMark k;
+        k.page_tables = numa::secondary_page_tables();
         k.vm = m.vm_stats();
         for (uint32_t i = 0; i < m.vcpu_count(); i++)
             k.vcpus.push_back(m.vcpu_stats(i));
@@ -66,7 +68,7 @@ struct StatMark {
     void close(const StressVm& m, std::vector<StatsWindow>& out, std::string name, std::string what)
     {
         StatMark now = take(m);
-        StatsWindow w{std::move(name), std::move(what), false, stat_delta(vm, now.vm), {}};
+        StatsWindow w{std::move(name), std::move(what), false, stat_delta(vm, now.vm), {}, now.page_tables - page_tables};
         for (size_t i = 0; i < vcpus.size(); i++)
             for (const auto& [k, v] : stat_delta(vcpus[i], now.vcpus[i]))
                 w.vcpus[k] += v;

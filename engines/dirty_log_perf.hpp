@@ -12,6 +12,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "numa/page_tables.hpp"
 #include "vmm/dirty/eager_split.hpp"
 #include "vmm/dirty/tracker.hpp"
 #include "vmm/kvm/stats.hpp"
@@ -47,6 +48,7 @@ struct StatsWindow {
     bool first_clear = false;  // holds the run's first KVM_CLEAR_DIRTY_LOG
     StatDelta vm;       // VM stats (pages_4k, pages_2m, pages_1g ...)
     StatDelta vcpus;    // vCPU stats summed over vCPUs (pf_taken, pf_fixed, pf_fast ...)
+    numa::NodeKibDelta page_tables;  // SecPageTables per host node: KVM's page tables made (+) or freed (-)
 };
 
 struct PerfResult {
@@ -73,6 +75,8 @@ std::string to_text(const PerfResult& r);
 // Where huge-page mappings were split, by what the stats windows show
 // (pages_2m/pages_1g going down), or that none were.
 std::string split_summary(const PerfResult& r);
+// Where KVM's page tables grew or shrank, per step and host node (SecPageTables).
+std::string page_table_summary(const PerfResult& r);
 // What eager splitting should do in this run's mode, from the host's parameters.
 std::string split_expectation(const PerfResult& r);
 nlohmann::json to_json(const PerfResult& r);

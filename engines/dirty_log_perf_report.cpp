@@ -45,6 +45,18 @@ std::string split_how(const StatsWindow& w)
 
 }  // namespace
 
+std::string page_table_summary(const PerfResult& r)
+{
+    if (r.windows.empty() || !r.windows.front().page_tables.available)
+        return r.windows.empty() ? "not measured" : r.windows.front().page_tables.summary();
+    std::string s;
+    for (const auto& w : r.windows)
+        if (w.page_tables.total() != 0 ||
+            std::any_of(w.page_tables.kib.begin(), w.page_tables.kib.end(), [](const auto& p) { return p.second != 0; }))
+            s += fmt::format("{}{}: {}", s.empty() ? "" : "; ", w.name, w.page_tables.summary());
+    return s.empty() ? "unchanged in every step" : s;
+}
+
 std::string split_expectation(const PerfResult& r)
 {
     if (!r.eager.effective)
@@ -95,7 +107,7 @@ std::string to_text(const PerfResult& r)
         s += fmt::format("slot {} not tracked: {}\n", slot, why);
     s += fmt::format("Populate memory time: {:.9f}s\n", r.populate_s);
     s += fmt::format("Pass before logging time: {:.9f}s\n", r.pass_before_s);
-    s += fmt::format("Enabling dirty logging time: {:.9f}s\n", r.enable.wall_s);
+    s += fmt::format("Enabling dirty logging time: {:.9f}s (from {})\n", r.enable.wall_s, r.enable.enabled_from);
     for (const auto& st : r.enable.slots)
         s += fmt::format("  slot {} (vnode {}) enabled in {:.9f}s on CPU {}\n", st.slot, st.vnode, st.seconds, st.cpu);
     s += "\n";
@@ -126,6 +138,7 @@ std::string to_text(const PerfResult& r)
     for (const auto& w : r.windows)
         s += fmt::format("  {:<12}{} [{}]\n", w.name + ":", window_text(w), w.what);
     s += fmt::format("huge pages: {}\n", split_summary(r));
+    s += fmt::format("KVM page tables (SecPageTables per host node): {}\n", page_table_summary(r));
     if (r.stamps)
         s += fmt::format("stamp check: {}\n", r.stamps->summary());
     if (r.failure)
@@ -152,7 +165,8 @@ nlohmann::json to_json(const PerfResult& r)
         json a = json::array();
         for (const auto& s : e.slots)
             a.push_back({{"slot", s.slot}, {"vnode", s.vnode}, {"seconds", s.seconds}, {"host_cpu", s.cpu}});
-        return json{{"wall_s", e.wall_s}, {"slots", a}};
+        return json{{"wall_s", e.wall_s}, {"slots", a}, {"enabled_from", e.enabled_from},
+                    {"sec_page_tables", e.page_tables.json()}};
     };
     j["enable"] = enable_json(r.enable);
     j["disable"] = enable_json(r.disable);
@@ -181,7 +195,8 @@ nlohmann::json to_json(const PerfResult& r)
         for (const auto& [k, v] : w.vcpus)
             vc[k] = v;
         j["kvm_stats_windows"].push_back(
-            {{"window", w.name}, {"what", w.what}, {"first_clear", w.first_clear}, {"vm", vm}, {"vcpus_sum", vc}});
+            {{"window", w.name}, {"what", w.what}, {"first_clear", w.first_clear}, {"vm", vm}, {"vcpus_sum", vc},
+             {"sec_page_tables", w.page_tables.json()}});
     }
     j["huge_page_splits"] = split_summary(r);
     j["eager_split"]["expected"] = split_expectation(r);

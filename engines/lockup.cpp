@@ -152,6 +152,8 @@ struct VariantRun {
     std::vector<uint64_t> wd0;         // each vCPU's watchdog event count at the start
     StatSnapshot vm0;                  // KVM stats when logging went on
     std::vector<StatSnapshot> vc0;
+    StatSnapshot step_vm;              // VM stats and page tables where the current step began
+    numa::NodeKib step_pt;
     bool logging_on = false;
 
     double ms(clock::time_point t) const { return std::chrono::duration<double, std::milli>(t - origin).count(); }
@@ -229,6 +231,17 @@ void copy_harvested(VariantRun& run, const dirty::Harvest& h, std::vector<uint8_
         });
 }
 
+// Ends the current step of the logging window: what KVM's page-size stats
+// and page tables did in it.
+void close_step(VariantRun& run, const char* name)
+{
+    StatSnapshot vm = run.m.vm_stats();
+    numa::NodeKib pt = numa::secondary_page_tables();
+    run.v.steps.push_back({name, stat_delta(run.step_vm, vm), pt - run.step_pt});
+    run.step_vm = std::move(vm);
+    run.step_pt = std::move(pt);
+}
+
 // Logging: enable, then a harvest (and copy) in every --harvest-ms slot of
 // the --logging window that starts after enabling; a harvest that starts too
 // late for its slot leaves the slots it skipped missed. Between harvests the
@@ -245,7 +258,12 @@ void logging_phase(VariantRun& run, const MidLoggingAction& action)
     const uint64_t w1 = guest_writes(m);
     const auto log0 = clock::now();
     run.enter("enable-logging", log0);
-    run.v.enable_ms = run.tracker.enable().wall_s * 1e3;
+    run.step_vm = run.vm0;
+    run.step_pt = numa::secondary_page_tables();
+    const dirty::EnableReport enabled = run.tracker.enable();
+    run.v.enable_ms = enabled.wall_s * 1e3;
+    run.v.enabled_from = enabled.enabled_from;
+    close_step(run, "enable-logging");
     run.logging_on = true;
     const auto period = std::chrono::duration_cast<clock::duration>(std::chrono::duration<double, std::milli>(run.opt.harvest_ms));
     auto base = clock::now(), wake = base;
@@ -260,7 +278,8 @@ void logging_phase(VariantRun& run, const MidLoggingAction& action)
         slot = std::max<int64_t>(slot, (now - base) / period);  // the slot this harvest serves
         hs.late_max_ms = std::max(hs.late_max_ms, std::chrono::duration<double, std::milli>(now - wake).count());
         copy_harvested(run, harvest(run, hs.done == 0), scratch);
-        hs.done++;
+        if (++hs.done == 1)
+            close_step(run, "first harvest");
         if (action.after_each_harvest)
             action.after_each_harvest();
         if (action.run && !acted) {
@@ -289,6 +308,7 @@ void disable_phase(VariantRun& run)
 {
     VariantResult& v = run.v;
     if (run.logging_on) {
+        close_step(run, "rest of logging");
         run.enter("disable-logging", clock::now());
         v.disable_ms = run.tracker.disable().wall_s * 1e3;
         v.vm_stats = stat_delta(run.vm0, run.m.vm_stats());

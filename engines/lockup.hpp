@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engines/lockup_analysis.hpp"
+#include "numa/page_tables.hpp"
 #include "vmm/kvm/stats.hpp"
 #include "vmm/stress/stress_vm.hpp"
 #include "vmm/stress/sampler.hpp"
@@ -41,6 +42,14 @@ struct LockupOptions {
     const std::atomic<int>* stop = nullptr;    // non-zero: stop (Ctrl-C), report what was measured
 };
 
+// KVM's page-size stats and page tables over one step of the logging window:
+// where huge mappings split (enable, the first harvest, later write faults).
+struct StepStats {
+    std::string step;                // "enable-logging", "first harvest", "rest of logging"
+    StatDelta vm;                    // pages_4k / pages_2m / pages_1g ...
+    numa::NodeKibDelta page_tables;  // SecPageTables per host node
+};
+
 struct VariantResult {
     std::string name;
     std::string skipped;  // why it did not run, when it did not
@@ -61,12 +70,19 @@ struct VariantResult {
     bool interrupted = false;                   // stopped by a signal before it finished
     std::vector<PhaseStalls> phase_stalls;      // per phase, against the steady baseline
     StatDelta vm_stats, vcpu_stats;
+    std::vector<StepStats> steps;               // the logging window cut at enable and at the first harvest
+    std::string enabled_from;                   // which thread(s) enabled logging
     std::vector<PhaseSpan> phases;
     std::vector<Stall> stalls;
     std::vector<ProgressSample> samples;
     double sampler_hz = 0;
     std::string verdict;
 };
+
+// Where the variant's huge mappings split, by step ("huge mappings split in
+// enable-logging (pages_2m -32 ...)"), or that none did.
+std::string split_steps_text(const VariantResult& v);
+nlohmann::json steps_json(const VariantResult& v);
 
 struct LockupReport {
     uint32_t vcpus = 0;

@@ -70,11 +70,52 @@ nlohmann::json LockupReport::to_json() const
                                  {"ring_full_exits", v.ring_full},
                                  {"sampler_hz", v.sampler_hz},
                                  {"kvm_stats", {{"vm", vm}, {"vcpus_sum", vc}}},
+                                 {"enabled_from", v.enabled_from},
+                                 {"logging_steps", steps_json(v)},
+                                 {"huge_page_splits", split_steps_text(v)},
                                  {"stalls", s},
                                  {"phases", ph},
                                  {"verdict", v.verdict}});
     }
     return j;
+}
+
+namespace {
+
+int64_t stat_of(const StatDelta& d, const char* k)
+{
+    auto it = d.find(k);
+    return it == d.end() ? 0 : it->second;
+}
+
+}  // namespace
+
+nlohmann::json steps_json(const VariantResult& v)
+{
+    nlohmann::json a = nlohmann::json::array();
+    for (const auto& st : v.steps) {
+        nlohmann::json vm = nlohmann::json::object();
+        for (const char* k : {"pages_4k", "pages_2m", "pages_1g"})
+            if (st.vm.count(k))
+                vm[k] = st.vm.at(k);
+        a.push_back({{"step", st.step}, {"vm", vm}, {"sec_page_tables", st.page_tables.json()}});
+    }
+    return a;
+}
+
+std::string split_steps_text(const VariantResult& v)
+{
+    std::string s;
+    for (const auto& st : v.steps) {
+        const int64_t d2 = stat_of(st.vm, "pages_2m"), d1 = stat_of(st.vm, "pages_1g");
+        if (d2 >= 0 && d1 >= 0)
+            continue;
+        s += fmt::format("{}{} (pages_1g {:+} pages_2m {:+} pages_4k {:+}; page tables {})", s.empty() ? "" : "; ",
+                         st.step, d1, d2, stat_of(st.vm, "pages_4k"), st.page_tables.summary());
+    }
+    if (!s.empty())
+        return "huge mappings split in " + s;
+    return v.steps.empty() ? "not measured" : "no huge mapping split while logging";
 }
 
 namespace {
@@ -127,6 +168,7 @@ std::string LockupReport::to_table() const
         o += fmt::format("\n{}: harvester {}, {} of {} harvests (every {:.0f} ms, latest start {:.1f} ms late)\n", v.name,
                          v.harvester_priority, v.schedule.done, v.schedule.expected, v.schedule.period_ms,
                          v.schedule.late_max_ms);
+        o += fmt::format("{}: logging enabled from {}; {}\n", v.name, v.enabled_from, split_steps_text(v));
         o += phase_table(v);
     }
     o += "\n";

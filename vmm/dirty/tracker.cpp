@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "numa/policy.hpp"
+#include "numa/topology.hpp"
 #include "base/error.hpp"
 #include "vmm/kvm/ioctl.hpp"
 #include "base/units.hpp"
@@ -405,37 +406,63 @@ EnableReport Tracker::disable()
     return set_logging(false);
 }
 
+namespace {
+
+// Where a group of slots is enabled from: `vnode` >= 0 is a virtual node's
+// thread (its host CPUs, its policy); kHostNodeGroup is one thread on host
+// node `host_node` (its CPUs, bound to its memory); -1 the calling thread.
+constexpr int kHostNodeGroup = -2;
+
+void place_enabling_thread(const MachineConfig& cfg, int vnode, int host_node,
+                           std::optional<numa::ThreadPolicyScope>& scope)
+{
+    if (vnode == kHostNodeGroup) {
+        const numa::Topology topo = numa::host_topology();
+        const numa::Node* n = topo.node(host_node);
+        if (!n)
+            throw UsageError(fmt::format("enabling thread: host node {} does not exist", host_node));
+        if (!n->cpus.empty())
+            numa::pin_current_thread(n->cpus);
+        scope.emplace(numa::NodePolicy{numa::Policy::Bind, {host_node}});
+        return;
+    }
+    for (const auto& n : cfg.nodes)
+        if (vnode >= 0 && static_cast<int>(n.id) == vnode) {
+            // On the node's CPUs and under its policy: KVM allocates the page
+            // tables it needs (splitting huge pages, rmaps) with this task's policy.
+            if (!n.host_cpus.empty())
+                numa::pin_current_thread(n.host_cpus);
+            if (n.host_policy.policy != numa::Policy::Default)
+                scope.emplace(n.host_policy);
+        }
+}
+
+}  // namespace
+
 EnableReport Tracker::set_logging(bool on)
 {
     EnableReport rep;
     auto t0 = clock::now();
     const MachineConfig& cfg = m_.config();
-    // Group the slots by virtual node; the system slot (-1) stays on this thread.
+    // Group the slots by where they are enabled from; the system slot (-1)
+    // stays on this thread unless one host node's thread enables everything.
     std::map<int, std::vector<uint32_t>> groups;
     for (uint32_t id : tracked_)
-        groups[opt_.per_node_enable ? m_.memslots().by_slot(id)->vnode : -1].push_back(id);
+        groups[opt_.enable_host_node >= 0 ? kHostNodeGroup
+               : opt_.per_node_enable    ? m_.memslots().by_slot(id)->vnode
+                                         : -1]
+            .push_back(id);
+    rep.enabled_from = opt_.enable_host_node >= 0 ? fmt::format("one thread on host node {}", opt_.enable_host_node)
+                       : opt_.per_node_enable && cfg.nodes.size() > 1 ? "per-node threads (each on its node)"
+                                                                      : "the calling thread (as it is placed)";
     std::mutex mu;
     std::exception_ptr error;
-    auto run_group = [&](int vnode, const std::vector<uint32_t>& ids) {
+    auto run_group = [&](int group, const std::vector<uint32_t>& ids) {
         try {
-            const NodeConfig* node = nullptr;
-            for (const auto& n : cfg.nodes)
-                if (static_cast<int>(n.id) == vnode)
-                    node = &n;
-            // On the node's CPUs and under its policy: KVM allocates the page
-            // tables it needs (splitting huge pages, rmaps) with this task's policy.
             std::optional<numa::ThreadPolicyScope> scope;
-            if (node && vnode >= 0) {
-                if (!node->host_cpus.empty())
-                    numa::pin_current_thread(node->host_cpus);
-                if (node->host_policy.policy != numa::Policy::Default)
-                    scope.emplace(node->host_policy);
-            }
+            place_enabling_thread(cfg, group, opt_.enable_host_node, scope);
             for (uint32_t id : ids) {
-                uint32_t flags;
-                {
-                    flags = m_.memslots().by_slot(id)->flags;
-                }
+                uint32_t flags = m_.memslots().by_slot(id)->flags;
                 flags = on ? (flags | KVM_MEM_LOG_DIRTY_PAGES) : (flags & ~KVM_MEM_LOG_DIRTY_PAGES);
                 auto s0 = clock::now();
                 m_.set_slot_flags(id, flags);
@@ -449,15 +476,18 @@ EnableReport Tracker::set_logging(bool on)
                 error = std::current_exception();
         }
     };
+    const numa::NodeKib pt0 = numa::secondary_page_tables();
+    // A group other than this thread's own (-1) runs on a thread of its own.
     std::vector<std::thread> threads;
-    for (const auto& [vnode, ids] : groups)
-        if (vnode >= 0 && groups.size() > 1)
-            threads.emplace_back(run_group, vnode, ids);
-    for (const auto& [vnode, ids] : groups)
-        if (vnode < 0 || groups.size() == 1)
-            run_group(vnode, ids);
+    for (const auto& [group, ids] : groups)
+        if (group != -1 && (groups.size() > 1 || group == kHostNodeGroup))
+            threads.emplace_back(run_group, group, ids);
+    for (const auto& [group, ids] : groups)
+        if (group == -1 || (groups.size() == 1 && group != kHostNodeGroup))
+            run_group(group, ids);
     for (auto& t : threads)
         t.join();
+    rep.page_tables = numa::secondary_page_tables() - pt0;
     if (error)
         std::rethrow_exception(error);
     std::sort(rep.slots.begin(), rep.slots.end(), [](const auto& a, const auto& b) { return a.slot < b.slot; });

@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "numa/page_tables.hpp"
 #include "vmm/machine.hpp"
 
 namespace mvm::dirty {
@@ -62,6 +63,8 @@ struct TrackerOptions {
     uint64_t clear_chunk_bytes = 0;  // bitmap + manual: bytes per KVM_CLEAR_DIRTY_LOG; 0 = whole slot
     uint32_t ring_soft_limit = 0;    // ring: harvest a ring early once this many entries wait (0: only when KVM says full)
     bool per_node_enable = true;     // enable from one pinned, policy-bound thread per node, in parallel
+    int enable_host_node = -1;       // >= 0: one thread pinned to this host node's CPUs and bound to its memory
+                                     // enables every slot (overrides per_node_enable)
     Kick kick = Kick::Auto;
     // ring: KVM_RESET_DIRTY_RINGS with every signal blocked in the resetting
     // thread (Vm::reset_dirty_rings). Off only to probe a host for the bug
@@ -120,6 +123,11 @@ struct SlotTiming {
 struct EnableReport {
     double wall_s = 0;
     std::vector<SlotTiming> slots;
+    // How KVM's page tables (SecPageTables) grew per host node while the
+    // slots' flags changed: the split page tables of an eager split at enable
+    // land on the node of the thread that enabled (its mempolicy and CPU).
+    numa::NodeKibDelta page_tables;
+    std::string enabled_from;  // "per-node threads", "one thread on host node 1", "the calling thread (unbound)"
 };
 
 class Tracker {
