@@ -9,6 +9,7 @@
 #include <map>
 
 #include "base/error.hpp"
+#include "vmm/dirty/eager_split.hpp"
 #include "engines/run.hpp"
 #include "base/units.hpp"
 
@@ -244,6 +245,56 @@ std::string host_node_table(const NumaCheckReport& r)
 
 }  // namespace
 
+void check_enable_logging(const std::string& v)
+{
+    if (v.empty() || v == "per-node" || v == "unbound")
+        return;
+    if (v.rfind("host-node:", 0) == 0) {
+        const std::string n = v.substr(10);
+        if (!n.empty() && n.size() < 4 && n.find_first_not_of("0123456789") == std::string::npos) {
+            if (!numa::host_topology().node(std::stoi(n)))
+                throw UsageError(fmt::format("--enable-logging: host node {} does not exist on this host (see `minivmm "
+                                             "caps`)",
+                                             n));
+            return;
+        }
+    }
+    throw UsageError(fmt::format("--enable-logging: '{}' is not per-node, unbound or host-node:N", v));
+}
+
+namespace {
+
+// Enables dirty logging once (bitmap, GET clears: an eager split happens at
+// enable) from where `opt` says, measures, and disables it again.
+LoggingEnableCheck logging_enable_check(StressVm& m, const NumaCheckOptions& opt)
+{
+    LoggingEnableCheck c;
+    c.requested = opt.enable_logging;
+    dirty::EagerSplitSetting eager(opt.eager_split);
+    c.eager_note = eager.note();
+    const dirty::EagerSplitInfo info = dirty::eager_split_info();
+    c.eager_effective = info.effective;
+    if (c.eager_note.empty())
+        c.eager_note = fmt::format("eager_page_split={}: {}", info.param.empty() ? "absent" : info.param, info.note);
+    dirty::TrackerOptions to;
+    to.mode = dirty::Mode::Bitmap;
+    to.manual_protect = false;
+    to.per_node_enable = opt.enable_logging == "per-node";
+    if (opt.enable_logging.rfind("host-node:", 0) == 0)
+        to.enable_host_node = std::stoi(opt.enable_logging.substr(10));
+    auto tracker = dirty::Tracker::create(m, to);
+    const StatSnapshot vm0 = m.vm_stats();
+    const dirty::EnableReport e = tracker->enable();
+    c.vm = stat_delta(vm0, m.vm_stats());
+    c.from = e.enabled_from;
+    c.slots = e.slots;
+    c.page_tables = e.page_tables;
+    tracker->disable();
+    return c;
+}
+
+}  // namespace
+
 NumaCheckReport numa_check(StressVm& m, const NumaCheckOptions& opt, const PlacementJudge& judge)
 {
     using clock = std::chrono::steady_clock;
@@ -264,11 +315,13 @@ NumaCheckReport numa_check(StressVm& m, const NumaCheckOptions& opt, const Place
             for (uint32_t v = 0; v < m.vcpu_count(); v++)
                 r.vcpus.push_back(vcpu_placement(m, v));
     };
+    const numa::NodeKib pt0 = numa::secondary_page_tables();
     m.start();
     ro.on_tick(0);
     auto t0 = clock::now();
     RunReport run = run_workload(m, ro);
     r.touch_s = std::chrono::duration<double>(clock::now() - t0).count();
+    r.touch_page_tables = numa::secondary_page_tables() - pt0;
     r.stamps = run.stamps;
     r.failure = run.failure;
     r.interrupted = run.interrupted;
@@ -283,8 +336,46 @@ NumaCheckReport numa_check(StressVm& m, const NumaCheckOptions& opt, const Place
         r.nodes.push_back(std::move(nr));
     }
     r.check_s = std::chrono::duration<double>(clock::now() - c0).count();
+    if (!opt.enable_logging.empty())
+        r.logging = logging_enable_check(m, opt);
     return r;
 }
+
+namespace {
+
+int64_t stat_or_0(const StatDelta& d, const char* k)
+{
+    auto it = d.find(k);
+    return it == d.end() ? 0 : it->second;
+}
+
+nlohmann::json logging_json(const LoggingEnableCheck& c)
+{
+    nlohmann::json slots = nlohmann::json::array();
+    for (const auto& s : c.slots)
+        slots.push_back({{"slot", s.slot}, {"vnode", s.vnode}, {"host_cpu", s.cpu}, {"seconds", s.seconds}});
+    nlohmann::json vm = nlohmann::json::object();
+    for (const char* k : {"pages_4k", "pages_2m", "pages_1g"})
+        if (c.vm.count(k))
+            vm[k] = c.vm.at(k);
+    return {{"requested", c.requested},     {"enabled_from", c.from}, {"eager_split", c.eager_note},
+            {"eager_effective", c.eager_effective}, {"slots", slots}, {"vm", vm},
+            {"sec_page_tables", c.page_tables.json()}};
+}
+
+std::string logging_text(const LoggingEnableCheck& c)
+{
+    std::string cpus;
+    for (const auto& s : c.slots)
+        if (s.vnode >= 0)
+            cpus += fmt::format("{}vnode {} on CPU {}", cpus.empty() ? "" : ", ", s.vnode, s.cpu);
+    return fmt::format("dirty logging enabled from {} ({}); {}\n  over the enable: pages_2m {:+} pages_1g {:+} "
+                       "pages_4k {:+}; KVM page tables (SecPageTables) {}\n",
+                       c.from, cpus, c.eager_note, stat_or_0(c.vm, "pages_2m"), stat_or_0(c.vm, "pages_1g"),
+                       stat_or_0(c.vm, "pages_4k"), c.page_tables.summary());
+}
+
+}  // namespace
 
 nlohmann::json to_json(const NumaCheckReport& r)
 {
@@ -348,6 +439,9 @@ nlohmann::json to_json(const NumaCheckReport& r)
                          {"mempolicy", v.mempolicy},
                          {"ok", v.ok}});
     j["vcpus"] = vcpus;
+    j["touch_sec_page_tables"] = r.touch_page_tables.json();
+    if (r.logging)
+        j["logging_enable"] = logging_json(*r.logging);
     if (r.stamps)
         j["stamps"] = {{"pages_checked", r.stamps->pages_checked}, {"mismatches", r.stamps->mismatches}};
     if (r.failure)
@@ -390,6 +484,10 @@ std::string to_table(const NumaCheckReport& r)
     const double gib = static_cast<double>(r.checked_bytes) / (1ull << 30);
     o += fmt::format("{} {} in {:.3f} s ({:.1f} GiB/s) after a {:.2f} s guest pass over all memory\n",
                      r.sampled ? "queried a sample of" : "checked", human_bytes(r.checked_bytes), r.check_s, r.check_s > 0 ? gib / r.check_s : 0.0, r.touch_s);
+    o += fmt::format("KVM page tables made during that pass (SecPageTables, the vCPU threads' faults): {}\n",
+                     r.touch_page_tables.summary());
+    if (r.logging)
+        o += logging_text(*r.logging);
     if (r.stamps)
         o += fmt::format("stamp check: {} pages checked, {} mismatches\n", r.stamps->pages_checked, r.stamps->mismatches);
     if (r.failure)

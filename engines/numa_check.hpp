@@ -12,7 +12,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include "numa/page_tables.hpp"
 #include "numa/placement.hpp"
+#include "vmm/dirty/tracker.hpp"
+#include "vmm/kvm/stats.hpp"
 #include "vmm/stress/stress_vm.hpp"
 #include "engines/run_report.hpp"
 
@@ -41,6 +44,20 @@ struct VcpuPlacementReport {
     bool ok = true;
 };
 
+// Dirty logging enabled once after the placement check (bitmap, GET clears:
+// with eager_page_split on, KVM splits the huge mappings at enable, making
+// their 4 KiB page tables right then): from which thread(s), and where those
+// page tables landed (SecPageTables per host node). Disabled again after.
+struct LoggingEnableCheck {
+    std::string requested;            // per-node | unbound | host-node:N
+    std::string from;                 // as the tracker says it enabled
+    std::string eager_note;           // eager_page_split as set / found
+    bool eager_effective = false;     // eager_page_split=Y on the TDP MMU
+    std::vector<dirty::SlotTiming> slots;
+    StatDelta vm;                     // pages_4k / pages_2m / pages_1g over the enable
+    numa::NodeKibDelta page_tables;   // SecPageTables per host node over the enable
+};
+
 struct NumaCheckReport {
     std::vector<NodePlacementReport> nodes;
     std::vector<VcpuPlacementReport> vcpus;
@@ -48,6 +65,8 @@ struct NumaCheckReport {
     std::string numa_balancing;  // the sysctl's value, or "unavailable"
     std::string advice;
     double touch_s = 0;          // guest pass over all memory
+    numa::NodeKibDelta touch_page_tables;  // KVM page tables made by the pass's faults (vCPU threads)
+    std::optional<LoggingEnableCheck> logging;
     double check_s = 0;          // the move_pages queries
     uint64_t checked_bytes = 0;
     bool sampled = false;
@@ -63,6 +82,12 @@ struct NumaCheckReport {
 
 struct NumaCheckOptions {
     uint64_t sample_pages = 0;  // per node; 0 = every page
+    // After the check, enable dirty logging from: "per-node" (a thread per
+    // virtual node on its host CPUs and policy, in parallel), "unbound" (the
+    // calling thread as it is), "host-node:N" (one thread on host node N);
+    // "" not at all. eager_split sets eager_page_split for it (and restores).
+    std::string enable_logging;
+    std::optional<bool> eager_split;
     bool progress = false;
 };
 
@@ -74,6 +99,10 @@ std::vector<int> policy_nodes(const NodeConfig& node);
 
 // Runs one full pass of the workload (every page written), then checks.
 NumaCheckReport numa_check(StressVm& m, const NumaCheckOptions& opt, const PlacementJudge& judge = policy_nodes);
+
+// Checks an --enable-logging value ("per-node", "unbound", "host-node:N");
+// throws UsageError naming the option.
+void check_enable_logging(const std::string& v);
 
 // What the kernel developers advise for VMs given numa_balancing and the policies.
 std::string numa_balancing_advice(const std::string& setting, const MachineConfig& cfg);

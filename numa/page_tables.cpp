@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <fmt/format.h>
 #include <fstream>
@@ -24,8 +25,21 @@ bool parse_line(const std::string& line, const std::string& field, uint64_t& kib
 
 }  // namespace
 
+// The node counters in meminfo are the global sums; each CPU keeps a
+// difference of up to its stat threshold (tens of pages) that it folds in only
+// at the threshold or every vm.stat_interval. Writing vm.stat_refresh folds
+// them all now (root), so a count of a few dozen page-table pages is exact.
+static void fold_per_cpu_counters()
+{
+    if (FILE* f = std::fopen("/proc/sys/vm/stat_refresh", "w")) {
+        std::fputs("1", f);
+        std::fclose(f);
+    }
+}
+
 NodeKib node_meminfo_kib(const std::string& field)
 {
+    fold_per_cpu_counters();
     NodeKib r;
     DIR* d = ::opendir("/sys/devices/system/node");
     if (!d)

@@ -21,7 +21,8 @@ struct NodeKib {
     bool available = false;       // the field exists on this kernel (SecPageTables: 6.0+)
 };
 
-// Reads `field` ("SecPageTables") from every node's meminfo.
+// Reads `field` ("SecPageTables") from every node's meminfo, after folding
+// the per-CPU counter differences in (vm.stat_refresh, when we may write it).
 NodeKib node_meminfo_kib(const std::string& field);
 inline NodeKib secondary_page_tables() { return node_meminfo_kib("SecPageTables"); }
 

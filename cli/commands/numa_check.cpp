@@ -41,6 +41,11 @@ public:
         c->add_option("--json", json_, "also write the report as JSON to FILE, or - for stdout");
         c->add_option("--sample", sample_, "query at most this many pages per node, spread evenly (0 = every page)")
             ->capture_default_str();
+        c->add_option("--enable-logging", enable_logging_,
+                      "after the check, enable dirty logging once from: per-node (a thread per virtual node on its "
+                      "host node, in parallel) | unbound (this thread) | host-node:N (one thread on host node N), and "
+                      "report where KVM's page tables grew (SecPageTables per host node)");
+        c->add_option("--eager-split", eager_split_, "on|off: eager_page_split for --enable-logging, where writable");
         return c;
     }
 
@@ -49,6 +54,15 @@ public:
         check_json_dest(json_);
         engines::NumaCheckOptions opt;
         opt.sample_pages = parse_uint("--sample", sample_, 0, 1ull << 40);
+        engines::check_enable_logging(enable_logging_);
+        opt.enable_logging = enable_logging_;
+        if (!eager_split_.empty()) {
+            if (eager_split_ != "on" && eager_split_ != "off")
+                throw UsageError(fmt::format("--eager-split: '{}' is not on or off", eager_split_));
+            if (enable_logging_.empty())
+                throw UsageError("--eager-split: only with --enable-logging");
+            opt.eager_split = eager_split_ == "on";
+        }
         const engines::PlacementJudge judge = judge_from_test_hook();
         Kvm kvm(kvm_device());
         MachineConfig cfg = vm_.to_config(kvm);
@@ -79,7 +93,7 @@ public:
 
 private:
     VmOptions vm_;
-    std::string json_, sample_ = "0";
+    std::string json_, sample_ = "0", enable_logging_, eager_split_;
 };
 
 }  // namespace
