@@ -30,6 +30,7 @@ const std::map<std::string, const char*, std::less<>>& kinds()
         {"--backing", "KIND"}, {"-s", "KIND"}, {"--pattern", "seq|random"}, {"--touch", "qword|page"},
         {"--access", "local|remote|mixed:P"}, {"--numa", "SPEC"}, {"--mode", "MODE"}, {"--tracker", "MODE"},
         {"--dirty-log", "MODE"}, {"--throttle", "POLICY"}, {"--eager-split", "on|off"}, {"--variants", "LIST"},
+        {"--enable-logging", "per-node|unbound|host-node:N"},
         // places
         {"--json", "FILE|-"}, {"--timeline", "FILE"}, {"--to", "inproc|tcp:HOST:PORT"},
         {"--listen", "tcp:ADDR:PORT"}, {"--out", "FILE"},

@@ -42,6 +42,8 @@ nlohmann::json MigrateReport::to_json() const
                                {"dirty_limit_pages_per_s", r.dirty_limit}});
     j["vcpu_stall_ms"] = vcpu_stall_ms;
     j["enable_ms"] = enable.wall_s * 1e3;
+    j["enabled_from"] = enable.enabled_from;
+    j["enable_sec_page_tables"] = enable.page_tables.json();  // KVM page tables made per host node by enabling
     j["untracked_slots"] = json::array();
     for (const auto& [s, why] : untracked)
         j["untracked_slots"].push_back({{"slot", s}, {"why", why}});
