@@ -4,9 +4,11 @@
 // On any other host they skip, saying why.
 #pragma once
 
+#include <sys/utsname.h>
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <fstream>
 #include <iostream>
 #include <string>
@@ -55,6 +57,16 @@ inline std::string why_no_tdp_mmu()
     if (::access(kEagerSplit, W_OK) != 0)
         return "eager_page_split is read-only here";
     return "";
+}
+
+// The running kernel's major * 100 + minor (e.g. 601 for 6.1, 612 for 6.12).
+inline int kernel_version()
+{
+    struct utsname u {};
+    int major = 0, minor = 0;
+    if (::uname(&u) == 0)
+        std::sscanf(u.release, "%d.%d", &major, &minor);
+    return major * 100 + minor;
 }
 
 inline int64_t vm_stat(const nlohmann::json& window, const char* name)

@@ -226,7 +226,10 @@ TEST(SvmHost, HugePagesSplitWhereEagerSplitSays)
         const char* mode = extra.empty() ? "manual protect + INITIALLY_SET" : "-g";
         const std::string args = "-v 1 -b 64M -i 2 -s hugetlb2m" + extra;
         auto on = dirty_log_perf(args, "on")["kvm_stats_windows"];
-        auto off = dirty_log_perf(args, "off")["kvm_stats_windows"];
+        auto off_report = dirty_log_perf(args, "off");
+        auto off = off_report["kvm_stats_windows"];
+        const int64_t off_before_2m = off_report["kvm_stats_before_logging"].value("pages_2m", int64_t{0});
+        ASSERT_GE(off_before_2m, 32) << off_report["kvm_stats_before_logging"];
         ASSERT_GE(on.size(), 4u);
         ASSERT_GE(off.size(), 4u);
         const int64_t before_2m = -vm_stat(on[eager_at], "pages_2m");
@@ -238,7 +241,12 @@ TEST(SvmHost, HugePagesSplitWhereEagerSplitSays)
         }
         EXPECT_GE(vcpu_stat(on[lazy_at], "pf_fast"), vcpu_stat(on[lazy_at], "pf_taken") * 9 / 10)
             << mode << ", eager on: the write faults after the split are fast ones: " << on[lazy_at];
-        EXPECT_EQ(vm_stat(off[eager_at], "pages_2m"), 0) << mode << ", eager off: nothing splits there: " << off[eager_at];
+        // Besides the 32 x 2M written, guest memory holds a few more 2M
+        // mappings (its own pages, in another logged slot) that the guest
+        // may write in any window: only the 32 are counted on there.
+        const int64_t off_others = off_before_2m - 32;
+        EXPECT_GE(vm_stat(off[eager_at], "pages_2m"), -off_others)
+            << mode << ", eager off: the 32 x 2M do not split there: " << off[eager_at];
         EXPECT_LE(vm_stat(off[lazy_at], "pages_2m"), -32) << mode << ", eager off: the writes split: " << off[lazy_at];
         EXPECT_LT(vcpu_stat(off[lazy_at], "pf_fast"), vcpu_stat(off[lazy_at], "pf_taken"))
             << mode << ", eager off: splitting faults take the slow path: " << off[lazy_at];
@@ -293,8 +301,9 @@ TEST(SvmHost, ThpSplitsWhereEagerSplitSays)
 // hugetlb1g (the page scripts/test-svm reserves at boot), 1 GiB guest, 1% of
 // the pages written per pass, -g: mapped as one 1G page; eager on: it goes at
 // enable, split down to 4K (no 2M left), and the write faults are fast; off:
-// it goes on iteration 1's writes, each 2M region written splits to 4K with
-// one slow fault, the regions not written stay 2M.
+// it goes on iteration 1's writes: on 6.12 each 2M region written splits to
+// 4K with one slow fault, the regions not written stay 2M; on 6.1 it is
+// dropped and every page faults back 4K on the slow path.
 TEST(SvmHost, Hugetlb1gSplitsWhereEagerSplitSays)
 {
     REQUIRE_TDP_MMU();
@@ -323,19 +332,33 @@ TEST(SvmHost, Hugetlb1gSplitsWhereEagerSplitSays)
     EXPECT_EQ(vm_stat(off_enable, "pages_1g"), 0) << "eager off: nothing splits at enable: " << off_enable;
     EXPECT_EQ(vm_stat(off_enable, "pages_2m"), 0) << off_enable;
     EXPECT_EQ(vm_stat(off_it1, "pages_1g"), -1) << "eager off: iteration 1's writes split it: " << off_it1;
-    const int64_t regions_4k = vm_stat(off_it1, "pages_4k") / 512, regions_2m = vm_stat(off_it1, "pages_2m");
-    EXPECT_EQ(vm_stat(off_it1, "pages_4k") % 512, 0) << off_it1;
-    EXPECT_EQ(regions_4k + regions_2m, 512) << "each 2M region: split to 4K if written, else left 2M: " << off_it1;
-    EXPECT_GE(regions_4k, 400) << "1% of each region's 512 pages written: almost every region: " << off_it1;
-    EXPECT_GT(regions_2m, 0) << "and a few regions not written at all stay 2M: " << off_it1;
     const int64_t slow = vcpu_stat(off_it1, "pf_taken") - vcpu_stat(off_it1, "pf_fast");
-    EXPECT_GE(slow, regions_4k) << "eager off: a slow fault per 2M region written: " << off_it1;
+    std::string how;
+    if (kernel_version() >= 602) {
+        // 6.12: the write fault splits the huge mapping in place, 1G to 2M,
+        // the written 2M region to 4K: one slow fault per region written.
+        const int64_t regions_4k = vm_stat(off_it1, "pages_4k") / 512, regions_2m = vm_stat(off_it1, "pages_2m");
+        EXPECT_EQ(vm_stat(off_it1, "pages_4k") % 512, 0) << off_it1;
+        EXPECT_EQ(regions_4k + regions_2m, 512) << "each 2M region: split to 4K if written, else left 2M: " << off_it1;
+        EXPECT_GE(regions_4k, 400) << "1% of each region's 512 pages written: almost every region: " << off_it1;
+        EXPECT_GT(regions_2m, 0) << "and a few regions not written at all stay 2M: " << off_it1;
+        EXPECT_GE(slow, regions_4k) << "eager off: a slow fault per 2M region written: " << off_it1;
+        how = "split in place by the write faults";
+    } else {
+        // Debian's 6.1 (measured): the first write fault drops the 1G
+        // mapping; every page, read or written, then faults back in 4K on
+        // the slow path.
+        EXPECT_GE(vm_stat(off_it1, "pages_4k"), 262144 * 9 / 10) << off_it1;
+        EXPECT_LE(vm_stat(off_it1, "pages_2m"), 0) << "6.1: no 2M mapping comes out of the 1G: " << off_it1;
+        EXPECT_GE(slow, vm_stat(off_it1, "pages_4k")) << "6.1: every 4K mapping made on the slow path: " << off_it1;
+        how = "dropped by the first write fault, every page faulted back 4K";
+    }
     EXPECT_EQ(read_word(kEagerSplit), before) << "eager_page_split restored";
     std::cout << fmt::format("hugetlb1g 1 x 1G, -g: eager on: split at enable (pages_1g {:+}, pages_2m {:+}, pages_4k "
-                             "{:+}), iteration 1: {} of {} faults fast; eager off: split on iteration 1 write faults "
-                             "(pages_1g {:+}, pages_2m {:+}, pages_4k {:+}, {} slow faults)\n",
+                             "{:+}), iteration 1: {} of {} faults fast; eager off: iteration 1, {} (pages_1g {:+}, "
+                             "pages_2m {:+}, pages_4k {:+}, {} slow faults)\n",
                              vm_stat(on_enable, "pages_1g"), vm_stat(on_enable, "pages_2m"),
                              vm_stat(on_enable, "pages_4k"), vcpu_stat(on_it1, "pf_fast"), vcpu_stat(on_it1, "pf_taken"),
-                             vm_stat(off_it1, "pages_1g"), vm_stat(off_it1, "pages_2m"), vm_stat(off_it1, "pages_4k"),
-                             slow);
+                             how, vm_stat(off_it1, "pages_1g"), vm_stat(off_it1, "pages_2m"),
+                             vm_stat(off_it1, "pages_4k"), slow);
 }
