@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "dirty_intervals.hpp"
 #include "kvm_test_util.hpp"
 #include "vmm/dirty/eager_split.hpp"
 #include "vmm/dirty/tracker.hpp"
@@ -18,128 +19,13 @@
 
 using namespace mvm;
 using namespace mvm::dirty;
+using mvm::test::CheckResult;
+using mvm::test::check_intervals;
 using mvm::test::run_minivmm;
 
 namespace {
 
 constexpr uint64_t kMiB = 1ull << 20;
-
-// A vCPU's global visit count: (generation - 1) * visits per pass + cursor,
-// read consistently. `upper` picks the reading of an ambiguous cursor (the
-// previous pass's full cursor just after the generation moved) that counts
-// more visits; otherwise the one that counts fewer.
-uint64_t visit_count(const StressVm& m, uint32_t v, bool upper)
-{
-    const mvm_mailbox* mb = m.mailbox(v);
-    const auto& vp = m.vcpu_params(v);
-    const uint64_t visits = mvm_visits_per_pass(m.boot_params()->pattern, vp.total_pages);
-    for (;;) {
-        uint64_t g1 = mb->generation;
-        uint64_t c = mb->cursor;
-        uint64_t p = mb->passes;
-        uint64_t g2 = mb->generation;
-        if (g1 != g2)
-            continue;
-        if (g1 == 0)
-            return 0;
-        if (c == visits && p < g1 && !upper)
-            c = 0;  // the cursor not yet reset for pass g1
-        return (g1 - 1) * visits + c;
-    }
-}
-
-// GPA written by visit number `n` of vCPU v, or 0 when that visit reads or is skipped.
-uint64_t written_gpa(const StressVm& m, uint32_t v, uint64_t n)
-{
-    const mvm_boot_params* bp = m.boot_params();
-    const auto& vp = m.vcpu_params(v);
-    const uint64_t visits = mvm_visits_per_pass(bp->pattern, vp.total_pages);
-    const uint64_t gen = n / visits + 1, i = n % visits;
-    uint64_t idx = i;
-    if (bp->pattern == MVM_PATTERN_RANDOM) {
-        mvm_perm perm = mvm_perm_for(bp->seed, v, gen, vp.total_pages);
-        idx = mvm_perm_apply(&perm, i);
-        if (idx >= vp.total_pages)
-            return 0;
-    }
-    if (!mvm_writes(bp->write_pct, bp->seed, v, gen, idx))
-        return 0;
-    for (uint32_t k = 0; k < vp.nr_segments; k++) {
-        if (idx < vp.seg[k].pages)
-            return vp.seg[k].gpa + idx * 4096;
-        idx -= vp.seg[k].pages;
-    }
-    return 0;
-}
-
-struct CheckResult {
-    uint64_t harvests = 0, required = 0, misses = 0, first_miss_gpa = 0;
-    uint64_t entries = 0, reset = 0, ring_full = 0, max_dirty = 0;
-    uint64_t late = 0, never = 0;  // missed pages found in the next harvest / not
-    bool entries_equal_reset_each_time = true;
-};
-
-CheckResult check_intervals(const Kvm& kvm, const TrackerOptions& to, uint32_t ring_bytes, uint32_t pattern,
-                            uint32_t write_pct, int harvests)
-{
-    MachineConfig cfg = single_node_config(2, 32 * kMiB);
-    cfg.workload.pattern = pattern;
-    cfg.workload.write_pct = write_pct;
-    // Bounded so each interval's visits can be replayed quickly: 3M pages/s
-    // per vCPU still dirties far more than a small ring holds per interval.
-    cfg.workload.rate_pages_per_s = 3'000'000;
-    cfg.dirty_ring_bytes = ring_bytes;
-    StressVm m(kvm, cfg);
-    auto tracker = Tracker::create(m, to);
-    tracker->enable();
-    m.start();
-    std::mt19937 rng(7);
-    std::vector<uint64_t> post(m.vcpu_count());
-    for (uint32_t v = 0; v < m.vcpu_count(); v++)
-        post[v] = visit_count(m, v, true);
-    CheckResult r;
-    std::vector<uint64_t> missed_prev;
-    for (int k = 0; k < harvests; k++) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(2 + rng() % 15));
-        std::vector<uint64_t> snap(m.vcpu_count());
-        for (uint32_t v = 0; v < m.vcpu_count(); v++)
-            snap[v] = visit_count(m, v, false);
-        Harvest h = tracker->harvest();
-        for (uint64_t g : missed_prev)
-            (h.contains_gpa(g) ? r.late : r.never)++;
-        missed_prev.clear();
-        r.harvests++;
-        r.entries += h.entries;
-        r.reset += h.reset;
-        r.ring_full += h.ring_full_harvests;
-        r.max_dirty = std::max(r.max_dirty, h.dirty_pages);
-        if (to.mode == Mode::Ring && h.entries != h.reset)
-            r.entries_equal_reset_each_time = false;
-        // Visits that began after the previous harvest ended and finished
-        // before this one began: their writes must be in this harvest.
-        for (uint32_t v = 0; v < m.vcpu_count(); v++) {
-            for (uint64_t n = post[v] + 1; n < snap[v]; n++) {
-                uint64_t gpa = written_gpa(m, v, n);
-                if (!gpa)
-                    continue;
-                r.required++;
-                if (!h.contains_gpa(gpa)) {
-                    missed_prev.push_back(gpa);
-                    if (!r.misses)
-                        r.first_miss_gpa = gpa;
-                    r.misses++;
-                }
-            }
-            post[v] = visit_count(m, v, true);
-        }
-        if (m.failure())
-            break;
-    }
-    EXPECT_FALSE(m.failure()) << m.failure()->reason;
-    m.request_stop();
-    m.wait_finished(std::chrono::seconds(10));
-    return r;
-}
 
 struct ModeCase {
     std::string name;
