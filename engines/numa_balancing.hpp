@@ -87,7 +87,9 @@ struct NumaBalancingReport {
 
 // The variant's machine: `cfg` with each virtual node's memory bound to its
 // host-nodes= (host node 0 when none was given) or left on the default
-// policy. vCPU pinning is the same in both.
+// policy. vCPU pinning is the same in both. As in every minivmm run, the
+// vCPU threads run under their node's policy (set_mempolicy), so bound also
+// means the threads' own policy is MPOL_BIND.
 MachineConfig variant_config(const MachineConfig& cfg, bool bound);
 
 // Runs the four variants (off first, so the "on" runs are not disturbed by

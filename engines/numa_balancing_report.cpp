@@ -17,6 +17,8 @@ struct Figure {
 const Figure kFigures[] = {
     {"remote_tlb_flush", "remote TLB flushes (remote_tlb_flush)",
      [](const BalancingVariant& v) { return v.vm_stat("remote_tlb_flush"); }},
+    {"remote_tlb_flush_requests", "TLB flush requests (remote_tlb_flush_requests)",
+     [](const BalancingVariant& v) { return v.vm_stat("remote_tlb_flush_requests"); }},
     {"pf_taken", "KVM page faults (pf_taken)", [](const BalancingVariant& v) { return v.vcpu_stat("pf_taken"); }},
     {"numa_pte_updates", "PTEs made PROT_NONE for hinting (numa_pte_updates, host-wide)",
      [](const BalancingVariant& v) { return v.hint("numa_pte_updates"); }},
@@ -106,16 +108,16 @@ std::string to_table(const NumaBalancingReport& r)
     if (const BalancingVariant* first = !r.variants.empty() && r.variants[0].run ? &r.variants[0] : nullptr)
         o += fmt::format("guest: {} vCPUs, {} MiB {}, {:.1f} s per variant\n", first->run->nr_vcpus,
                          first->run->mem_bytes >> 20, first->run->backing, first->run->duration_s);
-    o += fmt::format("\n{:<14} {:<16} {:>10} {:>9} {:>9} {:>12} {:>9} {:>5} {:>10} {:>10} {:>9} {:>5}\n", "variant",
-                     "memory policy", "rtlbflush", "pf_taken", "pf_fixed", "pages wrtn", "stall ms", "wd", "pte upd",
+    o += fmt::format("\n{:<14} {:<16} {:>9} {:>9} {:>9} {:>9} {:>12} {:>9} {:>5} {:>10} {:>10} {:>9} {:>5}\n",
+                     "variant", "memory policy", "tlb flush", "flush req", "pf_taken", "pf_fixed", "pages wrtn", "stall ms", "wd", "pte upd",
                      "hint flt", "migrated", "mism");
     for (const auto& v : r.variants) {
         if (!v.run) {
             o += fmt::format("{:<14} skipped: {}\n", v.name(), v.skipped);
             continue;
         }
-        o += fmt::format("{:<14} {:<16} {:>10} {:>9} {:>9} {:>12} {:>9.1f} {:>5} {:>10} {:>10} {:>9} {:>5}\n",
-                         v.name(), v.policies, v.vm_stat("remote_tlb_flush"), v.vcpu_stat("pf_taken"),
+        o += fmt::format("{:<14} {:<16} {:>9} {:>9} {:>9} {:>9} {:>12} {:>9.1f} {:>5} {:>10} {:>10} {:>9} {:>5}\n",
+                         v.name(), v.policies, v.vm_stat("remote_tlb_flush"), v.vm_stat("remote_tlb_flush_requests"), v.vcpu_stat("pf_taken"),
                          v.vcpu_stat("pf_fixed"), v.pages_written(), v.max_stall_ms(), v.watchdog_events(),
                          v.hint("numa_pte_updates"), v.hint("numa_hint_faults"), v.hint("numa_pages_migrated"),
                          v.mismatches());
