@@ -105,8 +105,8 @@ std::map<std::string, int64_t> vmstat_delta(const std::map<std::string, uint64_t
 std::string why_not(const BalancingVariant& v, int host_nodes, const NumaBalancingOptions& opt)
 {
     if (v.balancing && host_nodes < 2 && opt.skip_on_single_node)
-        return fmt::format("the host has {} NUMA node: balancing has no other node to move memory to (and the "
-                           "sysctl is left alone); run it on a 2-node host, e.g. scripts/svm-host --nodes 2",
+        return fmt::format("the host has {} NUMA node: balancing has no other node to move memory to; "
+                           "run it on a 2-node host, e.g. scripts/svm-host --nodes 2",
                            host_nodes);
     return "";
 }
