@@ -27,6 +27,7 @@ std::vector<std::unique_ptr<Command>> all_commands();
 std::unique_ptr<Command> caps_command();
 std::unique_ptr<Command> run_command();
 std::unique_ptr<Command> numa_check_command();
+std::unique_ptr<Command> numa_balancing_command();
 std::unique_ptr<Command> dirty_log_perf_command();
 std::unique_ptr<Command> dirty_rate_command();
 std::unique_ptr<Command> migrate_command();

@@ -8,6 +8,7 @@ std::vector<std::unique_ptr<Command>> all_commands()
     t.push_back(caps_command());
     t.push_back(run_command());
     t.push_back(numa_check_command());
+    t.push_back(numa_balancing_command());
     t.push_back(dirty_log_perf_command());
     t.push_back(dirty_rate_command());
     t.push_back(migrate_command());

@@ -21,7 +21,7 @@ const std::map<std::string, const char*, std::less<>>& kinds()
         {"--duration", "SECONDS"}, {"--period", "SECONDS"}, {"--warmup", "SECONDS"}, {"--steady", "SECONDS"},
         {"--logging", "SECONDS"}, {"--timeout", "SECONDS"}, {"--post-run", "SECONDS"},
         {"--probe-ring-reset", "SECONDS"}, {"--interval", "SECONDS"}, {"--baseline", "SECONDS"},
-        {"--max-downtime", "MS"}, {"--harvest-ms", "MS"}, {"--threshold-ms", "MS"}, {"--watchdog-ms", "MS"},
+        {"--max-downtime", "MS"}, {"--scan-period", "MS|kernel"}, {"--harvest-ms", "MS"}, {"--threshold-ms", "MS"}, {"--watchdog-ms", "MS"},
         // counts
         {"--vcpus", "N"}, {"-v", "N"}, {"-i", "N"}, {"-x", "N"}, {"--passes", "N"}, {"--seed", "N"},
         {"--max-iterations", "N"}, {"--channels", "N"}, {"--sample", "PAGES"}, {"--sample-pages", "PAGES"},
