@@ -51,8 +51,7 @@ std::string page_table_summary(const PerfResult& r)
         return r.windows.empty() ? "not measured" : r.windows.front().page_tables.summary();
     std::string s;
     for (const auto& w : r.windows)
-        if (w.page_tables.total() != 0 ||
-            std::any_of(w.page_tables.kib.begin(), w.page_tables.kib.end(), [](const auto& p) { return p.second != 0; }))
+        if (std::any_of(w.page_tables.kib.begin(), w.page_tables.kib.end(), [](const auto& p) { return p.second != 0; }))
             s += fmt::format("{}{}: {}", s.empty() ? "" : "; ", w.name, w.page_tables.summary());
     return s.empty() ? "unchanged in every step" : s;
 }

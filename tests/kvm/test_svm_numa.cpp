@@ -14,9 +14,9 @@
 #include <nlohmann/json.hpp>
 
 #include "kvm_test_util.hpp"
+#include "svm_test_util.hpp"
 #include "memory/hugetlb.hpp"
 #include "numa/topology.hpp"
-#include "vmm/host_info.hpp"
 
 using mvm::test::run_minivmm;
 
@@ -31,17 +31,6 @@ std::string why_not_two_nodes()
         return fmt::format("needs host NUMA nodes 0 and 1 with CPUs (this host has {}); run it on the two-node "
                            "emulated SVM host: scripts/test svm",
                            topo.nodes.size());
-    return "";
-}
-
-// Empty when eager splitting can take effect here (TDP MMU, writable), else why not.
-std::string why_not_eager()
-{
-    const mvm::GuestMmu mmu = mvm::guest_mmu();
-    if (!mmu.tdp())
-        return fmt::format("needs KVM's TDP MMU ({}); run it on the emulated SVM host: scripts/test svm", mmu.why);
-    if (::access("/sys/module/kvm/parameters/eager_page_split", W_OK) != 0)
-        return "eager_page_split is read-only here";
     return "";
 }
 
@@ -74,6 +63,17 @@ struct NodePools {
     bool ok() const { return n0.ok() && n1.ok(); }
     std::string why_not() const { return n0.ok() ? n1.why_not() : n0.why_not(); }
 };
+
+// Empty when this host has two nodes, the TDP MMU with eager_page_split ours
+// to set, and 2M pages on both nodes (held by `pools`), else why not.
+std::string why_not_split_on_two_nodes(const NodePools& pools)
+{
+    if (auto why = why_not_two_nodes(); !why.empty())
+        return why;
+    if (auto why = mvm::test::svm::why_no_tdp_mmu(); !why.empty())
+        return why;
+    return pools.ok() ? "" : "cannot get 2M pages on both nodes: " + pools.why_not();
+}
 
 }  // namespace
 
@@ -119,13 +119,9 @@ TEST(SvmTwoNodes, NumaCheckPutsEachVirtualNodeOnItsHostNode)
 TEST(SvmTwoNodes, PageTablesFollowTheEnablingThreadsNode)
 {
     REQUIRE_KVM();
-    if (auto why = why_not_two_nodes(); !why.empty())
-        GTEST_SKIP() << why;
-    if (auto why = why_not_eager(); !why.empty())
-        GTEST_SKIP() << why;
     NodePools pools;
-    if (!pools.ok())
-        GTEST_SKIP() << "cannot get 2M pages on both nodes: " << pools.why_not();
+    if (auto why = why_not_split_on_two_nodes(pools); !why.empty())
+        GTEST_SKIP() << why;
     // 2 x 32 MiB of hugetlb2m: 32 huge mappings, one 4 KiB page table each when split.
     constexpr int64_t kSplitKib = 32 * 4;
     auto run = [&](const std::string& from) {
@@ -158,13 +154,9 @@ TEST(SvmTwoNodes, PageTablesFollowTheEnablingThreadsNode)
 TEST(SvmTwoNodes, LockupEagerSplitVariantsSplitWhereTheySay)
 {
     REQUIRE_KVM();
-    if (auto why = why_not_two_nodes(); !why.empty())
-        GTEST_SKIP() << why;
-    if (auto why = why_not_eager(); !why.empty())
-        GTEST_SKIP() << why;
     NodePools pools;
-    if (!pools.ok())
-        GTEST_SKIP() << "cannot get 2M pages on both nodes: " << pools.why_not();
+    if (auto why = why_not_split_on_two_nodes(pools); !why.empty())
+        GTEST_SKIP() << why;
     const std::string before = mvm::test::read_file("/sys/module/kvm/parameters/eager_page_split");
     auto r = run_minivmm("lockup " + two_vnodes(32, "hugetlb2m") +
                          " --variants eager-split-on,eager-split-off,per-node-parallel-enable --steady 0.3 --logging 1 "
