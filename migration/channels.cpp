@@ -10,39 +10,68 @@
 
 namespace mvm::migration {
 
-PageChannels::PageChannels(const StressVm& src, uint32_t channels, uint64_t bandwidth)
-    : src_(src), nch_(channels), bandwidth_(bandwidth)
+ChannelMap::ChannelMap(const StressVm& m, uint32_t channels) : nch_(std::max<uint32_t>(1, channels))
 {
-    const MachineConfig& cfg = src.config();
-    for (const auto& r : src.memslots().regions()) {
-        uint32_t ch = 0;
-        if (r.vnode >= 0) {
-            size_t idx = 0;
-            for (size_t i = 0; i < cfg.nodes.size(); i++)
-                if (static_cast<int>(cfg.nodes[i].id) == r.vnode)
-                    idx = i;
-            ch = static_cast<uint32_t>(idx % nch_);
-            channel_node_.emplace(ch, &cfg.nodes[idx]);
-        }
-        slot_channel_[r.slot] = ch;
+    const MachineConfig& cfg = m.config();
+    const size_t nodes = std::max<size_t>(1, cfg.nodes.size());
+    node_.assign(nch_, nullptr);
+    for (uint32_t c = 0; c < nch_ && !cfg.nodes.empty(); c++)
+        if (nch_ >= nodes || c < cfg.nodes.size())
+            node_[c] = &cfg.nodes[c % nodes];
+    for (const auto& r : m.memslots().regions()) {
+        SlotChannels sc;
+        size_t idx = 0;
+        for (size_t i = 0; i < cfg.nodes.size(); i++)
+            if (static_cast<int>(cfg.nodes[i].id) == r.vnode)
+                idx = i;
+        if (r.vnode < 0)
+            sc.ch = {0};
+        else if (nch_ >= nodes)
+            for (uint32_t c = static_cast<uint32_t>(idx); c < nch_; c += static_cast<uint32_t>(nodes))
+                sc.ch.push_back(c);
+        else
+            sc.ch = {static_cast<uint32_t>(idx % nch_)};
+        slot_[r.slot] = std::move(sc);
     }
+}
+
+uint32_t ChannelMap::channel_of(uint32_t slot, uint64_t gpa) const
+{
+    const auto& ch = slot_.at(slot).ch;
+    return ch.size() == 1 ? ch[0] : ch[(gpa >> 21) % ch.size()];
+}
+
+const NodeConfig* ChannelMap::node_of(uint32_t c) const { return c < node_.size() ? node_[c] : nullptr; }
+
+void ChannelMap::enter(uint32_t c, std::optional<numa::ThreadPolicyScope>& scope) const
+{
+    const NodeConfig* node = node_of(c);
+    if (node && !node->host_cpus.empty())
+        numa::pin_current_thread(node->host_cpus);
+    if (node && node->host_policy.policy != numa::Policy::Default)
+        scope.emplace(node->host_policy);
+}
+
+PageChannels::PageChannels(const StressVm& src, uint32_t channels, uint64_t bandwidth)
+    : src_(src), nch_(channels), map_(src, channels), bandwidth_(bandwidth)
+{
 }
 
 void PageChannels::add_slot(ChannelPages& per, uint32_t slot) const
 {
     const MemoryRegion* r = src_.memslots().by_slot(slot);
-    auto& out = per[slot_channel_.at(slot)];
     for (uint64_t off = 0; off < r->size; off += 4096)
-        out.push_back(r->gpa + off);
+        per[map_.channel_of(slot, r->gpa + off)].push_back(r->gpa + off);
 }
 
 ChannelPages PageChannels::split(const dirty::Harvest& h) const
 {
     ChannelPages per(nch_);
-    for (const auto& s : h.slots) {
-        auto& out = per[slot_channel_.at(s.slot)];
-        s.for_each([&](uint64_t page) { out.push_back(s.gpa + page * 4096); });
-    }
+    for (const auto& s : h.slots)
+        s.for_each([&](uint64_t page) {
+            const uint64_t gpa = s.gpa + page * 4096;
+            per[map_.channel_of(s.slot, gpa)].push_back(gpa);
+        });
     return per;
 }
 
@@ -90,13 +119,8 @@ uint64_t PageChannels::send(Destination& dest, const ChannelPages& per, const st
 uint64_t PageChannels::send_channel(Destination& dest, uint32_t c, const std::vector<uint64_t>& pages,
                                     const std::function<void()>& check)
 {
-    auto it = channel_node_.find(c);
-    const NodeConfig* node = it != channel_node_.end() ? it->second : nullptr;
     std::optional<numa::ThreadPolicyScope> scope;
-    if (node && !node->host_cpus.empty())
-        numa::pin_current_thread(node->host_cpus);
-    if (node && node->host_policy.policy != numa::Policy::Default)
-        scope.emplace(node->host_policy);
+    map_.enter(c, scope);
     uint64_t sent = 0, zeros = 0;
     for (size_t i = 0; i < pages.size(); i += kBatchPages) {
         check();

@@ -1,7 +1,12 @@
 // migration/channels.hpp - the sender's page traffic: which channel a
-// memslot's pages go on (its virtual node's; system memory on channel 0),
+// page goes on (one of its virtual node's; system memory on channel 0),
 // one sending thread per channel on its node's host CPUs and under its
 // policy, and all channels paced together to a bandwidth.
+//
+// With more channels than virtual nodes (QEMU's multifd) channel c serves
+// node c mod N and a node's pages are dealt to its channels by 2 MiB range,
+// so a huge page travels on one channel; with fewer, node i goes on channel
+// i mod C. The receiver maps channels to nodes the same way (ChannelMap).
 #pragma once
 
 #include <atomic>
@@ -9,9 +14,11 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "migration/destination.hpp"
+#include "numa/policy.hpp"
 #include "vmm/dirty/tracker.hpp"
 #include "vmm/stress/stress_vm.hpp"
 
@@ -19,6 +26,26 @@ namespace mvm::migration {
 
 // GPAs to send, per channel.
 using ChannelPages = std::vector<std::vector<uint64_t>>;
+
+class ChannelMap {
+public:
+    ChannelMap(const StressVm& m, uint32_t channels);
+    uint32_t count() const { return nch_; }
+    uint32_t channel_of(uint32_t slot, uint64_t gpa) const;
+    // The virtual node whose memory channel c carries (null: none).
+    const NodeConfig* node_of(uint32_t c) const;
+    // Pins the calling thread to channel c's node's host CPUs and, when the
+    // node has a policy, puts it under that policy for as long as `scope` lives.
+    void enter(uint32_t c, std::optional<numa::ThreadPolicyScope>& scope) const;
+
+private:
+    struct SlotChannels {
+        std::vector<uint32_t> ch;
+    };
+    uint32_t nch_;
+    std::map<uint32_t, SlotChannels> slot_;
+    std::vector<const NodeConfig*> node_;
+};
 
 class PageChannels {
 public:
@@ -52,8 +79,7 @@ private:
 
     const StressVm& src_;
     uint32_t nch_;
-    std::map<uint32_t, uint32_t> slot_channel_;
-    std::map<uint32_t, const NodeConfig*> channel_node_;
+    ChannelMap map_;
     std::atomic<uint64_t> bandwidth_;
     mutable std::mutex mu_;  // guards the pacing state and zero_pages_
     std::chrono::steady_clock::time_point paced_since_;

@@ -92,6 +92,7 @@ void RemoteDestination::open(const StreamHeader& h)
         if (wrapper_)
             t = wrapper_->wrap(c, std::move(t));
         ch_.push_back(std::move(t));
+        enc_.push_back(std::make_unique<PageEncoder>(compression_));
         RecordWriter(*ch_.back()).write(RecordType::Hello, Hello{c, h.nr_channels}.encode());
     }
     RecordWriter(*ch_[0]).write(RecordType::Header, h.encode());
@@ -103,12 +104,12 @@ void RemoteDestination::open(const StreamHeader& h)
 void RemoteDestination::send(uint32_t channel, std::span<const uint64_t> gpas, uint64_t& bytes, uint64_t& zeros)
 {
     RecordWriter w(*ch_.at(channel));
-    for (size_t i = 0; i < gpas.size(); i += kBatchPages) {
-        auto part = gpas.subspan(i, std::min(kBatchPages, gpas.size() - i));
-        auto payload = encode_pages(src_, part, &zeros);
-        w.write(RecordType::Pages, payload);
-    }
+    PageEncoder& enc = *enc_.at(channel);
+    const uint64_t zeros_before = enc.counts().zero_pages;
+    for (size_t i = 0; i < gpas.size(); i += kBatchPages)
+        enc.write(w, src_, gpas.subspan(i, std::min(kBatchPages, gpas.size() - i)), frozen_.load());
     bytes += w.bytes();
+    zeros += enc.counts().zero_pages - zeros_before;
 }
 
 ResultRecord RemoteDestination::switchover(const std::vector<VcpuState>& states)
@@ -135,8 +136,18 @@ void RemoteDestination::abort()
         c->shutdown();
 }
 
+// Read between rounds, when no channel thread writes.
+PageCounts RemoteDestination::page_counts() const
+{
+    PageCounts all;
+    for (const auto& e : enc_)
+        all.add(e->counts());
+    return all;
+}
+
 void RemoteDestination::enter_phase(const char* phase)
 {
+    frozen_ = std::string(phase) == "stop";
     if (wrapper_)
         wrapper_->enter_phase(phase);
 }
@@ -153,12 +164,12 @@ ResultRecord RemoteDestination::read_result(const char* what)
 // ---------------------------------------------------------------------------------------
 
 std::unique_ptr<Destination> make_destination(StressVm& src, const std::string& to, bool verify, double post_run_s,
-                                              std::shared_ptr<TransportWrapper> wrapper)
+                                              Compression compression, std::shared_ptr<TransportWrapper> wrapper)
 {
     if (to == "inproc")
         return std::make_unique<InprocDestination>(src, verify, post_run_s);
     auto [host, port] = parse_tcp("--to", to);
-    return std::make_unique<RemoteDestination>(src, host, port, std::move(wrapper));
+    return std::make_unique<RemoteDestination>(src, host, port, compression, std::move(wrapper));
 }
 
 }  // namespace mvm::migration

@@ -5,12 +5,14 @@
 // verification runs after the destination resumed, outside the downtime.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <span>
 #include <string>
 #include <vector>
 
+#include "migration/page_codec.hpp"
 #include "migration/resume.hpp"
 #include "migration/stream.hpp"
 #include "migration/transport/wrapper.hpp"
@@ -39,6 +41,8 @@ public:
     virtual void abort() = 0;
     // The migration moved to another phase (bulk, precopy, stop, ...).
     virtual void enter_phase(const char*) {}
+    // What the PAGES frames carried so far, all channels (none in-process).
+    virtual PageCounts page_counts() const { return {}; }
 };
 
 // A second VM in this process, made like the source with its memory populated.
@@ -72,8 +76,9 @@ private:
 // `wrapper` when there is one.
 class RemoteDestination : public Destination {
 public:
-    RemoteDestination(StressVm& src, std::string host, uint16_t port, std::shared_ptr<TransportWrapper> wrapper)
-        : src_(src), host_(std::move(host)), port_(port), wrapper_(std::move(wrapper))
+    RemoteDestination(StressVm& src, std::string host, uint16_t port, Compression compression,
+                      std::shared_ptr<TransportWrapper> wrapper)
+        : src_(src), host_(std::move(host)), port_(port), compression_(compression), wrapper_(std::move(wrapper))
     {
     }
     void open(const StreamHeader& h) override;
@@ -83,6 +88,7 @@ public:
     ResultRecord finish() override { return read_result("the destination's stamp check"); }
     void abort() override;
     void enter_phase(const char* phase) override;
+    PageCounts page_counts() const override;
 
 private:
     ResultRecord read_result(const char* what);
@@ -90,12 +96,17 @@ private:
     StressVm& src_;
     std::string host_;
     uint16_t port_;
+    Compression compression_;
     std::shared_ptr<TransportWrapper> wrapper_;
     std::vector<std::unique_ptr<Transport>> ch_;
+    std::vector<std::unique_ptr<PageEncoder>> enc_;  // one per channel, used by its thread only
+    std::atomic<bool> frozen_{false};                // the source is parked: pages go unstaged
 };
 
-// `to` is "inproc" or "tcp:HOST:PORT" (throws UsageError naming --to otherwise).
+// `to` is "inproc" or "tcp:HOST:PORT" (throws UsageError naming --to otherwise;
+// compression applies to TCP only: the caller refuses it in-process).
 std::unique_ptr<Destination> make_destination(StressVm& src, const std::string& to, bool verify, double post_run_s,
+                                              Compression compression = {},
                                               std::shared_ptr<TransportWrapper> wrapper = {});
 
 }  // namespace mvm::migration

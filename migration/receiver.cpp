@@ -10,6 +10,8 @@
 #include <thread>
 
 #include "base/error.hpp"
+#include "migration/channels.hpp"
+#include "migration/page_codec.hpp"
 #include "migration/resume.hpp"
 #include "migration/transport/tcp.hpp"
 #include "migration/vcpu_state.hpp"
@@ -36,7 +38,7 @@ public:
 private:
     void check_header(RecordReader& in);
     void receive_memory();
-    void pump(Transport& t, bool skip_hello);
+    void pump(uint32_t c, bool skip_hello);
     std::vector<VcpuState> read_state(RecordReader& in);
     void check_guest();
     Resumed resume_here(const std::vector<VcpuState>& states);
@@ -117,6 +119,7 @@ void Receiver::check_header(RecordReader& in)
     }
     if (ch_.size() != sender.nr_channels)
         throw Error(fmt::format("the sender uses {} channels but {} connected", sender.nr_channels, ch_.size()));
+    rep_.channels = sender.nr_channels;
     // Our memory before any arrives: what a page never sent still holds.
     landed_ = PageHashes::of_memory(dst_);
     ResultRecord accepted;
@@ -134,7 +137,7 @@ void Receiver::receive_memory()
     for (size_t c = 1; c < ch_.size(); c++)
         threads.emplace_back([&, c] {
             try {
-                pump(*ch_[c], true);
+                pump(static_cast<uint32_t>(c), true);
             } catch (...) {
                 std::lock_guard lk(mu_);
                 if (!err)
@@ -144,7 +147,7 @@ void Receiver::receive_memory()
             }
         });
     try {
-        pump(*ch_[0], false);
+        pump(0, false);
     } catch (...) {
         for (auto& ch : ch_)
             ch->shutdown();
@@ -158,39 +161,47 @@ void Receiver::receive_memory()
         std::rethrow_exception(err);
 }
 
-// One channel's PAGES records up to its CHANNEL_DONE.
-void Receiver::pump(Transport& t, bool skip_hello)
+// One channel's PAGES records up to its CHANNEL_DONE, on its virtual node's
+// host CPUs and under its policy (ChannelMap: as the sender maps them).
+void Receiver::pump(uint32_t c, bool skip_hello)
 {
-    RecordReader r(t);
-    uint64_t pages = 0, zeros = 0, bytes = 0;
+    std::optional<numa::ThreadPolicyScope> scope;
+    ChannelMap(dst_, static_cast<uint32_t>(ch_.size())).enter(c, scope);
+    RecordReader r(*ch_[c]);
+    PageDecoder dec;
     // What this channel got counts in the report even when the stream breaks (issue 14).
     struct Count {
         Receiver& rc;
-        uint64_t &pages, &zeros, &bytes;
+        const PageDecoder& dec;
         ~Count()
         {
+            const PageCounts& n = dec.counts();
             std::lock_guard lk(rc.mu_);
-            rc.rep_.pages += pages;
-            rc.rep_.zero_pages += zeros;
-            rc.rep_.bytes += bytes;
+            rc.rep_.pages += n.pages;
+            rc.rep_.zero_pages += n.zero_pages;
+            rc.rep_.bytes += n.frame_bytes;
+            rc.rep_.compression.data_bytes += n.data_bytes;
+            rc.rep_.compression.wire_bytes += n.payload_bytes;
+            rc.rep_.compression.cpu_ms += n.codec_cpu_s * 1e3;
+            if (n.zstd_frames)
+                rc.rep_.compression.method = "zstd";  // the level is the sender's to know
         }
-    } count{*this, pages, zeros, bytes};
+    } count{*this, dec};
     for (;;) {
-        Record rec = r.read();
-        if (skip_hello && rec.type == RecordType::Hello) {
+        const FrameHead f = r.next();
+        if (skip_hello && f.type == RecordType::Hello) {
+            r.payload(f);
             skip_hello = false;
             continue;
         }
-        if (rec.type == RecordType::ChannelDone) {
+        if (f.type == RecordType::ChannelDone) {
+            r.payload(f);
             phase("stop");
             break;
         }
-        if (rec.type != RecordType::Pages)
-            throw Error(
-                fmt::format("migration stream: {} where PAGES or CHANNEL_DONE belongs", record_name(rec.type)));
-        const uint64_t n = apply_pages(dst_, rec.payload, &zeros, [this](uint64_t gpa) { landed_.note(dst_, gpa); });
-        pages += n;
-        bytes += rec.payload.size();
+        if (f.type != RecordType::Pages && f.type != RecordType::PagesZstd)
+            throw Error(fmt::format("migration stream: {} where PAGES or CHANNEL_DONE belongs", record_name(f.type)));
+        const uint64_t n = dec.read(r, f, dst_, [this](uint64_t gpa, uint64_t h) { landed_.set(gpa, h); });
         const uint64_t total = received_ += n;
         phase("bulk");
         if (total > layout_pages_)

@@ -7,6 +7,21 @@
 
 namespace mvm::migration {
 
+namespace {
+
+std::string compression_line(const CompressionFigures& c, const char* verb)
+{
+    if (c.method == "none")
+        return "";
+    return fmt::format("compression {}: {} of page data in {} on the wire ({:.2f}x), {} {:.1f} ms of CPU ({:.0f} MiB/s "
+                       "per core)\n",
+                       c.method, human_bytes(static_cast<double>(c.data_bytes)),
+                       human_bytes(static_cast<double>(c.wire_bytes)), c.ratio(), verb, c.cpu_ms,
+                       c.cpu_ms > 0 ? static_cast<double>(c.data_bytes) / (1 << 20) / (c.cpu_ms / 1e3) : 0.0);
+}
+
+}  // namespace
+
 nlohmann::json MigrateReport::to_json() const
 {
     using nlohmann::json;
@@ -25,6 +40,8 @@ nlohmann::json MigrateReport::to_json() const
     j["zero_pages"] = zero_pages;
     j["pages"] = pages;
     j["throughput_bytes_per_s"] = throughput;
+    j["channels"] = channels;
+    j["compression"] = compression.to_json();
     j["rounds"] = json::array();
     for (const auto& r : rounds)
         j["rounds"].push_back({{"round", r.round},
@@ -172,6 +189,7 @@ std::string MigrateReport::to_table() const
                          rate, human_bytes(static_cast<double>(r.bytes)), r.duration_s * 1e3, r.throttle_pct,
                          r.dirty_limit ? std::to_string(r.dirty_limit) : "-");
     }
+    o += compression_line(compression, "compressing took");
     if (!vcpu_stall_ms.empty()) {
         o += "longest stall per vCPU during pre-copy (ms):";
         for (size_t i = 0; i < vcpu_stall_ms.size(); i++)
@@ -191,6 +209,16 @@ std::string MigrateReport::to_table() const
     o += downtime_to_table();
     return o;
 }
+
+nlohmann::json CompressionFigures::to_json() const
+{
+    return {{"method", method},
+            {"data_bytes", data_bytes},
+            {"wire_bytes", wire_bytes},
+            {"ratio", wire_bytes ? nlohmann::json(ratio()) : nlohmann::json(nullptr)},
+            {"cpu_ms", cpu_ms}};
+}
+
 
 nlohmann::json ReceiveReport::to_json() const
 {
@@ -213,6 +241,8 @@ nlohmann::json ReceiveReport::to_json() const
     if (!downtime_guest_note.empty())
         j["downtime_guest_note"] = downtime_guest_note;
     j["refused_msrs"] = msr_names(refused_msrs);
+    j["channels"] = channels;
+    j["compression"] = compression.to_json();
     j["guest"] = guest;
     return j;
 }
@@ -228,6 +258,7 @@ std::string ReceiveReport::to_table() const
                      verify_ms, verify_pages_checked, verify_mismatches, post_run_ms, total_ms);
     if (!refused_msrs.empty())
         o += fmt::format("MSRs refused here: {}\n", fmt::join(msr_names(refused_msrs), " "));
+    o += compression_line(compression, "decompressing took");
     if (!stamp_summary.empty())
         o += fmt::format("destination stamp check: {}\n", stamp_summary);
     o += fmt::format("guest here: {}\n", guest);

@@ -47,6 +47,16 @@ struct DowntimeSplit {
     double destination_restore_ms = -1;    // of which the destination's own load-and-start (-1: not reported)
 };
 
+// What compression did to the pages' data (both sides report it).
+struct CompressionFigures {
+    std::string method = "none";  // none | zstd:LEVEL
+    uint64_t data_bytes = 0;      // non-zero pages' data before compression
+    uint64_t wire_bytes = 0;      // what it took on the wire
+    double cpu_ms = 0;            // thread CPU time in zstd, all channels
+    double ratio() const { return wire_bytes ? static_cast<double>(data_bytes) / static_cast<double>(wire_bytes) : 0; }
+    nlohmann::json to_json() const;
+};
+
 struct MigrateReport {
     std::string status = "failed";  // completed | failed | cancelled
     std::string error;
@@ -89,6 +99,8 @@ struct MigrateReport {
     double mbps = 0;                  // QEMU's mbps: transferred bits / (total - setup), in Mbit/s
     double pages_per_second = 0;      // QEMU's pages-per-second: pages / (total - setup)
     uint64_t untracked_bytes = 0;     // guest_memfd slots, sent whole at stop (part of expected downtime)
+    uint32_t channels = 1;            // connections (TCP) or copy threads (in-process)
+    CompressionFigures compression;
     std::vector<ProgressPoint> guest_progress;  // sampled every ~10 ms from setup to park
     nlohmann::json config;            // what it ran with (engines: config_echo()), echoed into the JSON
 
@@ -117,6 +129,8 @@ struct ReceiveReport {
     bool verified = false;
     uint64_t verify_pages_checked = 0, verify_mismatches = 0;
     std::vector<uint32_t> refused_msrs;
+    uint32_t channels = 0;
+    CompressionFigures compression;       // what PAGES_ZSTD frames carried, and decompressing them
     std::string guest = "never started";  // its state at the end
     nlohmann::json to_json() const;
     std::string to_table() const;

@@ -45,7 +45,7 @@ Sender::Sender(StressVm& src, dirty::Tracker& tracker, const MigrateOptions& opt
                SenderHooks hooks)
     : src_(src), tracker_(tracker), opt_(opt), cancel_signal_(cancel), hooks_(std::move(hooks)), t0_(clock::now()),
       channels_(src, channel_count(src, opt), opt.bandwidth),
-      dest_(make_destination(src, opt.to, opt.verify, opt.post_run_s, hooks_.transport)),
+      dest_(make_destination(src, opt.to, opt.verify, opt.post_run_s, opt.compress, hooks_.transport)),
       max_downtime_ms_(opt.max_downtime_ms)
 {
     rep_.max_downtime_ms = opt.max_downtime_ms;
@@ -209,6 +209,12 @@ void Sender::switchover()
     tracking_ = false;
     rep_.transferred_bytes = channels_.sent_bytes();
     rep_.zero_pages = channels_.zero_pages();
+    rep_.channels = channels_.count();
+    const PageCounts pc = dest_->page_counts();
+    rep_.compression.method = opt_.compress.name();
+    rep_.compression.data_bytes = pc.data_bytes;
+    rep_.compression.wire_bytes = pc.payload_bytes;
+    rep_.compression.cpu_ms = pc.codec_cpu_s * 1e3;
     rep_.throughput = precopy_s_ > 0 ? static_cast<double>(precopy_bytes_) / precopy_s_ : 0;
     fill_rates();
     rep_.source_state = "parked";

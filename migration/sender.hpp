@@ -49,6 +49,7 @@ struct MigrateOptions {
     bool verify = true;
     double post_run_s = 2;            // destination runs this long before its stamp check
     uint32_t channels = 0;            // 0: one per virtual node
+    Compression compress;             // TCP only: PAGES_ZSTD frames
     bool progress = false;
 };
 

@@ -177,6 +177,7 @@ nlohmann::json config_echo(const StressVm& src, const MigrateOptions& o, uint32_
                     : o.throttle == Throttle::DirtyLimit ? fmt::format("dirty-limit:{}", o.dirty_limit)
                                                          : "none";
     j["channels"] = channels;
+    j["compress"] = o.compress.name();
     j["verify"] = o.verify;
     j["post_run_s"] = o.post_run_s;
     j["machine"] = machine_echo(src.config());

@@ -4,7 +4,11 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <xxhash.h>
+
+#include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstring>
 #include <fmt/format.h>
 
@@ -44,16 +48,14 @@ private:
     const char* what_;
 };
 
-constexpr size_t kCoalesceBytes = 64 << 10;
-
-bool is_zero_page(const uint8_t* p)
-{
-    const auto* w = reinterpret_cast<const uint64_t*>(p);
-    uint64_t acc = 0;
-    for (size_t i = 0; i < 512; i += 8)
-        acc |= w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7];
-    return acc == 0;
-}
+// XXH3-64 state, freed with its owner.
+struct Xxh3 {
+    XXH3_state_t* s = XXH3_createState();
+    Xxh3() { XXH3_64bits_reset(s); }
+    ~Xxh3() { XXH3_freeState(s); }
+    void add(const void* p, size_t n) { XXH3_64bits_update(s, p, n); }
+    uint64_t value() const { return XXH3_64bits_digest(s); }
+};
 
 }  // namespace
 
@@ -68,41 +70,30 @@ const char* record_name(RecordType t)
     case RecordType::End: return "END";
     case RecordType::Result: return "RESULT";
     case RecordType::Hello: return "HELLO";
+    case RecordType::PagesZstd: return "PAGES_ZSTD";
     }
     return "UNKNOWN";
 }
 
-__attribute__((target("sse4.2"))) static uint32_t crc32c_hw(uint32_t crc, const uint8_t* p, size_t len)
+uint64_t record_checksum(RecordType type, std::span<const uint8_t> payload)
 {
-    uint64_t c = crc;
-    while (len >= 8) {
-        uint64_t v;
-        std::memcpy(&v, p, 8);
-        c = __builtin_ia32_crc32di(c, v);
-        p += 8;
-        len -= 8;
+    const uint32_t head[2] = {static_cast<uint32_t>(type), static_cast<uint32_t>(payload.size())};
+    Xxh3 h;
+    h.add(head, sizeof(head));
+    uint32_t n = 0;
+    if (payload.size() >= 8)
+        std::memcpy(&n, payload.data(), 4);
+    const uint64_t index_end = 8 + uint64_t{n} * 8;
+    if (type == RecordType::Pages && payload.size() >= index_end && (payload.size() - index_end) % 4096 == 0) {
+        h.add(payload.data(), index_end);
+        for (uint64_t off = index_end; off < payload.size(); off += 4096) {
+            const uint64_t ph = XXH3_64bits(payload.data() + off, 4096);
+            h.add(&ph, sizeof(ph));
+        }
+    } else {
+        h.add(payload.data(), payload.size());
     }
-    uint32_t c32 = static_cast<uint32_t>(c);
-    while (len--)
-        c32 = __builtin_ia32_crc32qi(c32, *p++);
-    return c32;
-}
-
-static uint32_t crc32c_sw(uint32_t crc, const uint8_t* p, size_t len)
-{
-    while (len--) {
-        crc ^= *p++;
-        for (int k = 0; k < 8; k++)
-            crc = (crc >> 1) ^ (0x82f63b78u & (0u - (crc & 1u)));
-    }
-    return crc;
-}
-
-uint32_t crc32c(uint32_t crc, const void* data, size_t len)
-{
-    static const bool hw = __builtin_cpu_supports("sse4.2");
-    const auto* p = static_cast<const uint8_t*>(data);
-    return ~(hw ? crc32c_hw(~crc, p, len) : crc32c_sw(~crc, p, len));
+    return h.value();
 }
 
 // ---- header ---------------------------------------------------------------
@@ -324,6 +315,80 @@ void FdTransport::read_exact(void* data, size_t len)
     }
 }
 
+void Transport::writev_all(std::span<const iovec> iov)
+{
+    size_t len = 0;
+    for (const auto& v : iov)
+        len += v.iov_len;
+    std::vector<uint8_t> all;
+    all.reserve(len);
+    for (const auto& v : iov)
+        all.insert(all.end(), static_cast<const uint8_t*>(v.iov_base), static_cast<const uint8_t*>(v.iov_base) + v.iov_len);
+    write_all(all.data(), all.size());
+}
+
+void Transport::readv_exact(std::span<const iovec> iov)
+{
+    for (const auto& v : iov)
+        read_exact(v.iov_base, v.iov_len);
+}
+
+namespace {
+
+// Moves `iov` past `n` bytes done; returns the first piece not finished.
+size_t advance(std::vector<iovec>& iov, size_t first, size_t n)
+{
+    while (n && first < iov.size()) {
+        const size_t k = std::min(n, iov[first].iov_len);
+        iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + k;
+        iov[first].iov_len -= k;
+        n -= k;
+        if (!iov[first].iov_len)
+            first++;
+    }
+    while (first < iov.size() && !iov[first].iov_len)
+        first++;
+    return first;
+}
+
+}  // namespace
+
+void FdTransport::writev_all(std::span<const iovec> in)
+{
+    std::vector<iovec> iov(in.begin(), in.end());
+    size_t first = advance(iov, 0, 0);
+    while (first < iov.size()) {
+        msghdr mh{};
+        mh.msg_iov = iov.data() + first;
+        mh.msg_iovlen = std::min<size_t>(iov.size() - first, IOV_MAX);
+        ssize_t n = ::sendmsg(fd_, &mh, MSG_NOSIGNAL);
+        if (n < 0 && errno == ENOTSOCK)
+            n = ::writev(fd_, mh.msg_iov, static_cast<int>(mh.msg_iovlen));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            throw Error(fmt::format("sending to {}: {}", peer_, n < 0 ? errno_text(errno) : "connection closed"));
+        first = advance(iov, first, static_cast<size_t>(n));
+    }
+}
+
+void FdTransport::readv_exact(std::span<const iovec> in)
+{
+    std::vector<iovec> iov(in.begin(), in.end());
+    size_t first = advance(iov, 0, 0);
+    while (first < iov.size()) {
+        const int cnt = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
+        ssize_t n = ::readv(fd_, iov.data() + first, cnt);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            throw Error(fmt::format("receiving from {}: {}", peer_, errno_text(errno)));
+        if (n == 0)
+            throw Error(fmt::format("{} closed the connection mid-stream", peer_));
+        first = advance(iov, first, static_cast<size_t>(n));
+    }
+}
+
 void FdTransport::shutdown()
 {
     if (fd_ >= 0)
@@ -350,113 +415,58 @@ void RecordWriter::write(RecordType type, std::span<const uint8_t> payload)
 {
     if (payload.size() > kMaxPayload)
         throw Error(fmt::format("{} record of {} bytes exceeds the stream's limit", record_name(type), payload.size()));
-    uint32_t hdr[2] = {static_cast<uint32_t>(type), static_cast<uint32_t>(payload.size())};
-    uint32_t crc = crc32c(0, hdr, sizeof(hdr));
-    crc = crc32c(crc, payload.data(), payload.size());
-    if (payload.size() <= kCoalesceBytes) {
-        // One write: a record split into small writes waits on Nagle and
-        // delayed ACKs (~40 ms) when the peer has nothing to send back.
-        std::vector<uint8_t> frame(sizeof(hdr) + payload.size() + sizeof(crc));
-        std::memcpy(frame.data(), hdr, sizeof(hdr));
-        if (!payload.empty())
-            std::memcpy(frame.data() + sizeof(hdr), payload.data(), payload.size());
-        std::memcpy(frame.data() + sizeof(hdr) + payload.size(), &crc, sizeof(crc));
-        t_.write_all(frame.data(), frame.size());
-    } else {
-        t_.write_all(hdr, sizeof(hdr));
-        t_.write_all(payload.data(), payload.size());
-        t_.write_all(&crc, sizeof(crc));
-    }
-    bytes_ += sizeof(hdr) + payload.size() + sizeof(crc);
+    const uint32_t head[2] = {static_cast<uint32_t>(type), static_cast<uint32_t>(payload.size())};
+    const uint64_t sum = record_checksum(type, payload);
+    const iovec iov[3] = {{const_cast<uint32_t*>(head), sizeof(head)},
+                          {const_cast<uint8_t*>(payload.data()), payload.size()},
+                          {const_cast<uint64_t*>(&sum), sizeof(sum)}};
+    // One write: a record split into small writes waits on Nagle and
+    // delayed ACKs (~40 ms) when the peer has nothing to send back.
+    write_frame(iov, sizeof(head) + payload.size() + sizeof(sum));
 }
 
-Record RecordReader::read()
+void RecordWriter::write_frame(std::span<const iovec> iov, uint64_t frame_bytes)
+{
+    t_.writev_all(iov);
+    bytes_ += frame_bytes;
+}
+
+FrameHead RecordReader::next()
 {
     uint32_t hdr[2];
     const uint64_t at = offset_;
     t_.read_exact(hdr, sizeof(hdr));
     const uint32_t type = hdr[0], len = hdr[1];
-    if (type < static_cast<uint32_t>(RecordType::Header) || type > static_cast<uint32_t>(RecordType::Hello))
+    if (type < static_cast<uint32_t>(RecordType::Header) || type > kLastRecordType)
         throw Error(fmt::format("migration stream: record {} at byte {} has unknown type {}", count_, at, type));
     if (len > kMaxPayload)
         throw Error(fmt::format("migration stream: record {} ({}) at byte {} claims {} bytes, over the limit {}", count_,
                                 record_name(static_cast<RecordType>(type)), at, len, kMaxPayload));
-    Record r{static_cast<RecordType>(type), std::vector<uint8_t>(len)};
-    if (len)
-        t_.read_exact(r.payload.data(), len);
-    uint32_t crc;
-    t_.read_exact(&crc, sizeof(crc));
-    uint32_t want = crc32c(crc32c(0, hdr, sizeof(hdr)), r.payload.data(), len);
-    if (crc != want)
-        throw Error(fmt::format("migration stream: record {} ({}) at byte {} fails its checksum (corrupt stream)",
-                                count_, record_name(r.type), at));
-    offset_ += sizeof(hdr) + len + sizeof(crc);
-    count_++;
+    return {static_cast<RecordType>(type), len, at, count_};
+}
+
+Record RecordReader::payload(const FrameHead& f)
+{
+    Record r{f.type, std::vector<uint8_t>(f.len)};
+    if (f.len)
+        t_.read_exact(r.payload.data(), f.len);
+    end_frame(f, record_checksum(f.type, r.payload));
     return r;
 }
 
-std::vector<uint8_t> encode_pages(const StressVm& m, std::span<const uint64_t> gpas, uint64_t* zero_pages)
+void RecordReader::end_frame(const FrameHead& f, uint64_t want)
 {
-    std::vector<uint8_t> out;
-    out.reserve(8 + gpas.size() * (8 + 4096));
-    put(out, static_cast<uint32_t>(gpas.size()));
-    put(out, uint32_t{0});
-    std::vector<const uint8_t*> data;
-    const size_t index_at = out.size();
-    out.resize(out.size() + gpas.size() * 8);
-    for (size_t i = 0; i < gpas.size(); i++) {
-        const uint8_t* p = m.host_ptr(gpas[i], 4096);
-        if (!p)
-            throw Error(fmt::format("GPA {:#x} is in no memslot", gpas[i]));
-        uint64_t e = gpas[i];
-        if (is_zero_page(p)) {
-            e |= 1;
-            if (zero_pages)
-                (*zero_pages)++;
-        } else {
-            data.push_back(p);
-        }
-        std::memcpy(out.data() + index_at + i * 8, &e, 8);
-    }
-    for (const uint8_t* p : data)
-        out.insert(out.end(), p, p + 4096);
-    return out;
+    uint64_t sum;
+    t_.read_exact(&sum, sizeof(sum));
+    if (sum != want)
+        bad(f, "fails its checksum (corrupt stream)");
+    offset_ = f.at + kFrameHead + f.len + kFrameTrailer;
+    count_ = f.number + 1;
 }
 
-uint64_t apply_pages(StressVm& m, std::span<const uint8_t> payload, uint64_t* zero_pages,
-                     const std::function<void(uint64_t gpa)>& landed)
+void RecordReader::bad(const FrameHead& f, const std::string& what) const
 {
-    Reader r(payload, "PAGES");
-    const auto n = r.get<uint32_t>();
-    r.get<uint32_t>();
-    if (static_cast<uint64_t>(n) * 8 > r.left())
-        throw Error(fmt::format("migration stream: PAGES claims {} pages but holds {} bytes", n, payload.size()));
-    std::span<const uint8_t> index = r.rest().subspan(0, static_cast<size_t>(n) * 8);
-    std::span<const uint8_t> data = r.rest().subspan(static_cast<size_t>(n) * 8);
-    size_t data_pos = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        uint64_t e;
-        std::memcpy(&e, index.data() + i * 8, 8);
-        const uint64_t gpa = e & ~uint64_t{4095};
-        uint8_t* dst = m.host_ptr(gpa, 4096);
-        if (!dst)
-            throw Error(fmt::format("migration stream: PAGES names GPA {:#x}, outside every memslot", gpa));
-        if (e & 1) {
-            std::memset(dst, 0, 4096);
-            if (zero_pages)
-                (*zero_pages)++;
-        } else {
-            if (data.size() - data_pos < 4096)
-                throw Error(fmt::format("migration stream: PAGES data ends before page {} of {}", i, n));
-            std::memcpy(dst, data.data() + data_pos, 4096);
-            data_pos += 4096;
-        }
-        if (landed)
-            landed(gpa);
-    }
-    if (data_pos != data.size())
-        throw Error("migration stream: PAGES has more data than its index says");
-    return n;
+    throw Error(fmt::format("migration stream: record {} ({}) at byte {} {}", f.number, record_name(f.type), f.at, what));
 }
 
 }  // namespace mvm::migration

@@ -1,7 +1,12 @@
-// migration/stream.hpp - minivmm's migration stream, version 2 (2: DIGESTS after the resume, RESULT tail, VCPU state v2).
+// migration/stream.hpp - minivmm's migration stream, version 3 (2: DIGESTS after the resume, RESULT tail, VCPU
+// state v2; 3: XXH3 frame checksums, PAGES_ZSTD).
 //
 // A stream is a sequence of records, each framed as
-//     u32 type | u32 payload length | payload | u32 CRC32C(type, length, payload)
+//     u32 type | u32 payload length | payload | u64 checksum
+// The checksum is XXH3-64 over the type, the length and the payload, except
+// that a PAGES record's page data enters it as one XXH3-64 per 4 KiB page
+// (record_checksum()): the hash the receiver computes anyway for the
+// verification (verify.hpp), so a page is read once after it landed.
 // Channel 0 (the control channel) starts with HEADER and carries the vCPU
 // states and END; every channel (one per virtual node, plus the system
 // memory on channel 0) carries PAGES records and ends its memory with
@@ -15,8 +20,10 @@
 //          then every memslot (slot, flags, GPA, size, vnode, backing page size):
 //          the receiver refuses a layout that differs from its own before it
 //          accepts a byte of memory.
-// PAGES    count, then count x u64 (GPA | 1 for a zero page), then the data of
-//          the non-zero pages in order.
+// PAGES    u32 count, u32 data bytes, then count x u64 (GPA | 1 for a zero
+//          page), then the data of the non-zero pages in order.
+// PAGES_ZSTD  the same with the data as one zstd frame (page_codec.hpp); the
+//          data bytes field says what it decompresses to.
 // VCPU     one vCPU's state (vcpu_state.hpp).
 // DIGESTS  (after the receiver resumed) count x {GPA, bytes, digest}: per
 //          2 MiB range, XXH3-64 over the range's page hashes (verify.hpp).
@@ -24,6 +31,8 @@
 //          then (optional tail) the receiver's restore time, the guest's
 //          own downtime and the MSRs it refused.
 #pragma once
+
+#include <sys/uio.h>
 
 #include <cstdint>
 #include <functional>
@@ -37,7 +46,7 @@
 namespace mvm::migration {
 
 constexpr char kStreamMagic[8] = {'M', 'V', 'M', 'M', 'I', 'G', 'v', '1'};
-constexpr uint32_t kStreamVersion = 2;
+constexpr uint32_t kStreamVersion = 3;
 constexpr uint32_t kMaxPayload = 8u << 20;
 constexpr size_t kBatchPages = 256;  // pages per PAGES record the sender writes: 1 MiB of data
 
@@ -50,10 +59,13 @@ enum class RecordType : uint32_t {
     End = 6,
     Result = 7,
     Hello = 8,  // first record on every connection: channel index
+    PagesZstd = 9,
 };
+constexpr uint32_t kLastRecordType = static_cast<uint32_t>(RecordType::PagesZstd);
 const char* record_name(RecordType t);
 
-uint32_t crc32c(uint32_t crc, const void* data, size_t len);
+// The frame's checksum of a record whose payload is `payload` (see above).
+uint64_t record_checksum(RecordType type, std::span<const uint8_t> payload);
 
 struct SlotLayout {
     uint32_t slot = 0, flags = 0;
@@ -111,6 +123,10 @@ public:
     // Throws Error on failure or EOF ("connection closed").
     virtual void write_all(const void* data, size_t len) = 0;
     virtual void read_exact(void* data, size_t len) = 0;
+    // Scatter-gather: by default gathered into one write_all (a wrapper sees
+    // the same bytes at the same offsets) and read piece by piece.
+    virtual void writev_all(std::span<const iovec> iov);
+    virtual void readv_exact(std::span<const iovec> iov);
     virtual void shutdown() {}
 };
 
@@ -120,6 +136,8 @@ public:
     ~FdTransport() override;
     void write_all(const void* data, size_t len) override;
     void read_exact(void* data, size_t len) override;
+    void writev_all(std::span<const iovec> iov) override;  // sendmsg: no staging copy
+    void readv_exact(std::span<const iovec> iov) override;  // readv: straight into place
     void shutdown() override;
     int fd() const { return fd_; }
 
@@ -142,10 +160,16 @@ private:
     std::vector<uint8_t> out_;
 };
 
+constexpr size_t kFrameHead = 8, kFrameTrailer = 8;
+
 class RecordWriter {
 public:
     explicit RecordWriter(Transport& t) : t_(t) {}
     void write(RecordType type, std::span<const uint8_t> payload);
+    // A frame already laid out by the caller: `iov` is the 8-byte head, the
+    // payload's pieces and the 8-byte checksum (page_codec.cpp).
+    void write_frame(std::span<const iovec> iov, uint64_t frame_bytes);
+    Transport& transport() { return t_; }
     uint64_t bytes() const { return bytes_; }
 
 private:
@@ -158,25 +182,34 @@ struct Record {
     std::vector<uint8_t> payload;
 };
 
+// A frame's head, read and checked (known type, length under the limit).
+struct FrameHead {
+    RecordType type;
+    uint32_t len;
+    uint64_t at;  // byte offset in the stream
+    uint64_t number;
+};
+
 class RecordReader {
 public:
     explicit RecordReader(Transport& t) : t_(t) {}
     // Validates the frame and the checksum; throws Error naming the record
     // number and byte offset of what is wrong.
-    Record read();
+    Record read() { return payload(next()); }
+    // In two steps: the head, then the payload (generic), or the payload in
+    // pieces (page_codec.cpp reads PAGES data straight into guest memory).
+    FrameHead next();
+    Record payload(const FrameHead& f);
+    void read_part(void* data, size_t len) { t_.read_exact(data, len); }
+    void readv_part(std::span<const iovec> iov) { t_.readv_exact(iov); }
+    // The trailer against `want`; the frame is done.
+    void end_frame(const FrameHead& f, uint64_t want);
+    [[noreturn]] void bad(const FrameHead& f, const std::string& what) const;
     uint64_t offset() const { return offset_; }
 
 private:
     Transport& t_;
     uint64_t offset_ = 0, count_ = 0;
 };
-
-// Builds a PAGES payload for `gpas` read from `m`'s memory.
-std::vector<uint8_t> encode_pages(const StressVm& m, std::span<const uint64_t> gpas, uint64_t* zero_pages);
-// Applies a PAGES payload to `m`'s memory; checks every GPA lies in a slot
-// of the header's layout and the data length. Returns pages applied.
-// `landed`, when given, is told each GPA once its page is in place.
-uint64_t apply_pages(StressVm& m, std::span<const uint8_t> payload, uint64_t* zero_pages = nullptr,
-                     const std::function<void(uint64_t gpa)>& landed = {});
 
 }  // namespace mvm::migration

@@ -10,8 +10,6 @@ namespace mvm::migration {
 
 uint64_t page_hash(const void* page) { return XXH3_64bits(page, 4096); }
 
-namespace {
-
 uint64_t zero_page_hash()
 {
     static const uint64_t h = [] {
@@ -20,8 +18,6 @@ uint64_t zero_page_hash()
     }();
     return h;
 }
-
-}  // namespace
 
 PageHashes PageHashes::of_memory(const StressVm& m)
 {
@@ -56,6 +52,12 @@ void PageHashes::note(const StressVm& m, uint64_t gpa)
 {
     if (uint64_t* h = find(gpa))
         *h = page_hash(m.host_ptr(gpa, 4096));
+}
+
+void PageHashes::set(uint64_t gpa, uint64_t h)
+{
+    if (uint64_t* p = find(gpa))
+        *p = h;
 }
 
 void PageHashes::note_zero(uint64_t gpa)

@@ -19,6 +19,7 @@ namespace mvm::migration {
 constexpr uint64_t kDigestRangeBytes = 2ull << 20;
 
 uint64_t page_hash(const void* page);  // XXH3-64 of 4 KiB
+uint64_t zero_page_hash();             // page_hash() of a page of zeros
 
 // One hash per 4 KiB page of every memslot of a machine's layout.
 class PageHashes {
@@ -31,6 +32,8 @@ public:
     // Pages of different slots may be noted from different threads.
     void note(const StressVm& m, uint64_t gpa);
     void note_zero(uint64_t gpa);
+    // The page at `gpa` landed with hash `h` (page_codec.hpp hashed it).
+    void set(uint64_t gpa, uint64_t h);
     bool empty() const { return slots_.empty(); }
 
     // Per kDigestRangeBytes range of each slot: XXH3-64 of its page hashes.

@@ -59,7 +59,12 @@ public:
                       "seconds the destination runs before its stamp check (and up to 5 s more until every vCPU "
                       "showed progress)")
             ->capture_default_str();
-        c->add_option("--channels", channels_, "connections (0 = one per virtual node)")->capture_default_str();
+        c->add_option("--channels", channels_,
+                      "connections (copy threads in-process); 0 = one per virtual node; more than the nodes: each "
+                      "node's pages dealt to its channels by 2 MiB range (QEMU's multifd)")
+            ->capture_default_str();
+        c->add_option("--compress", compress_, "compress page data over TCP: none or zstd[:LEVEL] (level 1 default)")
+            ->capture_default_str();
         c->add_flag("--no-verify", no_verify_, "skip the switchover compare and the destination stamp check");
         c->add_option("--json", json_, "also write the report as JSON to FILE, or - for stdout");
         return c;
@@ -113,6 +118,10 @@ private:
         warmup_s_ = parse_seconds("--warmup", warmup_);
         o.post_run_s = parse_seconds("--post-run", post_run_);
         o.channels = static_cast<uint32_t>(parse_uint("--channels", channels_, 0, 64));
+        o.compress = migration::Compression::parse("--compress", compress_);
+        if (o.compress.zstd && o.to == "inproc")
+            throw UsageError("--compress: applies to a TCP destination; in-process migration copies memory directly "
+                             "(use --to tcp:HOST:PORT with minivmm receive)");
         o.verify = !no_verify_;
         hooks_ = test_hooks(o);
         parse_throttle(throttle_, o);
@@ -186,7 +195,7 @@ private:
     VmOptions vm_;
     SenderHooks hooks_;
     std::string to_, tracker_ = "bitmap", ring_, max_downtime_ = "300", bandwidth_ = "0", max_iterations_ = "30",
-                     timeout_ = "120", throttle_, warmup_ = "1", post_run_ = "2", channels_ = "0", json_;
+                     timeout_ = "120", throttle_, warmup_ = "1", post_run_ = "2", channels_ = "0", compress_ = "none", json_;
     bool no_verify_ = false;
     double warmup_s_ = 1;
 };

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "migration/page_codec.hpp"
 #include "migration/stream.hpp"
 #include "migration/vcpu_state.hpp"
 #include "migration/verify.hpp"
@@ -71,7 +72,8 @@ int main(int argc, char** argv)
         std::memset(m.host_ptr(ram + i * 4096ull, 4096), 0x11 * (i + 1), 4096);
     std::vector<uint64_t> gpas = {ram, ram + 4096, ram + 2 * 4096, ram + 8 * 4096 /* zero */};
     std::vector<uint64_t> gpas2 = {ram + 16 * 4096, ram + 17 * 4096};
-    auto pages = [&](std::span<const uint64_t> g) { return encode_pages(m, g, nullptr); };
+    auto pages = [&](std::span<const uint64_t> g) { return encode_pages(m, g).payload; };
+    auto zpages = [&](std::span<const uint64_t> g) { return encode_pages(m, g, Compression{true, 1}).payload; };
     std::vector<uint8_t> vcpu0 = save_vcpu(kvm, m.vcpu(0)).serialize();
     std::vector<uint8_t> vcpu1 = save_vcpu(kvm, m.vcpu(1)).serialize();
     // After END and the receiver's "resumed": the source's range digests.
@@ -90,7 +92,7 @@ int main(int argc, char** argv)
         Stream s;
         s.rec(RecordType::Header, StreamHeader::of(m, 1).encode());
         s.rec(RecordType::Pages, pages(gpas));
-        s.rec(RecordType::Pages, pages(gpas2));
+        s.rec(RecordType::PagesZstd, zpages(gpas2));
         s.rec(RecordType::ChannelDone, {});
         s.rec(RecordType::Vcpu, vcpu0);
         s.rec(RecordType::Vcpu, vcpu1);

@@ -37,7 +37,7 @@ void expect_one_line(const std::string& what, const char* where)
         finding(std::string(where) + " produced an empty or multi-line error: '" + what + "'");
 }
 
-constexpr uint32_t kFrame = 12;  // type + length + CRC
+constexpr uint32_t kFrame = 16;  // type + length + XXH3 checksum
 constexpr uint32_t kMaxChannels = 4;
 
 }  // namespace
@@ -339,7 +339,7 @@ size_t stream_mutate(uint8_t* data, size_t size, size_t max_size, unsigned seed,
         recs.insert(recs.begin() + static_cast<long>(k), recs[k]);
         break;
     case 2:  // another type
-        recs[k].type = 1 + rng() % 8;
+        recs[k].type = 1 + rng() % migration::kLastRecordType;
         break;
     case 3: {  // swap two records
         const size_t j = rng() % recs.size();
@@ -359,12 +359,12 @@ size_t stream_mutate(uint8_t* data, size_t size, size_t max_size, unsigned seed,
     std::vector<uint8_t> out;
     for (const auto& r : recs) {
         uint32_t hdr[2] = {r.type, static_cast<uint32_t>(r.payload.size())};
-        uint32_t crc = migration::crc32c(migration::crc32c(0, hdr, 8), r.payload.data(), r.payload.size());
+        const uint64_t crc = migration::record_checksum(static_cast<migration::RecordType>(r.type), r.payload);
         const auto* h = reinterpret_cast<const uint8_t*>(hdr);
         out.insert(out.end(), h, h + 8);
         out.insert(out.end(), r.payload.begin(), r.payload.end());
         const auto* c = reinterpret_cast<const uint8_t*>(&crc);
-        out.insert(out.end(), c, c + 4);
+        out.insert(out.end(), c, c + 8);
     }
     if (tail && rng() % 2)
         out.insert(out.end(), data + pos, data + size);

@@ -47,18 +47,21 @@ TEST(FuzzCorpus, StreamSeedsCoverEveryRecordTypeWithValidFrames)
     for (const auto& p : seeds) {
         auto b = slurp(p);
         size_t pos = 0;
-        while (b.size() - pos >= 12) {
-            uint32_t hdr[2], crc;
+        while (b.size() - pos >= 16) {
+            uint32_t hdr[2];
+            uint64_t sum;
             std::memcpy(hdr, b.data() + pos, 8);
-            ASSERT_LE(hdr[1], b.size() - pos - 12) << p << " at byte " << pos;
-            std::memcpy(&crc, b.data() + pos + 8 + hdr[1], 4);
-            EXPECT_EQ(crc, crc32c(crc32c(0, hdr, 8), b.data() + pos + 8, hdr[1])) << p << " at byte " << pos;
+            ASSERT_LE(hdr[1], b.size() - pos - 16) << p << " at byte " << pos;
+            std::memcpy(&sum, b.data() + pos + 8 + hdr[1], 8);
+            EXPECT_EQ(sum, record_checksum(static_cast<RecordType>(hdr[0]),
+                                           std::span<const uint8_t>(b.data() + pos + 8, hdr[1])))
+                << p << " at byte " << pos;
             seen.insert(hdr[0]);
-            pos += 12 + hdr[1];
+            pos += 16 + hdr[1];
         }
         EXPECT_EQ(pos, b.size()) << p << " ends inside a frame";
     }
-    for (uint32_t t = static_cast<uint32_t>(RecordType::Header); t <= static_cast<uint32_t>(RecordType::Hello); t++)
+    for (uint32_t t = static_cast<uint32_t>(RecordType::Header); t <= kLastRecordType; t++)
         EXPECT_TRUE(seen.count(t)) << record_name(static_cast<RecordType>(t)) << " is in no stream seed";
 }
 

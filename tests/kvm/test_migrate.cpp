@@ -222,6 +222,7 @@ TEST(Migrate, ReceiverRefusesAGuestWithOtherBootParameters)
 struct StreamFaultCase {
     const char* spec;           // MINIVMM_TEST_STREAM_FAULT
     const char* receiver_says;  // in the receiver's error
+    const char* extra = "";     // more migrate options (--compress zstd: PAGES_ZSTD frames)
 };
 std::ostream& operator<<(std::ostream& os, const StreamFaultCase& c) { return os << c.spec; }
 class MigrateStreamFault : public ::testing::TestWithParam<StreamFaultCase> {};
@@ -233,8 +234,9 @@ TEST_P(MigrateStreamFault, ReceiverRefusesAndTheSourceSurvives)
     const std::string phase = spec.substr(spec.find(':') + 1, spec.rfind(':') - spec.find(':') - 1);
     const uint16_t port = free_port();
     Receiver recv(fmt::format("--vcpus 2 --mem 64M --rate 100000 --listen tcp:127.0.0.1:{}", port));
-    auto r = run_minivmm(fmt::format("migrate --to tcp:127.0.0.1:{} {} --max-downtime 5 --json -", port, kGuest),
-                         "env MINIVMM_TEST_STREAM_FAULT=" + spec);
+    auto r = run_minivmm(
+        fmt::format("migrate --to tcp:127.0.0.1:{} {} --max-downtime 5 {} --json -", port, kGuest, GetParam().extra),
+        "env MINIVMM_TEST_STREAM_FAULT=" + spec);
     const int rrc = recv.wait();
     const std::string rout = recv.output();
     EXPECT_GT(rrc, 0) << rout;
@@ -258,12 +260,23 @@ INSTANTIATE_TEST_SUITE_P(
                       StreamFaultCase{"flip:bulk:7", "claims"},        // its length: over the limit
                       StreamFaultCase{"flip:bulk:5000", "fails its checksum"},
                       StreamFaultCase{"cut:bulk:3000", "closed the connection"},
-                      StreamFaultCase{"flip:precopy:100", "fails its checksum"},
+                      // The index is checked before any data is read: a GPA far outside memory.
+                      StreamFaultCase{"flip:precopy:100", "outside every memslot"},
+                      // Page data staged while the source runs: its checksum holds in transit.
+                      StreamFaultCase{"flip:precopy:5000", "fails its checksum"},
                       StreamFaultCase{"cut:precopy:20", "closed the connection"},
-                      StreamFaultCase{"flip:stop:4", "fails its checksum"},
-                      StreamFaultCase{"cut:stop:1", "closed the connection"}),
+                      // The length no longer fits the index.
+                      StreamFaultCase{"flip:stop:4", "its index says"},
+                      // Page data sent straight from the parked source's memory.
+                      StreamFaultCase{"flip:stop:5000", "fails its checksum"},
+                      StreamFaultCase{"cut:stop:1", "closed the connection"},
+                      // Compressed frames: 16 bytes of head and 256 x 8 of index, then the zstd
+                      // frame (a few KiB for this guest's mostly-zero pages): checked before zstd
+                      // reads it, and a frame cut short inside it.
+                      StreamFaultCase{"flip:bulk:2100", "fails its checksum", "--compress zstd"},
+                      StreamFaultCase{"cut:bulk:2100", "closed the connection", "--compress zstd"}),
     [](const auto& info) {
-        std::string n = info.param.spec;
+        std::string n = std::string(info.param.spec) + (*info.param.extra ? "_zstd" : "");
         for (auto& c : n)
             if (c == ':')
                 c = '_';
@@ -451,7 +464,7 @@ TEST(MigrationStream, BadStreamsAreRefusedWithAClearError)
     RecordWriter w(sink);
     w.write(RecordType::Header, StreamHeader::of(src, 1).encode());
     std::vector<uint64_t> gpas = {MVM_RAM_GPA, MVM_RAM_GPA + 4096};
-    w.write(RecordType::Pages, encode_pages(src, gpas, nullptr));
+    w.write(RecordType::Pages, encode_pages(src, gpas).payload);
     const std::vector<uint8_t> good = sink.written();
 
     auto feed = [&](std::vector<uint8_t> bytes, const MachineConfig& c) {
