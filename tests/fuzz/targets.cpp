@@ -239,7 +239,7 @@ int guest_state_one(const uint8_t* data, size_t size)
     static const uint32_t kWritePct[] = {100, 50, 0, 7};
     MachineConfig cfg = single_node_config(2, 1ull << 20);
     cfg.workload.pattern = kPatterns[data[0] & 1];
-    cfg.workload.touch = (data[0] >> 1) & 1 ? MVM_TOUCH_PAGE : MVM_TOUCH_QWORD;
+    cfg.workload.fill = (data[0] >> 1) & 1 ? MVM_FILL_STAMP : MVM_FILL_ZERO;
     cfg.workload.write_pct = kWritePct[(data[0] >> 2) & 3];
     cfg.workload.seed = data[0] >> 4;
     const GuestLayout layout = plan_layout(cfg);

@@ -14,8 +14,9 @@ std::string StampCheck::summary() const
     if (foreign)
         s += fmt::format(" ({} hold another VM's stamp: a foreign write, not a lost one)", foreign);
     for (size_t i = 0; i < first.size() && i < 4; i++)
-        s += fmt::format("{} vCPU {} gpa {:#x}: expected {:#x}, found {:#x}", i ? ";" : ":", first[i].vcpu,
-                         first[i].gpa, first[i].expected, first[i].found);
+        s += fmt::format("{} vCPU {} gpa {:#x}{}: expected {:#x}, found {:#x}", i ? ";" : ":", first[i].vcpu,
+                         first[i].gpa, first[i].qword ? fmt::format(" qword {}", first[i].qword) : "",
+                         first[i].expected, first[i].found);
     return s;
 }
 
@@ -30,6 +31,28 @@ uint64_t page_gpa(const mvm_vcpu_params& vp, uint64_t idx)
     }
     return ~0ull;
 }
+
+// What a page written with `stamp` holds (guest/workload.c, write_page):
+// qword q under the boot parameters' fill. Stamp 0: never written, all zero.
+struct PageFill {
+    uint32_t fill, fill_qwords;
+    uint64_t stamp, key;
+    PageFill(const mvm_boot_params& bp, uint64_t s, uint64_t idx)
+        : fill(bp.fill), fill_qwords(std::min<uint32_t>(bp.fill_qwords, MVM_PAGE_SIZE / 8)), stamp(s),
+          key(mvm_fill_key(s, idx))
+    {
+    }
+    uint64_t qword(uint64_t q) const
+    {
+        if (stamp == 0)
+            return 0;
+        if (q == 0 || fill == MVM_FILL_STAMP)
+            return stamp;
+        if ((fill == MVM_FILL_RANDOM || fill == MVM_FILL_RATIO) && q < fill_qwords)
+            return mvm_fill_random(key, q);
+        return 0;
+    }
+};
 
 }  // namespace
 
@@ -83,29 +106,35 @@ void verify_vcpu_stamps(const mvm_boot_params& bp, const mvm_vcpu_params& vp, Wo
         return 0;
     };
 
-    const uint64_t qwords = bp.touch == MVM_TOUCH_PAGE ? MVM_PAGE_SIZE / 8 : 1;
+    // Fill zero: qword 0 only (the rest is whatever was there); the other
+    // fills decide every qword of the page.
+    const uint64_t qwords = bp.fill == MVM_FILL_ZERO ? 1 : MVM_PAGE_SIZE / 8;
     for (uint64_t idx = 0; idx < n; idx++) {
         uint64_t older = G ? last_write_before(idx, G - 1) : 0;
         uint64_t expected = older;
         if (G && visited[idx] && mvm_writes(bp.write_pct, bp.seed, v, G, idx))
             expected = MVM_STAMP(vm, v, G);
-        // The in-flight page may hold the new stamp, the old one, or (touch=page) a mix.
+        // The in-flight page may hold the new stamp, the old one, or (a whole-page fill) a mix.
         uint64_t alt = (idx == in_flight && mvm_writes(bp.write_pct, bp.seed, v, G, idx)) ? MVM_STAMP(vm, v, G) : expected;
+        const PageFill want{bp, expected, idx}, other{bp, alt, idx};
         uint64_t gpa = page_gpa(vp, idx);
         const uint8_t* p8 = gpa == ~0ull ? nullptr : page(gpa);
         out.pages_checked++;
         bool bad = p8 == nullptr;  // outside guest memory: never what the guest wrote
-        uint64_t found = 0;
-        for (uint64_t q = 0; q < qwords && !bad; q++) {
+        uint64_t found = 0, q = 0, first = 0;
+        for (; q < qwords && !bad; q++) {
             std::memcpy(&found, p8 + q * 8, 8);
-            bad = found != expected && found != alt;
+            if (q == 0)
+                first = found;
+            bad = found != want.qword(q) && found != other.qword(q);
         }
         if (bad) {
             out.mismatches++;
-            if (found >> 56 == MVM_STAMP_TAG && MVM_STAMP_VM(found) != (vm & 0xff))
+            if (first >> 56 == MVM_STAMP_TAG && MVM_STAMP_VM(first) != (vm & 0xff))
                 out.foreign++;
+            const uint32_t at = q ? static_cast<uint32_t>(q - 1) : 0;
             if (out.first.size() < 16)
-                out.first.push_back({v, gpa, expected, found});
+                out.first.push_back({v, gpa, p8 ? want.qword(at) : expected, found, at});
         }
     }
 }
@@ -152,7 +181,8 @@ std::string boot_params_difference(std::span<const uint8_t> guest, std::span<con
     MVM_SAME(abi_version)
     MVM_SAME(nr_vcpus)
     MVM_SAME(pattern)
-    MVM_SAME(touch)
+    MVM_SAME(fill)
+    MVM_SAME(fill_qwords)
     MVM_SAME(write_pct)
     MVM_SAME(seed)
     MVM_SAME(nr_vnodes)
