@@ -281,7 +281,7 @@ void parse_fill(const std::string& value, WorkloadConfig& w)
         w.fill_ratio = v;
     } else
         throw UsageError(
-            fmt::format("--fill: unknown fill '{}'; use zero, stamp, random or ratio:R (R >= 1)", value));
+            fmt::format("--fill: unknown fill '{}'; use zero, stamp, random or ratio:R (R from 1 to 512)", value));
 }
 
 void VmOptions::add_to(CLI::App& app)

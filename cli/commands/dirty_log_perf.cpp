@@ -27,8 +27,7 @@ public:
         c->add_option("-i", iterations_, "iterations")->capture_default_str();
         c->add_option("-w", write_pct_, "percentage of pages written (the rest are read)")->capture_default_str();
         c->add_flag("-a", random_, "access memory in a random order");
-        c->add_option("--fill", fill_, "what a written page holds besides its stamp: zero|stamp|random|ratio:R "
-                                       "(as for run)")
+        c->add_option("--fill", fill_, "what a written page holds besides its stamp (as for run)")
             ->capture_default_str();
         c->add_option("-x", slots_, "split the memory into this many memslots")->capture_default_str();
         c->add_option("-s", backing_, "backing: anon|thp|shm|hugetlb2m|hugetlb1g (selftest names accepted too)")

@@ -32,27 +32,38 @@ uint64_t page_gpa(const mvm_vcpu_params& vp, uint64_t idx)
     return ~0ull;
 }
 
-// What a page written with `stamp` holds (guest/workload.c, write_page):
-// qword q under the boot parameters' fill. Stamp 0: never written, all zero.
-struct PageFill {
-    uint32_t fill, fill_qwords;
-    uint64_t stamp, key;
-    PageFill(const mvm_boot_params& bp, uint64_t s, uint64_t idx)
-        : fill(bp.fill), fill_qwords(std::min<uint32_t>(bp.fill_qwords, MVM_PAGE_SIZE / 8)), stamp(s),
-          key(mvm_fill_key(s, idx))
-    {
+constexpr uint64_t kPageQwords = MVM_PAGE_SIZE / 8;
+
+// What a page written with `stamp` holds (guest/workload.c, write_page) in
+// its first `qwords` qwords, under the boot parameters' fill. Stamp 0: never
+// written, all zero.
+void fill_page(const mvm_boot_params& bp, uint64_t stamp, uint64_t idx, uint64_t* out, uint64_t qwords)
+{
+    const bool random = bp.fill == MVM_FILL_RANDOM || bp.fill == MVM_FILL_RATIO;
+    const uint64_t fill_qwords = random ? std::min<uint64_t>(bp.fill_qwords, kPageQwords) : 0;
+    const uint64_t rest = stamp && bp.fill == MVM_FILL_STAMP ? stamp : 0;
+    std::fill(out, out + qwords, rest);
+    if (stamp && random) {
+        const uint64_t key = mvm_fill_key(stamp, idx);
+        for (uint64_t q = 1; q < std::min(fill_qwords, qwords); q++)
+            out[q] = mvm_fill_random(key, q);
     }
-    uint64_t qword(uint64_t q) const
-    {
-        if (stamp == 0)
-            return 0;
-        if (q == 0 || fill == MVM_FILL_STAMP)
-            return stamp;
-        if ((fill == MVM_FILL_RANDOM || fill == MVM_FILL_RATIO) && q < fill_qwords)
-            return mvm_fill_random(key, q);
-        return 0;
+    out[0] = stamp;
+}
+
+// The first of `qwords` qwords of `p8` that is neither want[q] nor other[q], or -1.
+int64_t first_difference(const uint8_t* p8, const uint64_t* want, const uint64_t* other, uint64_t qwords)
+{
+    if (std::memcmp(p8, want, qwords * 8) == 0)
+        return -1;
+    for (uint64_t q = 0; q < qwords; q++) {
+        uint64_t found;
+        std::memcpy(&found, p8 + q * 8, 8);
+        if (found != want[q] && found != other[q])
+            return static_cast<int64_t>(q);
     }
-};
+    return -1;
+}
 
 }  // namespace
 
@@ -108,7 +119,8 @@ void verify_vcpu_stamps(const mvm_boot_params& bp, const mvm_vcpu_params& vp, Wo
 
     // Fill zero: qword 0 only (the rest is whatever was there); the other
     // fills decide every qword of the page.
-    const uint64_t qwords = bp.fill == MVM_FILL_ZERO ? 1 : MVM_PAGE_SIZE / 8;
+    const uint64_t qwords = bp.fill == MVM_FILL_ZERO ? 1 : kPageQwords;
+    uint64_t want[kPageQwords], other[kPageQwords];
     for (uint64_t idx = 0; idx < n; idx++) {
         uint64_t older = G ? last_write_before(idx, G - 1) : 0;
         uint64_t expected = older;
@@ -116,26 +128,26 @@ void verify_vcpu_stamps(const mvm_boot_params& bp, const mvm_vcpu_params& vp, Wo
             expected = MVM_STAMP(vm, v, G);
         // The in-flight page may hold the new stamp, the old one, or (a whole-page fill) a mix.
         uint64_t alt = (idx == in_flight && mvm_writes(bp.write_pct, bp.seed, v, G, idx)) ? MVM_STAMP(vm, v, G) : expected;
-        const PageFill want{bp, expected, idx}, other{bp, alt, idx};
+        fill_page(bp, expected, idx, want, qwords);
+        if (alt != expected)
+            fill_page(bp, alt, idx, other, qwords);
         uint64_t gpa = page_gpa(vp, idx);
         const uint8_t* p8 = gpa == ~0ull ? nullptr : page(gpa);
         out.pages_checked++;
-        bool bad = p8 == nullptr;  // outside guest memory: never what the guest wrote
-        uint64_t found = 0, q = 0, first = 0;
-        for (; q < qwords && !bad; q++) {
+        // Outside guest memory: never what the guest wrote.
+        const int64_t q = p8 ? first_difference(p8, want, alt != expected ? other : want, qwords) : 0;
+        if (q < 0)
+            continue;
+        uint64_t first = 0, found = 0;
+        if (p8) {
+            std::memcpy(&first, p8, 8);
             std::memcpy(&found, p8 + q * 8, 8);
-            if (q == 0)
-                first = found;
-            bad = found != want.qword(q) && found != other.qword(q);
         }
-        if (bad) {
-            out.mismatches++;
-            if (first >> 56 == MVM_STAMP_TAG && MVM_STAMP_VM(first) != (vm & 0xff))
-                out.foreign++;
-            const uint32_t at = q ? static_cast<uint32_t>(q - 1) : 0;
-            if (out.first.size() < 16)
-                out.first.push_back({v, gpa, p8 ? want.qword(at) : expected, found, at});
-        }
+        out.mismatches++;
+        if (first >> 56 == MVM_STAMP_TAG && MVM_STAMP_VM(first) != (vm & 0xff))
+            out.foreign++;
+        if (out.first.size() < 16)
+            out.first.push_back({v, gpa, want[q], found, static_cast<uint32_t>(q)});
     }
 }
 
