@@ -1,6 +1,6 @@
 #include "cli/options.hpp"
 #include "cli/test_hooks.hpp"
-#include "vmm/stress/layout.hpp"  // the guest's pattern, touch and fault codes
+#include "vmm/stress/layout.hpp"  // the guest's pattern, fill and fault codes
 
 #include <algorithm>
 #include <charconv>
@@ -260,6 +260,30 @@ AccessConfig parse_access(const std::string& value)
                                  value));
 }
 
+void parse_fill(const std::string& value, WorkloadConfig& w)
+{
+    w.fill_ratio = 0;
+    if (value == "zero")
+        w.fill = MVM_FILL_ZERO;
+    else if (value == "stamp")
+        w.fill = MVM_FILL_STAMP;
+    else if (value == "random")
+        w.fill = MVM_FILL_RANDOM;
+    else if (value.rfind("ratio:", 0) == 0) {
+        const std::string_view r = std::string_view(value).substr(6);
+        double v = 0;
+        auto [p, ec] = std::from_chars(r.data(), r.data() + r.size(), v);
+        if (r.empty() || ec != std::errc() || p != r.data() + r.size() || !std::isfinite(v) || v < 1 || v > 512)
+            throw UsageError(fmt::format("--fill {}: R must be a number from 1 to 512 (how much zstd shrinks a "
+                                         "page), e.g. ratio:2 or ratio:3.5",
+                                         value));
+        w.fill = MVM_FILL_RATIO;
+        w.fill_ratio = v;
+    } else
+        throw UsageError(
+            fmt::format("--fill: unknown fill '{}'; use zero, stamp, random or ratio:R (R from 1 to 512)", value));
+}
+
 void VmOptions::add_to(CLI::App& app)
 {
     app.add_option("--vcpus", vcpus, "number of vCPUs (with --numa: defaults to the highest cpus= + 1)")
@@ -279,7 +303,11 @@ void VmOptions::add_to(CLI::App& app)
         ->capture_default_str();
     app.add_option("--pattern", pattern, "page order in each pass: seq|random")->capture_default_str();
     app.add_option("--write-pct", write_pct, "share of visited pages written (reads for the rest)")->capture_default_str();
-    app.add_option("--touch", touch, "write one qword per page or the whole page: qword|page")->capture_default_str();
+    app.add_option("--fill", fill,
+                   "what a written page holds besides its stamp (qword 0): zero (the rest as it was), stamp (every "
+                   "qword), random (incompressible), ratio:R (random start, zeros after: zstd compresses by ~R, "
+                   "R >= 1); default zero");
+    app.add_option("--touch", touch, "older spelling of --fill: qword = zero, page = stamp; default qword");
     app.add_option("--rate", rate, "cap in pages/s per vCPU (0 = unlimited)")->capture_default_str();
     app.add_option("--seed", seed, "seed of the random pattern")->capture_default_str();
     app.add_option("--watchdog-ms", watchdog_ms, "guest watchdog threshold in ms")->capture_default_str();
@@ -332,7 +360,23 @@ MachineConfig numa_config(const VmOptions& o, uint32_t vcpus, uint64_t bytes, Ba
     return cfg;
 }
 
-// --pattern, --touch, --write-pct, --rate, --seed, --watchdog-ms, --passes.
+// --fill, or --touch as its alias (qword = zero, page = stamp); both only when they agree.
+void parse_fill_and_touch(const VmOptions& o, WorkloadConfig& w)
+{
+    std::string from_touch;
+    if (o.touch == "qword")
+        from_touch = "zero";
+    else if (o.touch == "page")
+        from_touch = "stamp";
+    else if (!o.touch.empty())
+        throw UsageError(fmt::format("--touch: unknown mode '{}'; use qword or page (or --fill)", o.touch));
+    if (!o.fill.empty() && !from_touch.empty() && o.fill != from_touch)
+        throw UsageError(fmt::format("--fill {} conflicts with --touch {} (that is --fill {}); give only --fill",
+                                     o.fill, o.touch, from_touch));
+    parse_fill(!o.fill.empty() ? o.fill : !from_touch.empty() ? from_touch : "zero", w);
+}
+
+// --pattern, --fill/--touch, --write-pct, --rate, --seed, --watchdog-ms, --passes.
 void parse_workload(const VmOptions& o, WorkloadConfig& w)
 {
     if (o.pattern == "seq" || o.pattern == "sequential")
@@ -341,12 +385,7 @@ void parse_workload(const VmOptions& o, WorkloadConfig& w)
         w.pattern = MVM_PATTERN_RANDOM;
     else
         throw UsageError(fmt::format("--pattern: unknown pattern '{}'; use seq or random", o.pattern));
-    if (o.touch == "qword")
-        w.touch = MVM_TOUCH_QWORD;
-    else if (o.touch == "page")
-        w.touch = MVM_TOUCH_PAGE;
-    else
-        throw UsageError(fmt::format("--touch: unknown mode '{}'; use qword or page", o.touch));
+    parse_fill_and_touch(o, w);
     w.write_pct = static_cast<uint32_t>(parse_uint("--write-pct", o.write_pct, 0, 100));
     w.rate_pages_per_s = parse_uint("--rate", o.rate, 0, 1ull << 40);
     w.seed = parse_uint("--seed", o.seed, 0, ~0ull);

@@ -49,6 +49,9 @@ uint32_t parse_ring_size(std::string_view option, const std::string& value, cons
 // --access local|remote|mixed:P
 AccessConfig parse_access(const std::string& value);
 
+// --fill zero|stamp|random|ratio:R into w.fill (and w.fill_ratio).
+void parse_fill(const std::string& value, WorkloadConfig& w);
+
 // Raw strings from the command line; to_config() validates them.
 struct VmOptions {
     std::string vcpus = "2";
@@ -56,7 +59,8 @@ struct VmOptions {
     std::string backing = "anon";
     std::string pattern = "seq";
     std::string write_pct = "100";
-    std::string touch = "qword";
+    std::string touch;  // "": not given (qword); an alias of fill
+    std::string fill;   // "": not given (zero, or what --touch says)
     std::string rate = "0";
     std::string seed = "1";
     std::string watchdog_ms = "20";

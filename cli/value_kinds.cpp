@@ -28,6 +28,7 @@ const std::map<std::string, const char*, std::less<>>& kinds()
         {"--repeat", "N"}, {"--write-pct", "PCT"}, {"-w", "PCT"},
         // choices and lists
         {"--backing", "KIND"}, {"-s", "KIND"}, {"--pattern", "seq|random"}, {"--touch", "qword|page"},
+        {"--fill", "zero|stamp|random|ratio:R"},
         {"--access", "local|remote|mixed:P"}, {"--numa", "SPEC"}, {"--mode", "MODE"}, {"--tracker", "MODE"},
         {"--dirty-log", "MODE"}, {"--throttle", "POLICY"}, {"--eager-split", "on|off"}, {"--variants", "LIST"},
         {"--enable-logging", "per-node|unbound|host-node:N"},

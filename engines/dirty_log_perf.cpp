@@ -103,6 +103,8 @@ PerfResult run_dirty_log_perf(const Kvm& kvm, const PerfOptions& opt)
     MachineConfig cfg = single_node_config(opt.vcpus, opt.bytes_per_vcpu * opt.vcpus, opt.backing);
     cfg.workload.write_pct = opt.write_pct;
     cfg.workload.pattern = opt.random ? MVM_PATTERN_RANDOM : MVM_PATTERN_SEQ;
+    cfg.workload.fill = opt.fill;
+    cfg.workload.fill_ratio = opt.fill_ratio;
     cfg.slots_per_node = opt.slots;
     cfg.dirty_ring_bytes = opt.ring_bytes;
     StressVm m(kvm, cfg);

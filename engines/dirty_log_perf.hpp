@@ -26,6 +26,8 @@ struct PerfOptions {
     uint32_t iterations = 2;
     uint32_t write_pct = 100;
     bool random = false;
+    uint32_t fill = 0;       // --fill (WorkloadConfig::fill)
+    double fill_ratio = 0;   // ... ratio:R
     uint32_t slots = 1;
     BackingKind backing = BackingKind::Anon;
     bool manual_protect = true;  // -g turns it off

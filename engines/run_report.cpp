@@ -36,7 +36,7 @@ RunReport collect_report(const StressVm& m, const StatsBaseline& before, double 
                             n.prealloc});
     }
     r.pattern = cfg.workload.pattern == MVM_PATTERN_RANDOM ? "random" : "seq";
-    r.touch = cfg.workload.touch == MVM_TOUCH_PAGE ? "page" : "qword";
+    r.fill = fill_name(cfg.workload);
     r.write_pct = cfg.workload.write_pct;
     r.watchdog_ms = cfg.workload.watchdog_ms;
     const double tsc_per_ms = static_cast<double>(m.tsc_khz());
@@ -84,7 +84,7 @@ nlohmann::json to_json(const RunReport& r)
     nlohmann::json j;
     j["duration_s"] = r.duration_s;
     j["config"] = {{"vcpus", r.nr_vcpus}, {"mem_bytes", r.mem_bytes}, {"backing", r.backing}, {"pattern", r.pattern},
-                   {"touch", r.touch},    {"write_pct", r.write_pct}, {"watchdog_ms", r.watchdog_ms},
+                   {"fill", r.fill},      {"write_pct", r.write_pct}, {"watchdog_ms", r.watchdog_ms},
                    {"access", r.access}};
     j["vnodes"] = nlohmann::json::array();
     for (const auto& n : r.vnodes)
@@ -144,9 +144,9 @@ static std::string rate(double pages_per_s)
 
 std::string to_table(const RunReport& r)
 {
-    std::string out = fmt::format("minivmm run: {} vCPUs, {} {} memory, pattern {}, touch {}, write {}%, {:.2f} s\n\n",
+    std::string out = fmt::format("minivmm run: {} vCPUs, {} {} memory, pattern {}, fill {}, write {}%, {:.2f} s\n\n",
                                   r.nr_vcpus, human_bytes(static_cast<double>(r.mem_bytes)), r.backing, r.pattern,
-                                  r.touch, r.write_pct, r.duration_s);
+                                  r.fill, r.write_pct, r.duration_s);
     if (r.vnodes.size() > 1 || r.access != "local" || (!r.vnodes.empty() && r.vnodes[0].policy != "default"))
         for (const auto& n : r.vnodes)
             out += fmt::format("vnode {}: {} {} at GPA {:#x}, host policy {}, vCPUs {}, {}{}\n", n.id,

@@ -43,7 +43,7 @@ struct RunReport {
     double duration_s = 0;
     uint32_t nr_vcpus = 0;
     uint64_t mem_bytes = 0;
-    std::string pattern, touch, backing;
+    std::string pattern, fill, backing;
     uint32_t write_pct = 100;
     double watchdog_ms = 0;
     std::string access = "local";

@@ -13,7 +13,7 @@
 #include <stdint.h>
 #endif
 
-#define MVM_ABI_VERSION 5u
+#define MVM_ABI_VERSION 6u
 #define MVM_PAGE_SIZE 4096ull
 #define MVM_PAGE_SHIFT 12
 
@@ -48,7 +48,16 @@
 
 #ifndef __ASSEMBLER__
 enum mvm_pattern { MVM_PATTERN_SEQ = 0, MVM_PATTERN_RANDOM = 1 };
-enum mvm_touch { MVM_TOUCH_QWORD = 0, MVM_TOUCH_PAGE = 1 };
+/* What a written page holds besides its stamp in qword 0 (--fill):
+ *   ZERO    the stamp qword only; the rest of the page as it was (mostly zero)
+ *   STAMP   every qword the stamp
+ *   RANDOM  qwords 1..511 pseudo-random (mvm_fill_random): incompressible
+ *   RATIO   qwords 1..fill_qwords-1 pseudo-random, the rest zero: compresses
+ *           by about 512 / fill_qwords
+ * RANDOM is RATIO with fill_qwords = 512. --touch qword|page are ZERO|STAMP. */
+enum mvm_fill { MVM_FILL_ZERO = 0, MVM_FILL_STAMP = 1, MVM_FILL_RANDOM = 2, MVM_FILL_RATIO = 3 };
+#define MVM_TOUCH_QWORD MVM_FILL_ZERO
+#define MVM_TOUCH_PAGE MVM_FILL_STAMP
 /* Deliberate faults, for testing the exception path. */
 enum mvm_fault {
     MVM_FAULT_NONE = 0,
@@ -111,14 +120,14 @@ struct mvm_boot_params {
     uint64_t tsc_khz;
     /* workload knobs */
     uint32_t pattern;          /* enum mvm_pattern */
-    uint32_t touch;            /* enum mvm_touch */
+    uint32_t fill;             /* enum mvm_fill */
     uint32_t write_pct;        /* 0..100, reads for the rest */
     uint32_t nr_vnodes;
     uint64_t max_passes;       /* 0 = until the VMM says stop */
     uint64_t seed;
     uint64_t watchdog_threshold_tsc;
     uint32_t vm_tag;           /* this VM's identity in every stamp (8 bits used); migrates with it */
-    uint32_t pad0;
+    uint32_t fill_qwords;      /* RANDOM/RATIO: qwords [0, fill_qwords) not zero (1..512) */
     struct mvm_vnode vnode[MVM_MAX_VNODES];
     struct mvm_vcpu_params vcpu[]; /* nr_vcpus entries */
 };
@@ -183,8 +192,8 @@ struct mvm_mailbox {
 };
 
 /* ---- stamps ---------------------------------------------------------- */
-/* A written page starts with MVM_STAMP(vm, vcpu, generation); with touch=page
- * every qword of the page holds it. Never-written memory reads as 0.
+/* A written page starts with MVM_STAMP(vm, vcpu, generation); the rest is
+ * what the fill says (enum mvm_fill). Never-written memory reads as 0.
  *   bits 63..56  MVM_STAMP_TAG (a written stamp is never 0)
  *   bits 55..48  the VM's tag (boot params vm_tag): a page holding another
  *                VM's tag was written by a foreign guest, not by a lost write
@@ -267,6 +276,24 @@ static inline int mvm_writes(uint32_t write_pct, uint64_t seed, uint32_t vcpu, u
     if (write_pct == 0)
         return 0;
     return (mvm_mix64(seed ^ idx ^ ((uint64_t)vcpu << 48) ^ (gen << 20) ^ 0x5bd1e995ull) % 100) < write_pct;
+}
+
+/* ---- fill ------------------------------------------------------------ */
+/* Qword q (1 <= q < fill_qwords) of a page written with fill RANDOM or RATIO:
+ * mvm_fill_random(mvm_fill_key(stamp, idx), q), idx = the page's index in its
+ * vCPU's working set. A new stamp (another pass, vCPU or VM) or another page
+ * gives other bytes. One multiply per qword, independent of the others: the
+ * guest fills a page in about a microsecond. */
+static inline uint64_t mvm_fill_key(uint64_t stamp, uint64_t idx)
+{
+    return mvm_mix64(stamp ^ (idx * 0xd1b54a32d192ed03ull));
+}
+
+static inline uint64_t mvm_fill_random(uint64_t key, uint64_t q)
+{
+    uint64_t x = key + q * 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 31)) * 0xbf58476d1ce4e5b9ull;
+    return x ^ (x >> 29);
 }
 
 #endif /* !__ASSEMBLER__ */

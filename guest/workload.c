@@ -4,8 +4,8 @@
  * not exit to the VMM except to say it is done.
  *
  * Each pass visits every page of this vCPU's working set once (sequentially or
- * in a keyed random order), writes a stamp (vCPU id, generation) to the pages
- * it writes and reads the others. Progress goes to the mailbox with plain
+ * in a keyed random order), writes a stamp (vCPU id, generation) and the fill
+ * to the pages it writes and reads the others. Progress goes to the mailbox with plain
  * stores: cursor after every page, the rest once per batch.
  */
 #include "abi.h"
@@ -146,16 +146,29 @@ static inline void pace_batch(struct mvm_mailbox *mb, struct watchdog *wd, uint3
     }
 }
 
-/* One qword, or (touch=page) every qword of the page. */
-static inline void write_stamp(uint64_t *page, uint32_t touch, uint64_t stamp)
+static inline void store_qwords(uint64_t *dst, uint64_t value, uint64_t cnt)
 {
-    if (touch == MVM_TOUCH_PAGE) {
-        uint64_t cnt = MVM_PAGE_SIZE / 8;
-        void *dst = page;
-        __asm__ volatile("rep stosq" : "+D"(dst), "+c"(cnt) : "a"(stamp) : "memory");
-    } else {
-        *(volatile uint64_t *)page = stamp;
+    __asm__ volatile("rep stosq" : "+D"(dst), "+c"(cnt) : "a"(value) : "memory");
+}
+
+/* The stamp in qword 0 and what the fill says in the rest (guest/abi.h,
+ * enum mvm_fill). The stamp is stored last, so a page whose qword 0 holds
+ * the new stamp holds the rest of the new fill too. */
+static inline void write_page(uint64_t *page, uint32_t fill, uint32_t fill_qwords, uint64_t stamp, uint64_t idx)
+{
+    if (fill == MVM_FILL_STAMP) {
+        store_qwords(page, stamp, MVM_PAGE_SIZE / 8);
+        return;
     }
+    if (fill == MVM_FILL_RANDOM || fill == MVM_FILL_RATIO) {
+        const uint64_t key = mvm_fill_key(stamp, idx);
+        for (uint32_t q = 1; q < fill_qwords; q++)
+            page[q] = mvm_fill_random(key, q);
+        if (fill_qwords < MVM_PAGE_SIZE / 8)
+            store_qwords(page + fill_qwords, 0, MVM_PAGE_SIZE / 8 - fill_qwords);
+        barrier();
+    }
+    *(volatile uint64_t *)page = stamp;
 }
 
 __attribute__((noreturn, used, section(".text.user")))
@@ -165,7 +178,8 @@ void user_entry(const struct mvm_boot_params *bp, const struct mvm_vcpu_params *
     const uint32_t vcpu = vp->vcpu_id;
     const uint64_t n = vp->total_pages;
     const uint32_t pattern = bp->pattern;
-    const uint32_t touch = bp->touch;
+    const uint32_t fill = bp->fill;
+    const uint32_t fill_qwords = bp->fill_qwords > MVM_PAGE_SIZE / 8 ? MVM_PAGE_SIZE / 8 : bp->fill_qwords;
     const uint32_t write_pct = bp->write_pct;
     const uint64_t seed = bp->seed;
     const uint32_t vm = bp->vm_tag;
@@ -202,7 +216,7 @@ void user_entry(const struct mvm_boot_params *bp, const struct mvm_vcpu_params *
                 if (idx < n) {
                     uint64_t *page = (uint64_t *)page_gpa(vp, idx);
                     if (mvm_writes(write_pct, seed, vcpu, gen, idx)) {
-                        write_stamp(page, touch, MVM_STAMP(vm, vcpu, gen));
+                        write_page(page, fill, fill_qwords, MVM_STAMP(vm, vcpu, gen), idx);
                         written++;
                     } else {
                         sink += *(volatile uint64_t *)page;

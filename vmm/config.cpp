@@ -1,6 +1,7 @@
 #include "vmm/config.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 #include <set>
 
@@ -12,6 +13,33 @@
 #include "base/units.hpp"
 
 namespace mvm {
+
+std::string fill_name(const WorkloadConfig& w)
+{
+    switch (w.fill) {
+    case 0:
+        return "zero";
+    case 1:
+        return "stamp";
+    case 2:
+        return "random";
+    case 3:
+        return fmt::format("ratio:{:g}", w.fill_ratio);
+    default:
+        return fmt::format("fill#{}", w.fill);
+    }
+}
+
+uint32_t fill_qwords(const WorkloadConfig& w)
+{
+    constexpr uint32_t kPageQwords = 512;
+    if (w.fill == 2)
+        return kPageQwords;
+    if (w.fill != 3 || !(w.fill_ratio >= 1))
+        return 1;
+    const double q = std::round(kPageQwords / w.fill_ratio);
+    return static_cast<uint32_t>(std::clamp(q, 1.0, double(kPageQwords)));
+}
 
 MachineConfig single_node_config(uint32_t vcpus, uint64_t mem, BackingKind backing)
 {

@@ -19,10 +19,11 @@ class Kvm;
 inline constexpr uint32_t kMaxVnodes = 16;
 
 struct WorkloadConfig {
-    // The stress guest's own codes (guest/abi.h: MVM_PATTERN_*, MVM_TOUCH_*,
+    // The stress guest's own codes (guest/abi.h: MVM_PATTERN_*, MVM_FILL_*,
     // MVM_FAULT_*); plain numbers here, as the VM does not know the guest.
     uint32_t pattern = 0;  // MVM_PATTERN_SEQ
-    uint32_t touch = 0;    // MVM_TOUCH_QWORD
+    uint32_t fill = 0;     // MVM_FILL_ZERO (--touch qword); MVM_FILL_STAMP is --touch page
+    double fill_ratio = 0; // MVM_FILL_RATIO: R of ratio:R (>= 1)
     uint32_t write_pct = 100;
     uint64_t rate_pages_per_s = 0;  // per vCPU, 0 = unlimited
     uint64_t max_passes = 0;        // 0 = until stopped
@@ -33,6 +34,12 @@ struct WorkloadConfig {
     uint32_t fault = 0;               // test hook: this fault (0: MVM_FAULT_NONE) ...
     int fault_vcpu = -1;              // ... on this vCPU (-1: none)
 };
+
+// The fill as --fill spells it: "zero", "stamp", "random", "ratio:3.5".
+std::string fill_name(const WorkloadConfig& w);
+// Qwords of a written page that are not zero under fill random/ratio:R
+// (boot parameter fill_qwords): 512 for random, round(512 / R) for ratio:R.
+uint32_t fill_qwords(const WorkloadConfig& w);
 
 // Which virtual nodes' memory a vCPU works in (--access).
 enum class Access { Local, Remote, Mixed };

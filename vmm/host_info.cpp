@@ -99,7 +99,7 @@ nlohmann::json machine_echo(const MachineConfig& cfg)
             {"dirty_ring_bytes", cfg.dirty_ring_bytes},
             {"slots_per_node", cfg.slots_per_node},
             {"workload",
-             {{"pattern", w.pattern}, {"touch", w.touch}, {"write_pct", w.write_pct},
+             {{"pattern", w.pattern}, {"fill", fill_name(w)}, {"write_pct", w.write_pct},
               {"rate_pages_per_s", w.rate_pages_per_s}, {"seed", w.seed}}},
             {"nodes", nodes}};
 }

@@ -27,6 +27,8 @@ public:
         c->add_option("-i", iterations_, "iterations")->capture_default_str();
         c->add_option("-w", write_pct_, "percentage of pages written (the rest are read)")->capture_default_str();
         c->add_flag("-a", random_, "access memory in a random order");
+        c->add_option("--fill", fill_, "what a written page holds besides its stamp (as for run)")
+            ->capture_default_str();
         c->add_option("-x", slots_, "split the memory into this many memslots")->capture_default_str();
         c->add_option("-s", backing_, "backing: anon|thp|shm|hugetlb2m|hugetlb1g (selftest names accepted too)")
             ->capture_default_str();
@@ -80,6 +82,10 @@ private:
         o.write_pct = static_cast<uint32_t>(parse_uint("-w", write_pct_, 0, 100));
         o.slots = static_cast<uint32_t>(parse_uint("-x", slots_, 1, 32000));
         o.random = random_;
+        WorkloadConfig w;
+        parse_fill(fill_, w);
+        o.fill = w.fill;
+        o.fill_ratio = w.fill_ratio;
         o.backing = parse_backing_option("-s", backing_);
         if (o.backing == BackingKind::Gmem)
             throw UsageError(
@@ -104,6 +110,7 @@ private:
     }
 
     std::string vcpus_ = "1", bytes_ = "1G", iterations_ = "2", write_pct_ = "100", slots_ = "1", backing_ = "anon";
+    std::string fill_ = "zero";
     bool random_ = false, no_manual_ = false, no_initially_set_ = false;
     std::string ring_, clear_chunk_, eager_split_, json_;
 };

@@ -239,7 +239,10 @@ int guest_state_one(const uint8_t* data, size_t size)
     static const uint32_t kWritePct[] = {100, 50, 0, 7};
     MachineConfig cfg = single_node_config(2, 1ull << 20);
     cfg.workload.pattern = kPatterns[data[0] & 1];
-    cfg.workload.touch = (data[0] >> 1) & 1 ? MVM_TOUCH_PAGE : MVM_TOUCH_QWORD;
+    // Fill: bit 1 (zero/stamp), bit 7 (random/ratio:4 instead).
+    static const uint32_t kFills[] = {MVM_FILL_ZERO, MVM_FILL_STAMP, MVM_FILL_RANDOM, MVM_FILL_RATIO};
+    cfg.workload.fill = kFills[((data[0] >> 1) & 1) | ((data[0] >> 7) << 1)];
+    cfg.workload.fill_ratio = 4;
     cfg.workload.write_pct = kWritePct[(data[0] >> 2) & 3];
     cfg.workload.seed = data[0] >> 4;
     const GuestLayout layout = plan_layout(cfg);
@@ -261,7 +264,8 @@ int guest_state_one(const uint8_t* data, size_t size)
         // Equal where it matters; the rest (TSC fields, max_passes, faults) may differ.
         const auto* g = reinterpret_cast<const mvm_boot_params*>(guest.data());
         const auto* h = reinterpret_cast<const mvm_boot_params*>(host.data());
-        if (g->seed != h->seed || g->nr_vcpus != h->nr_vcpus || g->pattern != h->pattern)
+        if (g->seed != h->seed || g->nr_vcpus != h->nr_vcpus || g->pattern != h->pattern || g->fill != h->fill ||
+            g->fill_qwords != h->fill_qwords)
             finding("boot_params_difference missed a difference");
     }
     // Truncated guest copies must be refused, not read past.

@@ -170,7 +170,7 @@ TEST_P(PatternTest, StampsVerifyWhilePausedMidPass)
     REQUIRE_KVM();
     MachineConfig c = small_config(2, 16ull << 20);
     c.workload.pattern = GetParam().pattern;
-    c.workload.touch = GetParam().touch;
+    c.workload.fill = GetParam().touch;
     c.workload.write_pct = GetParam().write_pct;
     c.workload.seed = 42;
     StressVm m(kvm, c);

@@ -9,8 +9,11 @@ namespace mvm {
 
 // The VM layer's plain numbers are the guest's codes.
 static_assert(kMaxVnodes == MVM_MAX_VNODES);
-static_assert(WorkloadConfig{}.pattern == MVM_PATTERN_SEQ && WorkloadConfig{}.touch == MVM_TOUCH_QWORD &&
+static_assert(WorkloadConfig{}.pattern == MVM_PATTERN_SEQ && WorkloadConfig{}.fill == MVM_FILL_ZERO &&
               WorkloadConfig{}.fault == MVM_FAULT_NONE);
+// fill_name() and fill_qwords() (vmm/config.cpp) spell the fills as these numbers.
+static_assert(MVM_FILL_ZERO == 0 && MVM_FILL_STAMP == 1 && MVM_FILL_RANDOM == 2 && MVM_FILL_RATIO == 3 &&
+              MVM_PAGE_SIZE / 8 == 512);
 
 namespace {
 
@@ -75,7 +78,8 @@ void write_boot_params(const MachineConfig& cfg, const GuestLayout& layout, mvm_
     bp->nr_vcpus = cfg.vcpus;
     const WorkloadConfig& w = cfg.workload;
     bp->pattern = w.pattern;
-    bp->touch = w.touch;
+    bp->fill = w.fill;
+    bp->fill_qwords = fill_qwords(w);
     bp->write_pct = w.write_pct;
     bp->max_passes = w.max_passes;
     bp->seed = w.seed;

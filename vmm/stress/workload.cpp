@@ -14,8 +14,9 @@ std::string StampCheck::summary() const
     if (foreign)
         s += fmt::format(" ({} hold another VM's stamp: a foreign write, not a lost one)", foreign);
     for (size_t i = 0; i < first.size() && i < 4; i++)
-        s += fmt::format("{} vCPU {} gpa {:#x}: expected {:#x}, found {:#x}", i ? ";" : ":", first[i].vcpu,
-                         first[i].gpa, first[i].expected, first[i].found);
+        s += fmt::format("{} vCPU {} gpa {:#x}{}: expected {:#x}, found {:#x}", i ? ";" : ":", first[i].vcpu,
+                         first[i].gpa, first[i].qword ? fmt::format(" qword {}", first[i].qword) : "",
+                         first[i].expected, first[i].found);
     return s;
 }
 
@@ -29,6 +30,39 @@ uint64_t page_gpa(const mvm_vcpu_params& vp, uint64_t idx)
         idx -= vp.seg[k].pages;
     }
     return ~0ull;
+}
+
+constexpr uint64_t kPageQwords = MVM_PAGE_SIZE / 8;
+
+// What a page written with `stamp` holds (guest/workload.c, write_page) in
+// its first `qwords` qwords, under the boot parameters' fill. Stamp 0: never
+// written, all zero.
+void fill_page(const mvm_boot_params& bp, uint64_t stamp, uint64_t idx, uint64_t* out, uint64_t qwords)
+{
+    const bool random = bp.fill == MVM_FILL_RANDOM || bp.fill == MVM_FILL_RATIO;
+    const uint64_t fill_qwords = random ? std::min<uint64_t>(bp.fill_qwords, kPageQwords) : 0;
+    const uint64_t rest = stamp && bp.fill == MVM_FILL_STAMP ? stamp : 0;
+    std::fill(out, out + qwords, rest);
+    if (stamp && random) {
+        const uint64_t key = mvm_fill_key(stamp, idx);
+        for (uint64_t q = 1; q < std::min(fill_qwords, qwords); q++)
+            out[q] = mvm_fill_random(key, q);
+    }
+    out[0] = stamp;
+}
+
+// The first of `qwords` qwords of `p8` that is neither want[q] nor other[q], or -1.
+int64_t first_difference(const uint8_t* p8, const uint64_t* want, const uint64_t* other, uint64_t qwords)
+{
+    if (std::memcmp(p8, want, qwords * 8) == 0)
+        return -1;
+    for (uint64_t q = 0; q < qwords; q++) {
+        uint64_t found;
+        std::memcpy(&found, p8 + q * 8, 8);
+        if (found != want[q] && found != other[q])
+            return static_cast<int64_t>(q);
+    }
+    return -1;
 }
 
 }  // namespace
@@ -83,30 +117,37 @@ void verify_vcpu_stamps(const mvm_boot_params& bp, const mvm_vcpu_params& vp, Wo
         return 0;
     };
 
-    const uint64_t qwords = bp.touch == MVM_TOUCH_PAGE ? MVM_PAGE_SIZE / 8 : 1;
+    // Fill zero: qword 0 only (the rest is whatever was there); the other
+    // fills decide every qword of the page.
+    const uint64_t qwords = bp.fill == MVM_FILL_ZERO ? 1 : kPageQwords;
+    uint64_t want[kPageQwords], other[kPageQwords];
     for (uint64_t idx = 0; idx < n; idx++) {
         uint64_t older = G ? last_write_before(idx, G - 1) : 0;
         uint64_t expected = older;
         if (G && visited[idx] && mvm_writes(bp.write_pct, bp.seed, v, G, idx))
             expected = MVM_STAMP(vm, v, G);
-        // The in-flight page may hold the new stamp, the old one, or (touch=page) a mix.
+        // The in-flight page may hold the new stamp, the old one, or (a whole-page fill) a mix.
         uint64_t alt = (idx == in_flight && mvm_writes(bp.write_pct, bp.seed, v, G, idx)) ? MVM_STAMP(vm, v, G) : expected;
+        fill_page(bp, expected, idx, want, qwords);
+        if (alt != expected)
+            fill_page(bp, alt, idx, other, qwords);
         uint64_t gpa = page_gpa(vp, idx);
         const uint8_t* p8 = gpa == ~0ull ? nullptr : page(gpa);
         out.pages_checked++;
-        bool bad = p8 == nullptr;  // outside guest memory: never what the guest wrote
-        uint64_t found = 0;
-        for (uint64_t q = 0; q < qwords && !bad; q++) {
+        // Outside guest memory: never what the guest wrote.
+        const int64_t q = p8 ? first_difference(p8, want, alt != expected ? other : want, qwords) : 0;
+        if (q < 0)
+            continue;
+        uint64_t first = 0, found = 0;
+        if (p8) {
+            std::memcpy(&first, p8, 8);
             std::memcpy(&found, p8 + q * 8, 8);
-            bad = found != expected && found != alt;
         }
-        if (bad) {
-            out.mismatches++;
-            if (found >> 56 == MVM_STAMP_TAG && MVM_STAMP_VM(found) != (vm & 0xff))
-                out.foreign++;
-            if (out.first.size() < 16)
-                out.first.push_back({v, gpa, expected, found});
-        }
+        out.mismatches++;
+        if (first >> 56 == MVM_STAMP_TAG && MVM_STAMP_VM(first) != (vm & 0xff))
+            out.foreign++;
+        if (out.first.size() < 16)
+            out.first.push_back({v, gpa, want[q], found, static_cast<uint32_t>(q)});
     }
 }
 
@@ -152,7 +193,8 @@ std::string boot_params_difference(std::span<const uint8_t> guest, std::span<con
     MVM_SAME(abi_version)
     MVM_SAME(nr_vcpus)
     MVM_SAME(pattern)
-    MVM_SAME(touch)
+    MVM_SAME(fill)
+    MVM_SAME(fill_qwords)
     MVM_SAME(write_pct)
     MVM_SAME(seed)
     MVM_SAME(nr_vnodes)

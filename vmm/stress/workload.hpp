@@ -1,9 +1,10 @@
 // vmm/stress/workload.hpp - what the guest workload must have left in memory.
 //
 // Every pass visits each page of a vCPU's working set once; written pages
-// hold MVM_STAMP(vm, vcpu, generation). From the mailbox (generation, cursor,
-// passes) the VMM recomputes, for every page, the stamp the guest last wrote,
-// and checks memory against it. This is the lost-page check of the dirty
+// hold MVM_STAMP(vm, vcpu, generation) in qword 0 and the fill (--fill) in
+// the rest. From the mailbox (generation, cursor, passes) the VMM recomputes,
+// for every page, the stamp the guest last wrote, and checks memory against
+// it (the whole page unless the fill is zero). This is the lost-page check of the dirty
 // tracking and migration work: run it on paused or finished vCPUs.
 #pragma once
 
@@ -22,8 +23,9 @@ class StressVm;
 struct StampMismatch {
     uint32_t vcpu;
     uint64_t gpa;
-    uint64_t expected;  // stamp; 0 = never written
+    uint64_t expected;  // stamp; 0 = never written (at `qword`: what the fill puts there)
     uint64_t found;
+    uint32_t qword = 0;  // the first qword of the page that differs
 };
 
 struct StampCheck {
