@@ -35,12 +35,6 @@ ChannelMap::ChannelMap(const StressVm& m, uint32_t channels) : nch_(std::max<uin
     }
 }
 
-uint32_t ChannelMap::channel_of(uint32_t slot, uint64_t gpa) const
-{
-    const auto& ch = slot_.at(slot).ch;
-    return ch.size() == 1 ? ch[0] : ch[(gpa >> 21) % ch.size()];
-}
-
 const NodeConfig* ChannelMap::node_of(uint32_t c) const { return c < node_.size() ? node_[c] : nullptr; }
 
 void ChannelMap::enter(uint32_t c, std::optional<numa::ThreadPolicyScope>& scope) const
@@ -60,18 +54,21 @@ PageChannels::PageChannels(const StressVm& src, uint32_t channels, uint64_t band
 void PageChannels::add_slot(ChannelPages& per, uint32_t slot) const
 {
     const MemoryRegion* r = src_.memslots().by_slot(slot);
+    const auto& ch = map_.channels_of(slot);
     for (uint64_t off = 0; off < r->size; off += 4096)
-        per[map_.channel_of(slot, r->gpa + off)].push_back(r->gpa + off);
+        per[ChannelMap::pick(ch, r->gpa + off)].push_back(r->gpa + off);
 }
 
 ChannelPages PageChannels::split(const dirty::Harvest& h) const
 {
     ChannelPages per(nch_);
-    for (const auto& s : h.slots)
+    for (const auto& s : h.slots) {
+        const auto& ch = map_.channels_of(s.slot);
         s.for_each([&](uint64_t page) {
             const uint64_t gpa = s.gpa + page * 4096;
-            per[map_.channel_of(s.slot, gpa)].push_back(gpa);
+            per[ChannelMap::pick(ch, gpa)].push_back(gpa);
         });
+    }
     return per;
 }
 

@@ -31,7 +31,13 @@ class ChannelMap {
 public:
     ChannelMap(const StressVm& m, uint32_t channels);
     uint32_t count() const { return nch_; }
-    uint32_t channel_of(uint32_t slot, uint64_t gpa) const;
+    uint32_t channel_of(uint32_t slot, uint64_t gpa) const { return pick(slot_.at(slot).ch, gpa); }
+    // The channels of `slot` (one lookup per slot), then pick() per page.
+    const std::vector<uint32_t>& channels_of(uint32_t slot) const { return slot_.at(slot).ch; }
+    static uint32_t pick(const std::vector<uint32_t>& ch, uint64_t gpa)
+    {
+        return ch.size() == 1 ? ch[0] : ch[(gpa >> 21) % ch.size()];
+    }
     // The virtual node whose memory channel c carries (null: none).
     const NodeConfig* node_of(uint32_t c) const;
     // Pins the calling thread to channel c's node's host CPUs and, when the

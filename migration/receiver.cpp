@@ -235,7 +235,7 @@ void Receiver::check_guest()
 {
     if (auto why = dst_.guest_boot_params_difference(); !why.empty()) {
         ResultRecord r;
-        r.text = why + "; start receive with the source's --seed/--pattern/--write-pct/--touch";
+        r.text = why + "; start receive with the source's --seed/--pattern/--write-pct/--fill";
         send_result(r);
         throw Error("incompatible guest: " + r.text);
     }

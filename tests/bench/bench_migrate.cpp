@@ -38,6 +38,7 @@
 #include <nlohmann/json.hpp>
 
 #include "migration/migrate.hpp"
+#include "migration/page_codec.hpp"
 #include "vmm/kvm/kvm.hpp"
 #include "vmm/stress/stress_vm.hpp"
 
@@ -227,6 +228,69 @@ BENCHMARK(BM_BulkTcp1Channel)->UseManualTime()->Unit(benchmark::kMillisecond)->I
 void BM_BulkTcp2Channels(benchmark::State& state) { migrate_idle(state, "tcp", "tcp2", 2); }
 BENCHMARK(BM_BulkTcp2Channels)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(3);
 
+// ---- where a channel's CPU goes: each side's per-byte work without a socket ----------------
+
+class NullSink : public migration::Transport {
+public:
+    void write_all(const void*, size_t) override {}
+    void writev_all(std::span<const iovec>) override {}
+    void read_exact(void*, size_t) override {}
+};
+
+std::unique_ptr<StressVm> g_codec_vm;
+StressVm& codec_vm()
+{
+    if (!g_codec_vm) {
+        MachineConfig cfg = single_node_config(1, kBytes);
+        cfg.nodes[0].prealloc = true;
+        g_codec_vm = std::make_unique<StressVm>(*g_kvm, cfg);
+        const MemoryRegion* r = nullptr;
+        for (const auto& reg : g_codec_vm->memslots().regions())
+            if (reg.vnode >= 0)
+                r = &reg;
+        for (uint64_t off = 0; off < r->size; off += 4096)
+            std::memset(g_codec_vm->host_ptr(r->gpa + off, 4096), static_cast<int>(off >> 12) | 1, 64);
+    }
+    return *g_codec_vm;
+}
+
+std::vector<uint64_t> guest_pages(const StressVm& m)
+{
+    std::vector<uint64_t> g;
+    for (const auto& r : m.memslots().regions())
+        if (r.vnode >= 0)
+            for (uint64_t off = 0; off < r.size; off += 4096)
+                g.push_back(r.gpa + off);
+    return g;
+}
+
+void encode_all(benchmark::State& state, bool frozen, const char* name)
+{
+    if (!g_kvm) {
+        state.SkipWithError("no /dev/kvm");
+        return;
+    }
+    StressVm& m = codec_vm();
+    const auto gpas = guest_pages(m);
+    NullSink sink;
+    migration::RecordWriter w(sink);
+    migration::PageEncoder enc(migration::Compression{});
+    double secs = 0;
+    for (auto _ : state) {
+        const auto t0 = std::chrono::steady_clock::now();
+        for (size_t i = 0; i < gpas.size(); i += migration::kBatchPages)
+            enc.write(w, m, std::span<const uint64_t>(gpas).subspan(i, migration::kBatchPages), frozen);
+        const double t = since(t0);
+        state.SetIterationTime(t);
+        secs += t;
+    }
+    g_rate[name] = static_cast<double>(kBytes) * static_cast<double>(state.iterations()) / secs;
+}
+void BM_EncodeStaged(benchmark::State& state) { encode_all(state, false, "encode_staged"); }
+BENCHMARK(BM_EncodeStaged)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(3);
+void BM_EncodeFrozen(benchmark::State& state) { encode_all(state, true, "encode_frozen"); }
+BENCHMARK(BM_EncodeFrozen)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(3);
+
 // ---- the workload, two processes ----------------------------------------------------------
 
 struct Proc {
@@ -413,6 +477,9 @@ public:
                    link > 0 ? t1 / link : 0);
         fmt::print("  TCP migration, bulk, 2 channels:    {:6.2f} GiB/s = {:.2f} x link\n", gib(t2),
                    link > 0 ? t2 / link : 0);
+        fmt::print("  sender's page work, no socket:      {:6.2f} GiB/s staged (source running), {:.2f} GiB/s frozen "
+                   "(source parked)\n",
+                   gib(g_rate["encode_staged"]), gib(g_rate["encode_frozen"]));
     }
 };
 
