@@ -183,6 +183,7 @@ static inline uint64_t progress_point(volatile struct qd_status *st, struct prog
         st->gap_count = n + 1;
     }
     pr->prev_tsc = now;
+    st->last_tsc = now; /* a stop's gap starts here: the host finds it by this */
     return now;
 }
 
@@ -214,7 +215,7 @@ __attribute__((noreturn)) void user_main(void)
             for (; p < batch_end; p += PAGE, written++)
                 touch(p, touch_page, gen);
             st->pages_written = written;
-            st->last_tsc = progress_point(st, &pr);
+            progress_point(st, &pr);
             if (step)
                 pace(st, &pr, &deadline, step);
         }

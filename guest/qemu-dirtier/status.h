@@ -28,7 +28,7 @@ struct qd_status {
     uint64_t touch_page;    /* 64: 1 = whole page, 0 = one qword */
     uint64_t exc_vector;    /* 72 */
     uint64_t exc_rip;       /* 80 */
-    uint64_t last_tsc;      /* 88: TSC at the last batch */
+    uint64_t last_tsc;      /* 88: TSC at the last progress point */
     /* 96: gaps longer than 1 ms between two progress points (after each
      * batch, and in the pacing wait): the guest's own view of a stop.
      * Entry gap_count % QD_GAPS is written first, then gap_count. */
