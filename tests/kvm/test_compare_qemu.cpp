@@ -42,6 +42,10 @@ TEST(CompareQemu, BothColumnsWithNumbersAndTheJsonFields)
     if (!have_qemu())
         GTEST_SKIP() << "qemu-system-x86_64 is not installed (Debian: qemu-system-x86; scripts/setup installs it)";
     const std::string json = testing::TempDir() + "compare-qemu-" + std::to_string(::getpid()) + ".json";
+    struct Unlink {
+        const std::string& path;
+        ~Unlink() { ::unlink(path.c_str()); }
+    } unlink_json{json};  // also when an ASSERT returns early
     std::string out;
     ASSERT_EQ(run(fmt::format("{} --repeat 1 --mem 64M --warmup 0.5 --minivmm {} --json {}", kScript,
                               MINIVMM_BINARY, json),
@@ -96,7 +100,6 @@ TEST(CompareQemu, BothColumnsWithNumbersAndTheJsonFields)
         ASSERT_TRUE(r["downtime_guest_ms"].is_number()) << side << ": " << r.dump();
         EXPECT_GT(r["downtime_guest_ms"].get<double>(), 0) << side;
     }
-    ::unlink(json.c_str());
 }
 
 TEST(CompareQemu, BadInputIsOneLineNamingTheOption)
