@@ -142,10 +142,16 @@ void PageEncoder::write(RecordWriter& w, const StressVm& m, std::span<const uint
     const bool stage = zstd || !frozen;
     uint8_t* staged = stage ? d.stage.get(n * kPage) : nullptr;
     uint32_t k = 0;
+    const uint8_t* next = n ? m.host_ptr(gpas[0], kPage) : nullptr;
     for (size_t i = 0; i < n; i++) {
-        const uint8_t* p = m.host_ptr(gpas[i], kPage);
+        const uint8_t* p = next;
         if (!p)
             throw Error(fmt::format("GPA {:#x} is in no memslot", gpas[i]));
+        // The hardware prefetchers stop at 4 KiB (physical) boundaries: ask for the next page now.
+        next = i + 1 < n ? m.host_ptr(gpas[i + 1], kPage) : nullptr;
+        if (next)
+            for (size_t line = 0; line < kPage; line += 64)
+                __builtin_prefetch(next + line);
         uint64_t e = gpas[i];
         if (is_zero_page(p)) {
             e |= kIndexZero;

@@ -27,8 +27,9 @@ using clock = std::chrono::steady_clock;
 // (the control channel) first.
 class Receiver {
 public:
-    Receiver(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, const PhaseHook& on_phase)
-        : dst_(dst), ch_(std::move(channels)), on_phase_(on_phase), out_(*ch_[0])
+    Receiver(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, const PhaseHook& on_phase,
+             PageHashes before)
+        : dst_(dst), ch_(std::move(channels)), on_phase_(on_phase), out_(*ch_[0]), landed_(std::move(before))
     {
         for (const auto& r : dst_.memslots().regions())
             layout_pages_ += r.pages();
@@ -120,8 +121,10 @@ void Receiver::check_header(RecordReader& in)
     if (ch_.size() != sender.nr_channels)
         throw Error(fmt::format("the sender uses {} channels but {} connected", sender.nr_channels, ch_.size()));
     rep_.channels = sender.nr_channels;
-    // Our memory before any arrives: what a page never sent still holds.
-    landed_ = PageHashes::of_memory(dst_);
+    // Our memory before any arrives: what a page never sent still holds
+    // (receive() hashed it before the sender connected: not in its setup).
+    if (landed_.empty())
+        landed_ = PageHashes::of_memory(dst_);
     ResultRecord accepted;
     accepted.ok = 1;
     accepted.text = "layout accepted";
@@ -359,11 +362,11 @@ std::vector<std::unique_ptr<Transport>> accept_channels(int ls, const ReceiveOpt
 }  // namespace
 
 ReceiveReport receive_from(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, double post_run_s,
-                           const PhaseHook& on_phase)
+                           const PhaseHook& on_phase, PageHashes before)
 {
     if (channels.empty())
         throw Error("receive: no connection");
-    return Receiver(dst, std::move(channels), on_phase).run(post_run_s);
+    return Receiver(dst, std::move(channels), on_phase, std::move(before)).run(post_run_s);
 }
 
 ReceiveReport receive(StressVm& dst, const ReceiveOptions& opt, const PhaseHook& on_phase)
@@ -372,8 +375,10 @@ ReceiveReport receive(StressVm& dst, const ReceiveOptions& opt, const PhaseHook&
     FdTransport guard(ls, "listener");
     if (::listen(ls, 64) != 0)
         throw SysError("listen", errno);
+    // Hashed while nobody waits: a sender's setup does not include it.
+    PageHashes before = PageHashes::of_memory(dst);
     fmt::print(stderr, "receive: listening on {}\n", opt.listen);
-    return receive_from(dst, accept_channels(ls, opt), opt.post_run_s, on_phase);
+    return receive_from(dst, accept_channels(ls, opt), opt.post_run_s, on_phase, std::move(before));
 }
 
 }  // namespace mvm::migration

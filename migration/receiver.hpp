@@ -12,6 +12,7 @@
 
 #include "migration/report.hpp"
 #include "migration/stream.hpp"
+#include "migration/verify.hpp"
 #include "vmm/stress/stress_vm.hpp"
 
 namespace mvm::migration {
@@ -34,7 +35,9 @@ ReceiveReport receive(StressVm& dst, const ReceiveOptions& opt, const PhaseHook&
 
 // Same, from already-connected transports (channel 0 first): what the
 // fuzzers and the in-memory tests drive.
+// `before`: the hashes of dst's memory as it is now, when the caller took
+// them already (else they are taken once the layout is accepted).
 ReceiveReport receive_from(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, double post_run_s,
-                           const PhaseHook& on_phase = {});
+                           const PhaseHook& on_phase = {}, PageHashes before = {});
 
 }  // namespace mvm::migration
