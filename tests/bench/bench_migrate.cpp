@@ -327,15 +327,17 @@ Proc spawn(const std::vector<std::string>& args, const std::string& log)
     return p;
 }
 
-// Polls both until they exit, keeping each one's VmHWM (a high-water mark:
-// the last read before the exit holds the peak).
+// Polls both until they exit, keeping each one's last VmHWM: a high-water
+// mark, so the last read before the exit holds the peak (and reads before
+// the exec, of the forked copy of our own memory, are overwritten).
 void reap(Proc& a, Proc& b)
 {
     while (!a.done || !b.done) {
         for (Proc* p : {&a, &b}) {
             if (p->done)
                 continue;
-            p->hwm_kib = std::max(p->hwm_kib, vm_hwm_kib(p->pid));
+            if (const long h = vm_hwm_kib(p->pid))
+                p->hwm_kib = h;
             p->done = ::waitpid(p->pid, &p->status, WNOHANG) == p->pid;
         }
         std::this_thread::sleep_for(std::chrono::milliseconds(5));
@@ -531,6 +533,7 @@ int main(int argc, char** argv)
         return 1;
     if (filtered)
         return 0;  // chosen micro-benchmarks only: no workload part
+    g_codec_vm.reset();
     try {
         const double link = g_rate["link"];
         workload_part(link);
