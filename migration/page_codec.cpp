@@ -3,6 +3,7 @@
 #include <xxhash.h>
 #include <zstd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <ctime>
 #include <fmt/format.h>
@@ -46,11 +47,11 @@ struct Xxh3 {
 struct PageBuffer {
     std::unique_ptr<uint8_t[]> p;
     size_t cap = 0;
-    uint8_t* get(size_t bytes)
+    uint8_t* get(size_t bytes)  // never null, also for 0 bytes
     {
-        if (bytes > cap) {
-            p.reset(new uint8_t[bytes]);
-            cap = bytes;
+        if (!p || bytes > cap) {
+            cap = std::max<size_t>(bytes, 1);
+            p.reset(new uint8_t[cap]);
         }
         return p.get();
     }

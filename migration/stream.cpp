@@ -397,12 +397,16 @@ void FdTransport::shutdown()
 
 void MemoryTransport::write_all(const void* data, size_t len)
 {
+    if (!len)
+        return;
     const auto* p = static_cast<const uint8_t*>(data);
     out_.insert(out_.end(), p, p + len);
 }
 
 void MemoryTransport::read_exact(void* data, size_t len)
 {
+    if (!len)
+        return;  // `data` may be null then
     if (in_.size() - pos_ < len)
         throw Error(fmt::format("migration stream ends at byte {} (truncated)", in_.size()));
     std::memcpy(data, in_.data() + pos_, len);
