@@ -1,6 +1,5 @@
 #include "migration/page_codec.hpp"
 
-#include <xxhash.h>
 #include <zstd.h>
 
 #include <algorithm>
@@ -34,13 +33,6 @@ double thread_cpu_s()
     return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
 }
 
-struct Xxh3 {
-    XXH3_state_t* s = XXH3_createState();
-    ~Xxh3() { XXH3_freeState(s); }
-    void reset() { XXH3_64bits_reset(s); }
-    void add(const void* p, size_t n) { XXH3_64bits_update(s, p, n); }
-    uint64_t value() const { return XXH3_64bits_digest(s); }
-};
 
 // A buffer of pages, allocated on first use by the thread that uses it (so
 // under that channel's NUMA policy).

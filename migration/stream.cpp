@@ -4,8 +4,6 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <xxhash.h>
-
 #include <algorithm>
 #include <cerrno>
 #include <climits>
@@ -13,6 +11,7 @@
 #include <fmt/format.h>
 
 #include "base/error.hpp"
+#include "migration/verify.hpp"
 
 namespace mvm::migration {
 
@@ -48,14 +47,6 @@ private:
     const char* what_;
 };
 
-// XXH3-64 state, freed with its owner.
-struct Xxh3 {
-    XXH3_state_t* s = XXH3_createState();
-    Xxh3() { XXH3_64bits_reset(s); }
-    ~Xxh3() { XXH3_freeState(s); }
-    void add(const void* p, size_t n) { XXH3_64bits_update(s, p, n); }
-    uint64_t value() const { return XXH3_64bits_digest(s); }
-};
 
 }  // namespace
 
@@ -87,7 +78,7 @@ uint64_t record_checksum(RecordType type, std::span<const uint8_t> payload)
     if (type == RecordType::Pages && payload.size() >= index_end && (payload.size() - index_end) % 4096 == 0) {
         h.add(payload.data(), index_end);
         for (uint64_t off = index_end; off < payload.size(); off += 4096) {
-            const uint64_t ph = XXH3_64bits(payload.data() + off, 4096);
+            const uint64_t ph = page_hash(payload.data() + off);
             h.add(&ph, sizeof(ph));
         }
     } else {
@@ -285,34 +276,14 @@ FdTransport::~FdTransport()
 
 void FdTransport::write_all(const void* data, size_t len)
 {
-    const auto* p = static_cast<const uint8_t*>(data);
-    while (len) {
-        ssize_t n = ::send(fd_, p, len, MSG_NOSIGNAL);
-        if (n < 0 && errno == ENOTSOCK)
-            n = ::write(fd_, p, len);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            throw Error(fmt::format("sending to {}: {}", peer_, n < 0 ? errno_text(errno) : "connection closed"));
-        p += n;
-        len -= static_cast<size_t>(n);
-    }
+    const iovec v{const_cast<void*>(data), len};
+    writev_all({&v, 1});
 }
 
 void FdTransport::read_exact(void* data, size_t len)
 {
-    auto* p = static_cast<uint8_t*>(data);
-    while (len) {
-        ssize_t n = ::read(fd_, p, len);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            throw Error(fmt::format("receiving from {}: {}", peer_, errno_text(errno)));
-        if (n == 0)
-            throw Error(fmt::format("{} closed the connection mid-stream", peer_));
-        p += n;
-        len -= static_cast<size_t>(n);
-    }
+    const iovec v{data, len};
+    readv_exact({&v, 1});
 }
 
 void Transport::writev_all(std::span<const iovec> iov)

@@ -10,6 +10,12 @@ namespace mvm::migration {
 
 uint64_t page_hash(const void* page) { return XXH3_64bits(page, 4096); }
 
+Xxh3::Xxh3() : s_(XXH3_createState()) { reset(); }
+Xxh3::~Xxh3() { XXH3_freeState(s_); }
+void Xxh3::reset() { XXH3_64bits_reset(s_); }
+void Xxh3::add(const void* p, size_t n) { XXH3_64bits_update(s_, p, n); }
+uint64_t Xxh3::value() const { return XXH3_64bits_digest(s_); }
+
 uint64_t zero_page_hash()
 {
     static const uint64_t h = [] {

@@ -14,12 +14,29 @@
 #include "migration/stream.hpp"
 #include "vmm/stress/stress_vm.hpp"
 
+struct XXH3_state_s;  // xxhash.h's state, opaque here
+
 namespace mvm::migration {
 
 constexpr uint64_t kDigestRangeBytes = 2ull << 20;
 
 uint64_t page_hash(const void* page);  // XXH3-64 of 4 KiB
 uint64_t zero_page_hash();             // page_hash() of a page of zeros
+
+// XXH3-64 over several pieces (frame checksums: stream.cpp, page_codec.cpp).
+class Xxh3 {
+public:
+    Xxh3();
+    ~Xxh3();
+    Xxh3(const Xxh3&) = delete;
+    Xxh3& operator=(const Xxh3&) = delete;
+    void reset();
+    void add(const void* p, size_t n);
+    uint64_t value() const;
+
+private:
+    XXH3_state_s* s_;
+};
 
 // One hash per 4 KiB page of every memslot of a machine's layout.
 class PageHashes {
