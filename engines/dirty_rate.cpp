@@ -60,6 +60,8 @@ void wait_for(const StressVm& m, const RateOptions& opt, const char* what, clock
             tick();
         if (opt.progress)
             fmt::print(stderr, "\r\033[K{} ({}): {:.1f}/{:.1f} s", what, rate_mode_name(opt.mode), since(t0), len_s);
+        if (opt.cancel && opt.cancel->load())
+            throw Error("cancelled");
         if (auto f = m.failure())
             throw Error(f->reason);
     }
@@ -212,9 +214,28 @@ RateResult measure_with_tracker(StressVm& m, const RateOptions& opt)
     dirty::TrackerOptions to;
     to.mode = opt.mode == RateMode::Ring ? dirty::Mode::Ring : dirty::Mode::Bitmap;
     to.manual_protect = false;  // GET_DIRTY_LOG clears: one call per slot
-    auto tracker = dirty::Tracker::create(m, to);
-    start_warm(m, opt);
-    measure_baseline(m, opt, r.logging);
+    std::unique_ptr<dirty::Tracker> own;
+    if (!opt.tracker)
+        own = dirty::Tracker::create(m, to);
+    dirty::Tracker* tracker = opt.tracker ? opt.tracker : own.get();
+    if (tracker->mode() != to.mode)
+        throw UsageError(fmt::format("the machine's tracker logs with the {}, not the {}", dirty::mode_name(tracker->mode()),
+                                     dirty::mode_name(to.mode)));
+    if (!opt.running) {
+        start_warm(m, opt);
+        measure_baseline(m, opt, r.logging);
+    }
+    struct Off {  // the machine's tracker is left as it was found, whatever happens
+        dirty::Tracker* t;
+        ~Off()
+        {
+            try {
+                if (t->enabled())
+                    t->disable();
+            } catch (...) {
+            }
+        }
+    } off{tracker};
     tracker->enable();
     auto harvest = [&] {
         dirty::Harvest h = tracker->harvest();
@@ -260,7 +281,8 @@ RateResult measure_with_tracker(StressVm& m, const RateOptions& opt)
                  ? "per-vCPU pages: distinct dirty pages of its working set; ring entries: what its ring received "
                    "(a page counts again after every reset, so entries can exceed distinct pages)"
                  : "per-vCPU pages: distinct dirty pages of its working set";
-    stop(m);
+    if (!opt.running)
+        stop(m);
     return r;
 }
 
@@ -332,7 +354,8 @@ RateResult measure_by_sampling(StressVm& m, const RateOptions& opt)
     RateResult r;
     r.mode = opt.mode;
     r.interval_s = opt.interval_s;
-    start_warm(m, opt);
+    if (!opt.running)
+        start_warm(m, opt);
     std::vector<Sample> samples = pick_samples(m, opt.sample_pages_per_gib);
 
     const Mark start = Mark::now(m);
@@ -359,7 +382,8 @@ RateResult measure_by_sampling(StressVm& m, const RateOptions& opt)
     r.note = fmt::format("{} of {} sampled pages changed; sampling does no logging, so the guest's rate is the "
                          "unlogged one",
                          r.total.samples_changed, r.total.samples);
-    stop(m);
+    if (!opt.running)
+        stop(m);
     return r;
 }
 

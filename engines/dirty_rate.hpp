@@ -7,6 +7,7 @@
 // only a lower bound. `interval_s` adds a time series of shorter windows.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -28,6 +29,12 @@ struct RateOptions {
     double baseline_s = 0.5;              // logging modes: unlogged window before logging goes on (0: none)
     uint64_t sample_pages_per_gib = 512;  // sampling (QEMU's default)
     bool progress = false;
+    // A guest already running (a monitor's calc-dirty-rate): not started,
+    // warmed or stopped here, and no baseline window; logging modes use
+    // `tracker` (the machine's, not enabled; left disabled) instead of their own.
+    bool running = false;
+    dirty::Tracker* tracker = nullptr;
+    const std::atomic<bool>* cancel = nullptr;  // set: stop early (throws Error "cancelled")
 };
 
 // One vCPU over one window.
@@ -85,7 +92,8 @@ struct RateResult {
 };
 
 const char* rate_mode_name(RateMode m);
-// Runs on a machine that is not started yet (ring mode needs it made with a ring).
+// Runs on a machine that is not started yet (ring mode needs it made with a
+// ring), or with opt.running on one that runs (opt.tracker for ring and bitmap).
 RateResult measure_dirty_rate(StressVm& m, const RateOptions& opt);
 // Sets the window's rates and saturation flags from its counts and period_s.
 void finish_window(RateWindow& w);

@@ -51,6 +51,8 @@ RunReport run_workload(StressVm& m, const RunOptions& opt)
     ProgressLine progress(m, opt.progress);
     auto t0 = clock::now();
     m.start();
+    if (opt.on_started)
+        opt.on_started();
     auto elapsed = [&] { return std::chrono::duration<double>(clock::now() - t0).count(); };
     bool interrupted = false;
     for (;;) {
@@ -68,13 +70,21 @@ RunReport run_workload(StressVm& m, const RunOptions& opt)
         progress.update(t, opt.duration_s);
         if (opt.duration_s > 0 && t >= opt.duration_s)
             break;
+        if (opt.until && opt.until())
+            break;
     }
     double duration = elapsed();
     progress.finish();
-    // Graceful stop: guests finish their batch and ring the done doorbell.
-    m.request_stop();
-    if (!m.wait_finished(std::chrono::seconds(5)))
-        m.kill();
+    if (opt.before_stop)
+        opt.before_stop();
+    if (opt.parked_for_good && opt.parked_for_good()) {
+        m.kill();  // its vCPUs stay parked: the guest runs on elsewhere
+    } else {
+        // Graceful stop: guests finish their batch and ring the done doorbell.
+        m.request_stop();
+        if (!m.wait_finished(std::chrono::seconds(5)))
+            m.kill();
+    }
     RunReport r = collect_report(m, before, duration);
     r.interrupted = interrupted;
     if (opt.verify && !r.failure)

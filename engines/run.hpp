@@ -24,6 +24,14 @@ struct RunOptions {
     // Called about every tick_ms with the elapsed seconds while the guest runs.
     std::function<void(double)> on_tick;
     double tick_ms = 100;
+    // A controller's (run --qmp): told once the vCPUs run; asked every tick
+    // whether to end the run now; told when the run ends, before the guest
+    // is stopped (it finishes what it does with the guest); asked whether
+    // the guest was migrated away (parked for good: killed, not asked to stop).
+    std::function<void()> on_started;
+    std::function<bool()> until;
+    std::function<void()> before_stop;
+    std::function<bool()> parked_for_good;
 };
 
 // Starts the machine's vCPUs, runs, stops, and reports.

@@ -9,6 +9,12 @@ MigrateReport migrate(StressVm& src, dirty::Tracker& tracker, const MigrateOptio
                       const SenderHooks& hooks)
 {
     Sender s(src, tracker, opt, cancel, hooks);
+    run_phases(s);
+    return s.report();
+}
+
+void run_phases(Sender& s)
+{
     try {
         s.setup();
         s.bulk();
@@ -20,7 +26,6 @@ MigrateReport migrate(StressVm& src, dirty::Tracker& tracker, const MigrateOptio
     } catch (const std::exception& e) {
         s.fail(e.what());
     }
-    return s.report();
 }
 
 SourceCheck stop_and_check_source(StressVm& src)

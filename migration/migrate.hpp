@@ -26,6 +26,9 @@ namespace mvm::migration {
 // parked (its guest lives on at the destination); on failure it runs again.
 MigrateReport migrate(StressVm& src, dirty::Tracker& tracker, const MigrateOptions& opt, const std::atomic<int>* cancel,
                       const SenderHooks& hooks = {});
+// The same phases on a Sender made by the caller (a monitor keeps it to
+// query, steer and cancel from other threads while this runs).
+void run_phases(Sender& s);
 
 // After a failed migration the source is the guest: whether it kept running
 // (progress within 300 ms), then stopped and its stamps checked.

@@ -78,8 +78,10 @@ ReceiveReport Receiver::run(double post_run_s)
         check_guest();
         const Resumed at = resume_here(states);
         rep_.switchover_ms = ms_since(t);
+        phase("running");
         verify(in, at);
         run_and_report(at, post_run_s);
+        phase("stopped");
         rep_.total_ms = ms_since(t0_);
         return rep_;
     } catch (const std::exception& e) {

@@ -26,7 +26,9 @@ struct ReceiveOptions {
 
 // Told where the stream is, from the thread of the channel that got there:
 // "bulk" after every PAGES record, "precopy" once more pages arrived than
-// the layout holds, "stop" at every CHANNEL_DONE (the tests' hook).
+// the layout holds, "stop" at every CHANNEL_DONE (the tests' hook); then
+// from the receiving thread "running" once the guest runs here and
+// "stopped" after its post-run check (a monitor's run state).
 using PhaseHook = std::function<void(const char* phase)>;
 
 // Listens, takes one migration into `dst` (made with the same VM options,

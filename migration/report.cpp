@@ -91,6 +91,9 @@ void MigrateReport::figures_to_json(nlohmann::json& j) const
     j["max_downtime_ms"] = max_downtime_ms;
     j["mbps"] = mbps;
     j["pages_per_second"] = pages_per_second;
+    j["dirty_syncs"] = dirty_syncs;
+    j["precopy_bytes"] = precopy_bytes;
+    j["downtime_bytes"] = downtime_bytes;
     j["untracked_bytes"] = untracked_bytes;
     nlohmann::json gp = nlohmann::json::array();
     for (const auto& p : guest_progress)

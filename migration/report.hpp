@@ -100,6 +100,9 @@ struct MigrateReport {
     double pages_per_second = 0;      // QEMU's pages-per-second: pages / (total - setup)
     uint64_t untracked_bytes = 0;     // guest_memfd slots, sent whole at stop (part of expected downtime)
     uint32_t channels = 1;            // connections (TCP) or copy threads (in-process)
+    uint64_t dirty_syncs = 0;         // dirty-log harvests (QEMU's dirty-sync-count)
+    uint64_t precopy_bytes = 0;       // sent by the bulk pass and the pre-copy rounds (QEMU's precopy-bytes)
+    uint64_t downtime_bytes = 0;      // sent by stop-and-copy (QEMU's downtime-bytes)
     CompressionFigures compression;
     std::vector<ProgressPoint> guest_progress;  // sampled every ~10 ms from setup to park
     nlohmann::json config;            // what it ran with (engines: config_echo()), echoed into the JSON

@@ -42,8 +42,9 @@ const char* phase_name(Phase p)
 }
 
 Sender::Sender(StressVm& src, dirty::Tracker& tracker, const MigrateOptions& opt, const std::atomic<int>* cancel,
-               SenderHooks hooks)
-    : src_(src), tracker_(tracker), opt_(opt), cancel_signal_(cancel), hooks_(std::move(hooks)), t0_(clock::now()),
+               SenderHooks hooks, SenderEvents events)
+    : src_(src), tracker_(tracker), opt_(opt), cancel_signal_(cancel), hooks_(std::move(hooks)),
+      events_(std::move(events)), t0_(clock::now()),
       channels_(src, channel_count(src, opt), opt.bandwidth),
       dest_(make_destination(src, opt.to, opt.verify, opt.post_run_s, opt.compress, hooks_.transport)),
       max_downtime_ms_(opt.max_downtime_ms)
@@ -52,6 +53,8 @@ Sender::Sender(StressVm& src, dirty::Tracker& tracker, const MigrateOptions& opt
     rep_.config = config_echo(src, opt, channels_.count());
     rep_.source_state = "running";
     rep_.destination_state = "none";
+    for (const auto& slot : src.memslots().regions())
+        live_.total_bytes += slot.pages() * 4096;
 }
 
 Sender::~Sender() = default;
@@ -79,6 +82,7 @@ void Sender::setup()
     for (const auto& [slot, why] : rep_.untracked)
         rep_.untracked_bytes += src_.memslots().by_slot(slot)->pages() * 4096;
     rep_.setup_ms = since(t0_) * 1e3;
+    publish([&](LiveFigures& l) { l.setup_ms = rep_.setup_ms; });
     sampler_ = std::make_unique<ProgressSampler>(src_, 1000, false);
     sampler_->start();
     start_series();
@@ -117,6 +121,7 @@ bool Sender::precopy_round()
     dirty::Harvest h = tracker_.harvest();
     const double interval_s = harvested();
     rep_.expected_downtime_ms = expected_downtime_ms(h.dirty_pages);
+    synced(h.dirty_pages, interval_s);
     const bool converged = bw_ > 0 && rep_.expected_downtime_ms <= max_downtime_ms_.load();
     if (converged || round_ > opt_.max_iterations) {
         rep_.converged = converged;
@@ -161,6 +166,7 @@ void Sender::stop_and_copy()
     dirty::Harvest last = tracker_.harvest();
     rep_.split.final_harvest_ms = ms_since(t);
     const double interval_s = harvested() + pending_interval_s_;
+    synced(last.dirty_pages, 0);
     t = clock::now();
     const ChannelPages per = final_pages(last);
     uint64_t n = 0;
@@ -175,6 +181,8 @@ void Sender::stop_and_copy()
     final_bytes_ = send(per);
     end_send();
     rep_.split.final_send_ms = ms_since(t);
+    rep_.downtime_bytes = final_bytes_;
+    publish([&](LiveFigures& l) { l.downtime_bytes = final_bytes_; });
     fr.pages = n;
     fr.bytes = final_bytes_;
     fr.duration_s = since(tdown_);
@@ -273,8 +281,8 @@ void Sender::finish()
         rep_.state_note = "its post-run check failed: the destination was stopped and its copy discarded";
         throw Error("destination check failed after resume: " + fin.text);
     }
-    phase_ = Phase::Done;
     rep_.status = "completed";
+    enter(Phase::Done);
     rep_.phase.clear();
 }
 
@@ -311,7 +319,9 @@ void Sender::fail(const std::string& error)
     }
     if (!switched_over_)
         rep_.total_ms = since(t0_) * 1e3;  // start -> failure (after the switchover: -> destination running)
-    phase_ = Phase::Done;
+    const std::string failed_in = rep_.phase;
+    enter(Phase::Done);
+    rep_.phase = failed_in;
 }
 
 bool Sender::cancelled() const { return (cancel_signal_ && cancel_signal_->load()) || cancel_requested_.load(); }
@@ -322,7 +332,53 @@ void Sender::enter(Phase p)
 {
     phase_ = p;
     rep_.phase = phase_name(p);
-    dest_->enter_phase(phase_name(p));
+    publish([p](LiveFigures& l) { l.phase = p; });
+    if (p != Phase::Done)
+        dest_->enter_phase(phase_name(p));
+    if (events_.on_phase)
+        events_.on_phase(p);
+}
+
+void Sender::publish(const std::function<void(LiveFigures&)>& f)
+{
+    std::lock_guard lk(live_mu_);
+    f(live_);
+}
+
+// A harvest: QEMU's dirty sync (dirty-sync-count, dirty-pages-rate, MIGRATION_PASS).
+void Sender::synced(uint64_t dirty_pages, double interval_s)
+{
+    rep_.dirty_syncs++;
+    publish([&](LiveFigures& l) {
+        l.dirty_syncs = rep_.dirty_syncs;
+        if (interval_s > 0)
+            l.dirty_rate = static_cast<double>(dirty_pages) / interval_s;
+        l.expected_downtime_ms = rep_.expected_downtime_ms;
+    });
+    if (events_.on_sync)
+        events_.on_sync(rep_.dirty_syncs);
+}
+
+LiveFigures Sender::live() const
+{
+    LiveFigures l;
+    uint64_t round_pages, base;
+    bool inflight;
+    {
+        std::lock_guard lk(live_mu_);
+        l = live_;
+        round_pages = live_round_pages_;
+        base = live_round_base_;
+        inflight = live_inflight_;
+    }
+    l.elapsed_ms = since(t0_) * 1e3;
+    l.transferred_bytes = channels_.sent_bytes();
+    l.sent_pages = channels_.sent_pages();
+    l.zero_pages = channels_.zero_pages();
+    l.rounds = rounds_.load();
+    const uint64_t done = l.sent_pages - std::min(l.sent_pages, base);
+    l.remaining_pages = inflight ? round_pages - std::min(round_pages, done) : l.remaining_pages;
+    return l;
 }
 
 void Sender::require(std::initializer_list<Phase> ok, const char* step) const
@@ -374,6 +430,8 @@ void Sender::account(const RoundReport& rr)
     precopy_bytes_ += rr.bytes;
     precopy_s_ += rr.duration_s;
     bw_ = precopy_s_ > 0 ? static_cast<double>(precopy_bytes_) / precopy_s_ : 0;
+    rep_.precopy_bytes = precopy_bytes_;
+    publish([&](LiveFigures& l) { l.precopy_bytes = precopy_bytes_; });
     rep_.rounds.push_back(rr);
     rounds_++;
 }
@@ -382,7 +440,8 @@ void Sender::account(const RoundReport& rr)
 void Sender::throttle(const dirty::Harvest& h, double prev_s, RoundReport& rr)
 {
     if (opt_.throttle == Throttle::AutoConverge && round_ >= 2) {
-        throttle_pct_ = throttle_pct_ ? std::min<uint32_t>(99, throttle_pct_ + 10) : 20;
+        throttle_pct_ = std::min(opt_.throttle_max,
+                                 throttle_pct_ ? throttle_pct_ + opt_.throttle_increment : opt_.throttle_initial);
         for (uint32_t i = 0; i < src_.vcpu_count(); i++)
             src_.set_throttle(i, throttle_pct_);
     }
@@ -404,6 +463,10 @@ void Sender::throttle(const dirty::Harvest& h, double prev_s, RoundReport& rr)
         rr.dirty_limit = opt_.dirty_limit;
     }
     rr.throttle_pct = throttle_pct_;
+    publish([&](LiveFigures& l) {
+        l.throttle_pct = throttle_pct_;
+        l.dirty_limit = rr.dirty_limit;
+    });
 }
 
 void Sender::print_progress(const RoundReport& rr) const
@@ -434,6 +497,8 @@ void Sender::park_source()
         src_.pause();  // a guest that does not park in time is paused by signal
     }
     parked_ = true;
+    if (events_.on_source)
+        events_.on_source(false);
 }
 
 // What stop-and-copy sends: the last harvest, the one that ended pre-copy,
@@ -480,7 +545,13 @@ void Sender::give_back_source()
         if (src_.paused())
             src_.resume();
         parked_ = false;
+        if (events_.on_source)
+            events_.on_source(true);
     }
+    publish([](LiveFigures& l) {
+        l.throttle_pct = 0;
+        l.dirty_limit = 0;
+    });
 }
 
 }  // namespace mvm::migration

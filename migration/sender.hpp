@@ -18,6 +18,7 @@
 #include <functional>
 #include <initializer_list>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -46,6 +47,9 @@ struct MigrateOptions {
     uint64_t bandwidth = 0;           // bytes/s; 0 = unlimited
     Throttle throttle = Throttle::None;
     uint64_t dirty_limit = 0;         // pages/s per vCPU (dirty-limit)
+    // auto-converge: the idle share from pre-copy round 2, its step per round
+    // and its cap, in % (QEMU's cpu-throttle-initial, -increment, max-cpu-throttle).
+    uint32_t throttle_initial = 20, throttle_increment = 10, throttle_max = 99;
     bool verify = true;
     double post_run_s = 2;            // destination runs this long before its stamp check
     uint32_t channels = 0;            // 0: one per virtual node
@@ -66,6 +70,34 @@ struct SenderHooks {
 };
 
 enum class Phase : uint8_t { Idle, Setup, Bulk, Precopy, Stop, Destination, Done };
+
+// Told of a migration's progress, from the migrating thread (a monitor's
+// events: QMP's MIGRATION, MIGRATION_PASS, STOP and RESUME). Each must be quick.
+struct SenderEvents {
+    std::function<void(Phase)> on_phase;           // every phase entered (Done: finished or failed)
+    std::function<void(uint64_t sync)> on_sync;    // after each dirty-log harvest, numbered from 1
+    std::function<void(bool running)> on_source;   // the source's vCPUs parked (false) or given back (true)
+};
+
+// What a migration has done so far: what QMP's query-migrate reads while it
+// runs. Cheap (a copy under a lock plus a few atomics) and never waits for a round.
+struct LiveFigures {
+    Phase phase = Phase::Idle;
+    double elapsed_ms = 0;             // since the migration started
+    double setup_ms = -1;              // once setup is done
+    uint64_t transferred_bytes = 0;    // on the wire so far
+    uint64_t sent_pages = 0, zero_pages = 0;
+    uint64_t remaining_pages = 0;      // of the round being sent (the bulk pass: of all memory); 0 once sent
+    uint64_t total_bytes = 0;          // guest memory (every memslot)
+    double dirty_rate = 0;             // pages/s over the last harvest interval
+    uint64_t dirty_syncs = 0;          // harvests so far
+    double expected_downtime_ms = 0;   // the last harvest's dirty set at the measured bandwidth
+    uint32_t throttle_pct = 0;         // auto-converge share in effect
+    uint64_t dirty_limit = 0;          // dirty-limit cap in effect, pages/s per vCPU (0: none)
+    uint64_t precopy_bytes = 0;        // bulk and pre-copy rounds, done ones
+    uint64_t downtime_bytes = 0;       // stop-and-copy, once sent
+    uint32_t rounds = 0;
+};
 // "idle", "setup", "bulk", "precopy", "stop", "destination", "done"
 // (MigrateReport::phase names the phase a migration failed in).
 const char* phase_name(Phase p);
@@ -79,7 +111,7 @@ class Sender {
 public:
     // Throws UsageError when opt.to is neither inproc nor tcp:HOST:PORT.
     Sender(StressVm& src, dirty::Tracker& tracker, const MigrateOptions& opt, const std::atomic<int>* cancel = nullptr,
-           SenderHooks hooks = {});
+           SenderHooks hooks = {}, SenderEvents events = {});
     ~Sender();
     Sender(const Sender&) = delete;
     Sender& operator=(const Sender&) = delete;
@@ -104,6 +136,7 @@ public:
     void set_max_downtime_ms(double ms) { max_downtime_ms_ = ms; }
     void cancel() { cancel_requested_ = true; }
     bool cancelled() const;
+    LiveFigures live() const;
 
     // Complete once finish() or fail() returned.
     const MigrateReport& report() const { return rep_; }
@@ -132,7 +165,8 @@ private:
     uint64_t guest_dirty(const dirty::Harvest& a, const dirty::Harvest* b) const;
     double expected_downtime_ms(uint64_t dirty_pages) const;
     void begin_send(const RoundReport& rr, uint64_t pages);
-    void end_send() { inflight_ = false; }
+    void end_send();
+    void synced(uint64_t dirty_pages, double interval_s);
     void count_failure();
     void fill_rates();
     void start_series();
@@ -143,6 +177,7 @@ private:
     const MigrateOptions opt_;
     const std::atomic<int>* cancel_signal_;
     SenderHooks hooks_;
+    SenderEvents events_;
     const clock::time_point t0_;
     PageChannels channels_;
     std::unique_ptr<Destination> dest_;
@@ -176,6 +211,12 @@ private:
     clock::time_point tdown_;
     uint64_t final_bytes_ = 0;
     std::vector<VcpuState> states_;
+    // What live() reads: updated by the migrating thread at each step.
+    mutable std::mutex live_mu_;
+    LiveFigures live_;
+    uint64_t live_round_pages_ = 0, live_round_base_ = 0;  // the round being sent, sent_pages() when it began
+    bool live_inflight_ = false;
+    void publish(const std::function<void(LiveFigures&)>& f);
 };
 
 }  // namespace mvm::migration

@@ -82,6 +82,18 @@ void Sender::begin_send(const RoundReport& rr, uint64_t pages)
     inflight_sent_pages_ = channels_.sent_pages();
     inflight_sent_bytes_ = channels_.sent_bytes();
     inflight_start_ = clock::now();
+    std::lock_guard lk(live_mu_);
+    live_round_pages_ = pages;
+    live_round_base_ = inflight_sent_pages_;
+    live_inflight_ = true;
+}
+
+void Sender::end_send()
+{
+    inflight_ = false;
+    std::lock_guard lk(live_mu_);
+    live_inflight_ = false;
+    live_.remaining_pages = 0;
 }
 
 // QEMU's mbps and pages-per-second: over total - setup (migration_calculate_complete()).

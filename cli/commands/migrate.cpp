@@ -11,6 +11,8 @@
 #include "cli/command.hpp"
 #include "cli/options.hpp"
 #include "cli/output.hpp"
+#include "cli/qmp/monitor.hpp"
+#include "cli/qmp/options.hpp"
 #include "cli/test_hooks.hpp"
 #include "migration/migrate.hpp"
 #include "migration/transport/fault.hpp"
@@ -67,12 +69,14 @@ public:
             ->capture_default_str();
         c->add_flag("--no-verify", no_verify_, "skip the switchover compare and the destination stamp check");
         c->add_option("--json", json_, "also write the report as JSON to FILE, or - for stdout");
+        qmp_.add_to(*c);
         return c;
     }
 
     int run() override
     {
         check_json_dest(json_);
+        const std::optional<qmp::Address> qaddr = qmp_.address();
         MigrateOptions o = parse_options();
         check_destination(o.to);
         Kvm kvm(kvm_device());
@@ -94,8 +98,21 @@ public:
             std::this_thread::sleep_for(std::chrono::milliseconds(10));
         if (auto f = src.failure())
             throw Error("the source guest failed before migrating: " + f->reason);
-        MigrateReport r = migrate(src, *tracker, o, &g_stop_signal, hooks_);
-        return report(src, r);
+        if (!qaddr)
+            return report(src, migrate(src, *tracker, o, &g_stop_signal, hooks_));
+        // --qmp: the same migration, watched and steered over QMP (query-migrate,
+        // migrate-set-parameters, migrate_cancel; quit cancels it).
+        o.progress = false;
+        qmp::Monitor mon("--qmp", *qaddr, src, qmp::Monitor::Role::Source);
+        mon.set_source(tracker.get(), o, hooks_);
+        qmp::serve(mon);
+        try {
+            mon.start_migration(o);
+        } catch (const qmp::QmpError& e) {
+            throw Error(e.what());
+        }
+        const std::optional<MigrateReport> r = mon.wait_migration();
+        return report(src, *r);
     }
 
 private:
@@ -193,6 +210,7 @@ private:
     }
 
     VmOptions vm_;
+    qmp::QmpOptions qmp_;
     SenderHooks hooks_;
     std::string to_, tracker_ = "bitmap", ring_, max_downtime_ = "300", bandwidth_ = "0", max_iterations_ = "30",
                      timeout_ = "120", throttle_, warmup_ = "1", post_run_ = "2", channels_ = "0", compress_ = "none", json_;

@@ -5,10 +5,13 @@
 #include <fmt/format.h>
 
 #include "base/error.hpp"
+#include "base/stop_signal.hpp"
 #include "base/units.hpp"
 #include "cli/command.hpp"
 #include "cli/options.hpp"
 #include "cli/output.hpp"
+#include "cli/qmp/monitor.hpp"
+#include "cli/qmp/options.hpp"
 #include "cli/test_hooks.hpp"
 #include "migration/migrate.hpp"
 #include "vmm/kvm/kvm.hpp"
@@ -26,12 +29,16 @@ public:
         auto* c = app.add_subcommand("receive", "wait for one incoming migration (same VM options as the sender), "
                                                 "resume the guest, check its stamps");
         vm_.add_to(*c);
-        c->add_option("--listen", listen_, "tcp:ADDR:PORT to listen on");
+        c->add_option("--listen", listen_,
+                      "tcp:ADDR:PORT to listen on, or defer (with --qmp): wait for QMP's migrate-incoming to name it");
         c->add_option("--post-run", post_run_, "seconds the guest runs here before its stamp check")
             ->capture_default_str();
-        c->add_option("--timeout", timeout_, "seconds to wait for a sender")->capture_default_str();
+        c->add_option("--timeout", timeout_,
+                      "seconds to wait for a sender (with --listen defer: for migrate-incoming, then for the sender)")
+            ->capture_default_str();
         c->add_option("--json", json_, "also write the report as JSON to FILE, or - for stdout");
         c->add_flag("--no-prealloc", no_prealloc_, "do not populate the guest memory before receiving");
+        qmp_.add_to(*c);
         return c;
     }
 
@@ -39,11 +46,16 @@ public:
     {
         check_json_dest(json_);
         ReceiveOptions o;
+        const std::optional<qmp::Address> qaddr = qmp_.address();
         if (listen_.empty())
-            throw UsageError("--listen is required: tcp:ADDR:PORT, e.g. tcp:0.0.0.0:4444");
+            throw UsageError("--listen is required: tcp:ADDR:PORT, e.g. tcp:0.0.0.0:4444 (or defer with --qmp)");
+        const bool deferred = listen_ == "defer";
+        if (deferred && !qaddr)
+            throw UsageError("--listen defer: needs --qmp (QMP's migrate-incoming names the address)");
         // receive binds --listen only once the guest's memory is ready: a bad
         // or busy address is found here, before anything is allocated.
-        ::close(bind_listener(listen_));
+        if (!deferred)
+            ::close(bind_listener(listen_));
         o.listen = listen_;
         o.post_run_s = parse_seconds("--post-run", post_run_);
         o.accept_timeout_s = parse_seconds("--timeout", timeout_);
@@ -58,7 +70,37 @@ public:
                 n.prealloc = true;
         cfg.show_progress = stderr_is_terminal();
         StressVm dst(kvm, cfg);
-        ReceiveReport r = receive(dst, o, die_in(test_hook("DIE_IN")));
+        std::unique_ptr<qmp::Monitor> mon;
+        PhaseHook hook = die_in(test_hook("DIE_IN"));
+        if (qaddr) {
+            install_stop_signals();
+            mon = std::make_unique<qmp::Monitor>("--qmp", *qaddr, dst, qmp::Monitor::Role::Destination);
+            qmp::serve(*mon);
+            if (deferred) {
+                o.listen = mon->wait_incoming(o.accept_timeout_s);
+                if (o.listen.empty()) {
+                    if (mon->quit_requested()) {
+                        fmt::print(stderr, "receive: quit (QMP) before any migrate-incoming\n");
+                        return kExitOk;
+                    }
+                    if (g_stop_signal.load())
+                        return 128 + g_stop_signal.load();
+                    fmt::print(stderr, "minivmm: receive failed: --timeout {} s passed without QMP's "
+                                       "migrate-incoming\n",
+                               o.accept_timeout_s);
+                    return kExitMigration;
+                }
+            }
+            mon->incoming_started(o.listen);
+            hook = [die = std::move(hook), mh = mon->incoming_hook()](const char* p) {
+                mh(p);
+                if (die)
+                    die(p);
+            };
+        }
+        ReceiveReport r = receive(dst, o, hook);
+        if (mon)
+            mon->incoming_done(r);
         std::FILE* out = table_stream(json_);
         fmt::print(out, "{}", r.to_table());
         if (!json_.empty()) {
@@ -89,6 +131,7 @@ private:
     }
 
     VmOptions vm_;
+    qmp::QmpOptions qmp_;
     std::string listen_, post_run_ = "2", timeout_ = "300", json_;
     bool no_prealloc_ = false;
 };

@@ -6,6 +6,8 @@
 #include "cli/command.hpp"
 #include "cli/options.hpp"
 #include "cli/output.hpp"
+#include "cli/qmp/monitor.hpp"
+#include "cli/qmp/options.hpp"
 #include "engines/run.hpp"
 #include "vmm/kvm/kvm.hpp"
 
@@ -19,23 +21,35 @@ public:
     {
         auto* c = app.add_subcommand("run", "boot the stress guest, dirty memory, report");
         vm_.add_to(*c);
-        c->add_option("--duration", duration_, "seconds to run")->capture_default_str();
+        duration_opt_ = c->add_option("--duration", duration_, "seconds to run (with --qmp: until QMP's quit unless given)")
+                            ->capture_default_str();
         c->add_option("--json", json_, "also write the report as JSON to FILE, or - for stdout");
         c->add_flag("--no-verify", no_verify_, "skip the stamp check after the run");
         c->add_option("--dirty-log", dirty_log_, "keep dirty logging on for the whole run: bitmap|ring");
-        c->add_option("--ring", ring_, "with --dirty-log ring: bytes per vCPU ring (default 64K)");
+        c->add_option("--ring", ring_,
+                      "with --dirty-log ring: bytes per vCPU ring (default 64K); with --qmp: make the VM with dirty "
+                      "rings, so QMP's migrations and calc-dirty-rate log with them (QEMU's dirty-ring-size)");
         c->add_option("--harvest-ms", harvest_ms_, "with --dirty-log: harvest period in ms")->capture_default_str();
+        qmp_.add_to(*c);
         return c;
     }
 
     int run() override
     {
-        const double duration = parse_seconds("--duration", duration_);
+        const std::optional<qmp::Address> qaddr = qmp_.address();
+        double duration = parse_seconds("--duration", duration_);
+        if (qaddr && duration_opt_->count() == 0)
+            duration = 0;  // until QMP's quit or a signal, as QEMU runs until told
         check_json_dest(json_);
+        if (qaddr && !dirty_log_.empty())
+            throw UsageError("--dirty-log: not with --qmp (QMP's migrate and calc-dirty-rate turn logging on "
+                             "themselves)");
         Kvm kvm(kvm_device());
         MachineConfig cfg = vm_.to_config(kvm);
-        if (duration <= 0 && cfg.workload.max_passes == 0)
+        if (duration <= 0 && cfg.workload.max_passes == 0 && !qaddr)
             throw UsageError("--duration: must be positive unless --passes is given");
+        if (qaddr && !ring_.empty())
+            cfg.dirty_ring_bytes = parse_ring_size("--ring", ring_, kvm);
         std::optional<engines::DirtyLogOptions> log;
         if (!dirty_log_.empty()) {
             log.emplace();
@@ -46,8 +60,8 @@ public:
             if (log->mode == dirty::Mode::Ring)
                 cfg.dirty_ring_bytes = parse_ring_size("--ring", ring_.empty() ? "64K" : ring_, kvm);
         }
-        if (!ring_.empty() && (!log || log->mode != dirty::Mode::Ring))
-            throw UsageError("--ring: only with --dirty-log ring");
+        if (!ring_.empty() && (!log || log->mode != dirty::Mode::Ring) && !qaddr)
+            throw UsageError("--ring: only with --dirty-log ring or --qmp");
         install_stop_signals();
         cfg.show_progress = stderr_is_terminal();
         StressVm m(kvm, cfg);
@@ -55,6 +69,22 @@ public:
         opt.duration_s = duration;
         opt.progress = stderr_is_terminal();
         opt.verify = !no_verify_;
+        // --qmp: a guest a QMP client can stop, measure and migrate.
+        std::unique_ptr<dirty::Tracker> tracker;
+        std::unique_ptr<qmp::Monitor> mon;
+        if (qaddr) {
+            dirty::TrackerOptions to;
+            to.mode = cfg.dirty_ring_bytes ? dirty::Mode::Ring : dirty::Mode::Bitmap;
+            tracker = dirty::Tracker::create(m, to);
+            mon = std::make_unique<qmp::Monitor>("--qmp", *qaddr, m, qmp::Monitor::Role::Source);
+            migration::MigrateOptions d;
+            d.tracker = to.mode;
+            mon->set_source(tracker.get(), d);
+            opt.on_started = [&] { qmp::serve(*mon); };
+            opt.until = [&] { return mon->quit_requested(); };
+            opt.before_stop = [&] { mon->shutdown(); };
+            opt.parked_for_good = [&] { return mon->handed_over(); };
+        }
         engines::RunResult res = engines::run_command(m, opt, log);
         const engines::RunReport& r = res.report;
         nlohmann::json j = to_json(r);
@@ -62,6 +92,17 @@ public:
         if (res.dirty_log) {
             j["dirty_log"] = res.dirty_log->json();
             table += res.dirty_log->table();
+        }
+        if (mon) {
+            nlohmann::json ms = nlohmann::json::array();
+            for (const auto& mr : mon->finished_migrations()) {
+                ms.push_back(mr.to_json());
+                table += "migration (QMP): " + mr.summary_line() + "\n";
+            }
+            j["migrations"] = ms;
+            if (mon->handed_over())
+                table += "the guest was migrated away: this source stayed parked since the switchover (its stamps "
+                         "were checked as they froze)\n";
         }
         fmt::print(table_stream(json_), "{}", table);
         echo_config(j, m.config());
@@ -76,6 +117,8 @@ public:
 
 private:
     VmOptions vm_;
+    qmp::QmpOptions qmp_;
+    CLI::Option* duration_opt_ = nullptr;
     std::string duration_ = "3", json_, dirty_log_, ring_, harvest_ms_ = "100";
     bool no_verify_ = false;
 };

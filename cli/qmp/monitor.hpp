@@ -1,0 +1,148 @@
+// cli/qmp/monitor.hpp - QEMU's migration commands over QMP, bound to the
+// guest of one minivmm command (`run`, `migrate`, `receive` with --qmp):
+// query-status, stop, cont, quit, query-version, query-commands, migrate,
+// migrate-incoming, migrate_cancel, query-migrate, migrate-set-parameters /
+// query-migrate-parameters, migrate-set-capabilities /
+// query-migrate-capabilities, calc-dirty-rate / query-dirty-rate and
+// query-stats, with QEMU's names, arguments and result members
+// (qapi/migration.json, qapi/run-state.json, qapi/stats.json); what only
+// minivmm reports is under x-minivmm-. README "QMP" has the table.
+//
+// A source runs each migration on a thread of the monitor's (the command's
+// own thread keeps running the guest); query-migrate reads the Sender's
+// LiveFigures and never waits for a round. A destination's receive runs on
+// the command's thread; the monitor shows its state.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cli/qmp/server.hpp"
+#include "engines/dirty_rate.hpp"
+#include "migration/migrate.hpp"
+
+namespace mvm::qmp {
+
+class Monitor {
+public:
+    enum class Role { Source, Destination };
+
+    // Serves QMP at `addr` for `vm` (option names the flag in errors).
+    Monitor(const std::string& option, const Address& addr, StressVm& vm, Role role);
+    ~Monitor();  // shutdown(), then the socket goes
+    Monitor(const Monitor&) = delete;
+    Monitor& operator=(const Monitor&) = delete;
+
+    // Source: migrations and logging-mode dirty rates use `tracker` (the
+    // VM's, not enabled); `defaults` are the parameters' starting values.
+    void set_source(dirty::Tracker* tracker, const migration::MigrateOptions& defaults,
+                    migration::SenderHooks hooks = {});
+    void start();  // serving from now on
+    std::string bound() const { return server_.bound(); }
+
+    // ---- source ----
+    // What QMP's migrate does, for `migrate --qmp` (the command line's
+    // migration, watched and steered over QMP). Throws QmpError.
+    void start_migration(const migration::MigrateOptions& o);
+    // Waits for the migration in flight, if any; the last one's report.
+    std::optional<migration::MigrateReport> wait_migration();
+    std::vector<migration::MigrateReport> finished_migrations() const;
+    // A migration completed: the guest lives on at its destination, this
+    // source stays parked for good.
+    bool handed_over() const { return handed_over_.load(); }
+    // The guest was stopped with QMP's stop (parked).
+    bool stopped() const;
+
+    // ---- destination ----
+    // receive --listen defer: until migrate-incoming names the address (its
+    // spec), quit, a stop signal or `timeout_s`; "" when none came.
+    std::string wait_incoming(double timeout_s);
+    // receive()'s phase hook: the monitor's status and events follow it.
+    migration::PhaseHook incoming_hook();
+    void incoming_started(const std::string& listen);
+    void incoming_done(const migration::ReceiveReport& r);
+
+    // ---- both ----
+    bool quit_requested() const { return quit_.load(); }
+    // Cancels the migration or measurement in flight and waits for it (the
+    // command then stops its guest); idempotent.
+    void shutdown();
+    // The run state QEMU names (running, paused, finish-migrate,
+    // postmigrate, inmigrate, shutdown).
+    void set_run_state(const std::string& s);
+
+private:
+    struct Params;
+    struct Capabilities;
+    struct DirtyRateJob;
+    struct Rates {  // query-migrate's mbps and pages-per-second over the last 100 ms window
+        double t_ms = -1;
+        uint64_t bytes = 0, pages = 0;
+        double mbps = 0, pages_per_s = 0;
+    };
+
+    void add_commands();
+    json query_status() const;
+    json stop_vm();
+    json cont_vm();
+    json query_version() const;
+    json migrate_cmd(const json& args);
+    json migrate_incoming(const json& args);
+    json migrate_cancel();
+    json query_migrate() const;
+    json source_migration_info() const;
+    json destination_migration_info() const;
+    json set_parameters(const json& args);
+    json query_parameters() const;
+    json set_capabilities(const json& args);
+    json query_capabilities() const;
+    json calc_dirty_rate(const json& args);
+    json query_dirty_rate(const json& args) const;
+    json query_stats(const json& args) const;
+    json quit();
+    void tick();
+    void set_status(const std::string& status);  // MIGRATION event when it changes (events capability)
+    migration::MigrateOptions options_from_params(const std::string& uri) const;
+    void join_migration();
+    bool migration_active() const;
+
+    StressVm& vm_;
+    const Role role_;
+    Server server_;
+    dirty::Tracker* tracker_ = nullptr;
+    migration::SenderHooks hooks_;
+
+    mutable std::mutex mu_;  // everything below that two threads touch
+    std::unique_ptr<Params> params_;
+    std::unique_ptr<Capabilities> caps_;
+    std::string run_state_ = "running";
+    std::string status_;   // QEMU's MigrationStatus of the last migration ("" none yet)
+    bool cancelling_ = false;
+    std::unique_ptr<migration::Sender> sender_;
+    std::thread migration_thread_;
+    std::atomic<bool> migrating_{false};
+    std::vector<migration::MigrateReport> finished_;
+    std::optional<migration::MigrateReport> last_;
+    Rates rates_;
+    std::atomic<bool> handed_over_{false};
+    std::atomic<bool> quit_{false};
+    bool paused_ = false;
+    // Destination.
+    std::string incoming_uri_;
+    bool incoming_started_ = false;
+    std::string incoming_phase_;
+    std::optional<migration::ReceiveReport> received_;
+    std::condition_variable cv_;
+    // calc-dirty-rate.
+    std::unique_ptr<DirtyRateJob> rate_;
+    std::thread rate_thread_;
+    std::atomic<bool> rate_cancel_{false};
+};
+
+}  // namespace mvm::qmp

@@ -1,0 +1,483 @@
+#include "cli/qmp/server.hpp"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <fmt/format.h>
+
+#include "base/error.hpp"
+
+namespace mvm::qmp {
+
+namespace {
+
+const json& empty_object()
+{
+    static const json e = json::object();
+    return e;
+}
+
+bool is_loopback(const std::string& host)
+{
+    if (host == "localhost" || host == "::1")
+        return true;
+    in_addr a{};
+    return inet_pton(AF_INET, host.c_str(), &a) == 1 && (ntohl(a.s_addr) >> 24) == 127;
+}
+
+json timestamp()
+{
+    const auto now = std::chrono::system_clock::now().time_since_epoch();
+    const auto us = std::chrono::duration_cast<std::chrono::microseconds>(now).count();
+    return {{"seconds", us / 1000000}, {"microseconds", us % 1000000}};
+}
+
+}  // namespace
+
+// ---- arguments --------------------------------------------------------------------------
+
+Args::Args(const json& args, std::initializer_list<const char*> known) : a_(args.is_object() ? args : empty_object())
+{
+    if (!args.is_null() && !args.is_object())
+        throw QmpError("QMP input member 'arguments' must be an object");
+    for (const auto& [k, v] : a_.items()) {
+        bool ok = false;
+        for (const char* n : known)
+            ok = ok || k == n;
+        if (!ok)
+            throw QmpError(fmt::format("Parameter '{}' is unexpected", k));
+    }
+}
+
+const json& Args::need(const char* name) const
+{
+    if (!a_.contains(name))
+        throw QmpError(fmt::format("Parameter '{}' is missing", name));
+    return a_.at(name);
+}
+
+std::string Args::str(const char* name) const
+{
+    const json& v = need(name);
+    if (!v.is_string())
+        throw QmpError(fmt::format("Invalid parameter type for '{}', expected: string", name));
+    return v.get<std::string>();
+}
+
+std::string Args::str_or(const char* name, const std::string& dflt) const { return has(name) ? str(name) : dflt; }
+
+int64_t Args::integer(const char* name) const
+{
+    const json& v = need(name);
+    if (!v.is_number_integer())
+        throw QmpError(fmt::format("Invalid parameter type for '{}', expected: integer", name));
+    if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))
+        throw QmpError(fmt::format("Parameter '{}' expects an integer up to {}", name, INT64_MAX));
+    return v.get<int64_t>();
+}
+
+int64_t Args::int_or(const char* name, int64_t dflt) const { return has(name) ? integer(name) : dflt; }
+
+bool Args::boolean_or(const char* name, bool dflt) const
+{
+    if (!has(name))
+        return dflt;
+    const json& v = a_.at(name);
+    if (!v.is_boolean())
+        throw QmpError(fmt::format("Invalid parameter type for '{}', expected: boolean", name));
+    return v.get<bool>();
+}
+
+const json& Args::array(const char* name) const
+{
+    const json& v = need(name);
+    if (!v.is_array())
+        throw QmpError(fmt::format("Invalid parameter type for '{}', expected: array", name));
+    return v;
+}
+
+// ---- addresses --------------------------------------------------------------------------
+
+Address parse_address(const std::string& option, const std::string& spec, bool allow_remote)
+{
+    Address a;
+    a.spec = spec;
+    if (spec.rfind("unix:", 0) == 0) {
+        a.kind = Address::Unix;
+        a.path = spec.substr(5);
+        if (a.path.empty())
+            throw UsageError(fmt::format("{}: unix: needs a path, e.g. unix:/tmp/minivmm.qmp", option));
+        if (a.path.size() >= sizeof(sockaddr_un::sun_path))
+            throw UsageError(fmt::format("{} {}: the path is longer than a unix socket allows ({} bytes); use a "
+                                         "shorter one",
+                                         option, spec, sizeof(sockaddr_un::sun_path) - 1));
+        return a;
+    }
+    if (spec.rfind("tcp:", 0) != 0)
+        throw UsageError(fmt::format("{}: '{}' is neither unix:PATH nor tcp:HOST:PORT", option, spec));
+    const std::string rest = spec.substr(4);
+    const size_t colon = rest.rfind(':');
+    if (colon == std::string::npos || colon == 0)
+        throw UsageError(fmt::format("{}: '{}' lacks HOST:PORT, e.g. tcp:127.0.0.1:4445", option, spec));
+    a.kind = Address::Tcp;
+    a.host = rest.substr(0, colon);
+    if (a.host.size() > 2 && a.host.front() == '[' && a.host.back() == ']')
+        a.host = a.host.substr(1, a.host.size() - 2);
+    const std::string port = rest.substr(colon + 1);
+    char* end = nullptr;
+    const unsigned long p = std::strtoul(port.c_str(), &end, 10);
+    if (port.empty() || *end || p > 65535)
+        throw UsageError(fmt::format("{}: '{}' is not a port (0-65535)", option, port));
+    a.port = static_cast<uint16_t>(p);
+    if (!allow_remote && !is_loopback(a.host))
+        throw UsageError(fmt::format("{} {}: a QMP socket controls the guest, so it binds a loopback address only "
+                                     "(127.0.0.1, ::1, localhost); add --qmp-allow-remote to bind {} anyway",
+                                     option, spec, a.host));
+    return a;
+}
+
+// ---- the stream of JSON texts -------------------------------------------------------
+
+std::vector<std::string> split_json_stream(std::string& buf)
+{
+    std::vector<std::string> out;
+    auto space = [](char ch) { return ch == ' ' || ch == '\n' || ch == '\r' || ch == '\t'; };
+    auto opens = [](char ch) { return ch == '{' || ch == '[' || ch == '"'; };
+    size_t consumed = 0, start = std::string::npos;
+    int depth = 0;
+    bool in_str = false, esc = false;
+    auto emit = [&](size_t end) {
+        out.push_back(buf.substr(start, end + 1 - start));
+        start = std::string::npos;
+        consumed = end + 1;
+        depth = 0;
+    };
+    for (size_t i = 0; i < buf.size(); i++) {
+        const char ch = buf[i];
+        if (start == std::string::npos) {
+            if (space(ch)) {
+                consumed = i + 1;
+                continue;
+            }
+            start = i;
+        }
+        if (in_str) {
+            if (esc)
+                esc = false;
+            else if (ch == '\\')
+                esc = true;
+            else if (ch == '"') {
+                in_str = false;
+                if (depth == 0)
+                    emit(i);
+            }
+        } else if (ch == '"') {
+            in_str = true;
+        } else if (ch == '{' || ch == '[') {
+            depth++;
+        } else if (ch == '}' || ch == ']') {
+            if (--depth <= 0)
+                emit(i);  // a complete value, or a stray closing bracket (the parser says what is wrong)
+        } else if (depth == 0 && i + 1 < buf.size() && (space(buf[i + 1]) || opens(buf[i + 1]))) {
+            emit(i);  // a bare word or number at top level
+        }
+    }
+    buf.erase(0, consumed);
+    return out;
+}
+
+// ---- the server ---------------------------------------------------------------------
+
+Server::Server(const std::string& option, const Address& addr, json version) : addr_(addr), version_(std::move(version))
+{
+    if (addr.kind == Address::Unix) {
+        sockaddr_un sa{};
+        sa.sun_family = AF_UNIX;
+        std::strncpy(sa.sun_path, addr.path.c_str(), sizeof(sa.sun_path) - 1);
+        struct stat st{};
+        if (::lstat(addr.path.c_str(), &st) == 0) {
+            if (!S_ISSOCK(st.st_mode))
+                throw UsageError(fmt::format("{} {}: the path exists and is not a socket; pick another path", option,
+                                             addr.spec));
+            // A socket file: in use if something answers there, else left by a dead process.
+            int probe = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+            const bool live = probe >= 0 && ::connect(probe, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) == 0;
+            if (probe >= 0)
+                ::close(probe);
+            if (live)
+                throw UsageError(fmt::format("{} {}: another process is serving this socket; pick another path",
+                                             option, addr.spec));
+            ::unlink(addr.path.c_str());
+        }
+        listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (listen_fd_ < 0)
+            throw SysError("socket", errno);
+        // Owner-only from the start: the socket file gets the umask's bits at bind.
+        const mode_t old = ::umask(0077);
+        const int rc = ::bind(listen_fd_, reinterpret_cast<sockaddr*>(&sa), sizeof(sa));
+        const int err = errno;
+        ::umask(old);
+        if (rc != 0) {
+            ::close(listen_fd_);
+            throw UsageError(fmt::format("{} {}: cannot bind: {}; use a path in a writable directory", option,
+                                         addr.spec, errno_text(err)));
+        }
+        ::chmod(addr.path.c_str(), 0600);
+        bound_ = "unix:" + addr.path;
+    } else {
+        sockaddr_storage ss{};
+        socklen_t sl;
+        std::string host = addr.host == "localhost" ? "127.0.0.1" : addr.host;
+        if (host.find(':') != std::string::npos) {
+            auto* a = reinterpret_cast<sockaddr_in6*>(&ss);
+            a->sin6_family = AF_INET6;
+            a->sin6_port = htons(addr.port);
+            if (inet_pton(AF_INET6, host.c_str(), &a->sin6_addr) != 1)
+                throw UsageError(fmt::format("{}: '{}' is not an IPv6 address", option, host));
+            sl = sizeof(*a);
+        } else {
+            auto* a = reinterpret_cast<sockaddr_in*>(&ss);
+            a->sin_family = AF_INET;
+            a->sin_port = htons(addr.port);
+            if (host == "0.0.0.0")
+                a->sin_addr.s_addr = INADDR_ANY;
+            else if (inet_pton(AF_INET, host.c_str(), &a->sin_addr) != 1)
+                throw UsageError(fmt::format("{}: '{}' is not an IPv4 address, e.g. tcp:127.0.0.1:4445", option, host));
+            sl = sizeof(*a);
+        }
+        listen_fd_ = ::socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (listen_fd_ < 0)
+            throw SysError("socket", errno);
+        int one = 1;
+        ::setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&ss), sl) != 0) {
+            const int err = errno;
+            ::close(listen_fd_);
+            throw UsageError(fmt::format("{} {}: cannot bind: {}; {}", option, addr.spec, errno_text(err),
+                                         err == EADDRINUSE ? "pick a free port" : "use an address of this host"));
+        }
+        socklen_t len = sizeof(ss);
+        ::getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&ss), &len);
+        const uint16_t port = ntohs(ss.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port
+                                                             : reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+        bound_ = fmt::format("tcp:{}:{}", addr.host, port);
+    }
+    if (::listen(listen_fd_, 8) != 0) {
+        const int err = errno;
+        ::close(listen_fd_);
+        throw SysError("listen", err);
+    }
+    if (::pipe2(wake_, O_CLOEXEC | O_NONBLOCK) != 0) {
+        const int err = errno;
+        ::close(listen_fd_);
+        throw SysError("pipe2", err);
+    }
+}
+
+Server::~Server()
+{
+    stop();
+    for (int& fd : wake_)
+        if (fd >= 0)
+            ::close(fd);
+}
+
+void Server::add(const std::string& name, Handler h) { handlers_[name] = std::move(h); }
+
+std::vector<std::string> Server::commands() const
+{
+    std::vector<std::string> v{"qmp_capabilities"};
+    for (const auto& [name, h] : handlers_)
+        v.push_back(name);
+    return v;
+}
+
+void Server::start() { thread_ = std::thread([this] { loop(); }); }
+
+void Server::stop()
+{
+    if (stopping_.exchange(true))
+        return;
+    if (wake_[1] >= 0) {
+        const char b = 1;
+        [[maybe_unused]] auto n = ::write(wake_[1], &b, 1);
+    }
+    if (thread_.joinable())
+        thread_.join();
+    std::lock_guard lk(mu_);
+    for (auto& c : clients_)
+        ::close(c->fd);
+    clients_.clear();
+    if (listen_fd_ >= 0) {
+        ::close(listen_fd_);
+        listen_fd_ = -1;
+        if (addr_.kind == Address::Unix)
+            ::unlink(addr_.path.c_str());
+    }
+}
+
+void Server::emit(const std::string& event, const json& data)
+{
+    json msg = {{"event", event}};
+    if (!data.is_null())
+        msg["data"] = data;
+    msg["timestamp"] = timestamp();
+    std::lock_guard lk(mu_);
+    for (auto& c : clients_)
+        if (c->negotiated)
+            send(*c, msg);
+}
+
+// Under mu_ (or from the loop before the client is shared). A client that
+// cannot take the bytes (gone, or not reading) is dropped by the loop later.
+void Server::send(Client& c, const json& msg)
+{
+    const std::string s = msg.dump() + "\r\n";
+    size_t off = 0;
+    while (off < s.size()) {
+        const ssize_t n = ::send(c.fd, s.data() + off, s.size() - off, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            ::shutdown(c.fd, SHUT_RDWR);  // the loop sees it gone
+            return;
+        }
+        off += static_cast<size_t>(n);
+    }
+}
+
+void Server::loop()
+{
+    auto last_tick = std::chrono::steady_clock::now();
+    while (!stopping_.load()) {
+        std::vector<pollfd> pf{{listen_fd_, POLLIN, 0}, {wake_[0], POLLIN, 0}};
+        std::vector<Client*> order;
+        {
+            std::lock_guard lk(mu_);
+            for (auto& c : clients_) {
+                pf.push_back({c->fd, POLLIN, 0});
+                order.push_back(c.get());
+            }
+        }
+        const int rc = ::poll(pf.data(), pf.size(), 100);
+        if (stopping_.load())
+            break;
+        if (rc > 0) {
+            if (pf[0].revents & POLLIN)
+                accept_client();
+            std::vector<Client*> gone;
+            for (size_t i = 0; i < order.size(); i++)
+                if (pf[i + 2].revents && !read_client(*order[i]))
+                    gone.push_back(order[i]);
+            if (!gone.empty()) {
+                std::lock_guard lk(mu_);
+                for (Client* g : gone) {
+                    ::close(g->fd);
+                    std::erase_if(clients_, [g](const auto& c) { return c.get() == g; });
+                }
+            }
+        }
+        const auto now = std::chrono::steady_clock::now();
+        if (tick_ && now - last_tick >= std::chrono::milliseconds(100)) {
+            last_tick = now;
+            tick_();
+        }
+    }
+}
+
+void Server::accept_client()
+{
+    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0)
+        return;
+    auto c = std::make_unique<Client>();
+    c->fd = fd;
+    // The greeting (docs/interop/qmp-spec "Server Greeting"): no optional capabilities (no out-of-band).
+    send(*c, {{"QMP", {{"version", version_}, {"capabilities", json::array()}}}});
+    std::lock_guard lk(mu_);
+    clients_.push_back(std::move(c));
+}
+
+bool Server::read_client(Client& c)
+{
+    char buf[4096];
+    const ssize_t n = ::recv(c.fd, buf, sizeof(buf), MSG_DONTWAIT);
+    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
+        return false;
+    if (n < 0)
+        return true;
+    c.in.append(buf, static_cast<size_t>(n));
+    for (const std::string& text : split_json_stream(c.in))
+        handle(c, text);
+    if (c.in.size() > (1u << 20)) {
+        std::lock_guard lk(mu_);
+        send(c, {{"error", {{"class", "GenericError"}, {"desc", "JSON parse error, input exceeds 1 MiB"}}}});
+        return false;
+    }
+    return true;
+}
+
+void Server::handle(Client& c, const std::string& text)
+{
+    json req = json::parse(text, nullptr, false);
+    json reply;
+    if (req.is_discarded()) {
+        reply = {{"error", {{"class", "GenericError"}, {"desc", "JSON parse error, invalid JSON text"}}}};
+    } else {
+        try {
+            json ret = dispatch(c, req);
+            reply = {{"return", ret.is_null() ? json::object() : ret}};
+        } catch (const QmpError& e) {
+            reply = {{"error", {{"class", e.error_class()}, {"desc", e.what()}}}};
+        } catch (const std::exception& e) {
+            reply = {{"error", {{"class", "GenericError"}, {"desc", e.what()}}}};
+        }
+        if (req.is_object() && req.contains("id"))
+            reply["id"] = req["id"];
+    }
+    std::lock_guard lk(mu_);
+    send(c, reply);
+}
+
+json Server::dispatch(Client& c, const json& req)
+{
+    if (!req.is_object())
+        throw QmpError("QMP input must be a JSON object");
+    for (const auto& [k, v] : req.items())
+        if (k != "execute" && k != "arguments" && k != "id")
+            throw QmpError(fmt::format("QMP input member '{}' is unexpected", k));
+    if (!req.contains("execute"))
+        throw QmpError("QMP input lacks member 'execute'");
+    if (!req["execute"].is_string())
+        throw QmpError("QMP input member 'execute' must be a string");
+    if (req.contains("arguments") && !req["arguments"].is_object())
+        throw QmpError("QMP input member 'arguments' must be an object");
+    const std::string name = req["execute"].get<std::string>();
+    const json& args = req.contains("arguments") ? req["arguments"] : empty_object();
+    if (name == "qmp_capabilities") {
+        if (c.negotiated)
+            throw QmpError("Capabilities negotiation is already complete, command ignored", "CommandNotFound");
+        Args a(args, {"enable"});
+        if (a.has("enable") && !a.array("enable").empty())
+            throw QmpError(fmt::format("Capability '{}' not available", a.raw("enable")[0].dump()));
+        std::lock_guard lk(mu_);
+        c.negotiated = true;
+        return json::object();
+    }
+    if (!c.negotiated)
+        throw QmpError("Expecting capabilities negotiation with 'qmp_capabilities'", "CommandNotFound");
+    auto it = handlers_.find(name);
+    if (it == handlers_.end())
+        throw QmpError(fmt::format("The command {} has not been found", name), "CommandNotFound");
+    return it->second(args);
+}
+
+}  // namespace mvm::qmp
