@@ -34,7 +34,7 @@ const std::map<std::string, const char*, std::less<>>& kinds()
         {"--enable-logging", "per-node|unbound|host-node:N"},
         // places
         {"--json", "FILE|-"}, {"--timeline", "FILE"}, {"--to", "inproc|tcp:HOST:PORT"},
-        {"--listen", "tcp:ADDR:PORT"}, {"--out", "FILE"},
+        {"--listen", "tcp:ADDR:PORT|defer"}, {"--out", "FILE"}, {"--qmp", "unix:PATH|tcp:HOST:PORT"},
     };
     return t;
 }

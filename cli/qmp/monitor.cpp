@@ -271,7 +271,7 @@ json Monitor::quit()
         }
     }
     cv_.notify_all();
-    server_.emit("SHUTDOWN", {{"guest", false}, {"reason", "host-qmp-quit"}});
+    server_.emit_after_reply("SHUTDOWN", {{"guest", false}, {"reason", "host-qmp-quit"}});
     return json::object();
 }
 
@@ -474,24 +474,25 @@ json Monitor::migrate_cancel()
     return json::object();
 }
 
-// query-migrate's mbps and pages-per-second while a migration runs: over
-// the last ~100 ms, as QEMU computes them (migration_update_counters, every
-// BUFFER_DELAY of 100 ms).
+// query-migrate's mbps and pages-per-second while a migration runs. QEMU
+// computes them over its last 100 ms (migration_update_counters, every
+// BUFFER_DELAY); minivmm's sent counters move by whole batches (up to 1 MiB
+// per channel), so a 100 ms window would read 0 or a burst at a paced
+// bandwidth: these are over the last second instead (from the first 100 ms on).
 void Monitor::tick()
 {
     std::lock_guard lk(mu_);
     if (!migrating_.load() || !sender_)
         return;
     const migration::LiveFigures l = sender_->live();
-    if (rates_.t_ms >= 0 && l.elapsed_ms - rates_.t_ms >= 90) {
-        const double s = (l.elapsed_ms - rates_.t_ms) / 1e3;
-        rates_.mbps = static_cast<double>(l.transferred_bytes - rates_.bytes) * 8 / 1e6 / s;
-        rates_.pages_per_s = static_cast<double>(l.sent_pages - rates_.pages) / s;
-    }
-    if (rates_.t_ms < 0 || l.elapsed_ms - rates_.t_ms >= 90) {
-        rates_.t_ms = l.elapsed_ms;
-        rates_.bytes = l.transferred_bytes;
-        rates_.pages = l.sent_pages;
+    auto& w = rates_.window;
+    w.push_back({l.elapsed_ms, l.transferred_bytes, l.sent_pages});
+    while (w.size() > 2 && l.elapsed_ms - w[1].t_ms >= 1000)
+        w.pop_front();
+    const double s = (w.back().t_ms - w.front().t_ms) / 1e3;
+    if (s >= 0.09) {
+        rates_.mbps = static_cast<double>(w.back().bytes - w.front().bytes) * 8 / 1e6 / s;
+        rates_.pages_per_s = static_cast<double>(w.back().pages - w.front().pages) / s;
     }
 }
 

@@ -16,6 +16,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -81,9 +82,12 @@ private:
     struct Params;
     struct Capabilities;
     struct DirtyRateJob;
-    struct Rates {  // query-migrate's mbps and pages-per-second over the last 100 ms window
-        double t_ms = -1;
-        uint64_t bytes = 0, pages = 0;
+    struct Rates {  // query-migrate's mbps and pages-per-second while active: over the last second
+        struct Sample {
+            double t_ms;
+            uint64_t bytes, pages;
+        };
+        std::deque<Sample> window;
         double mbps = 0, pages_per_s = 0;
     };
 

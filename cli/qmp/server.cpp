@@ -11,6 +11,7 @@
 
 #include <chrono>
 #include <cstring>
+#include <utility>
 #include <fmt/format.h>
 
 #include "base/error.hpp"
@@ -443,9 +444,15 @@ void Server::handle(Client& c, const std::string& text)
         if (req.is_object() && req.contains("id"))
             reply["id"] = req["id"];
     }
-    std::lock_guard lk(mu_);
-    send(c, reply);
+    {
+        std::lock_guard lk(mu_);
+        send(c, reply);
+    }
+    for (const auto& [event, data] : std::exchange(after_reply_, {}))
+        emit(event, data);
 }
+
+void Server::emit_after_reply(const std::string& event, const json& data) { after_reply_.emplace_back(event, data); }
 
 json Server::dispatch(Client& c, const json& req)
 {

@@ -98,6 +98,9 @@ public:
 
     // To every client past negotiation, from any thread.
     void emit(const std::string& event, const json& data = nullptr);
+    // From a handler: emitted once the command's reply is sent (QEMU's quit
+    // answers before its SHUTDOWN event).
+    void emit_after_reply(const std::string& event, const json& data = nullptr);
     // What the socket is bound to (a TCP port 0 resolved).
     std::string bound() const { return bound_; }
     std::vector<std::string> commands() const;
@@ -122,6 +125,7 @@ private:
     std::string bound_;
     std::map<std::string, Handler> handlers_;
     std::function<void()> tick_;
+    std::vector<std::pair<std::string, json>> after_reply_;  // the server thread's
     std::thread thread_;
     std::atomic<bool> stopping_{false};
     std::mutex mu_;  // guards clients_ (sends from emit() and the loop)
