@@ -314,8 +314,10 @@ void Server::stop()
     if (thread_.joinable())
         thread_.join();
     std::lock_guard lk(mu_);
-    for (auto& c : clients_)
+    for (auto& c : clients_) {
+        flush(*c);  // what is still owed (quit's SHUTDOWN), as far as the socket takes it
         ::close(c->fd);
+    }
     clients_.clear();
     if (listen_fd_ >= 0) {
         ::close(listen_fd_);
@@ -337,22 +339,41 @@ void Server::emit(const std::string& event, const json& data)
             send(*c, msg);
 }
 
-// Under mu_ (or from the loop before the client is shared). A client that
-// cannot take the bytes (gone, or not reading) is dropped by the loop later.
+// Under mu_ (or from the loop before the client is shared). Never blocks:
+// the message joins the client's output and as much as the socket takes
+// goes now; the loop sends the rest when the socket is writable. A client
+// that lets 16 MiB pile up (it does not read) is dropped by the loop.
 void Server::send(Client& c, const json& msg)
 {
-    const std::string s = msg.dump() + "\r\n";
+    const bool was_empty = c.out.empty();
+    c.out += msg.dump();
+    c.out += "\r\n";
+    flush(c);
+    if (was_empty && !c.out.empty() && wake_[1] >= 0) {
+        const char b = 1;  // the loop polls for POLLOUT from now on
+        [[maybe_unused]] auto n = ::write(wake_[1], &b, 1);
+    }
+}
+
+// Under mu_: what the socket takes without blocking.
+void Server::flush(Client& c)
+{
     size_t off = 0;
-    while (off < s.size()) {
-        const ssize_t n = ::send(c.fd, s.data() + off, s.size() - off, MSG_NOSIGNAL);
+    while (off < c.out.size() && !c.dead) {
+        const ssize_t n = ::send(c.fd, c.out.data() + off, c.out.size() - off, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n < 0 && errno == EINTR)
             continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            break;
         if (n <= 0) {
-            ::shutdown(c.fd, SHUT_RDWR);  // the loop sees it gone
-            return;
+            c.dead = true;  // gone: the loop drops it
+            break;
         }
         off += static_cast<size_t>(n);
     }
+    c.out.erase(0, off);
+    if (c.out.size() > (16u << 20))
+        c.dead = true;
 }
 
 void Server::loop()
@@ -364,7 +385,7 @@ void Server::loop()
         {
             std::lock_guard lk(mu_);
             for (auto& c : clients_) {
-                pf.push_back({c->fd, POLLIN, 0});
+                pf.push_back({c->fd, static_cast<short>(POLLIN | (c->out.empty() ? 0 : POLLOUT)), 0});
                 order.push_back(c.get());
             }
         }
@@ -372,18 +393,33 @@ void Server::loop()
         if (stopping_.load())
             break;
         if (rc > 0) {
+            if (pf[1].revents & POLLIN) {
+                char b[64];
+                while (::read(wake_[0], b, sizeof(b)) > 0) {
+                }
+            }
             if (pf[0].revents & POLLIN)
                 accept_client();
             std::vector<Client*> gone;
-            for (size_t i = 0; i < order.size(); i++)
-                if (pf[i + 2].revents && !read_client(*order[i]))
-                    gone.push_back(order[i]);
-            if (!gone.empty()) {
-                std::lock_guard lk(mu_);
-                for (Client* g : gone) {
-                    ::close(g->fd);
-                    std::erase_if(clients_, [g](const auto& c) { return c.get() == g; });
+            for (size_t i = 0; i < order.size(); i++) {
+                Client& c = *order[i];
+                const short ev = pf[i + 2].revents;
+                if (ev & POLLOUT) {
+                    std::lock_guard lk(mu_);
+                    flush(c);
                 }
+                if ((ev & (POLLIN | POLLHUP | POLLERR)) && !read_client(c)) {
+                    std::lock_guard lk(mu_);
+                    c.dead = true;
+                }
+            }
+            std::lock_guard lk(mu_);
+            for (auto& c : clients_)
+                if (c->dead)
+                    gone.push_back(c.get());
+            for (Client* g : gone) {
+                ::close(g->fd);
+                std::erase_if(clients_, [g](const auto& c) { return c.get() == g; });
             }
         }
         const auto now = std::chrono::steady_clock::now();

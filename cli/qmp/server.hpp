@@ -108,8 +108,10 @@ public:
 private:
     struct Client {
         int fd = -1;
-        std::string in;
-        bool negotiated = false;  // written under mu_
+        std::string in;           // the loop's
+        std::string out;          // under mu_: owed to the client
+        bool negotiated = false;  // under mu_
+        bool dead = false;        // under mu_: gone or not reading; the loop drops it
     };
     void loop();
     void accept_client();
@@ -117,6 +119,7 @@ private:
     void handle(Client& c, const std::string& text);
     json dispatch(Client& c, const json& req);
     void send(Client& c, const json& msg);
+    void flush(Client& c);
 
     Address addr_;
     json version_;

@@ -44,7 +44,7 @@ TEST(QmpArgs, QemuWordingForUnexpectedMissingAndMistypedMembers)
     const json a = {{"uri", "tcp:1.2.3.4:5"}, {"n", 3}, {"flag", true}};
     EXPECT_NO_THROW(Args(a, {"uri", "n", "flag"}));
     try {
-        Args(a, {"uri"});
+        Args(a, {"uri", "flag"});
         FAIL() << "an unexpected member is an error";
     } catch (const QmpError& e) {
         EXPECT_STREQ(e.what(), "Parameter 'n' is unexpected");
