@@ -135,6 +135,14 @@ uint64_t PageChannels::send_channel(Destination& dest, uint32_t c, const std::ve
 }
 
 // Paces all channels together to the bandwidth.
+void PageChannels::set_bandwidth(uint64_t bytes_per_s)
+{
+    std::lock_guard lk(mu_);
+    bandwidth_ = bytes_per_s;
+    paced_since_ = std::chrono::steady_clock::now();
+    paced_bytes_ = 0;
+}
+
 void PageChannels::pace(uint64_t bytes)
 {
     const uint64_t bw = bandwidth_.load();

@@ -69,8 +69,10 @@ public:
     // channel's error is rethrown once all have stopped.
     uint64_t send(Destination& dest, const ChannelPages& per, const std::function<void()>& check);
 
-    // bytes/s over all channels; 0 = unlimited. Safe while sending.
-    void set_bandwidth(uint64_t bytes_per_s) { bandwidth_ = bytes_per_s; }
+    // bytes/s over all channels; 0 = unlimited. Safe while sending: the
+    // pacing starts over from now at the new rate (no burst to catch up
+    // after a raise, no long sleep after a cut).
+    void set_bandwidth(uint64_t bytes_per_s);
     uint64_t bandwidth() const { return bandwidth_; }
     uint64_t zero_pages() const;
     // Everything sent so far over all send() calls, an interrupted one's

@@ -716,7 +716,8 @@ json Monitor::set_parameters(const json& args)
                                       "x-minivmm-post-run"};
     if (!args.is_object())
         throw QmpError("QMP input member 'arguments' must be an object");
-    for (const auto& [k, v] : args.items()) {
+    for (const auto& item : args.items()) {
+        const std::string k = item.key();
         if (std::find_if(known.begin(), known.end(), [&](const char* n) { return k == n; }) != known.end())
             continue;
         for (const char* o : kOtherParams)
