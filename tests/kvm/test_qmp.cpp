@@ -357,12 +357,12 @@ TEST(Qmp, WatchesTheCommandLinesMigrationOverTcp)
     const std::string dir = temp_dir(), dsock = dir + "/dst.qmp";
     const uint16_t port = free_port(), qport = free_port();
     const std::string guest = "--mem 64M --vcpus 1 --rate 20000";
-    Process dst(fmt::format("receive --listen tcp:127.0.0.1:{} --qmp unix:{} {}", port, dsock, guest));
+    Process dst(fmt::format("receive --listen tcp:127.0.0.1:{} --qmp unix:{} --post-run 0.5 {}", port, dsock, guest));
     ASSERT_TRUE(dst.wait_for_stderr("listening on")) << dst.err();
     Client d(dsock);
     negotiate(d);
     EXPECT_EQ(ok(d, "query-migrate").value("status", ""), "setup");
-    Process src(fmt::format("migrate --to tcp:127.0.0.1:{} --qmp tcp:127.0.0.1:{} --bandwidth 16M --warmup 1 "
+    Process src(fmt::format("migrate --to tcp:127.0.0.1:{} --qmp tcp:127.0.0.1:{} --bandwidth 32M --warmup 1 "
                             "--throttle dirty-limit:512 {}",
                             port, qport, guest));
     ASSERT_TRUE(src.wait_for_stderr("qmp: serving on tcp:127.0.0.1:")) << src.err();
@@ -403,7 +403,7 @@ TEST(Qmp, WatchesTheCommandLinesMigrationOverTcp)
     };
     EXPECT_TRUE(read_line().contains("QMP"));
     EXPECT_TRUE(cmd({{"execute", "qmp_capabilities"}}).contains("return"));
-    // The migration runs (--bandwidth 16M: ~4 s of bulk); watch it, lower the downtime limit mid-flight.
+    // The migration runs (--bandwidth 32M: ~2 s of bulk); watch it, lower the downtime limit mid-flight.
     std::string seen;
     json last;
     const auto t0 = clock_type::now();
