@@ -109,6 +109,7 @@ private:
     json calc_dirty_rate(const json& args);
     json query_dirty_rate(const json& args) const;
     json query_stats(const json& args) const;
+    json query_placement(const json& args) const;
     json quit();
     void tick();
     void set_status(const std::string& status);  // MIGRATION event when it changes (events capability)

@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -48,6 +49,7 @@ public:
         err_ = err;
         pid_ = fork();
         if (pid_ == 0) {
+            prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlives the test (a killed test binary included)
             dup2(o, 1);
             dup2(e, 2);
             const int null = open("/dev/null", O_RDONLY);
@@ -327,6 +329,18 @@ TEST(Qmp, ProtocolNegotiationErrorsEventsAndTheSocket)
         exits = exits || st2["name"] == "exits";
     EXPECT_TRUE(exits) << vc.dump();
 
+    // minivmm's own: where each virtual node's memory is, page by page.
+    json pl = ok(c, "x-minivmm-query-placement", {{"sample-pages", 0}});
+    ASSERT_EQ(pl.size(), 1u) << pl.dump();
+    EXPECT_EQ(pl[0]["pages"], 16384);
+    EXPECT_EQ(pl[0]["pages_queried"], 16384);
+    EXPECT_FALSE(pl[0]["sampled"].get<bool>());
+    uint64_t placed = pl[0]["pages_not_present"].get<uint64_t>();
+    for (const auto& [node, pages] : pl[0]["pages_per_host_node"].items())
+        placed += pages.get<uint64_t>();
+    EXPECT_EQ(placed, 16384u) << pl.dump();
+    EXPECT_EQ(ok(c, "x-minivmm-query-placement", {{"sample-pages", 100}})[0]["pages_queried"], 100);
+
     // Clients in turn, and one that vanishes mid-command, disturb nothing.
     {
         Client c2(sock);
@@ -574,6 +588,7 @@ TEST(Qmp, DrivesMigrationsCancelThenCompleteWithAMidFlightBandwidthChange)
     EXPECT_LE(done["downtime"].get<int64_t>(), done["total-time"].get<int64_t>());
     EXPECT_EQ(done["x-minivmm-verification"]["switchover_mismatches"], 0) << done.dump();
     EXPECT_EQ(done["x-minivmm-verification"]["stamp_mismatches"], 0) << done.dump();
+    EXPECT_EQ(done["x-minivmm-vcpu-stall-ms"].size(), 1u) << done.dump();
     EXPECT_EQ(ok(s, "query-status")["status"], "postmigrate");
     EXPECT_NE(error_desc(s.cmd("cont")).find("twice"), std::string::npos) << "cont after completion is refused";
     // Events: the status changes in order, a pass per dirty sync, the source stopped.
