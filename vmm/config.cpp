@@ -203,6 +203,25 @@ void check_kvm_vcpu_limit(const MachineConfig& cfg, const Kvm& kvm)
                                      max_vcpus, max_vcpus));
 }
 
+void check_room_for_second_vm(const MachineConfig& cfg, const std::string& option)
+{
+    MachineConfig both = cfg;
+    uint64_t one = 0;
+    for (const auto& n : cfg.nodes) {
+        both.nodes.push_back(n);
+        if (n.backing != BackingKind::Hugetlb2M && n.backing != BackingKind::Hugetlb1G)
+            one += n.mem_bytes;
+    }
+    if (std::string why = check_hugetlb_pools(both, hugetlb_pools()); !why.empty())
+        throw UsageError(fmt::format("{}: the source and its in-process destination together: {}", option, why));
+    const uint64_t avail = numa::host_mem_available_bytes();
+    if (avail && 2 * one > avail)
+        throw UsageError(fmt::format("{}: the source and its in-process destination need 2 x {} = {} of guest memory, "
+                                     "the host has {} available; use a smaller guest, or --to tcp:HOST:PORT with "
+                                     "minivmm receive on another host",
+                                     option, format_size(one), format_size(2 * one), format_size(avail)));
+}
+
 void check_host_resources(const MachineConfig& cfg, const Kvm& kvm)
 {
     check_kvm_vcpu_limit(cfg, kvm);

@@ -83,6 +83,10 @@ void validate_config(const MachineConfig& cfg, const numa::Topology& topo);
 // Checks against this host and its KVM: vCPU limits, guest_memfd support,
 // memory available, CPUs this process may run on, hugetlb pools.
 void check_host_resources(const MachineConfig& cfg, const Kvm& kvm);
+// Room for a second VM of `cfg` beside the first (migrate --to inproc: the
+// destination is a copy in this process): twice the guest memory against
+// MemAvailable and the hugetlb pools. Throws UsageError naming `option`.
+void check_room_for_second_vm(const MachineConfig& cfg, const std::string& option);
 // --vcpus against KVM_CAP_MAX_VCPUS (part of check_host_resources).
 void check_kvm_vcpu_limit(const MachineConfig& cfg, const Kvm& kvm);
 

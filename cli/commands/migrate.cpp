@@ -81,6 +81,8 @@ public:
         check_destination(o.to);
         Kvm kvm(kvm_device());
         MachineConfig cfg = vm_.to_config(kvm);
+        if (o.to == "inproc")
+            check_room_for_second_vm(cfg, "--to inproc");
         if (o.tracker == dirty::Mode::Ring)
             cfg.dirty_ring_bytes = parse_ring_size("--ring", ring_.empty() ? "256K" : ring_, kvm);
         cfg.show_progress = o.progress = stderr_is_terminal();

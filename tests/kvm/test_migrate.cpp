@@ -11,6 +11,8 @@
 #include <atomic>
 #include <functional>
 #include <chrono>
+#include <algorithm>
+#include <sstream>
 #include <stdexcept>
 #include <thread>
 
@@ -588,4 +590,31 @@ TEST(Migrate, ToAnotherNetworkNamespaceOverVeth)
     ASSERT_EQ(r.exit_code, 0) << r.err << recv_out;
     expect_verified(parse(r.out), 64 * kMiB / 4096);
     EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << recv_out;
+}
+
+// migrate --to inproc makes a second VM of the same size in this process: a
+// guest that fits the host once but not twice is refused up front (one line,
+// exit 2, nothing allocated) instead of growing until the OOM killer comes.
+TEST(Migrate, InprocRefusesAGuestThatFitsOnceButNotTwice)
+{
+    REQUIRE_KVM();
+    uint64_t avail_kib = 0;
+    {
+        std::istringstream in(mvm::test::read_file("/proc/meminfo"));
+        std::string key;
+        uint64_t v = 0;
+        std::string unit;
+        while (in >> key >> v >> unit)
+            if (key == "MemAvailable:")
+                avail_kib = v;
+    }
+    if (avail_kib < (1u << 20))
+        GTEST_SKIP() << "MemAvailable below 1 GiB: no guest size fits once with room to spare";
+    const uint64_t mib = avail_kib * 7 / 10 / 1024;  // 70%: fits once, not twice
+    auto r = run_minivmm(fmt::format("migrate --to inproc --vcpus 1 --mem {}M", mib));
+    EXPECT_EQ(r.exit_code, 2) << r.err;
+    EXPECT_NE(r.err.find("--to inproc: the source and its in-process destination need 2 x"), std::string::npos)
+        << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_EQ(r.out, "");
 }
