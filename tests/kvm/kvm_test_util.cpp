@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 
 #include <atomic>
@@ -64,6 +65,7 @@ Receiver::Receiver(const std::string& args, const std::string& wrapper)
     err_path_ = err;
     pid = fork();
     if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlives the test binary, even one that was killed
         dup2(o, 1);
         dup2(e, 2);
         int null = open("/dev/null", O_RDONLY);

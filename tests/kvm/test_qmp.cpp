@@ -552,6 +552,18 @@ TEST(Qmp, DrivesMigrationsCancelThenCompleteWithAMidFlightBandwidthChange)
     s.events.clear();
     ok(s, "migrate-set-parameters", {{"max-bandwidth", static_cast<int64_t>(8 * mib)}});
     ok(s, "migrate", {{"uri", fmt::format("tcp:127.0.0.1:{}", port)}});
+    {
+        // Another client watches (capabilities cannot change mid-migration:
+        // refused, as in QEMU), then vanishes mid-command with its events
+        // unread: the migration does not notice.
+        Client w(ssock);
+        negotiate(w, false);
+        EXPECT_EQ(error_desc(w.cmd("migrate-set-capabilities",
+                                   {{"capabilities", {{{"capability", "auto-converge"}, {"state", true}}}}})),
+                  "There's a migration process in progress");
+        ok(w, "query-migrate");
+        w.send_raw("{\"execute\": \"query-migrate\"");  // and gone before the rest
+    }
     // The bulk pass at 8 MiB/s: mbps (over the last second) near 67 Mbit/s.
     poll_migrate(s, [](const json& j) { return j.value("status", "") == "active"; }, 30);
     std::this_thread::sleep_for(std::chrono::milliseconds(1500));
