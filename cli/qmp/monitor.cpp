@@ -7,6 +7,8 @@
 #include <chrono>
 #include <cmath>
 #include <ctime>
+#include <iterator>
+#include <type_traits>
 #include <fmt/format.h>
 
 #include "base/error.hpp"
@@ -133,28 +135,22 @@ void Monitor::start() { server_.start(); }
 
 void Monitor::add_commands()
 {
-    server_.add("query-status", [this](const json& a) {
-        Args(a, {});
-        return query_status();
-    });
-    server_.add("stop", [this](const json& a) {
-        Args(a, {});
-        return stop_vm();
-    });
-    server_.add("cont", [this](const json& a) {
-        Args(a, {});
-        return cont_vm();
-    });
-    server_.add("quit", [this](const json& a) {
-        Args(a, {});
-        return quit();
-    });
-    server_.add("query-version", [this](const json& a) {
-        Args(a, {});
-        return query_version();
-    });
-    server_.add("query-commands", [this](const json& a) {
-        Args(a, {});
+    // A command without arguments refuses any (QEMU's "Parameter 'x' is unexpected").
+    auto no_args = [this](const char* name, auto fn) {
+        server_.add(name, [this, fn](const json& a) {
+            Args(a, {});
+            if constexpr (std::is_member_function_pointer_v<decltype(fn)>)
+                return (this->*fn)();
+            else
+                return fn();
+        });
+    };
+    no_args("query-status", &Monitor::query_status);
+    no_args("stop", &Monitor::stop_vm);
+    no_args("cont", &Monitor::cont_vm);
+    no_args("quit", &Monitor::quit);
+    no_args("query-version", &Monitor::query_version);
+    no_args("query-commands", [this] {
         json v = json::array();
         for (const auto& n : server_.commands())
             v.push_back({{"name", n}});
@@ -162,24 +158,12 @@ void Monitor::add_commands()
     });
     server_.add("migrate", [this](const json& a) { return migrate_cmd(a); });
     server_.add("migrate-incoming", [this](const json& a) { return migrate_incoming(a); });
-    server_.add("migrate_cancel", [this](const json& a) {
-        Args(a, {});
-        return migrate_cancel();
-    });
-    server_.add("query-migrate", [this](const json& a) {
-        Args(a, {});
-        return query_migrate();
-    });
+    no_args("migrate_cancel", &Monitor::migrate_cancel);
+    no_args("query-migrate", &Monitor::query_migrate);
     server_.add("migrate-set-parameters", [this](const json& a) { return set_parameters(a); });
-    server_.add("query-migrate-parameters", [this](const json& a) {
-        Args(a, {});
-        return query_parameters();
-    });
+    no_args("query-migrate-parameters", &Monitor::query_parameters);
     server_.add("migrate-set-capabilities", [this](const json& a) { return set_capabilities(a); });
-    server_.add("query-migrate-capabilities", [this](const json& a) {
-        Args(a, {});
-        return query_capabilities();
-    });
+    no_args("query-migrate-capabilities", &Monitor::query_capabilities);
     server_.add("calc-dirty-rate", [this](const json& a) { return calc_dirty_rate(a); });
     server_.add("query-dirty-rate", [this](const json& a) { return query_dirty_rate(a); });
     server_.add("query-stats", [this](const json& a) { return query_stats(a); });
@@ -714,16 +698,16 @@ json Monitor::destination_migration_info() const
 
 json Monitor::set_parameters(const json& args)
 {
-    std::vector<const char*> known = {"max-bandwidth",       "downtime-limit",        "multifd-channels",
-                                      "multifd-compression", "multifd-zstd-level",    "cpu-throttle-initial",
-                                      "cpu-throttle-increment", "max-cpu-throttle",   "vcpu-dirty-limit",
-                                      "x-minivmm-max-iterations", "x-minivmm-timeout", "x-minivmm-verify",
-                                      "x-minivmm-post-run"};
+    static constexpr const char* known[] = {
+        "max-bandwidth",          "downtime-limit",   "multifd-channels", "multifd-compression",
+        "multifd-zstd-level",     "cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle",
+        "vcpu-dirty-limit",       "x-minivmm-max-iterations", "x-minivmm-timeout", "x-minivmm-verify",
+        "x-minivmm-post-run"};
     if (!args.is_object())
         throw QmpError("QMP input member 'arguments' must be an object");
     for (const auto& item : args.items()) {
         const std::string k = item.key();
-        if (std::find_if(known.begin(), known.end(), [&](const char* n) { return k == n; }) != known.end())
+        if (std::find_if(std::begin(known), std::end(known), [&](const char* n) { return k == n; }) != std::end(known))
             continue;
         for (const char* o : kOtherParams)
             if (k == o)
@@ -733,9 +717,7 @@ json Monitor::set_parameters(const json& args)
         throw QmpError(fmt::format("Parameter '{}' is unexpected", k));
     }
     // Check everything first, then apply: a bad member changes nothing.
-    Args a(args, {"max-bandwidth", "downtime-limit", "multifd-channels", "multifd-compression", "multifd-zstd-level",
-                  "cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle", "vcpu-dirty-limit",
-                  "x-minivmm-max-iterations", "x-minivmm-timeout", "x-minivmm-verify", "x-minivmm-post-run"});
+    Args a(args, known);
     auto ranged = [&](const char* name, int64_t lo, int64_t hi) {
         const int64_t v = a.integer(name);
         if (v < lo || v > hi)

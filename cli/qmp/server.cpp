@@ -15,6 +15,7 @@
 #include <fmt/format.h>
 
 #include "base/error.hpp"
+#include "migration/transport/tcp.hpp"
 
 namespace mvm::qmp {
 
@@ -45,7 +46,7 @@ json timestamp()
 
 // ---- arguments --------------------------------------------------------------------------
 
-Args::Args(const json& args, std::initializer_list<const char*> known) : a_(args.is_object() ? args : empty_object())
+Args::Args(const json& args, std::span<const char* const> known) : a_(args.is_object() ? args : empty_object())
 {
     if (!args.is_null() && !args.is_object())
         throw QmpError("QMP input member 'arguments' must be an object");
@@ -234,41 +235,8 @@ Server::Server(const std::string& option, const Address& addr, json version) : a
         ::chmod(addr.path.c_str(), 0600);
         bound_ = "unix:" + addr.path;
     } else {
-        sockaddr_storage ss{};
-        socklen_t sl;
-        std::string host = addr.host == "localhost" ? "127.0.0.1" : addr.host;
-        if (host.find(':') != std::string::npos) {
-            auto* a = reinterpret_cast<sockaddr_in6*>(&ss);
-            a->sin6_family = AF_INET6;
-            a->sin6_port = htons(addr.port);
-            if (inet_pton(AF_INET6, host.c_str(), &a->sin6_addr) != 1)
-                throw UsageError(fmt::format("{}: '{}' is not an IPv6 address", option, host));
-            sl = sizeof(*a);
-        } else {
-            auto* a = reinterpret_cast<sockaddr_in*>(&ss);
-            a->sin_family = AF_INET;
-            a->sin_port = htons(addr.port);
-            if (host == "0.0.0.0")
-                a->sin_addr.s_addr = INADDR_ANY;
-            else if (inet_pton(AF_INET, host.c_str(), &a->sin_addr) != 1)
-                throw UsageError(fmt::format("{}: '{}' is not an IPv4 address, e.g. tcp:127.0.0.1:4445", option, host));
-            sl = sizeof(*a);
-        }
-        listen_fd_ = ::socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (listen_fd_ < 0)
-            throw SysError("socket", errno);
-        int one = 1;
-        ::setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-        if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&ss), sl) != 0) {
-            const int err = errno;
-            ::close(listen_fd_);
-            throw UsageError(fmt::format("{} {}: cannot bind: {}; {}", option, addr.spec, errno_text(err),
-                                         err == EADDRINUSE ? "pick a free port" : "use an address of this host"));
-        }
-        socklen_t len = sizeof(ss);
-        ::getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&ss), &len);
-        const uint16_t port = ntohs(ss.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port
-                                                             : reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+        uint16_t port = 0;
+        listen_fd_ = migration::bind_tcp(option, addr.host == "localhost" ? "127.0.0.1" : addr.host, addr.port, &port);
         bound_ = fmt::format("tcp:{}:{}", addr.host, port);
     }
     if (::listen(listen_fd_, 8) != 0) {

@@ -19,6 +19,7 @@
 #include <memory>
 #include <mutex>
 #include <stdexcept>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -49,7 +50,9 @@ private:
 class Args {
 public:
     // `known`: every member the command takes (checked at once).
-    Args(const json& args, std::initializer_list<const char*> known);
+    Args(const json& args, std::span<const char* const> known);
+    Args(const json& args, std::initializer_list<const char*> known)
+        : Args(args, std::span<const char* const>(known.begin(), known.size())) {}
     bool has(const char* name) const { return a_.contains(name); }
     const json& raw(const char* name) const { return a_.at(name); }
     std::string str(const char* name) const;  // required

@@ -65,9 +65,8 @@ int connect_tcp(const std::string& host, uint16_t port)
     return fd;
 }
 
-int bind_listener(const std::string& spec)
+int bind_tcp(const std::string& option, const std::string& host, uint16_t port, uint16_t* bound_port)
 {
-    auto [host, port] = parse_tcp("--listen", spec);
     sockaddr_storage ss{};
     socklen_t sl;
     if (host.find(':') != std::string::npos) {
@@ -75,7 +74,7 @@ int bind_listener(const std::string& spec)
         a->sin6_family = AF_INET6;
         a->sin6_port = htons(port);
         if (inet_pton(AF_INET6, host.c_str(), &a->sin6_addr) != 1)
-            throw UsageError(fmt::format("--listen: '{}' is not an IPv6 address; use e.g. tcp:[::1]:{}", host, port));
+            throw UsageError(fmt::format("{}: '{}' is not an IPv6 address; use e.g. tcp:[::1]:{}", option, host, port));
         sl = sizeof(*a);
     } else {
         auto* a = reinterpret_cast<sockaddr_in*>(&ss);
@@ -84,7 +83,9 @@ int bind_listener(const std::string& spec)
         if (host == "0.0.0.0" || host == "*")
             a->sin_addr.s_addr = INADDR_ANY;
         else if (inet_pton(AF_INET, host.c_str(), &a->sin_addr) != 1)
-            throw UsageError(fmt::format("--listen: '{}' is not an IPv4 address; use e.g. tcp:0.0.0.0:{}", host, port));
+            throw UsageError(fmt::format("{}: '{}' is not an IPv4 address; use e.g. tcp:127.0.0.1:{} (tcp:0.0.0.0:{} "
+                                         "for every interface)",
+                                         option, host, port, port));
         sl = sizeof(*a);
     }
     int fd = ::socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -95,10 +96,22 @@ int bind_listener(const std::string& spec)
     if (::bind(fd, reinterpret_cast<sockaddr*>(&ss), sl) != 0) {
         const int err = errno;
         ::close(fd);
-        throw UsageError(fmt::format("--listen {}: cannot bind: {}; {}", spec, errno_text(err),
+        throw UsageError(fmt::format("{} tcp:{}:{}: cannot bind: {}; {}", option, host, port, errno_text(err),
                                      err == EADDRINUSE ? "pick a free port" : "use an address of this host"));
     }
+    if (bound_port) {
+        socklen_t len = sizeof(ss);
+        ::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len);
+        *bound_port = ntohs(ss.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port
+                                                     : reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+    }
     return fd;
+}
+
+int bind_listener(const std::string& spec)
+{
+    auto [host, port] = parse_tcp("--listen", spec);
+    return bind_tcp("--listen", host, port);
 }
 
 std::unique_ptr<FdTransport> accept_within(int fd, double timeout_s, std::string peer)

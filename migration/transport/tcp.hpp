@@ -19,8 +19,13 @@ std::pair<std::string, uint16_t> parse_tcp(const std::string& option, const std:
 // A connected socket (TCP_NODELAY) to host:port; throws Error naming --to.
 int connect_tcp(const std::string& host, uint16_t port);
 
-// A TCP socket bound to --listen's tcp:ADDR:PORT (not yet listening); throws
-// UsageError naming --listen for a bad address or one it cannot bind.
+// A TCP socket (SO_REUSEADDR, not yet listening) bound to host:port, an IPv4
+// or IPv6 literal ("0.0.0.0" or "*" for every interface); throws UsageError
+// naming `option` for a bad address or one it cannot bind. bound_port, when
+// given, receives the port bound (port 0 picks a free one).
+int bind_tcp(const std::string& option, const std::string& host, uint16_t port, uint16_t* bound_port = nullptr);
+
+// bind_tcp for --listen's tcp:ADDR:PORT.
 int bind_listener(const std::string& spec);
 
 // The next connection on listening socket `fd`, or nullptr when none comes
