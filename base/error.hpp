@@ -15,6 +15,7 @@ enum ExitCode : int {
     kExitMisplaced = 3,    // numa-check: pages are not where their policy says
     kExitNoKvm = 4,        // /dev/kvm missing or not accessible
     kExitMigration = 5,    // migration failed; the source kept running
+    kExitNoSender = 6,     // receive: no sender was admitted within --timeout
 };
 
 // Errors reach users as one line, and they often quote what the user (or a

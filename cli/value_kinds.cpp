@@ -19,7 +19,7 @@ const std::map<std::string, const char*, std::less<>>& kinds()
         {"--bandwidth", "SIZE/s"}, {"--rate", "PAGES/s"},
         // durations
         {"--duration", "SECONDS"}, {"--period", "SECONDS"}, {"--warmup", "SECONDS"}, {"--steady", "SECONDS"},
-        {"--logging", "SECONDS"}, {"--timeout", "SECONDS"}, {"--post-run", "SECONDS"},
+        {"--logging", "SECONDS"}, {"--timeout", "SECONDS"}, {"--io-timeout", "SECONDS"}, {"--post-run", "SECONDS"},
         {"--probe-ring-reset", "SECONDS"}, {"--interval", "SECONDS"}, {"--baseline", "SECONDS"},
         {"--max-downtime", "MS"}, {"--scan-period", "MS|kernel"}, {"--harvest-ms", "MS"}, {"--threshold-ms", "MS"}, {"--watchdog-ms", "MS"},
         // counts
@@ -35,6 +35,7 @@ const std::map<std::string, const char*, std::less<>>& kinds()
         // places
         {"--json", "FILE|-"}, {"--timeline", "FILE"}, {"--to", "inproc|tcp:HOST:PORT"},
         {"--listen", "tcp:ADDR:PORT|defer"}, {"--out", "FILE"}, {"--qmp", "unix:PATH|tcp:HOST:PORT"},
+        {"--tls-creds", "x509:DIR|psk:FILE"}, {"--tls-hostname", "NAME"}, {"--tls-authz", "IDENTITY"},
     };
     return t;
 }

@@ -80,22 +80,61 @@ void InprocDestination::abort()
 
 // ---- minivmm receive over TCP -------------------------------------------------------
 
-void RemoteDestination::open(const StreamHeader& h)
+RemoteDestination::RemoteDestination(StressVm& src, std::string host, uint16_t port, LinkOptions link)
+    : src_(src), host_(std::move(host)), port_(port), link_(std::move(link))
 {
-    // Every connection first (the receiver sorts them by HELLO), then
-    // the header, whose layout check must pass before any memory moves.
-    if (wrapper_)
-        wrapper_->check(h.nr_channels);
+    if (link_.tls.enabled())
+        tls_ = tls::Context::client(link_.tls, host_);
+}
+
+void RemoteDestination::connect_all(const StreamHeader& h)
+{
+    const uint64_t session = new_session_id();
     for (uint32_t c = 0; c < h.nr_channels; c++) {
-        int fd = connect_tcp(host_, port_);
-        std::unique_ptr<Transport> t = std::make_unique<FdTransport>(fd, fmt::format("{}:{} (channel {})", host_, port_, c));
-        if (wrapper_)
-            t = wrapper_->wrap(c, std::move(t));
+        auto raw = std::make_unique<FdTransport>(connect_tcp(host_, port_, link_.deadline),
+                                                 fmt::format("{}:{} (channel {})", host_, port_, c));
+        raw->set_limits(limits(true));
+        std::unique_ptr<Transport> t;
+        if (tls_)
+            t = tls_->connect(std::move(raw)).transport;
+        else
+            t = std::move(raw);
+        if (link_.wrapper)
+            t = link_.wrapper->wrap(c, std::move(t));
         ch_.push_back(std::move(t));
-        enc_.push_back(std::make_unique<PageEncoder>(compression_));
-        RecordWriter(*ch_.back()).write(RecordType::Hello, Hello{c, h.nr_channels}.encode());
+        enc_.push_back(std::make_unique<PageEncoder>(link_.compression));
+        RecordWriter(*ch_.back()).write(RecordType::Hello, Hello{kStreamVersion, c, h.nr_channels, session}.encode());
     }
     RecordWriter(*ch_[0]).write(RecordType::Header, h.encode());
+}
+
+void RemoteDestination::open(const StreamHeader& h)
+{
+    // Every connection first (the receiver groups them by the HELLOs'
+    // session), then the header, whose layout check must pass before any
+    // memory moves.
+    if (link_.wrapper)
+        link_.wrapper->check(h.nr_channels);
+    try {
+        connect_all(h);
+    } catch (const Error& e) {
+        // A receiver that refuses a sender (plain vs TLS, not authorised) says
+        // why in a RESULT on channel 0 before it closes: prefer its reason.
+        if (!ch_.empty()) {
+            try {
+                IoLimits l;
+                l.idle_s = 2;
+                ch_[0]->set_limits(l);
+                ResultRecord r = read_result("the connection");
+                if (!r.ok && !r.text.empty())
+                    throw Error("the destination refused the connection: " + r.text);
+            } catch (const Error& refused) {
+                if (std::string(refused.what()).rfind("the destination refused", 0) == 0)
+                    throw;
+            }
+        }
+        throw;
+    }
     ResultRecord r = read_result("the layout check");
     if (!r.ok)
         throw Error("the destination refused the stream: " + r.text);
@@ -112,6 +151,27 @@ void RemoteDestination::send(uint32_t channel, std::span<const uint64_t> gpas, u
     zeros += enc.counts().zero_pages - zeros_before;
 }
 
+// A channel's limits: the idle one always, the deadline up to the switchover.
+IoLimits RemoteDestination::limits(bool deadline, double extra_idle_s) const
+{
+    IoLimits l;
+    l.idle_s = link_.io_timeout_s > 0 ? link_.io_timeout_s + extra_idle_s : 0;
+    if (extra_idle_s > 0)
+        l.idle_what = fmt::format("--io-timeout plus the receiver's --post-run {:g} s", extra_idle_s);
+    if (deadline) {
+        l.deadline = link_.deadline;
+        l.deadline_what = link_.deadline_what;
+    }
+    return l;
+}
+
+void RemoteDestination::limit(bool deadline, double extra_idle_s)
+{
+    const IoLimits l = limits(deadline, extra_idle_s);
+    for (auto& c : ch_)
+        c->set_limits(l);
+}
+
 ResultRecord RemoteDestination::switchover(const std::vector<VcpuState>& states)
 {
     for (auto& c : ch_)
@@ -120,7 +180,12 @@ ResultRecord RemoteDestination::switchover(const std::vector<VcpuState>& states)
     for (const auto& s : states)
         w.write(RecordType::Vcpu, s.serialize());
     w.write(RecordType::End, {});
-    return read_result("the switchover");
+    ResultRecord r = read_result("the switchover");
+    // The destination runs the guest now: no deadline can undo that, only the
+    // idle limit holds (the final RESULT also waits out the receiver's post-run).
+    receiver_post_run_s_ = r.post_run_s > 0 ? r.post_run_s : 0;
+    limit(false, receiver_post_run_s_);
+    return r;
 }
 
 ResultRecord RemoteDestination::verify(const PageHashes* source)
@@ -148,8 +213,8 @@ PageCounts RemoteDestination::page_counts() const
 void RemoteDestination::enter_phase(const char* phase)
 {
     frozen_ = std::string(phase) == "stop";
-    if (wrapper_)
-        wrapper_->enter_phase(phase);
+    if (link_.wrapper)
+        link_.wrapper->enter_phase(phase);
 }
 
 ResultRecord RemoteDestination::read_result(const char* what)
@@ -164,12 +229,12 @@ ResultRecord RemoteDestination::read_result(const char* what)
 // ---------------------------------------------------------------------------------------
 
 std::unique_ptr<Destination> make_destination(StressVm& src, const std::string& to, bool verify, double post_run_s,
-                                              Compression compression, std::shared_ptr<TransportWrapper> wrapper)
+                                              LinkOptions link)
 {
     if (to == "inproc")
         return std::make_unique<InprocDestination>(src, verify, post_run_s);
     auto [host, port] = parse_tcp("--to", to);
-    return std::make_unique<RemoteDestination>(src, host, port, compression, std::move(wrapper));
+    return std::make_unique<RemoteDestination>(src, host, port, std::move(link));
 }
 
 }  // namespace mvm::migration

@@ -15,6 +15,7 @@
 #include "migration/page_codec.hpp"
 #include "migration/resume.hpp"
 #include "migration/stream.hpp"
+#include "migration/transport/tls.hpp"
 #include "migration/transport/wrapper.hpp"
 #include "migration/verify.hpp"
 #include "migration/vcpu_state.hpp"
@@ -72,15 +73,25 @@ private:
     Resumed resumed_;
 };
 
-// `minivmm receive` at host:port: one connection per channel, each through
-// `wrapper` when there is one.
+// How the sender talks to a remote destination.
+struct LinkOptions {
+    Compression compression;
+    // Every wait on the receiver: a send or read that makes no progress this
+    // long fails (and the final RESULT may also take the receiver's post-run).
+    double io_timeout_s = 30;
+    // Nothing before the switchover goes on past this (the sender's --timeout),
+    // blocked sends included; deadline_what names it in the message.
+    IoLimits::time_point deadline = IoLimits::time_point::max();
+    std::string deadline_what;
+    tls::Options tls;                           // --tls-creds, --tls-hostname: every channel over TLS
+    std::shared_ptr<TransportWrapper> wrapper;  // around every connection (tests' faults)
+};
+
+// `minivmm receive` at host:port: one connection per channel.
 class RemoteDestination : public Destination {
 public:
-    RemoteDestination(StressVm& src, std::string host, uint16_t port, Compression compression,
-                      std::shared_ptr<TransportWrapper> wrapper)
-        : src_(src), host_(std::move(host)), port_(port), compression_(compression), wrapper_(std::move(wrapper))
-    {
-    }
+    // Throws UsageError for unusable TLS credentials.
+    RemoteDestination(StressVm& src, std::string host, uint16_t port, LinkOptions link);
     void open(const StreamHeader& h) override;
     void send(uint32_t channel, std::span<const uint64_t> gpas, uint64_t& bytes, uint64_t& zeros) override;
     ResultRecord switchover(const std::vector<VcpuState>& states) override;
@@ -93,11 +104,16 @@ public:
 private:
     ResultRecord read_result(const char* what);
 
+    IoLimits limits(bool deadline, double extra_idle_s = 0) const;
+    void limit(bool deadline, double extra_idle_s = 0);
+    void connect_all(const StreamHeader& h);
+
     StressVm& src_;
     std::string host_;
     uint16_t port_;
-    Compression compression_;
-    std::shared_ptr<TransportWrapper> wrapper_;
+    LinkOptions link_;
+    std::shared_ptr<const tls::Context> tls_;
+    double receiver_post_run_s_ = 0;  // told in its "resumed" RESULT
     std::vector<std::unique_ptr<Transport>> ch_;
     std::vector<std::unique_ptr<PageEncoder>> enc_;  // one per channel, used by its thread only
     std::atomic<bool> frozen_{false};                // the source is parked: pages go unstaged
@@ -106,7 +122,6 @@ private:
 // `to` is "inproc" or "tcp:HOST:PORT" (throws UsageError naming --to otherwise;
 // compression applies to TCP only: the caller refuses it in-process).
 std::unique_ptr<Destination> make_destination(StressVm& src, const std::string& to, bool verify, double post_run_s,
-                                              Compression compression = {},
-                                              std::shared_ptr<TransportWrapper> wrapper = {});
+                                              LinkOptions link = {});
 
 }  // namespace mvm::migration

@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "base/error.hpp"
+#include "migration/admission.hpp"
 #include "migration/channels.hpp"
 #include "migration/page_codec.hpp"
 #include "migration/resume.hpp"
@@ -28,13 +29,15 @@ using clock = std::chrono::steady_clock;
 class Receiver {
 public:
     Receiver(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, const PhaseHook& on_phase,
-             PageHashes before)
-        : dst_(dst), ch_(std::move(channels)), on_phase_(on_phase), out_(*ch_[0]), landed_(std::move(before))
+             PageHashes before, std::optional<Record> header, double post_run_s)
+        : dst_(dst), ch_(std::move(channels)), on_phase_(on_phase), out_(*ch_[0]), landed_(std::move(before)),
+          header_(std::move(header)), post_run_s_(post_run_s)
     {
         for (const auto& r : dst_.memslots().regions())
             layout_pages_ += r.pages();
     }
     ReceiveReport run(double post_run_s);
+    ReceiveReport& report() { return rep_; }
 
 private:
     void check_header(RecordReader& in);
@@ -62,6 +65,8 @@ private:
     std::mutex mu_;  // guards rep_ while the channels pump
     ReceiveReport rep_;
     PageHashes landed_;  // every page as it landed
+    std::optional<Record> header_;  // channel 0's HEADER, when admission read it
+    double post_run_s_;
     const clock::time_point t0_ = clock::now();
 };
 
@@ -107,7 +112,7 @@ void Receiver::send_result(const ResultRecord& r)
 // The sender's layout against ours, before a byte of memory.
 void Receiver::check_header(RecordReader& in)
 {
-    Record hdr = in.read();
+    Record hdr = header_ ? std::move(*header_) : in.read();
     if (hdr.type == RecordType::Hello)
         hdr = in.read();
     if (hdr.type != RecordType::Header)
@@ -256,6 +261,7 @@ Resumed Receiver::resume_here(const std::vector<VcpuState>& states)
     ResultRecord r;
     r.ok = 1;
     r.text = "resumed";
+    r.post_run_s = post_run_s_;  // the sender waits that much longer for the last RESULT
     r.restore_ms = at.restore_ms;
     r.refused_msrs = at.refused_msrs;
     out_.write(RecordType::Result, r.encode());
@@ -302,85 +308,50 @@ void Receiver::run_and_report(const Resumed& at, double post_run_s)
         rep_.error = fin.text;
 }
 
-// ---- accepting -------------------------------------------------------------------------
-
-// A connection closed before its first byte is `minivmm migrate` checking
-// that the destination is there before it boots its guest: skipped.
-bool is_probe(const FdTransport& t)
-{
-    char c;
-    ssize_t n;
-    do
-        n = ::recv(t.fd(), &c, 1, MSG_PEEK);
-    while (n < 0 && errno == EINTR);
-    return n == 0;
-}
-
-std::unique_ptr<FdTransport> accept_one(int ls, double timeout_s, const std::string& listen)
-{
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
-    for (;;) {
-        const double left = std::chrono::duration<double>(deadline - std::chrono::steady_clock::now()).count();
-        auto t = left > 0 ? accept_within(ls, left, "the sender") : nullptr;
-        if (!t)
-            throw Error(fmt::format("receive: no sender connected to {} within {:.0f} s", listen, timeout_s));
-        if (!is_probe(*t))
-            return t;
-    }
-}
-
-std::optional<Hello> read_hello(Transport& t)
-{
-    Record h = RecordReader(t).read();
-    if (h.type != RecordType::Hello)
-        return std::nullopt;
-    return Hello::decode(h.payload);
-}
-
-// Connections can arrive in any order: sort them by their HELLO.
-std::vector<std::unique_ptr<Transport>> accept_channels(int ls, const ReceiveOptions& opt)
-{
-    auto first = accept_one(ls, opt.accept_timeout_s, opt.listen);
-    const auto h0 = read_hello(*first);
-    if (!h0)
-        throw Error("receive: the first record is not HELLO; is the sender minivmm migrate?");
-    const uint32_t nch = h0->channels;
-    if (nch == 0 || nch > 64 || h0->channel >= nch)
-        throw Error(fmt::format("receive: HELLO names channel {} of {}", h0->channel, nch));
-    std::vector<std::unique_ptr<Transport>> chans(nch);
-    chans[h0->channel] = std::move(first);
-    for (uint32_t i = 1; i < nch; i++) {
-        auto t = accept_one(ls, 30, opt.listen);
-        const auto h = read_hello(*t);
-        if (!h)
-            throw Error("receive: a connection did not start with HELLO");
-        if (h->channels != nch || h->channel >= nch || chans[h->channel])
-            throw Error(fmt::format("receive: HELLO for channel {} of {} does not fit", h->channel, h->channels));
-        chans[h->channel] = std::move(t);
-    }
-    return chans;
-}
-
 }  // namespace
 
 ReceiveReport receive_from(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, double post_run_s,
-                           const PhaseHook& on_phase, PageHashes before)
+                           const PhaseHook& on_phase, PageHashes before, std::optional<Record> header)
 {
     if (channels.empty())
         throw Error("receive: no connection");
-    return Receiver(dst, std::move(channels), on_phase, std::move(before)).run(post_run_s);
+    return Receiver(dst, std::move(channels), on_phase, std::move(before), std::move(header), post_run_s)
+        .run(post_run_s);
 }
 
 ReceiveReport receive(StressVm& dst, const ReceiveOptions& opt, const PhaseHook& on_phase)
 {
-    int ls = bind_listener(opt.listen);
-    FdTransport guard(ls, "listener");
-    if (::listen(ls, 64) != 0)
-        throw SysError("listen", errno);
-    // Hashed while nobody waits: a sender's setup does not include it.
-    PageHashes before = PageHashes::of_memory(dst);
-    fmt::print(stderr, "receive: listening on {}\n", opt.listen);
-    return receive_from(dst, accept_channels(ls, opt), opt.post_run_s, on_phase, std::move(before));
+    AdmitOptions ao;
+    ao.listen = opt.listen;
+    ao.timeout_s = opt.accept_timeout_s;
+    ao.io_timeout_s = opt.io_timeout_s;
+    if (opt.tls.enabled())
+        ao.tls = tls::Context::server(opt.tls);  // files checked before the listener opens
+    PageHashes before;
+    Admitted a;
+    {
+        int ls = bind_listener(opt.listen);
+        FdTransport guard(ls, "listener");  // closed once a sender is admitted: later ones are refused
+        if (::listen(ls, 64) != 0)
+            throw SysError("listen", errno);
+        // Hashed while nobody waits: a sender's setup does not include it.
+        before = PageHashes::of_memory(dst);
+        fmt::print(stderr, "receive: listening on {}{}\n", opt.listen,
+                   ao.tls ? fmt::format(" (TLS: {})", ao.tls->describe()) : "");
+        a = admit(ls, ao);
+    }
+    // The admitted sender: every wait on it bounded by --io-timeout.
+    IoLimits l;
+    l.idle_s = opt.io_timeout_s;
+    for (auto& c : a.channels)
+        c->set_limits(l);
+    ReceiveReport r = receive_from(dst, std::move(a.channels), opt.post_run_s, on_phase, std::move(before),
+                                   std::move(a.header));
+    r.peer = a.peer;
+    r.peer_identity = a.identity;
+    r.security = ao.tls ? (ao.tls->kind() == tls::Kind::X509 ? "tls-x509" : "tls-psk") : "none";
+    r.dropped_connections = a.dropped;
+    return r;
 }
 
 }  // namespace mvm::migration

@@ -7,11 +7,13 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "migration/report.hpp"
 #include "migration/stream.hpp"
+#include "migration/transport/tls.hpp"
 #include "migration/verify.hpp"
 #include "vmm/stress/stress_vm.hpp"
 
@@ -20,7 +22,9 @@ namespace mvm::migration {
 struct ReceiveOptions {
     std::string listen;  // tcp:ADDR:PORT
     double post_run_s = 2;
-    double accept_timeout_s = 300;
+    double accept_timeout_s = 300;  // until a sender is admitted (admission.hpp)
+    double io_timeout_s = 30;       // a connection's admission; then each wait on the admitted sender
+    tls::Options tls;               // --tls-creds, --tls-authz
     bool progress = false;
 };
 
@@ -31,15 +35,19 @@ struct ReceiveOptions {
 // "stopped" after its post-run check (a monitor's run state).
 using PhaseHook = std::function<void(const char* phase)>;
 
-// Listens, takes one migration into `dst` (made with the same VM options,
-// not started), resumes it, runs post_run_s, checks stamps, reports back.
+// Listens, admits one sender (admission.hpp: throws Error with kExitNoSender
+// when none comes within accept_timeout_s), takes its migration into `dst`
+// (made with the same VM options, not started), resumes it, runs
+// post_run_s, checks stamps, reports back.
 ReceiveReport receive(StressVm& dst, const ReceiveOptions& opt, const PhaseHook& on_phase = {});
 
 // Same, from already-connected transports (channel 0 first): what the
 // fuzzers and the in-memory tests drive.
 // `before`: the hashes of dst's memory as it is now, when the caller took
 // them already (else they are taken once the layout is accepted).
+// `header`: channel 0's HEADER when admission read it already.
 ReceiveReport receive_from(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, double post_run_s,
-                           const PhaseHook& on_phase = {}, PageHashes before = {});
+                           const PhaseHook& on_phase = {}, PageHashes before = {},
+                           std::optional<Record> header = std::nullopt);
 
 }  // namespace mvm::migration

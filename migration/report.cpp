@@ -247,6 +247,8 @@ nlohmann::json ReceiveReport::to_json() const
     j["channels"] = channels;
     j["compression"] = compression.to_json();
     j["guest"] = guest;
+    j["sender"] = {{"peer", peer}, {"identity", peer_identity}, {"security", security},
+                   {"dropped_connections", dropped_connections}};
     return j;
 }
 
@@ -254,6 +256,12 @@ std::string ReceiveReport::to_table() const
 {
     std::string o = fmt::format("receive {}: {} pages ({} zero, {}){}\n", status, pages, zero_pages,
                                 human_bytes(static_cast<double>(bytes)), error.empty() ? "" : "; " + error);
+    if (!peer.empty())
+        o += fmt::format("sender {} over {}{}{}\n", peer, security == "none" ? "plain TCP" : security,
+                         peer_identity.empty() ? "" : fmt::format(" as '{}'", peer_identity),
+                         dropped_connections ? fmt::format(", {} other connection{} dropped before it", dropped_connections,
+                                                           dropped_connections == 1 ? "" : "s")
+                                             : "");
     o += fmt::format("memory {:.1f} ms, switchover {:.1f} ms (restore {:.1f} ms), guest's own downtime {}, verify {:.1f} "
                      "ms ({} pages, {} differ), post-run {:.1f} ms, total {:.1f} ms\n",
                      memory_ms, switchover_ms, restore_ms,

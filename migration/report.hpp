@@ -135,6 +135,10 @@ struct ReceiveReport {
     uint32_t channels = 0;
     CompressionFigures compression;       // what PAGES_ZSTD frames carried, and decompressing them
     std::string guest = "never started";  // its state at the end
+    // Who sent it: channel 0's address, its TLS identity ("" plain), "tls" or
+    // "none", and the connections dropped before it was admitted.
+    std::string peer, peer_identity, security = "none";
+    uint32_t dropped_connections = 0;
     nlohmann::json to_json() const;
     std::string to_table() const;
 };

@@ -41,12 +41,30 @@ const char* phase_name(Phase p)
     return "?";
 }
 
+// A remote destination's connections: --compress, --io-timeout, and --timeout
+// from the start of the migration as their deadline up to the switchover.
+static LinkOptions link_options(const MigrateOptions& opt, std::shared_ptr<TransportWrapper> wrapper,
+                                std::chrono::steady_clock::time_point t0)
+{
+    LinkOptions l;
+    l.compression = opt.compress;
+    l.io_timeout_s = opt.io_timeout_s;
+    if (opt.timeout_s > 0 && opt.timeout_s < 1e9) {
+        l.deadline = t0 + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                              std::chrono::duration<double>(opt.timeout_s));
+        l.deadline_what = fmt::format("--timeout {:g} s", opt.timeout_s);
+    }
+    l.tls = opt.tls;
+    l.wrapper = std::move(wrapper);
+    return l;
+}
+
 Sender::Sender(StressVm& src, dirty::Tracker& tracker, const MigrateOptions& opt, const std::atomic<int>* cancel,
                SenderHooks hooks, SenderEvents events)
     : src_(src), tracker_(tracker), opt_(opt), cancel_signal_(cancel), hooks_(std::move(hooks)),
       events_(std::move(events)), t0_(clock::now()),
       channels_(src, channel_count(src, opt), opt.bandwidth),
-      dest_(make_destination(src, opt.to, opt.verify, opt.post_run_s, opt.compress, hooks_.transport)),
+      dest_(make_destination(src, opt.to, opt.verify, opt.post_run_s, link_options(opt, hooks_.transport, t0_))),
       max_downtime_ms_(opt.max_downtime_ms)
 {
     rep_.max_downtime_ms = opt.max_downtime_ms;

@@ -26,6 +26,7 @@
 #include "migration/channels.hpp"
 #include "migration/destination.hpp"
 #include "migration/report.hpp"
+#include "migration/transport/tls.hpp"
 #include "migration/transport/wrapper.hpp"
 #include "vmm/dirty/tracker.hpp"
 #include "vmm/stress/stress_vm.hpp"
@@ -43,7 +44,9 @@ struct MigrateOptions {
     dirty::Mode tracker = dirty::Mode::Bitmap;
     double max_downtime_ms = 300;
     uint32_t max_iterations = 30;
-    double timeout_s = 120;
+    double timeout_s = 120;           // everything up to the switchover, blocked sends included
+    double io_timeout_s = 30;         // a TCP destination: any wait on it without progress (0: none)
+    tls::Options tls;                 // a TCP destination over TLS (--tls-creds, --tls-hostname)
     uint64_t bandwidth = 0;           // bytes/s; 0 = unlimited
     Throttle throttle = Throttle::None;
     uint64_t dirty_limit = 0;         // pages/s per vCPU (dirty-limit)

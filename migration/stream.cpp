@@ -1,6 +1,7 @@
 #include "migration/stream.hpp"
 
 #include <poll.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -176,19 +177,31 @@ std::string StreamHeader::incompatibility(const StreamHeader& s) const
 std::vector<uint8_t> Hello::encode() const
 {
     std::vector<uint8_t> out;
+    put(out, version);
     put(out, channel);
     put(out, channels);
+    put(out, session);
     return out;
 }
 
 std::optional<Hello> Hello::decode(std::span<const uint8_t> p)
 {
-    if (p.size() != 8)
+    if (p.size() != 20)
         return std::nullopt;
     Hello h;
-    std::memcpy(&h.channel, p.data(), 4);
-    std::memcpy(&h.channels, p.data() + 4, 4);
+    std::memcpy(&h.version, p.data(), 4);
+    std::memcpy(&h.channel, p.data() + 4, 4);
+    std::memcpy(&h.channels, p.data() + 8, 4);
+    std::memcpy(&h.session, p.data() + 12, 8);
     return h;
+}
+
+uint64_t new_session_id()
+{
+    uint64_t v = 0;
+    if (::getrandom(&v, sizeof(v), 0) != sizeof(v))
+        v = static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^ ::getpid();
+    return v;
 }
 
 static_assert(sizeof(Digest) == 24, "a DIGESTS entry is three u64 on the wire");
@@ -232,6 +245,7 @@ std::vector<uint8_t> ResultRecord::encode() const
     put(out, static_cast<uint32_t>(refused_msrs.size()));
     for (uint32_t m : refused_msrs)
         put(out, m);
+    put(out, post_run_s);
     return out;
 }
 
@@ -261,6 +275,7 @@ ResultRecord ResultRecord::decode(std::span<const uint8_t> p)
         throw Error("migration stream: RESULT lists too many MSRs");
     for (uint32_t i = 0; i < nm; i++)
         res.refused_msrs.push_back(r.get<uint32_t>());
+    res.post_run_s = r.get<double>();
     if (r.left())
         throw Error("migration stream: RESULT has trailing bytes");
     return res;
@@ -324,11 +339,67 @@ size_t advance(std::vector<iovec>& iov, size_t first, size_t n)
 
 }  // namespace
 
+void FdTransport::set_limits(const IoLimits& limits)
+{
+    limits_ = limits;
+    limited_ = limits.idle_s > 0 || limits.deadline != IoLimits::time_point::max();
+    armed_s_[0] = armed_s_[1] = -1;  // re-armed for the new limits
+    arm(false);
+    arm(true);
+}
+
+void FdTransport::arm(bool sending)
+{
+    const int i = sending ? 1 : 0;
+    if (!limited_) {
+        if (armed_s_[i] != 0) {
+            const timeval tv{};
+            ::setsockopt(fd_, SOL_SOCKET, sending ? SO_SNDTIMEO : SO_RCVTIMEO, &tv, sizeof(tv));
+            armed_s_[i] = 0;
+        }
+        return;
+    }
+    const auto now = std::chrono::steady_clock::now();
+    double s = limits_.idle_s > 0 ? limits_.idle_s : 1e9;
+    if (limits_.deadline != IoLimits::time_point::max()) {
+        const double left = std::chrono::duration<double>(limits_.deadline - now).count();
+        if (left <= 0)
+            expired(sending);
+        s = std::min(s, left);
+    }
+    // SO_RCVTIMEO/SO_SNDTIMEO bound each call from its start. Within one set
+    // of limits s only shrinks (the deadline nears), so a timeout at most
+    // 50 ms longer than s is kept: a deadline costs a setsockopt per 50 ms,
+    // not one per call, and a call never times out before its limit.
+    if (armed_s_[i] > 0 && armed_s_[i] >= s && armed_s_[i] <= s + 0.05)
+        return;
+    timeval tv{};
+    tv.tv_sec = static_cast<time_t>(s);
+    tv.tv_usec = static_cast<suseconds_t>((s - static_cast<double>(tv.tv_sec)) * 1e6);
+    if (tv.tv_sec == 0 && tv.tv_usec == 0)
+        tv.tv_usec = 1000;
+    ::setsockopt(fd_, SOL_SOCKET, sending ? SO_SNDTIMEO : SO_RCVTIMEO, &tv, sizeof(tv));
+    armed_s_[i] = s;
+}
+
+void FdTransport::expired(bool sending) const
+{
+    const char* doing = sending ? "sending to" : "receiving from";
+    if (limits_.deadline != IoLimits::time_point::max() && std::chrono::steady_clock::now() >= limits_.deadline)
+        throw Error(fmt::format("{} {}: {} reached while {}", doing, peer_, limits_.deadline_what,
+                                sending ? "the peer was not reading (stopped, or the network down?)"
+                                        : "waiting for the peer (stopped, or the network down?)"));
+    throw Error(fmt::format("{} {}: {} for {:g} s ({}); is the peer stopped or the network down?", doing, peer_,
+                            sending ? "the peer took nothing" : "nothing came", limits_.idle_s, limits_.idle_what));
+}
+
 void FdTransport::writev_all(std::span<const iovec> in)
 {
     std::vector<iovec> iov(in.begin(), in.end());
     size_t first = advance(iov, 0, 0);
     while (first < iov.size()) {
+        if (limited_)
+            arm(true);
         msghdr mh{};
         mh.msg_iov = iov.data() + first;
         mh.msg_iovlen = std::min<size_t>(iov.size() - first, IOV_MAX);
@@ -337,6 +408,8 @@ void FdTransport::writev_all(std::span<const iovec> in)
             n = ::writev(fd_, mh.msg_iov, static_cast<int>(mh.msg_iovlen));
         if (n < 0 && errno == EINTR)
             continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && limited_)
+            expired(true);
         if (n <= 0)
             throw Error(fmt::format("sending to {}: {}", peer_, n < 0 ? errno_text(errno) : "connection closed"));
         first = advance(iov, first, static_cast<size_t>(n));
@@ -348,10 +421,14 @@ void FdTransport::readv_exact(std::span<const iovec> in)
     std::vector<iovec> iov(in.begin(), in.end());
     size_t first = advance(iov, 0, 0);
     while (first < iov.size()) {
+        if (limited_)
+            arm(false);
         const int cnt = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
         ssize_t n = ::readv(fd_, iov.data() + first, cnt);
         if (n < 0 && errno == EINTR)
             continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && limited_)
+            expired(false);
         if (n < 0)
             throw Error(fmt::format("receiving from {}: {}", peer_, errno_text(errno)));
         if (n == 0)

@@ -1,5 +1,6 @@
-// migration/stream.hpp - minivmm's migration stream, version 3 (2: DIGESTS after the resume, RESULT tail, VCPU
-// state v2; 3: XXH3 frame checksums, PAGES_ZSTD).
+// migration/stream.hpp - minivmm's migration stream, version 4 (2: DIGESTS after the resume, RESULT tail, VCPU
+// state v2; 3: XXH3 frame checksums, PAGES_ZSTD; 4: HELLO carries the version and a session number, RESULT the
+// receiver's post-run).
 //
 // A stream is a sequence of records, each framed as
 //     u32 type | u32 payload length | payload | u64 checksum
@@ -15,7 +16,9 @@
 // the parked sender hash its frozen memory and send DIGESTS (empty without
 // verification), answered by RESULT (the check), then RESULT (stamp check).
 //
-// HELLO    (first on every connection) channel index, channel count.
+// HELLO    (first on every connection) stream version, channel index, channel
+//          count, session: a random number, the same on each of one migration's
+//          connections (the receiver groups connections by it).
 // HEADER   magic "MVMMIGv1", version, page size, vCPU count, channel count,
 //          then every memslot (slot, flags, GPA, size, vnode, backing page size):
 //          the receiver refuses a layout that differs from its own before it
@@ -34,6 +37,7 @@
 
 #include <sys/uio.h>
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <optional>
@@ -46,7 +50,7 @@
 namespace mvm::migration {
 
 constexpr char kStreamMagic[8] = {'M', 'V', 'M', 'M', 'I', 'G', 'v', '1'};
-constexpr uint32_t kStreamVersion = 3;
+constexpr uint32_t kStreamVersion = 4;
 constexpr uint32_t kMaxPayload = 8u << 20;
 constexpr size_t kBatchPages = 256;  // pages per PAGES record the sender writes: 1 MiB of data
 
@@ -90,11 +94,16 @@ struct StreamHeader {
 };
 
 struct Hello {
+    uint32_t version = kStreamVersion;
     uint32_t channel = 0, channels = 1;
+    uint64_t session = 0;  // the same random number on every connection of one migration
     std::vector<uint8_t> encode() const;
-    // nullopt when the payload is not a HELLO's 8 bytes (the receiver words the error).
+    // nullopt when the payload is not a HELLO's 20 bytes (the receiver words the error).
     static std::optional<Hello> decode(std::span<const uint8_t> p);
 };
+
+// A fresh random session number for a migration's HELLOs.
+uint64_t new_session_id();
 
 struct Digest {
     uint64_t gpa = 0, bytes = 0, value = 0;
@@ -112,8 +121,21 @@ struct ResultRecord {
     double restore_ms = -1;              // the destination loading the vCPU states and starting them
     double guest_gap_ms = -1;            // downtime_guest_ms (-1: not measured; text says why)
     std::vector<uint32_t> refused_msrs;  // MSRs the destination would not load
+    double post_run_s = -1;              // the receiver's --post-run (in "resumed"): the sender waits that longer
     std::vector<uint8_t> encode() const;
     static ResultRecord decode(std::span<const uint8_t> p);
+};
+
+// How long a socket transport may wait on its peer. Each read or write that
+// makes no progress for idle_s fails ("nothing for 30 s"), and none goes on
+// past `deadline` (the sender's --timeout): a peer that stops reading or
+// sending cannot hold either side. Other transports ignore them.
+struct IoLimits {
+    using time_point = std::chrono::steady_clock::time_point;
+    double idle_s = 0;                       // 0: no limit
+    std::string idle_what = "--io-timeout";  // the option the message names
+    time_point deadline = time_point::max();
+    std::string deadline_what;               // e.g. "--timeout 10 s"
 };
 
 // A byte pipe: a socket, a pipe, or memory (tests, fuzzers).
@@ -128,6 +150,7 @@ public:
     virtual void writev_all(std::span<const iovec> iov);
     virtual void readv_exact(std::span<const iovec> iov);
     virtual void shutdown() {}
+    virtual void set_limits(const IoLimits& limits) { (void)limits; }
 };
 
 class FdTransport : public Transport {
@@ -139,11 +162,22 @@ public:
     void writev_all(std::span<const iovec> iov) override;  // sendmsg: no staging copy
     void readv_exact(std::span<const iovec> iov) override;  // readv: straight into place
     void shutdown() override;
+    void set_limits(const IoLimits& limits) override;
     int fd() const { return fd_; }
+    const std::string& peer() const { return peer_; }
+
+    // For a layer that does its own I/O on fd() (TLS): before each blocking
+    // call, arm() fits the socket's timeouts to the limits (throws once one
+    // passed); when the call timed out (EAGAIN), expired() throws the message.
+    void arm(bool sending);
+    [[noreturn]] void expired(bool sending) const;
 
 private:
     int fd_;
     std::string peer_;
+    IoLimits limits_;
+    bool limited_ = false;
+    double armed_s_[2] = {0, 0};  // SO_RCVTIMEO, SO_SNDTIMEO as set (0: none, -1: to set)
 };
 
 // Reads from a buffer: the fuzzers' and tests' stream source.

@@ -9,6 +9,7 @@
 #include "base/stop_signal.hpp"
 #include "base/units.hpp"
 #include "cli/command.hpp"
+#include "cli/commands/link_options.hpp"
 #include "cli/options.hpp"
 #include "cli/output.hpp"
 #include "cli/qmp/monitor.hpp"
@@ -68,6 +69,7 @@ public:
         c->add_option("--compress", compress_, "compress page data over TCP: none or zstd[:LEVEL] (level 1 default)")
             ->capture_default_str();
         c->add_flag("--no-verify", no_verify_, "skip the switchover compare and the destination stamp check");
+        link_.add_to(*c, true);
         c->add_option("--json", json_, "also write the report as JSON to FILE, or - for stdout");
         qmp_.add_to(*c);
         return c;
@@ -142,6 +144,14 @@ private:
             throw UsageError("--compress: applies to a TCP destination; in-process migration copies memory directly "
                              "(use --to tcp:HOST:PORT with minivmm receive)");
         o.verify = !no_verify_;
+        o.io_timeout_s = link_.io_timeout_s();
+        o.tls = link_.tls();
+        if (o.tls.enabled()) {
+            if (o.to == "inproc")
+                throw UsageError("--tls-creds: applies to a TCP destination (--to tcp:HOST:PORT)");
+            // The credentials are read and checked now, before the guest boots.
+            migration::tls::Context::client(o.tls, parse_tcp("--to", o.to).first);
+        }
         hooks_ = test_hooks(o);
         parse_throttle(throttle_, o);
         if (!ring_.empty() && o.tracker != dirty::Mode::Ring)
@@ -156,7 +166,7 @@ private:
         if (to == "inproc")
             return;
         auto [host, port] = parse_tcp("--to", to);
-        ::close(connect_tcp(host, port));
+        ::close(connect_tcp(host, port, std::chrono::steady_clock::now() + std::chrono::seconds(30)));
     }
 
     // Test hooks (cli/test_hooks.hpp): lose the destination in a phase, or damage the stream.
@@ -212,6 +222,7 @@ private:
     }
 
     VmOptions vm_;
+    LinkCliOptions link_;
     qmp::QmpOptions qmp_;
     SenderHooks hooks_;
     std::string to_, tracker_ = "bitmap", ring_, max_downtime_ = "300", bandwidth_ = "0", max_iterations_ = "30",

@@ -8,6 +8,7 @@
 #include "base/stop_signal.hpp"
 #include "base/units.hpp"
 #include "cli/command.hpp"
+#include "cli/commands/link_options.hpp"
 #include "cli/options.hpp"
 #include "cli/output.hpp"
 #include "cli/qmp/monitor.hpp"
@@ -38,6 +39,7 @@ public:
             ->capture_default_str();
         c->add_option("--json", json_, "also write the report as JSON to FILE, or - for stdout");
         c->add_flag("--no-prealloc", no_prealloc_, "do not populate the guest memory before receiving");
+        link_.add_to(*c, false);
         qmp_.add_to(*c);
         return c;
     }
@@ -61,6 +63,10 @@ public:
         o.accept_timeout_s = parse_seconds("--timeout", timeout_);
         if (o.accept_timeout_s <= 0)
             throw UsageError("--timeout: must be positive, e.g. 300");
+        o.io_timeout_s = link_.io_timeout_s();
+        o.tls = link_.tls();
+        if (o.tls.enabled())
+            migration::tls::Context::server(o.tls);  // read and checked before the guest's memory is made
         Kvm kvm(kvm_device());
         MachineConfig cfg = vm_.to_config(kvm);
         // Populate the memory before the sender connects, so the copy does not
@@ -98,7 +104,16 @@ public:
                     die(p);
             };
         }
-        ReceiveReport r = receive(dst, o, hook);
+        ReceiveReport r;
+        try {
+            r = receive(dst, o, hook);
+        } catch (const Error& e) {
+            if (mon) {  // QMP's query-migrate says failed, with the reason
+                r.error = e.what();
+                mon->incoming_done(r);
+            }
+            throw;  // no sender admitted: exit 6; bad --listen: exit 2
+        }
         if (mon)
             mon->incoming_done(r);
         std::FILE* out = table_stream(json_);
@@ -131,6 +146,7 @@ private:
     }
 
     VmOptions vm_;
+    LinkCliOptions link_;
     qmp::QmpOptions qmp_;
     std::string listen_, post_run_ = "2", timeout_ = "300", json_;
     bool no_prealloc_ = false;

@@ -1,6 +1,7 @@
 #include "migration/transport/tcp.hpp"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -9,6 +10,8 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
+#include <cstdint>
 #include <fmt/format.h>
 
 #include "base/error.hpp"
@@ -37,7 +40,47 @@ std::pair<std::string, uint16_t> parse_tcp(const std::string& option, const std:
     return {host, static_cast<uint16_t>(p)};
 }
 
-int connect_tcp(const std::string& host, uint16_t port)
+namespace {
+
+// connect() on `fd`, given up at `deadline`; 0 or the errno.
+int connect_by(int fd, const sockaddr* addr, socklen_t len, IoLimits::time_point deadline)
+{
+    const int flags = ::fcntl(fd, F_GETFL);
+    ::fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+    int err = 0;
+    if (::connect(fd, addr, len) != 0) {
+        err = errno;
+        while (err == EINPROGRESS || err == EINTR) {
+            int ms = -1;
+            if (deadline != IoLimits::time_point::max()) {
+                const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                    deadline - std::chrono::steady_clock::now());
+                if (left.count() <= 0) {
+                    err = ETIMEDOUT;
+                    break;
+                }
+                ms = static_cast<int>(std::min<int64_t>(left.count(), INT32_MAX));
+            }
+            pollfd p{fd, POLLOUT, 0};
+            const int rc = ::poll(&p, 1, ms);
+            if (rc < 0) {
+                err = errno;
+                continue;
+            }
+            if (rc == 0)
+                continue;  // the deadline, checked above
+            socklen_t el = sizeof(err);
+            ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el);
+            break;
+        }
+    }
+    ::fcntl(fd, F_SETFL, flags);
+    return err;
+}
+
+}  // namespace
+
+int connect_tcp(const std::string& host, uint16_t port, IoLimits::time_point deadline)
 {
     addrinfo hints{}, *res = nullptr;
     hints.ai_family = AF_UNSPEC;
@@ -49,9 +92,9 @@ int connect_tcp(const std::string& host, uint16_t port)
         fd = ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
         if (fd < 0)
             continue;
-        if (::connect(fd, a->ai_addr, a->ai_addrlen) == 0)
+        err = connect_by(fd, a->ai_addr, a->ai_addrlen, deadline);
+        if (err == 0)
             break;
-        err = errno;
         ::close(fd);
         fd = -1;
     }

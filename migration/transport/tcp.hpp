@@ -16,8 +16,9 @@ namespace mvm::migration {
 // "tcp:HOST:PORT" -> host, port; throws UsageError naming `option`.
 std::pair<std::string, uint16_t> parse_tcp(const std::string& option, const std::string& spec);
 
-// A connected socket (TCP_NODELAY) to host:port; throws Error naming --to.
-int connect_tcp(const std::string& host, uint16_t port);
+// A connected socket (TCP_NODELAY) to host:port, given up at `deadline`;
+// throws Error naming --to.
+int connect_tcp(const std::string& host, uint16_t port, IoLimits::time_point deadline = IoLimits::time_point::max());
 
 // A TCP socket (SO_REUSEADDR, not yet listening) bound to host:port, an IPv4
 // or IPv6 literal ("0.0.0.0" or "*" for every interface); throws UsageError

@@ -1,0 +1,369 @@
+#include "migration/admission.hpp"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <fmt/format.h>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <thread>
+
+#include "base/error.hpp"
+
+namespace mvm::migration {
+
+namespace {
+
+using clock = std::chrono::steady_clock;
+
+std::string address_of(const sockaddr_storage& a)
+{
+    char buf[INET6_ADDRSTRLEN] = "?";
+    if (a.ss_family == AF_INET) {
+        const auto* in = reinterpret_cast<const sockaddr_in*>(&a);
+        ::inet_ntop(AF_INET, &in->sin_addr, buf, sizeof(buf));
+        return fmt::format("{}:{}", buf, ntohs(in->sin_port));
+    }
+    if (a.ss_family == AF_INET6) {
+        const auto* in6 = reinterpret_cast<const sockaddr_in6*>(&a);
+        ::inet_ntop(AF_INET6, &in6->sin6_addr, buf, sizeof(buf));
+        return fmt::format("[{}]:{}", buf, ntohs(in6->sin6_port));
+    }
+    return "a peer";
+}
+
+// A connection being admitted. The worker does its I/O on a dup of `fd`;
+// the main thread owns `fd` itself, so it can shut the socket down (to stop
+// the worker) whatever the worker has done with its copy.
+struct Conn {
+    int fd = -1;
+    std::string peer;
+    std::thread worker;
+    std::atomic<bool> done{false};
+    bool handed_over = false;  // its transport is in a session (under Admission::mu_)
+    ~Conn()
+    {
+        if (worker.joinable())
+            worker.join();
+        if (fd >= 0)
+            ::close(fd);
+    }
+};
+
+struct Session {
+    uint32_t channels = 0, have = 0;
+    std::vector<std::unique_ptr<Transport>> chans;
+    std::optional<Record> header;
+    std::string peer, identity;
+    clock::time_point first;
+};
+
+// Thrown for a connection that closed before its first byte: `minivmm
+// migrate` checking that the receiver is there. Not worth a line.
+struct Probe {};
+
+class Admission {
+public:
+    explicit Admission(const AdmitOptions& o) : opt_(o) {}
+    ~Admission()
+    {
+        stop_all();  // the workers first: they may write to wake_
+        for (int fd : wake_)
+            if (fd >= 0)
+                ::close(fd);
+    }
+    Admitted run(int ls);
+
+private:
+    void work(Conn& c, int fd);
+    void take(Conn& c, std::unique_ptr<Transport> t, const Hello& h, std::optional<Record> header,
+              const std::string& identity);
+    void drop(const std::string& peer, const std::string& why);
+    void expire_sessions();
+    void stop_all();
+
+    const AdmitOptions& opt_;
+    int wake_[2] = {-1, -1};  // a worker that completes a session wakes the accept loop
+    std::mutex mu_;  // sessions_, admitted_, handed_over, dropped_, last_drop_
+    std::map<uint64_t, Session> sessions_;
+    std::optional<uint64_t> admitted_;
+    bool stopping_ = false;
+    uint32_t dropped_ = 0;
+    std::string last_drop_;
+    std::vector<std::unique_ptr<Conn>> conns_;  // main thread only
+};
+
+void Admission::drop(const std::string& peer, const std::string& why)
+{
+    {
+        std::lock_guard lk(mu_);
+        if (stopping_)
+            return;  // stop_all() said why
+        dropped_++;
+        last_drop_ = fmt::format("{}: {}", peer, why);
+    }
+    if (!opt_.quiet)
+        fmt::print(stderr, "receive: dropped the connection from {}: {}\n", peer, why);
+}
+
+// One connection: its first byte, TLS, its HELLO (and channel 0's HEADER),
+// all within --io-timeout of its accept.
+void Admission::work(Conn& c, int fd)
+{
+    std::unique_ptr<Transport> t;
+    try {
+        auto raw = std::make_unique<FdTransport>(fd, c.peer);
+        IoLimits l;
+        l.idle_s = opt_.io_timeout_s;
+        l.deadline = clock::now() + std::chrono::duration_cast<clock::duration>(
+                                        std::chrono::duration<double>(opt_.io_timeout_s));
+        l.deadline_what = fmt::format("--io-timeout {:g} s (the time a connection has to be admitted)",
+                                      opt_.io_timeout_s);
+        raw->set_limits(l);
+        uint8_t first[3] = {};
+        ssize_t n;
+        raw->arm(false);
+        do
+            n = ::recv(raw->fd(), first, sizeof(first), MSG_PEEK | MSG_WAITALL);
+        while (n < 0 && errno == EINTR);
+        if (n == 0)
+            throw Probe{};
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            throw Error(fmt::format("it sent nothing for {:g} s (--io-timeout)", opt_.io_timeout_s));
+        if (n < 0)
+            throw Error(errno_text(errno));
+        const bool tls_hello = tls::looks_like_tls(first, static_cast<size_t>(n));
+        std::string identity;
+        if (opt_.tls) {
+            if (!tls_hello) {
+                // A plain minivmm sender reads RESULT after its HEADER: tell it why.
+                ResultRecord r;
+                r.text = "this receiver takes TLS only (it runs with --tls-creds): give migrate the same --tls-creds";
+                try {
+                    RecordWriter(*raw).write(RecordType::Result, r.encode());
+                } catch (...) {
+                }
+                throw Error("a plain connection, but this receiver takes TLS only (--tls-creds)");
+            }
+            tls::Peer p = opt_.tls->accept(std::move(raw));
+            t = std::move(p.transport);
+            identity = std::move(p.identity);
+        } else {
+            if (tls_hello)
+                throw Error("a TLS client, but this receiver was started without --tls-creds; give receive the "
+                            "sender's --tls-creds");
+            t = std::move(raw);
+        }
+        RecordReader rr(*t);
+        Record rec = rr.read();
+        if (rec.type != RecordType::Hello)
+            throw Error(fmt::format("its first record is {}, not HELLO", record_name(rec.type)));
+        const auto h = Hello::decode(rec.payload);
+        if (!h)
+            throw Error(fmt::format("a HELLO of {} bytes, not stream version {}'s 20: use the same minivmm on both ends",
+                                    rec.payload.size(), kStreamVersion));
+        if (h->version != kStreamVersion)
+            throw Error(fmt::format("stream version {}, this minivmm reads version {}: use the same minivmm on both ends",
+                                    h->version, kStreamVersion));
+        if (h->channels == 0 || h->channels > 64 || h->channel >= h->channels)
+            throw Error(fmt::format("its HELLO names channel {} of {} (at most 64 channels)", h->channel, h->channels));
+        std::optional<Record> header;
+        if (h->channel == 0) {
+            header = rr.read();
+            if (header->type != RecordType::Header)
+                throw Error(fmt::format("{} where channel 0's HEADER belongs", record_name(header->type)));
+            const StreamHeader sh = StreamHeader::decode(header->payload);
+            if (sh.nr_channels != h->channels)
+                throw Error(fmt::format("its HEADER says {} channels, its HELLO {}", sh.nr_channels, h->channels));
+        }
+        t->set_limits({});  // the receiver sets its own once admitted
+        take(c, std::move(t), *h, std::move(header), identity);
+    } catch (const Probe&) {
+    } catch (const std::exception& e) {
+        drop(c.peer, e.what());
+    }
+    c.done = true;
+}
+
+void Admission::take(Conn& c, std::unique_ptr<Transport> t, const Hello& h, std::optional<Record> header,
+                     const std::string& identity)
+{
+    std::lock_guard lk(mu_);
+    if (admitted_)
+        return;  // dropped with the rest by stop_all()
+    Session& s = sessions_[h.session];
+    if (s.channels == 0) {
+        s.channels = h.channels;
+        s.chans.resize(h.channels);
+        s.first = clock::now();
+    }
+    std::string why;
+    if (h.channels != s.channels)
+        why = fmt::format("its HELLO says {} channels, the session's first {}", h.channels, s.channels);
+    else if (s.chans[h.channel])
+        why = fmt::format("channel {} of its session connected twice", h.channel);
+    else if (!s.identity.empty() && s.identity != identity)
+        why = fmt::format("TLS identity '{}' joins a session of '{}'", identity, s.identity);
+    if (!why.empty()) {
+        dropped_++;
+        last_drop_ = fmt::format("{}: {}", c.peer, why);
+        if (!opt_.quiet)
+            fmt::print(stderr, "receive: dropped the connection from {}: {}\n", c.peer, why);
+        return;
+    }
+    s.chans[h.channel] = std::move(t);
+    s.have++;
+    s.identity = identity;
+    if (h.channel == 0) {
+        s.header = std::move(header);
+        s.peer = c.peer;
+    }
+    c.handed_over = true;
+    if (s.have == s.channels) {
+        admitted_ = h.session;
+        const char b = 1;
+        [[maybe_unused]] ssize_t n = ::write(wake_[1], &b, 1);
+    }
+}
+
+// A session whose channels did not all arrive within --io-timeout of its first.
+void Admission::expire_sessions()
+{
+    std::vector<Session> gone;
+    {
+        std::lock_guard lk(mu_);
+        const auto limit = std::chrono::duration<double>(opt_.io_timeout_s);
+        for (auto it = sessions_.begin(); it != sessions_.end();) {
+            if (!admitted_ || *admitted_ != it->first) {
+                if (clock::now() - it->second.first > limit) {
+                    gone.push_back(std::move(it->second));
+                    it = sessions_.erase(it);
+                    continue;
+                }
+            }
+            ++it;
+        }
+    }
+    for (const auto& s : gone)
+        drop(s.peer.empty() ? "a sender" : s.peer,
+             fmt::format("{} of its {} channels connected within --io-timeout {:g} s", s.have, s.channels,
+                         opt_.io_timeout_s));
+}
+
+// Every connection not handed to the admitted session: shut down, joined.
+void Admission::stop_all()
+{
+    {
+        std::lock_guard lk(mu_);
+        stopping_ = true;
+        for (auto& c : conns_)
+            if (!c->handed_over && !c->done) {
+                ::shutdown(c->fd, SHUT_RDWR);
+                if (admitted_ && !opt_.quiet)
+                    fmt::print(stderr, "receive: dropped the connection from {}: a sender was admitted\n", c->peer);
+            }
+    }
+    conns_.clear();  // joins the workers, closes the main thread's copies
+}
+
+Admitted Admission::run(int ls)
+{
+    if (::pipe2(wake_, O_CLOEXEC | O_NONBLOCK) != 0)
+        throw SysError("pipe2", errno);
+
+    const auto deadline = clock::now() + std::chrono::duration_cast<clock::duration>(
+                                             std::chrono::duration<double>(opt_.timeout_s));
+    for (;;) {
+        {
+            std::lock_guard lk(mu_);
+            if (admitted_)
+                break;
+        }
+        const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - clock::now()).count();
+        if (left <= 0)
+            break;
+        pollfd p[2] = {{ls, POLLIN, 0}, {wake_[0], POLLIN, 0}};
+        int rc = ::poll(p, 2, static_cast<int>(std::min<int64_t>(left, 50)));
+        if (rc < 0 && errno != EINTR)
+            throw SysError("poll on the listening socket", errno);
+        if (rc > 0 && !(p[0].revents & POLLIN))
+            rc = 0;  // only the wake-up
+        // Reap finished workers, expire incomplete sessions.
+        for (auto it = conns_.begin(); it != conns_.end();)
+            if ((*it)->done)
+                it = conns_.erase(it);
+            else
+                ++it;
+        expire_sessions();
+        if (rc <= 0)
+            continue;
+        sockaddr_storage addr{};
+        socklen_t len = sizeof(addr);
+        const int fd = ::accept4(ls, reinterpret_cast<sockaddr*>(&addr), &len, SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == EAGAIN || errno == ECONNABORTED)
+                continue;
+            throw SysError("accept", errno);
+        }
+        const std::string peer = address_of(addr);
+        if (conns_.size() >= opt_.max_pending) {
+            ::close(fd);
+            drop(peer, fmt::format("{} connections are being admitted already", conns_.size()));
+            continue;
+        }
+        const int mine = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+        if (mine < 0) {
+            ::close(fd);
+            drop(peer, fmt::format("dup: {}", errno_text(errno)));
+            continue;
+        }
+        auto c = std::make_unique<Conn>();
+        c->fd = fd;
+        c->peer = peer;
+        Conn& ref = *c;
+        c->worker = std::thread([this, &ref, mine] { work(ref, mine); });
+        conns_.push_back(std::move(c));
+    }
+    stop_all();
+    std::lock_guard lk(mu_);
+    if (!admitted_) {
+        std::string why = fmt::format("receive: no sender was admitted on {} within --timeout {:g} s", opt_.listen,
+                                      opt_.timeout_s);
+        if (dropped_)
+            why += fmt::format(" ({} connection{} dropped, the last from {})", dropped_, dropped_ == 1 ? "" : "s",
+                               last_drop_);
+        throw Error(why, kExitNoSender);
+    }
+    Session& s = sessions_.at(*admitted_);
+    Admitted a;
+    a.channels = std::move(s.chans);
+    a.header = std::move(*s.header);
+    a.peer = s.peer;
+    a.identity = s.identity;
+    sessions_.erase(*admitted_);
+    for (auto& [id, other] : sessions_)
+        if (!opt_.quiet)
+            fmt::print(stderr, "receive: dropped {}'s {} connection{}: a migration was admitted\n",
+                       other.peer.empty() ? "a sender" : other.peer, other.have, other.have == 1 ? "" : "s");
+    sessions_.clear();
+    a.dropped = dropped_;
+    return a;
+}
+
+}  // namespace
+
+Admitted admit(int listen_fd, const AdmitOptions& opt)
+{
+    return Admission(opt).run(listen_fd);
+}
+
+}  // namespace mvm::migration
