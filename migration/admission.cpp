@@ -223,10 +223,10 @@ void Admission::take(Conn& c, std::unique_ptr<Transport> t, const Hello& h, std:
     s.chans[h.channel] = std::move(t);
     s.have++;
     s.identity = identity;
-    if (h.channel == 0) {
-        s.header = std::move(header);
+    if (s.peer.empty() || h.channel == 0)
         s.peer = c.peer;
-    }
+    if (h.channel == 0)
+        s.header = std::move(header);
     c.handed_over = true;
     if (s.have == s.channels) {
         admitted_ = h.session;
@@ -352,8 +352,8 @@ Admitted Admission::run(int ls)
     sessions_.erase(*admitted_);
     for (auto& [id, other] : sessions_)
         if (!opt_.quiet)
-            fmt::print(stderr, "receive: dropped {}'s {} connection{}: a migration was admitted\n",
-                       other.peer.empty() ? "a sender" : other.peer, other.have, other.have == 1 ? "" : "s");
+            fmt::print(stderr, "receive: dropped the connection{} from {}: a sender was admitted\n",
+                       other.have == 1 ? "" : fmt::format("s ({})", other.have), other.peer);
     sessions_.clear();
     a.dropped = dropped_;
     return a;

@@ -2,6 +2,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <csignal>
 #include <fmt/format.h>
 #include <thread>
 
@@ -177,6 +178,12 @@ private:
             h.at_fault_point = [phase](const char* p) {
                 if (phase == p)
                     throw Error(fmt::format("destination lost during {} (test hook MINIVMM_TEST_FAIL_IN={})", p, p));
+            };
+        // A sender that stops (SIGSTOP itself) in a phase: the receiver's --io-timeout.
+        if (std::string phase = test_hook("STOP_IN"); !phase.empty())
+            h.at_fault_point = [phase](const char* p) {
+                if (phase == p)
+                    ::raise(SIGSTOP);
             };
         if (const std::string fault = test_hook("STREAM_FAULT"); !fault.empty()) {
             StreamFault f = parse_stream_fault(fault);

@@ -1,6 +1,7 @@
 // minivmm receive: take one incoming migration, resume the guest, check it.
 #include <unistd.h>
 
+#include <csignal>
 #include <cstdio>
 #include <fmt/format.h>
 
@@ -78,6 +79,14 @@ public:
         StressVm dst(kvm, cfg);
         std::unique_ptr<qmp::Monitor> mon;
         PhaseHook hook = die_in(test_hook("DIE_IN"));
+        if (const std::string phase = test_hook("STOP_IN"); !phase.empty())
+            // A receiver that stops (SIGSTOP itself) in a phase: the sender's --timeout.
+            hook = [phase, stopped = false](const char* p) mutable {
+                if (!stopped && phase == p) {
+                    stopped = true;
+                    ::raise(SIGSTOP);
+                }
+            };
         if (qaddr) {
             install_stop_signals();
             mon = std::make_unique<qmp::Monitor>("--qmp", *qaddr, dst, qmp::Monitor::Role::Destination);

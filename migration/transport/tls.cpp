@@ -137,8 +137,8 @@ public:
             if (why.rfind(prefix, 0) == 0)
                 // TLS 1.3: a client certificate is checked after the client's
                 // handshake ended, so a refusal arrives as an alert here.
-                throw Error(fmt::format("{} {}: the peer ended the TLS session: {} (it refused our credentials?)",
-                                        doing, raw_->peer(), why.substr(std::strlen(prefix))));
+                throw Error(fmt::format("{} {}: the peer ended the TLS session: {} (it refused our credentials)", doing,
+                                        raw_->peer(), why.substr(std::strlen(prefix))));
         throw Error(fmt::format("{} {}: TLS: {}", doing, raw_->peer(), why.empty() ? "failed" : why));
     }
 
@@ -504,6 +504,16 @@ Peer Context::connect(std::unique_ptr<FdTransport> raw) const
         }
     }
     handshake(*t, false, kind_, impl_->source, impl_->host);
+    // The receiver's verdict on us: in TLS 1.3 it checks a client certificate
+    // after our side of the handshake ended, so wait for it (a RESULT, or its
+    // alert) before sending anything.
+    const Record rec = RecordReader(*t).read();
+    if (rec.type != RecordType::Result)
+        throw Error(fmt::format("{}: {} where the receiver's TLS verdict belongs", t->raw().peer(),
+                                record_name(rec.type)));
+    const ResultRecord verdict = ResultRecord::decode(rec.payload);
+    if (!verdict.ok)
+        throw Error("the destination refused the connection: " + verdict.text);
     std::string id = kind_ == Kind::Psk ? impl_->psk_identity : subject_of(t->ssl());
     return {std::move(t), std::move(id)};
 }
@@ -532,6 +542,10 @@ Peer Context::accept(std::unique_ptr<FdTransport> raw) const
             throw Error(fmt::format("TLS identity '{}' is not authorised (--tls-authz)", id));
         }
     }
+    ResultRecord ok;
+    ok.ok = 1;
+    ok.text = "authenticated as '" + id + "'";
+    RecordWriter(*t).write(RecordType::Result, ok.encode());
     return {std::move(t), std::move(id)};
 }
 

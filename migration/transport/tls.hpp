@@ -53,9 +53,11 @@ public:
     Kind kind() const { return kind_; }
     std::string describe() const;  // e.g. "x509 (/etc/minivmm/tls)", "psk (keys.psk)"
 
-    // The handshake over `raw` (its limits bound it). Throws Error with one
-    // line saying what failed (unknown CA, expired, wrong host, wrong key, a
-    // plain peer, not authorised), naming the peer.
+    // The handshake over `raw` (its limits bound it), then the receiver's
+    // verdict: accept() sends the sender a RESULT (authenticated, or why it is
+    // not authorised), connect() waits for it before the stream starts.
+    // Throws Error with one line saying what failed (unknown CA, expired,
+    // wrong host, wrong key, a plain peer, not authorised), naming the peer.
     Peer connect(std::unique_ptr<FdTransport> raw) const;
     Peer accept(std::unique_ptr<FdTransport> raw) const;
 

@@ -52,7 +52,7 @@ struct Stream {
     std::vector<uint8_t> bytes() const { return t.written(); }
 };
 
-std::vector<uint8_t> hello(uint32_t ch, uint32_t n) { return Hello{ch, n}.encode(); }
+std::vector<uint8_t> hello(uint32_t ch, uint32_t n) { return Hello{kStreamVersion, ch, n, 0x5eed}.encode(); }
 
 }  // namespace
 

@@ -84,9 +84,9 @@ int stream_one(const uint8_t* data, size_t size)
         }
         const size_t len = kFrame + hdr[1];
         const uint8_t* payload = data + pos + 8;
-        if (hdr[0] == static_cast<uint32_t>(RecordType::Hello) && hdr[1] == 8) {
+        if (hdr[0] == static_cast<uint32_t>(RecordType::Hello) && hdr[1] == 20) {
             uint32_t ch;
-            std::memcpy(&ch, payload, 4);
+            std::memcpy(&ch, payload + 4, 4);  // version, channel, channels, session
             cur = ch % kMaxChannels;
             if (chans.size() <= cur)
                 chans.resize(cur + 1);
