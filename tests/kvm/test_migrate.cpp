@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <cstdlib>
 
 #include <atomic>
 #include <functional>
@@ -523,25 +524,45 @@ TEST(MigrationStream, RecordsRoundTrip)
     rr.restore_ms = 1.5;
     rr.guest_gap_ms = 12.25;
     rr.refused_msrs = {0x4b564d06};
+    rr.post_run_s = 0.75;
     auto rr2 = ResultRecord::decode(rr.encode());
+    EXPECT_EQ(rr2.post_run_s, 0.75);
     EXPECT_EQ(rr2.text, "fine");
     EXPECT_EQ(rr2.mismatched_gpas.size(), 2u);
     EXPECT_EQ(rr2.restore_ms, 1.5);
     EXPECT_EQ(rr2.guest_gap_ms, 12.25);
     EXPECT_EQ(rr2.refused_msrs, rr.refused_msrs);
-    // A RESULT without the tail (an older receiver) still decodes.
+    // A RESULT without the tail (restore, guest gap, MSRs, post-run) still decodes.
     auto bare = rr.encode();
-    bare.resize(bare.size() - 8 - 8 - 4 - 4);
+    bare.resize(bare.size() - 8 - 8 - 4 - 4 - 8);
     auto rr3 = ResultRecord::decode(bare);
     EXPECT_EQ(rr3.guest_gap_ms, -1);
     EXPECT_TRUE(rr3.refused_msrs.empty());
+    EXPECT_EQ(rr3.post_run_s, -1);
 }
 
 // Two hosts: the destination in its own network namespace, reached over a
-// veth pair that the test creates and removes.
-TEST(Migrate, ToAnotherNetworkNamespaceOverVeth)
+// veth pair that the test creates and removes; in plain TCP and with TLS
+// (x509 credentials from scripts/make-tls-creds for the destination's
+// address, the receiver admitting only the sender's certificate).
+class MigrateVeth : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(MigrateVeth, ToAnotherNetworkNamespace)
 {
     REQUIRE_KVM();
+    std::string tls;
+    std::string creds_dir;
+    if (GetParam() == "tls") {
+        char tmpl[] = "/tmp/minivmm-veth-tls-XXXXXX";
+        ASSERT_NE(::mkdtemp(tmpl), nullptr);
+        creds_dir = tmpl;
+        ASSERT_EQ(std::system((std::string(MINIVMM_SOURCE_DIR) + "/scripts/make-tls-creds " + creds_dir +
+                               "/c --server-name dst.test --server-ip 10.231.0.2 --client-cn src.test >/dev/null 2>&1")
+                                  .c_str()),
+                  0)
+            << "scripts/make-tls-creds";
+        tls = " --tls-creds x509:" + creds_dir + "/c";
+    }
     const std::string ns = fmt::format("mvm-dst-{}", ::getpid());
     const std::string a = fmt::format("mvma{}", ::getpid() % 100000), b = fmt::format("mvmb{}", ::getpid() % 100000);
     auto sh = [](const std::string& cmd) { return std::system((cmd + " >/dev/null 2>&1").c_str()); };
@@ -553,6 +574,8 @@ TEST(Migrate, ToAnotherNetworkNamespaceOverVeth)
     } cleanup{[&] {
         sh("ip link del " + a);
         sh("ip netns del " + ns);
+        if (!creds_dir.empty())
+            sh("rm -rf " + creds_dir);
     }};
     ASSERT_EQ(sh(fmt::format("ip link add {} type veth peer name {}", a, b)), 0) << "veth pair";
     ASSERT_EQ(sh(fmt::format("ip link set {} netns {}", b, ns)), 0);
@@ -568,14 +591,16 @@ TEST(Migrate, ToAnotherNetworkNamespaceOverVeth)
     if (pid == 0) {
         dup2(fd, 1);
         dup2(fd, 2);
-        execlp("ip", "ip", "netns", "exec", ns.c_str(), MINIVMM_BINARY, "receive", "--vcpus", "2", "--mem", "64M",
-               "--rate", "100000", "--post-run", "0.5", "--listen", fmt::format("tcp:10.231.0.2:{}", port).c_str(),
-               nullptr);
+        const std::string cmd =
+            fmt::format("exec ip netns exec {} {} receive --vcpus 2 --mem 64M --rate 100000 --post-run 0.5 --listen "
+                        "tcp:10.231.0.2:{} --json -{}",
+                        ns, MINIVMM_BINARY, port, tls.empty() ? "" : tls + " --tls-authz 'CN=src.test,O=*'");
+        execl("/bin/sh", "sh", "-c", cmd.c_str(), nullptr);
         _exit(127);
     }
     close(fd);
     std::this_thread::sleep_for(std::chrono::milliseconds(500));
-    auto r = run_minivmm(fmt::format("migrate --to tcp:10.231.0.2:{} {} --max-downtime 20 --json -", port, kGuest));
+    auto r = run_minivmm(fmt::format("migrate --to tcp:10.231.0.2:{} {} --max-downtime 20 --json -{}", port, kGuest, tls));
     int st = 0;
     waitpid(pid, &st, 0);
     std::string recv_out;
@@ -590,7 +615,19 @@ TEST(Migrate, ToAnotherNetworkNamespaceOverVeth)
     ASSERT_EQ(r.exit_code, 0) << r.err << recv_out;
     expect_verified(parse(r.out), 64 * kMiB / 4096);
     EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << recv_out;
+    const auto at = recv_out.find("{\n");
+    ASSERT_NE(at, std::string::npos) << recv_out;
+    const auto rj = nlohmann::json::parse(recv_out.substr(at, recv_out.rfind('}') - at + 1), nullptr, false);
+    ASSERT_FALSE(rj.is_discarded()) << recv_out;
+    EXPECT_EQ(rj["status"], "completed");
+    EXPECT_EQ(rj["sender"]["peer"].get<std::string>().rfind("10.231.0.1:", 0), 0u) << rj["sender"];
+    EXPECT_EQ(rj["sender"]["security"], GetParam() == "tls" ? "tls-x509" : "none");
+    if (GetParam() == "tls")
+        EXPECT_EQ(rj["sender"]["identity"], "CN=src.test,O=minivmm test");
 }
+
+INSTANTIATE_TEST_SUITE_P(PlainAndTls, MigrateVeth, ::testing::Values("plain", "tls"),
+                         [](const auto& i) { return i.param; });
 
 // migrate --to inproc makes a second VM of the same size in this process: a
 // guest that fits the host once but not twice is refused up front (one line,
