@@ -64,29 +64,31 @@ public:
 
     void write_all(const void* data, size_t len) override
     {
-        const auto* p = static_cast<const uint8_t*>(data);
-        while (len) {
-            raw_->arm(true);
-            size_t n = 0;
-            if (SSL_write_ex(ssl_, p, len, &n) <= 0)
-                fail(true, 0);
-            p += n;
-            len -= n;
-        }
+        put(static_cast<const uint8_t*>(data), len);
         flush();
     }
 
-    // Gathered into records of up to 256 KiB of data per SSL_write (pages are
-    // 4 KiB pieces; one record each would cost a record and a write apiece).
+    // Adjacent pieces (staged pages, guest pages in GPA order) are written
+    // as one span; spans of 64 KiB and more go to SSL_write straight from
+    // where they are, smaller ones are gathered first (a 4 KiB page per
+    // SSL_write would cost a record and a flush apiece).
     void writev_all(std::span<const iovec> iov) override
     {
-        for (const auto& v : iov) {
-            const auto* p = static_cast<const uint8_t*>(v.iov_base);
-            size_t len = v.iov_len;
+        size_t i = 0;
+        while (i < iov.size()) {
+            const auto* base = static_cast<const uint8_t*>(iov[i].iov_base);
+            size_t len = iov[i].iov_len;
+            for (i++; i < iov.size() && static_cast<const uint8_t*>(iov[i].iov_base) == base + len; i++)
+                len += iov[i].iov_len;
+            if (len >= (64u << 10)) {
+                put_gathered();
+                put(base, len);
+                continue;
+            }
             while (len) {
                 const size_t k = std::min(len, gather_.capacity() - gather_.size());
-                gather_.insert(gather_.end(), p, p + k);
-                p += k;
+                gather_.insert(gather_.end(), base, base + k);
+                base += k;
                 len -= k;
                 if (gather_.size() == gather_.capacity())
                     put_gathered();
@@ -143,10 +145,8 @@ public:
     }
 
 private:
-    void put_gathered()
+    void put(const uint8_t* p, size_t len)
     {
-        const uint8_t* p = gather_.data();
-        size_t len = gather_.size();
         while (len) {
             raw_->arm(true);
             size_t n = 0;
@@ -155,6 +155,10 @@ private:
             p += n;
             len -= n;
         }
+    }
+    void put_gathered()
+    {
+        put(gather_.data(), gather_.size());
         gather_.clear();
     }
     void flush()
