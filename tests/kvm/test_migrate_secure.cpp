@@ -190,7 +190,7 @@ TEST_P(MigrateTlsRefusal, OneLineEachSideSourceRunsNothingReceived)
     };
     const Refusal& row = GetParam();
     const uint16_t port = free_port();
-    Receiver rx(fmt::format("--vcpus 1 --mem 32M --listen tcp:127.0.0.1:{} --timeout 4 --io-timeout 2 {}", port,
+    Receiver rx(fmt::format("--vcpus 1 --mem 32M --listen tcp:127.0.0.1:{} --timeout 3 --io-timeout 2 {}", port,
                             expand(row.receiver)));
     const auto t0 = clk::now();
     const CmdResult r = run_minivmm(fmt::format("migrate --to tcp:127.0.0.1:{} --vcpus 1 --mem 32M --warmup 0.2 {}",
