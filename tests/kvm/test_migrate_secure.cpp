@@ -166,6 +166,8 @@ INSTANTIATE_TEST_SUITE_P(KindsAndTrackers, MigrateTls,
                          [](const auto& i) { return std::get<0>(i.param) + "_" + std::get<1>(i.param); });
 
 // ---- refusals ------------------------------------------------------------------------------
+// Each case: migrate fails in one line with exit 5 and its source running;
+// the receiver drops the connection with one line naming the reason.
 
 struct Refusal {
     const char* name;
@@ -190,7 +192,7 @@ TEST_P(MigrateTlsRefusal, OneLineEachSideSourceRunsNothingReceived)
     };
     const Refusal& row = GetParam();
     const uint16_t port = free_port();
-    Receiver rx(fmt::format("--vcpus 1 --mem 32M --listen tcp:127.0.0.1:{} --timeout 3 --io-timeout 2 {}", port,
+    Receiver rx(fmt::format("--vcpus 1 --mem 32M --listen tcp:127.0.0.1:{} --timeout 60 --io-timeout 2 {}", port,
                             expand(row.receiver)));
     const auto t0 = clk::now();
     const CmdResult r = run_minivmm(fmt::format("migrate --to tcp:127.0.0.1:{} --vcpus 1 --mem 32M --warmup 0.2 {}",
@@ -201,15 +203,24 @@ TEST_P(MigrateTlsRefusal, OneLineEachSideSourceRunsNothingReceived)
     EXPECT_NE(r.err.find(row.sender_says), std::string::npos) << r.err;
     EXPECT_NE(r.out.find("source: kept running (made progress)"), std::string::npos) << r.out;
     EXPECT_NE(r.out.find(", 0 mismatches"), std::string::npos) << r.out;
-    // The receiver: one line about the connection, then (no other sender came)
-    // exit 6 at its --timeout; it never received anything, so no report.
-    EXPECT_EQ(rx.wait(), 6) << rx.output();
-    const std::string& err = rx.result().err;
+    // The receiver: one line about the connection, and it listens on for a
+    // sender it can admit (ReceiverAdmission.UnwelcomeConnectionsAloneTimeOutAndExit6
+    // waits out --timeout to its exit 6; here it is killed once it said why).
+    // It never received anything: no report.
+    std::string err;
+    for (int i = 0; i < 100; i++) {
+        err = rx.output();
+        if (err.find("receive: dropped the connection from") != std::string::npos)
+            break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    ::kill(rx.pid, SIGKILL);
+    rx.wait();
     EXPECT_EQ(rx.result().out, "") << "the receiver reported a migration it never admitted";
+    err = rx.result().err;
     EXPECT_NE(err.find("receive: dropped the connection from 127.0.0.1:"), std::string::npos) << err;
     EXPECT_NE(err.find(row.receiver_says), std::string::npos) << err;
-    EXPECT_NE(err.find("minivmm: receive: no sender was admitted"), std::string::npos) << err;
-    EXPECT_EQ(lines(err), 3u) << "listening, dropped, no sender:\n" << err;
+    EXPECT_EQ(lines(err), 2u) << "listening, dropped:\n" << err;
 }
 
 INSTANTIATE_TEST_SUITE_P(
