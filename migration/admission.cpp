@@ -88,6 +88,7 @@ private:
     void take(Conn& c, std::unique_ptr<Transport> t, const Hello& h, std::optional<Record> header,
               const std::string& identity);
     void drop(const std::string& peer, const std::string& why);
+    void drop_locked(const std::string& peer, const std::string& why);  // mu_ held
     void expire_sessions();
     void stop_all();
 
@@ -104,13 +105,15 @@ private:
 
 void Admission::drop(const std::string& peer, const std::string& why)
 {
-    {
-        std::lock_guard lk(mu_);
-        if (stopping_)
-            return;  // stop_all() said why
-        dropped_++;
-        last_drop_ = fmt::format("{}: {}", peer, why);
-    }
+    std::lock_guard lk(mu_);
+    if (!stopping_)  // else stop_all() said why
+        drop_locked(peer, why);
+}
+
+void Admission::drop_locked(const std::string& peer, const std::string& why)
+{
+    dropped_++;
+    last_drop_ = fmt::format("{}: {}", peer, why);
     if (!opt_.quiet)
         fmt::print(stderr, "receive: dropped the connection from {}: {}\n", peer, why);
 }
@@ -214,10 +217,7 @@ void Admission::take(Conn& c, std::unique_ptr<Transport> t, const Hello& h, std:
     else if (!s.identity.empty() && s.identity != identity)
         why = fmt::format("TLS identity '{}' joins a session of '{}'", identity, s.identity);
     if (!why.empty()) {
-        dropped_++;
-        last_drop_ = fmt::format("{}: {}", c.peer, why);
-        if (!opt_.quiet)
-            fmt::print(stderr, "receive: dropped the connection from {}: {}\n", c.peer, why);
+        drop_locked(c.peer, why);
         return;
     }
     s.chans[h.channel] = std::move(t);

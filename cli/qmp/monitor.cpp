@@ -8,7 +8,6 @@
 #include <cmath>
 #include <ctime>
 #include <iterator>
-#include <type_traits>
 #include <fmt/format.h>
 
 #include "base/error.hpp"
@@ -137,19 +136,17 @@ void Monitor::add_commands()
 {
     // A command without arguments refuses any (QEMU's "Parameter 'x' is unexpected").
     auto no_args = [this](const char* name, auto fn) {
-        server_.add(name, [this, fn](const json& a) {
+        server_.add(name, [fn](const json& a) {
             Args(a, {});
-            if constexpr (std::is_member_function_pointer_v<decltype(fn)>)
-                return (this->*fn)();
-            else
-                return fn();
+            return fn();
         });
     };
-    no_args("query-status", &Monitor::query_status);
-    no_args("stop", &Monitor::stop_vm);
-    no_args("cont", &Monitor::cont_vm);
-    no_args("quit", &Monitor::quit);
-    no_args("query-version", &Monitor::query_version);
+    auto member = [this](auto fn) { return [this, fn] { return (this->*fn)(); }; };
+    no_args("query-status", member(&Monitor::query_status));
+    no_args("stop", member(&Monitor::stop_vm));
+    no_args("cont", member(&Monitor::cont_vm));
+    no_args("quit", member(&Monitor::quit));
+    no_args("query-version", member(&Monitor::query_version));
     no_args("query-commands", [this] {
         json v = json::array();
         for (const auto& n : server_.commands())
@@ -158,12 +155,12 @@ void Monitor::add_commands()
     });
     server_.add("migrate", [this](const json& a) { return migrate_cmd(a); });
     server_.add("migrate-incoming", [this](const json& a) { return migrate_incoming(a); });
-    no_args("migrate_cancel", &Monitor::migrate_cancel);
-    no_args("query-migrate", &Monitor::query_migrate);
+    no_args("migrate_cancel", member(&Monitor::migrate_cancel));
+    no_args("query-migrate", member(&Monitor::query_migrate));
     server_.add("migrate-set-parameters", [this](const json& a) { return set_parameters(a); });
-    no_args("query-migrate-parameters", &Monitor::query_parameters);
+    no_args("query-migrate-parameters", member(&Monitor::query_parameters));
     server_.add("migrate-set-capabilities", [this](const json& a) { return set_capabilities(a); });
-    no_args("query-migrate-capabilities", &Monitor::query_capabilities);
+    no_args("query-migrate-capabilities", member(&Monitor::query_capabilities));
     server_.add("calc-dirty-rate", [this](const json& a) { return calc_dirty_rate(a); });
     server_.add("query-dirty-rate", [this](const json& a) { return query_dirty_rate(a); });
     server_.add("query-stats", [this](const json& a) { return query_stats(a); });

@@ -105,7 +105,7 @@ public:
             raw_->arm(false);
             size_t n = 0;
             if (SSL_read_ex(ssl_, p, len, &n) <= 0)
-                fail(false, 0);
+                fail(false);
             p += n;
             len -= n;
         }
@@ -117,9 +117,8 @@ public:
     SSL* ssl() { return ssl_; }
     std::string psk_identity;  // the server's PSK callback notes the identity it was offered
 
-    [[noreturn]] void fail(bool sending, int rc)
+    [[noreturn]] void fail(bool sending)
     {
-        (void)rc;
         const int saved = errno;
         const int e = SSL_get_error(ssl_, -1);
         const char* doing = sending ? "sending to" : "receiving from";
@@ -151,7 +150,7 @@ private:
             raw_->arm(true);
             size_t n = 0;
             if (SSL_write_ex(ssl_, p, len, &n) <= 0)
-                fail(true, 0);
+                fail(true);
             p += n;
             len -= n;
         }
@@ -167,7 +166,7 @@ private:
         BIO* w = SSL_get_wbio(ssl_);
         while (BIO_flush(w) <= 0) {
             if (!BIO_should_retry(w))
-                fail(true, 0);
+                fail(true);
             raw_->expired(true);  // a retry here is the socket's timeout
         }
     }
@@ -186,7 +185,6 @@ private:
 struct Context::Impl {
     SSL_CTX* ctx = nullptr;
     std::string source;   // the directory or file, for messages
-    std::string option = "--tls-creds";
     std::string host;     // client: the name to verify
     std::vector<std::string> authz;
     // PSK: identity -> key (the client uses psk_identity).
@@ -446,23 +444,21 @@ namespace {
 void handshake(TlsTransport& t, bool server, Kind kind, const std::string& source, const std::string& host)
 {
     SSL* ssl = t.ssl();
-    for (;;) {
-        t.raw().arm(false);
-        t.raw().arm(true);
-        const int rc = server ? SSL_accept(ssl) : SSL_connect(ssl);
-        if (rc == 1)
-            return;
-        const std::string why = handshake_failure(ssl, rc, server, kind, source, host);
-        if (why.empty()) {
-            try {
-                t.raw().expired(false);
-            } catch (const Error& e) {
-                throw Error(fmt::format("TLS handshake: {}", e.what()));
-            }
+    t.raw().arm(false);
+    t.raw().arm(true);
+    const int rc = server ? SSL_accept(ssl) : SSL_connect(ssl);
+    if (rc == 1)
+        return;
+    const std::string why = handshake_failure(ssl, rc, server, kind, source, host);
+    if (why.empty()) {
+        try {
+            t.raw().expired(false);
+        } catch (const Error& e) {
+            throw Error(fmt::format("TLS handshake: {}", e.what()));
         }
-        throw Error(server ? fmt::format("TLS handshake failed: {}", why)
-                           : fmt::format("TLS handshake with {} failed: {}", t.raw().peer(), why));
     }
+    throw Error(server ? fmt::format("TLS handshake failed: {}", why)
+                       : fmt::format("TLS handshake with {} failed: {}", t.raw().peer(), why));
 }
 
 std::unique_ptr<TlsTransport> wrap(SSL_CTX* ctx, std::unique_ptr<FdTransport> raw)
