@@ -16,6 +16,7 @@ enum ExitCode : int {
     kExitNoKvm = 4,        // /dev/kvm missing or not accessible
     kExitMigration = 5,    // migration failed; the source kept running
     kExitNoSender = 6,     // receive: no sender was admitted within --timeout
+    kExitGuestLost = 7,    // migrate/receive: postcopy broke off; neither side holds the whole guest
 };
 
 // Errors reach users as one line, and they often quote what the user (or a

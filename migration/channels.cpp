@@ -134,6 +134,20 @@ uint64_t PageChannels::send_channel(Destination& dest, uint32_t c, const std::ve
     return sent;
 }
 
+uint64_t PageChannels::send_batch(Destination& dest, uint32_t c, std::span<const uint64_t> gpas)
+{
+    uint64_t b = 0, zeros = 0;
+    dest.send(c, gpas, b, zeros);
+    sent_bytes_ += b;
+    sent_pages_ += gpas.size();
+    {
+        std::lock_guard lk(mu_);
+        zero_pages_ += zeros;
+    }
+    pace(b);
+    return b;
+}
+
 // Paces all channels together to the bandwidth.
 void PageChannels::set_bandwidth(uint64_t bytes_per_s)
 {

@@ -15,6 +15,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <vector>
 
 #include "migration/destination.hpp"
@@ -68,6 +69,11 @@ public:
     // `check` runs before every record (it throws to stop); the first
     // channel's error is rethrown once all have stopped.
     uint64_t send(Destination& dest, const ChannelPages& per, const std::function<void()>& check);
+
+    // One batch on channel c from the calling thread (postcopy's pushers),
+    // paced and counted like send()'s; returns its bytes.
+    uint64_t send_batch(Destination& dest, uint32_t c, std::span<const uint64_t> gpas);
+    const ChannelMap& map() const { return map_; }
 
     // bytes/s over all channels; 0 = unlimited. Safe while sending: the
     // pacing starts over from now at the new rate (no burst to catch up

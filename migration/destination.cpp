@@ -5,9 +5,45 @@
 #include <fmt/format.h>
 
 #include "base/error.hpp"
+#include "migration/postcopy.hpp"
 #include "migration/transport/tcp.hpp"
 
 namespace mvm::migration {
+
+// ---- the return path's queue ------------------------------------------------------
+
+void RequestQueue::push(std::span<const uint64_t> gpas)
+{
+    std::lock_guard lk(mu_);
+    q_.insert(q_.end(), gpas.begin(), gpas.end());
+    cv_.notify_all();
+}
+
+void RequestQueue::end(std::exception_ptr error)
+{
+    std::lock_guard lk(mu_);
+    if (!ended_)
+        error_ = error;
+    ended_ = true;
+    cv_.notify_all();
+}
+
+bool RequestQueue::pop(std::vector<uint64_t>& out, std::chrono::milliseconds wait)
+{
+    std::unique_lock lk(mu_);
+    cv_.wait_for(lk, wait, [&] { return !q_.empty() || ended_; });
+    out.insert(out.end(), q_.begin(), q_.end());
+    q_.clear();
+    if (error_)
+        std::rethrow_exception(error_);
+    return !ended_;
+}
+
+bool RequestQueue::ended() const
+{
+    std::lock_guard lk(mu_);
+    return ended_;
+}
 
 // ---- in this process --------------------------------------------------------------
 
@@ -29,10 +65,36 @@ void InprocDestination::open(const StreamHeader& h)
     copied_at_stop_.resize(h.nr_channels);
 }
 
+InprocDestination::InprocDestination(StressVm& src, bool verify, double post_run_s)
+    : src_(src), verify_(verify), post_run_s_(post_run_s)
+{
+}
+
+InprocDestination::~InprocDestination()
+{
+    if (faults_ && dst_ && dst_->started() && faults_->missing()) {
+        faults_->abandon();
+        dst_->kill();
+    }
+}
+
 void InprocDestination::enter_phase(const char* phase) { stopped_ = std::string(phase) == "stop"; }
 
 void InprocDestination::send(uint32_t channel, std::span<const uint64_t> gpas, uint64_t& bytes, uint64_t&)
 {
+    if (faults_) {
+        // Postcopy: each unit placed whole, straight from the parked source.
+        for (size_t i = 0; i < gpas.size();) {
+            const uint64_t gpa = gpas[i], len = FaultServer::unit_of(src_, gpa);
+            faults_->place(gpa, src_.host_ptr(gpa, len), len);
+            for (uint64_t off = 0; off < len; off += 4096)
+                if (verify_)
+                    landed_.note(src_, gpa + off);
+            bytes += len;
+            i += len / 4096;
+        }
+        return;
+    }
     for (uint64_t gpa : gpas) {
         std::memcpy(dst_->host_ptr(gpa, 4096), src_.host_ptr(gpa, 4096), 4096);
         if (verify_ && stopped_)
@@ -74,8 +136,41 @@ ResultRecord InprocDestination::finish()
 
 void InprocDestination::abort()
 {
+    requests_.end();
+    if (faults_ && faults_->missing())
+        faults_->abandon();  // a vCPU waiting on a page would never leave KVM_RUN
     if (dst_)
         dst_->kill();
+}
+
+void InprocDestination::begin_postcopy(const std::vector<VcpuState>& states, std::span<const uint64_t> discard)
+{
+    faults_ = std::make_unique<FaultServer>(*dst_, [this](uint64_t gpa) { requests_.push({&gpa, 1}); });
+    faults_->arm(discard);
+    postcopy_states_ = states;
+}
+
+ResultRecord InprocDestination::postcopy_resumed()
+{
+    ResultRecord r = switchover(postcopy_states_);
+    faults_->guest_started();
+    return r;
+}
+
+bool InprocDestination::requests(std::vector<uint64_t>& out, std::chrono::milliseconds wait)
+{
+    return requests_.pop(out, wait);
+}
+
+ResultRecord InprocDestination::end_postcopy()
+{
+    faults_->finish();  // throws when a page is missing
+    requests_.end();
+    ResultRecord r;
+    r.ok = 1;
+    r.text = "postcopy complete";
+    r.details = faults_->figures().to_json().dump();
+    return r;
 }
 
 // ---- minivmm receive over TCP -------------------------------------------------------
@@ -199,6 +294,109 @@ void RemoteDestination::abort()
 {
     for (auto& c : ch_)
         c->shutdown();
+    if (reader_.joinable())
+        reader_.join();
+}
+
+RemoteDestination::~RemoteDestination()
+{
+    if (reader_.joinable()) {
+        for (auto& c : ch_)
+            c->shutdown();
+        reader_.join();
+    }
+}
+
+void RemoteDestination::begin_postcopy(const std::vector<VcpuState>& states, std::span<const uint64_t> discard)
+{
+    for (auto& c : ch_)
+        RecordWriter(*c).write(RecordType::ChannelDone, {});
+    RecordWriter w(*ch_[0]);
+    for (const auto& s : states)
+        w.write(RecordType::Vcpu, s.serialize());
+    constexpr size_t kPerRecord = 512 * 1024;
+    size_t i = 0;
+    do {
+        const size_t n = std::min(kPerRecord, discard.size() - i);
+        w.write(RecordType::Discard, encode_gpas(discard.subspan(i, n)));
+        i += n;
+    } while (i < discard.size());
+    w.write(RecordType::PostcopyRun, {});
+    // The guest is about to run there: no deadline can undo that, only the
+    // idle limit holds (the receiver sends an empty REQUEST every second).
+    limit(false);
+    reader_ = std::thread([this] { read_return_path(); });
+}
+
+ResultRecord RemoteDestination::postcopy_resumed()
+{
+    std::unique_lock lk(result_mu_);
+    result_cv_.wait(lk, [&] { return !results_.empty() || reader_done_; });
+    if (results_.empty()) {
+        lk.unlock();
+        std::vector<uint64_t> none;
+        requests_.pop(none, std::chrono::milliseconds(0));  // throws the reader's error
+        throw Error("the destination closed the connection before it resumed in postcopy");
+    }
+    return results_.front();
+}
+
+// Channel 0 from the receiver while postcopy runs: REQUESTs, its "resumed"
+// RESULT among them, until the RESULT that ends postcopy.
+void RemoteDestination::read_return_path()
+{
+    try {
+        RecordReader r(*ch_[0]);
+        for (;;) {
+            Record rec = r.read();
+            if (rec.type == RecordType::Request) {
+                const std::vector<uint64_t> g = decode_gpas(rec.payload, "REQUEST");
+                requests_.push(g);
+                continue;
+            }
+            if (rec.type != RecordType::Result)
+                throw Error(fmt::format("migration stream: {} on the return path, where REQUEST or RESULT belongs",
+                                        record_name(rec.type)));
+            ResultRecord res = ResultRecord::decode(rec.payload);
+            size_t n;
+            {
+                std::lock_guard lk(result_mu_);
+                results_.push_back(res);
+                n = results_.size();
+                result_cv_.notify_all();
+            }
+            if (!res.ok)
+                throw Error("the destination failed in postcopy: " + res.text);
+            if (n == 2) {
+                requests_.end();
+                break;
+            }
+        }
+    } catch (const std::exception& e) {
+        requests_.end(std::make_exception_ptr(Error(fmt::format("postcopy's return path: {}", e.what()))));
+    }
+    std::lock_guard lk(result_mu_);
+    reader_done_ = true;
+    result_cv_.notify_all();
+}
+
+bool RemoteDestination::requests(std::vector<uint64_t>& out, std::chrono::milliseconds wait)
+{
+    return requests_.pop(out, wait);
+}
+
+ResultRecord RemoteDestination::end_postcopy()
+{
+    for (auto& c : ch_)
+        RecordWriter(*c).write(RecordType::ChannelDone, {});
+    if (reader_.joinable())
+        reader_.join();
+    std::vector<uint64_t> rest;
+    requests_.pop(rest, std::chrono::milliseconds(0));  // throws the reader's error
+    std::lock_guard lk(result_mu_);
+    if (results_.size() < 2)
+        throw Error("postcopy's return path ended without the destination's RESULT");
+    return results_[1];
 }
 
 // Read between rounds, when no channel thread writes.
@@ -212,7 +410,7 @@ PageCounts RemoteDestination::page_counts() const
 
 void RemoteDestination::enter_phase(const char* phase)
 {
-    frozen_ = std::string(phase) == "stop";
+    frozen_ = std::string(phase) == "stop" || std::string(phase) == "postcopy";
     if (link_.wrapper)
         link_.wrapper->enter_phase(phase);
 }

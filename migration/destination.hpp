@@ -6,7 +6,12 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <exception>
+#include <mutex>
+#include <thread>
 #include <memory>
 #include <span>
 #include <string>
@@ -44,14 +49,47 @@ public:
     virtual void enter_phase(const char*) {}
     // What the PAGES frames carried so far, all channels (none in-process).
     virtual PageCounts page_counts() const { return {}; }
+
+    // ---- postcopy (postcopy.hpp) ----
+    // Every pre-copy page sent and the source parked: the vCPU states and
+    // the pages the destination must drop (they come later). From here
+    // send() places pages and requests() hears of faults: the caller starts
+    // serving them, then waits in postcopy_resumed() (resuming the guest
+    // touches its memory: a fault may come before it runs).
+    virtual void begin_postcopy(const std::vector<VcpuState>& states, std::span<const uint64_t> discard) = 0;
+    // ok once the guest runs there (restore_ms, refused_msrs filled).
+    virtual ResultRecord postcopy_resumed() = 0;
+    // The return path: up to `wait` for the GPAs faults wait on (appended to
+    // `out`). False once postcopy is over. Throws when the destination is gone.
+    virtual bool requests(std::vector<uint64_t>& out, std::chrono::milliseconds wait) = 0;
+    // Every page pushed: the destination's "postcopy complete" RESULT
+    // (details: its PostcopyFigures as JSON). Throws when it is gone.
+    virtual ResultRecord end_postcopy() = 0;
 };
+
+// The return path's requests, from whichever thread learns of them to the
+// sender's thread that asks.
+class RequestQueue {
+public:
+    void push(std::span<const uint64_t> gpas);
+    void end(std::exception_ptr error = nullptr);  // no more requests (error: why)
+    bool pop(std::vector<uint64_t>& out, std::chrono::milliseconds wait);  // false once ended; throws its error
+    bool ended() const;
+
+private:
+    mutable std::mutex mu_;
+    std::condition_variable cv_;
+    std::vector<uint64_t> q_;
+    bool ended_ = false;
+    std::exception_ptr error_;
+};
+
+class FaultServer;
 
 // A second VM in this process, made like the source with its memory populated.
 class InprocDestination : public Destination {
 public:
-    InprocDestination(StressVm& src, bool verify, double post_run_s) : src_(src), verify_(verify), post_run_s_(post_run_s)
-    {
-    }
+    InprocDestination(StressVm& src, bool verify, double post_run_s);
     void open(const StreamHeader& h) override;
     void send(uint32_t channel, std::span<const uint64_t> gpas, uint64_t& bytes, uint64_t& zeros) override;
     ResultRecord switchover(const std::vector<VcpuState>& states) override;
@@ -59,6 +97,11 @@ public:
     ResultRecord finish() override;
     void abort() override;
     void enter_phase(const char* phase) override;
+    void begin_postcopy(const std::vector<VcpuState>& states, std::span<const uint64_t> discard) override;
+    ResultRecord postcopy_resumed() override;
+    bool requests(std::vector<uint64_t>& out, std::chrono::milliseconds wait) override;
+    ResultRecord end_postcopy() override;
+    ~InprocDestination() override;
 
 private:
     StressVm& src_;
@@ -71,6 +114,9 @@ private:
     bool stopped_ = false;
     std::vector<std::vector<uint64_t>> copied_at_stop_;
     Resumed resumed_;
+    std::unique_ptr<FaultServer> faults_;  // postcopy
+    std::vector<VcpuState> postcopy_states_;
+    RequestQueue requests_;
 };
 
 // How the sender talks to a remote destination.
@@ -100,8 +146,14 @@ public:
     void abort() override;
     void enter_phase(const char* phase) override;
     PageCounts page_counts() const override;
+    void begin_postcopy(const std::vector<VcpuState>& states, std::span<const uint64_t> discard) override;
+    ResultRecord postcopy_resumed() override;
+    bool requests(std::vector<uint64_t>& out, std::chrono::milliseconds wait) override;
+    ResultRecord end_postcopy() override;
+    ~RemoteDestination() override;
 
 private:
+    void read_return_path();
     ResultRecord read_result(const char* what);
 
     IoLimits limits(bool deadline, double extra_idle_s = 0) const;
@@ -117,6 +169,13 @@ private:
     std::vector<std::unique_ptr<Transport>> ch_;
     std::vector<std::unique_ptr<PageEncoder>> enc_;  // one per channel, used by its thread only
     std::atomic<bool> frozen_{false};                // the source is parked: pages go unstaged
+    // Postcopy: channel 0's reader (REQUEST records, then the RESULT that ends them).
+    RequestQueue requests_;
+    std::thread reader_;
+    std::mutex result_mu_;
+    std::condition_variable result_cv_;
+    std::vector<ResultRecord> results_;  // "resumed", then "postcopy complete"
+    bool reader_done_ = false;
 };
 
 // `to` is "inproc" or "tcp:HOST:PORT" (throws UsageError naming --to otherwise;

@@ -20,8 +20,13 @@ void run_phases(Sender& s)
         s.bulk();
         while (s.precopy_round()) {
         }
-        s.stop_and_copy();
-        s.switchover();
+        if (s.postcopy_due()) {
+            s.postcopy_switch();
+            s.postcopy();
+        } else {
+            s.stop_and_copy();
+            s.switchover();
+        }
         s.finish();
     } catch (const std::exception& e) {
         s.fail(e.what());

@@ -257,7 +257,8 @@ struct PageDecoder::Impl {
 PageDecoder::PageDecoder() : d_(std::make_unique<Impl>()) {}
 PageDecoder::~PageDecoder() = default;
 
-uint64_t PageDecoder::read(RecordReader& r, const FrameHead& f, StressVm& m, const LandedFn& landed)
+uint64_t PageDecoder::read(RecordReader& r, const FrameHead& f, StressVm& m, const LandedFn& landed,
+                           PageTarget* target)
 {
     Impl& d = *d_;
     const bool zstd = f.type == RecordType::PagesZstd;
@@ -280,7 +281,7 @@ uint64_t PageDecoder::read(RecordReader& r, const FrameHead& f, StressVm& m, con
         if (!p)
             r.bad(f, fmt::format("names GPA {:#x}, outside every memslot", gpa));
         if (!(e & kIndexZero))
-            d.dst.push_back(p);
+            d.dst.push_back(target ? target->stage(d.dst.size(), gpa) : p);
     }
     const uint64_t k = d.dst.size(), payload = f.len - 8 - uint64_t{n} * 8;
     if (data_bytes != k * kPage)
@@ -326,12 +327,18 @@ uint64_t PageDecoder::read(RecordReader& r, const FrameHead& f, StressVm& m, con
     for (uint32_t i = 0; i < n; i++) {
         const uint64_t gpa = d.index[i] & ~(kPage - 1);
         if (d.index[i] & kIndexZero) {
-            uint8_t* p = m.host_ptr(gpa, kPage);
-            std::memset(p, 0, kPage);
+            if (target)
+                target->place(gpa, nullptr);
+            else
+                std::memset(m.host_ptr(gpa, kPage), 0, kPage);
             if (landed)
                 landed(gpa, zero_page_hash());
-        } else if (landed) {
-            landed(gpa, hashes[j++]);
+        } else {
+            if (target)
+                target->place(gpa, d.dst[j]);
+            if (landed)
+                landed(gpa, hashes[j]);
+            j++;
         }
     }
     counts_.pages += n;

@@ -79,6 +79,19 @@ EncodedPages encode_pages(const StressVm& m, std::span<const uint64_t> gpas, Com
 // Told each page once it is in place, with its XXH3-64.
 using LandedFn = std::function<void(uint64_t gpa, uint64_t hash)>;
 
+// Where a frame's pages go instead of straight into guest memory (postcopy:
+// a page must appear whole and at once, so it is read into a staging buffer
+// and placed with UFFDIO_COPY once the frame checked out).
+class PageTarget {
+public:
+    virtual ~PageTarget() = default;
+    // Where the i-th non-zero page of the frame (at gpa) is read to.
+    virtual uint8_t* stage(size_t i, uint64_t gpa) = 0;
+    // After the frame's checksum held, each page in index order: its staged
+    // data (null: a zero page).
+    virtual void place(uint64_t gpa, const uint8_t* data) = 0;
+};
+
 class PageDecoder {
 public:
     PageDecoder();
@@ -89,7 +102,9 @@ public:
     // The payload of a PAGES or PAGES_ZSTD frame whose head `f` was just
     // read, into `m`'s memory. Returns the pages applied; throws Error naming
     // the record and what is wrong.
-    uint64_t read(RecordReader& r, const FrameHead& f, StressVm& m, const LandedFn& landed);
+    // With `target`, pages go through it instead (postcopy).
+    uint64_t read(RecordReader& r, const FrameHead& f, StressVm& m, const LandedFn& landed,
+                  PageTarget* target = nullptr);
     const PageCounts& counts() const { return counts_; }
 
 private:

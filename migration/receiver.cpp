@@ -13,6 +13,7 @@
 #include "migration/admission.hpp"
 #include "migration/channels.hpp"
 #include "migration/page_codec.hpp"
+#include "migration/postcopy.hpp"
 #include "migration/resume.hpp"
 #include "migration/transport/tcp.hpp"
 #include "migration/vcpu_state.hpp"
@@ -42,8 +43,17 @@ public:
 private:
     void check_header(RecordReader& in);
     void receive_memory();
-    void pump(uint32_t c, bool skip_hello);
-    std::vector<VcpuState> read_state(RecordReader& in);
+    void receive_postcopy(FaultServer& faults, const std::function<void()>& started);
+    void pump(uint32_t c, bool skip_hello, FaultServer* postcopy);
+    struct Handover {
+        std::vector<VcpuState> states;
+        bool postcopy = false;
+        std::vector<uint64_t> discard;
+    };
+    Handover read_state(RecordReader& in);
+    void postcopy(RecordReader& in, Handover& h, double post_run_s);
+    void request(uint64_t gpa);
+    void write_out(RecordType type, std::span<const uint8_t> payload);
     void check_guest();
     Resumed resume_here(const std::vector<VcpuState>& states);
     void verify(RecordReader& in, const Resumed& at);
@@ -60,6 +70,7 @@ private:
     std::vector<std::unique_ptr<Transport>> ch_;
     const PhaseHook& on_phase_;
     RecordWriter out_;  // to the sender, on channel 0
+    std::mutex out_mu_;  // postcopy: the fault thread's REQUESTs and this thread's RESULTs
     uint64_t layout_pages_ = 0;
     std::atomic<uint64_t> received_{0};
     std::mutex mu_;  // guards rep_ while the channels pump
@@ -79,7 +90,14 @@ ReceiveReport Receiver::run(double post_run_s)
         receive_memory();
         rep_.memory_ms = ms_since(t);
         t = clock::now();
-        std::vector<VcpuState> states = read_state(in);
+        Handover h = read_state(in);
+        if (h.postcopy) {
+            postcopy(in, h, post_run_s);
+            phase("stopped");
+            rep_.total_ms = ms_since(t0_);
+            return rep_;
+        }
+        std::vector<VcpuState>& states = h.states;
         check_guest();
         const Resumed at = resume_here(states);
         rep_.switchover_ms = ms_since(t);
@@ -92,7 +110,8 @@ ReceiveReport Receiver::run(double post_run_s)
     } catch (const std::exception& e) {
         rep_.status = "failed";
         rep_.error = e.what();
-        rep_.guest = dst_.started() ? "stopped (killed after the failure)" : "never started";
+        if (!rep_.guest_lost)
+            rep_.guest = dst_.started() ? "stopped (killed after the failure)" : "never started";
         if (dst_.started())
             dst_.kill();
         rep_.total_ms = ms_since(t0_);
@@ -104,9 +123,67 @@ ReceiveReport Receiver::run(double post_run_s)
 void Receiver::send_result(const ResultRecord& r)
 {
     try {
-        out_.write(RecordType::Result, r.encode());
+        write_out(RecordType::Result, r.encode());
     } catch (...) {
     }
+}
+
+void Receiver::write_out(RecordType type, std::span<const uint8_t> payload)
+{
+    std::lock_guard lk(out_mu_);
+    out_.write(type, payload);
+}
+
+// On the fault thread: ask the sender for the page a fault waits on (a
+// broken connection shows in the channels' reads).
+void Receiver::request(uint64_t gpa)
+{
+    try {
+        write_out(RecordType::Request, encode_gpas({&gpa, 1}));
+    } catch (...) {
+    }
+}
+
+// The guest resumes here before all of its memory arrived: pages come on
+// demand (FaultServer) while the sender pushes the rest on every channel.
+void Receiver::postcopy(RecordReader& in, Handover& h, double post_run_s)
+{
+    check_guest();  // reads guest memory: before any page is missing
+    rep_.postcopy = true;
+    FaultServer faults(dst_, [this](uint64_t gpa) { request(gpa); });
+    Resumed at;
+    try {
+        faults.arm(h.discard);
+        const auto t = clock::now();
+        // The channels are read before the guest resumes: resuming touches
+        // its memory, and a fault needs the page to come in.
+        receive_postcopy(faults, [&] {
+            at = resume_here(h.states);
+            faults.guest_started();
+            rep_.switchover_ms += ms_since(t);
+            phase("running");
+        });
+        faults.finish();  // throws when a page is missing
+        rep_.postcopy_ms = ms_since(t);
+    } catch (...) {
+        rep_.postcopy_figures = faults.figures();
+        if (faults.missing()) {
+            rep_.guest_lost = true;
+            faults.abandon();  // a vCPU waiting on a page would never leave KVM_RUN
+            rep_.guest = "killed: postcopy broke off with pages missing here (the guest is lost)";
+        }
+        if (dst_.started())
+            dst_.kill();
+        throw;
+    }
+    rep_.postcopy_figures = faults.figures();
+    ResultRecord done;
+    done.ok = 1;
+    done.text = "postcopy complete";
+    done.details = rep_.postcopy_figures.to_json().dump();
+    write_out(RecordType::Result, done.encode());
+    verify(in, at);
+    run_and_report(at, post_run_s);
 }
 
 // The sender's layout against ours, before a byte of memory.
@@ -140,6 +217,52 @@ void Receiver::check_header(RecordReader& in)
 
 // Memory: one thread per data channel; channel 0's pages on this thread.
 // The first error stops every channel.
+// Postcopy: every channel on its own thread placing pages; `started` runs
+// once they read (it resumes the guest), then this thread tells the sender
+// it is still here while nothing faults (its --io-timeout).
+void Receiver::receive_postcopy(FaultServer& faults, const std::function<void()>& started)
+{
+    std::exception_ptr err;
+    std::vector<std::thread> threads;
+    std::atomic<size_t> done{0};
+    auto fail = [&](std::exception_ptr e) {
+        std::lock_guard lk(mu_);
+        if (!err)
+            err = e;
+        for (auto& ch : ch_)
+            ch->shutdown();
+    };
+    for (size_t c = 0; c < ch_.size(); c++)
+        threads.emplace_back([&, c] {
+            try {
+                pump(static_cast<uint32_t>(c), false, &faults);
+            } catch (...) {
+                fail(std::current_exception());
+            }
+            done++;
+        });
+    try {
+        started();
+    } catch (...) {
+        fail(std::current_exception());
+    }
+    auto beat = clock::now();
+    while (done.load() < ch_.size()) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        if (clock::now() - beat > std::chrono::seconds(1)) {
+            beat = clock::now();
+            try {
+                write_out(RecordType::Request, encode_gpas({}));
+            } catch (...) {
+            }
+        }
+    }
+    for (auto& t : threads)
+        t.join();
+    if (err)
+        std::rethrow_exception(err);
+}
+
 void Receiver::receive_memory()
 {
     std::exception_ptr err;
@@ -147,7 +270,7 @@ void Receiver::receive_memory()
     for (size_t c = 1; c < ch_.size(); c++)
         threads.emplace_back([&, c] {
             try {
-                pump(static_cast<uint32_t>(c), true);
+                pump(static_cast<uint32_t>(c), true, nullptr);
             } catch (...) {
                 std::lock_guard lk(mu_);
                 if (!err)
@@ -157,7 +280,7 @@ void Receiver::receive_memory()
             }
         });
     try {
-        pump(0, false);
+        pump(0, false, nullptr);
     } catch (...) {
         for (auto& ch : ch_)
             ch->shutdown();
@@ -173,8 +296,11 @@ void Receiver::receive_memory()
 
 // One channel's PAGES records up to its CHANNEL_DONE, on its virtual node's
 // host CPUs and under its policy (ChannelMap: as the sender maps them).
-void Receiver::pump(uint32_t c, bool skip_hello)
+void Receiver::pump(uint32_t c, bool skip_hello, FaultServer* postcopy)
 {
+    std::optional<UnitPlacer> placer;
+    if (postcopy)
+        placer.emplace(dst_, *postcopy);
     std::optional<numa::ThreadPolicyScope> scope;
     ChannelMap(dst_, static_cast<uint32_t>(ch_.size())).enter(c, scope);
     RecordReader r(*ch_[c]);
@@ -206,29 +332,50 @@ void Receiver::pump(uint32_t c, bool skip_hello)
         }
         if (f.type == RecordType::ChannelDone) {
             r.payload(f);
-            phase("stop");
+            if (placer && placer->partial())
+                throw Error(fmt::format("migration stream: channel {} ended postcopy inside a huge page", c));
+            if (!postcopy)
+                phase("stop");
             break;
         }
         if (f.type != RecordType::Pages && f.type != RecordType::PagesZstd)
             throw Error(fmt::format("migration stream: {} where PAGES or CHANNEL_DONE belongs", record_name(f.type)));
-        const uint64_t n = dec.read(r, f, dst_, [this](uint64_t gpa, uint64_t h) { landed_.set(gpa, h); });
+        const uint64_t n = dec.read(r, f, dst_, [this](uint64_t gpa, uint64_t h) { landed_.set(gpa, h); },
+                                    placer ? &*placer : nullptr);
         const uint64_t total = received_ += n;
+        if (postcopy) {
+            phase("postcopy");
+            continue;
+        }
         phase("bulk");
         if (total > layout_pages_)
             phase("precopy");
     }
 }
 
-// The vCPU states, then END.
-std::vector<VcpuState> Receiver::read_state(RecordReader& in)
+// The vCPU states, then END; or (postcopy) the states, DISCARDs and POSTCOPY_RUN.
+Receiver::Handover Receiver::read_state(RecordReader& in)
 {
-    std::vector<VcpuState> states;
+    Handover h;
+    std::vector<VcpuState>& states = h.states;
     for (;;) {
         Record rec = in.read();
-        if (rec.type == RecordType::End)
+        if (rec.type == RecordType::End && !h.postcopy)
             break;
-        if (rec.type != RecordType::Vcpu)
-            throw Error(fmt::format("migration stream: {} where VCPU or END belongs", record_name(rec.type)));
+        if (rec.type == RecordType::PostcopyRun && h.postcopy)
+            break;
+        if (rec.type == RecordType::Discard && states.size() == dst_.vcpu_count()) {
+            h.postcopy = true;
+            std::vector<uint64_t> g = decode_gpas(rec.payload, "DISCARD");
+            for (uint64_t gpa : g)
+                if (!dst_.host_ptr(gpa, 4096))
+                    throw Error(fmt::format("migration stream: DISCARD names GPA {:#x}, outside every memslot", gpa));
+            h.discard.insert(h.discard.end(), g.begin(), g.end());
+            continue;
+        }
+        if (rec.type != RecordType::Vcpu || h.postcopy)
+            throw Error(fmt::format("migration stream: {} where {} belongs", record_name(rec.type),
+                                    h.postcopy ? "DISCARD or POSTCOPY_RUN" : "VCPU or END"));
         states.push_back(VcpuState::parse(rec.payload));
         if (states.back().id >= dst_.vcpu_count())
             throw Error(fmt::format("migration stream: VCPU record for vCPU {} of {}", states.back().id,
@@ -236,7 +383,7 @@ std::vector<VcpuState> Receiver::read_state(RecordReader& in)
     }
     if (states.size() != dst_.vcpu_count())
         throw Error(fmt::format("migration stream: {} vCPU states for {} vCPUs", states.size(), dst_.vcpu_count()));
-    return states;
+    return h;
 }
 
 // The stream rewrote guest memory, boot parameters included: they must
@@ -264,7 +411,7 @@ Resumed Receiver::resume_here(const std::vector<VcpuState>& states)
     r.post_run_s = post_run_s_;  // the sender waits that much longer for the last RESULT
     r.restore_ms = at.restore_ms;
     r.refused_msrs = at.refused_msrs;
-    out_.write(RecordType::Result, r.encode());
+    write_out(RecordType::Result, r.encode());
     return at;
 }
 

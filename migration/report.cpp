@@ -42,6 +42,8 @@ nlohmann::json MigrateReport::to_json() const
     j["throughput_bytes_per_s"] = throughput;
     j["channels"] = channels;
     j["compression"] = compression.to_json();
+    j["postcopy"] = postcopy.to_json();
+    j["guest_lost"] = guest_lost;
     j["rounds"] = json::array();
     for (const auto& r : rounds)
         j["rounds"].push_back({{"round", r.round},
@@ -108,7 +110,12 @@ std::string MigrateReport::summary_line() const
 {
     std::string o = "migration " + status;
     if (!error.empty())
-        return o + fmt::format(" in {}: {}", phase, error);
+        return o + fmt::format(" in {}: {}", phase, error) + (guest_lost ? " (the guest is lost)" : "");
+    if (postcopy.started)
+        return o + fmt::format(" in postcopy (started {} pre-copy rounds in: {}; downtime {:.1f} ms, then {} pages "
+                               "on demand or in the background over {:.1f} ms)",
+                               postcopy.after_rounds, postcopy.trigger, downtime_ms, postcopy.discarded_pages,
+                               postcopy.duration_ms);
     if (converged)
         return o + fmt::format(" (converged: the dirty set fitted --max-downtime {:g} ms)", max_downtime_ms);
     return o + fmt::format(", NOT converged: stop-and-copy forced by {} (downtime {:.1f} ms against --max-downtime "
@@ -172,7 +179,11 @@ std::string MigrateReport::to_table() const
     std::string o = summary_line() + "\n";
     o += fmt::format("total {:.1f} ms (start -> {}), setup {:.1f} ms (destination {:.1f} ms, logging "
                      "on {:.1f} ms), downtime {:.1f} ms (expected {:.1f} ms); verify {:.1f} ms, post-run {:.1f} ms\n",
-                     total_ms, downtime_ms > 0 ? "destination running" : "failure", setup_ms, setup_destination_ms,
+                     total_ms,
+                     postcopy.started && error.empty() ? "every page at the destination (postcopy)"
+                     : downtime_ms > 0                 ? "destination running"
+                                                       : "failure",
+                     setup_ms, setup_destination_ms,
                      setup_tracking_ms, downtime_ms, expected_downtime_ms, verify_ms, post_run_ms);
     o += fmt::format("transferred {} ({} pages, {} zero), remaining {} {}, pre-copy throughput {}/s, {:.0f} Mbit/s "
                      "and {:.0f} pages/s over total - setup\n",
@@ -193,6 +204,15 @@ std::string MigrateReport::to_table() const
                          r.dirty_limit ? std::to_string(r.dirty_limit) : "-");
     }
     o += compression_line(compression, "compressing took");
+    if (postcopy.started) {
+        o += fmt::format("postcopy at the source: {} requests ({} pages sent for them), {} pages pushed in the "
+                         "background, {} in postcopy; pre-copy {}, downtime {}\n",
+                         postcopy.requests, postcopy.requested_pages, postcopy.pushed_pages,
+                         human_bytes(static_cast<double>(postcopy.bytes)), human_bytes(static_cast<double>(precopy_bytes)),
+                         human_bytes(static_cast<double>(downtime_bytes)));
+        if (postcopy.destination_reported)
+            o += postcopy.destination.to_table();
+    }
     if (!vcpu_stall_ms.empty()) {
         o += "longest stall per vCPU during pre-copy (ms):";
         for (size_t i = 0; i < vcpu_stall_ms.size(); i++)
@@ -211,6 +231,87 @@ std::string MigrateReport::to_table() const
                          switchover_mismatches, stamp_summary);
     o += downtime_to_table();
     return o;
+}
+
+// ---- postcopy ------------------------------------------------------------------------
+
+nlohmann::json PostcopyDestinationFigures::to_json() const
+{
+    return {{"discarded_pages", discarded_pages},
+            {"placed_pages", placed_pages},
+            {"requested_pages", requested_pages},
+            {"faults", faults},
+            {"vcpu_faults", vcpu_faults},
+            {"blocktime_ms", blocktime_ms},
+            {"vcpu_blocktime_ms", vcpu_blocktime_ms},
+            {"latency_ns", latency_ns},
+            {"vcpu_latency_ns", vcpu_latency_ns},
+            {"non_vcpu_latency_ns", non_vcpu_latency_ns},
+            {"latency_dist_us_log2", latency_dist},
+            {"max_latency_ms", max_latency_ms},
+            {"vcpu_stall_ms", vcpu_stall_ms},
+            {"duration_ms", duration_ms},
+            {"units", units}};
+}
+
+PostcopyDestinationFigures PostcopyDestinationFigures::from_json(const nlohmann::json& j)
+{
+    PostcopyDestinationFigures f;
+    f.discarded_pages = j.value("discarded_pages", uint64_t{0});
+    f.placed_pages = j.value("placed_pages", uint64_t{0});
+    f.requested_pages = j.value("requested_pages", uint64_t{0});
+    f.faults = j.value("faults", uint64_t{0});
+    f.vcpu_faults = j.value("vcpu_faults", uint64_t{0});
+    f.blocktime_ms = j.value("blocktime_ms", 0.0);
+    f.vcpu_blocktime_ms = j.value("vcpu_blocktime_ms", std::vector<double>{});
+    f.latency_ns = j.value("latency_ns", 0.0);
+    f.vcpu_latency_ns = j.value("vcpu_latency_ns", std::vector<double>{});
+    f.non_vcpu_latency_ns = j.value("non_vcpu_latency_ns", 0.0);
+    f.latency_dist = j.value("latency_dist_us_log2", std::vector<uint64_t>(kLatencyBuckets, 0));
+    f.max_latency_ms = j.value("max_latency_ms", 0.0);
+    f.vcpu_stall_ms = j.value("vcpu_stall_ms", std::vector<double>{});
+    f.duration_ms = j.value("duration_ms", 0.0);
+    f.units = j.value("units", std::string{});
+    return f;
+}
+
+
+std::string PostcopyDestinationFigures::to_table() const
+{
+    std::string o = fmt::format(
+        "postcopy at the destination: {} pages discarded, {} placed ({} requested), {} remote faults ({} by vCPUs), "
+        "{:.1f} ms until the last page; units {}\n",
+        discarded_pages, placed_pages, requested_pages, faults, vcpu_faults, duration_ms, units);
+    o += fmt::format("  blocktime (every vCPU blocked at once) {:.2f} ms; latency mean {:.1f} us, max {:.2f} ms, "
+                     "non-vCPU {:.1f} us\n",
+                     blocktime_ms, latency_ns / 1e3, max_latency_ms, non_vcpu_latency_ns / 1e3);
+    o += "  per vCPU: blocked ms / mean latency us / longest stall the guest saw ms:";
+    for (size_t v = 0; v < vcpu_blocktime_ms.size(); v++)
+        o += fmt::format(" vcpu{} {:.1f}/{:.0f}/{}", v, vcpu_blocktime_ms[v],
+                         v < vcpu_latency_ns.size() ? vcpu_latency_ns[v] / 1e3 : 0.0,
+                         v < vcpu_stall_ms.size() ? fmt::format("{:.1f}", vcpu_stall_ms[v]) : "-");
+    o += "\n  latency distribution (us: faults):";
+    for (size_t b = 0; b < latency_dist.size(); b++)
+        if (latency_dist[b])
+            o += fmt::format(" [{},{}): {}", 1ull << b, 1ull << (b + 1), latency_dist[b]);
+    o += "\n";
+    return o;
+}
+
+nlohmann::json PostcopyReport::to_json() const
+{
+    nlohmann::json j = {{"enabled", enabled},
+                        {"started", started},
+                        {"trigger", trigger},
+                        {"after_rounds", after_rounds},
+                        {"discarded_pages", discarded_pages},
+                        {"requests", requests},
+                        {"requested_pages", requested_pages},
+                        {"pushed_pages", pushed_pages},
+                        {"bytes", bytes},
+                        {"duration_ms", duration_ms}};
+    j["destination"] = destination_reported ? destination.to_json() : nlohmann::json(nullptr);
+    return j;
 }
 
 nlohmann::json CompressionFigures::to_json() const
@@ -249,6 +350,8 @@ nlohmann::json ReceiveReport::to_json() const
     j["guest"] = guest;
     j["sender"] = {{"peer", peer}, {"identity", peer_identity}, {"security", security},
                    {"dropped_connections", dropped_connections}};
+    j["postcopy"] = postcopy ? postcopy_figures.to_json() : nlohmann::json(nullptr);
+    j["guest_lost"] = guest_lost;
     return j;
 }
 
@@ -270,6 +373,8 @@ std::string ReceiveReport::to_table() const
     if (!refused_msrs.empty())
         o += fmt::format("MSRs refused here: {}\n", fmt::join(msr_names(refused_msrs), " "));
     o += compression_line(compression, "decompressing took");
+    if (postcopy)
+        o += postcopy_figures.to_table();
     if (!stamp_summary.empty())
         o += fmt::format("destination stamp check: {}\n", stamp_summary);
     o += fmt::format("guest here: {}\n", guest);

@@ -57,6 +57,46 @@ struct CompressionFigures {
     nlohmann::json to_json() const;
 };
 
+// The destination's postcopy figures (postcopy.hpp defines them).
+struct PostcopyDestinationFigures {
+    static constexpr size_t kLatencyBuckets = 24;  // QEMU's postcopy-latency-dist: [2^N, 2^(N+1)) us
+    uint64_t discarded_pages = 0;     // 4 KiB pages made missing at the switch (dirtied since sent)
+    uint64_t placed_pages = 0;        // 4 KiB pages placed in postcopy (requested or pushed)
+    uint64_t requested_pages = 0;     // of them asked for by a fault (4 KiB pages)
+    uint64_t faults = 0;              // remote faults: a thread waited for a page that had to come
+    uint64_t vcpu_faults = 0;         // of them by vCPU threads
+    double blocktime_ms = 0;          // QEMU's postcopy-blocktime: every vCPU blocked at once
+    std::vector<double> vcpu_blocktime_ms;     // postcopy-vcpu-blocktime
+    double latency_ns = 0;            // postcopy-latency: mean remote fault latency
+    std::vector<double> vcpu_latency_ns;       // postcopy-vcpu-latency (0: no fault)
+    double non_vcpu_latency_ns = 0;   // postcopy-non-vcpu-latency (the VMM's own reads of guest memory)
+    std::vector<uint64_t> latency_dist = std::vector<uint64_t>(kLatencyBuckets, 0);  // postcopy-latency-dist
+    double max_latency_ms = 0;
+    std::vector<double> vcpu_stall_ms;  // the guest's own view: longest no-progress gap per vCPU in postcopy
+    double duration_ms = 0;           // the guest resumed there -> the last page placed
+    std::string units;                // what a fault moves: "4 KiB", "4 KiB + 2 MiB (hugetlb2m)"
+    nlohmann::json to_json() const;
+    static PostcopyDestinationFigures from_json(const nlohmann::json& j);
+    std::string to_table() const;
+};
+
+// The source's side of a postcopy migration.
+struct PostcopyReport {
+    bool enabled = false;           // --postcopy (QEMU's postcopy-ram capability)
+    bool started = false;           // the guest switched to the destination in postcopy
+    std::string trigger;            // why it started: "after N rounds", "dirty rate above the link", ...
+    uint32_t after_rounds = 0;      // pre-copy rounds before it
+    uint64_t discarded_pages = 0;   // pages the destination dropped at the switch (sent in postcopy)
+    uint64_t requests = 0;          // QEMU's postcopy-requests: page requests received
+    uint64_t requested_pages = 0;   // 4 KiB pages sent because of one
+    uint64_t pushed_pages = 0;      // 4 KiB pages sent in the background
+    uint64_t bytes = 0;             // QEMU's postcopy-bytes
+    double duration_ms = 0;         // the destination resumed -> it had every page
+    bool destination_reported = false;
+    PostcopyDestinationFigures destination;
+    nlohmann::json to_json() const;
+};
+
 struct MigrateReport {
     std::string status = "failed";  // completed | failed | cancelled
     std::string error;
@@ -104,6 +144,8 @@ struct MigrateReport {
     uint64_t precopy_bytes = 0;       // sent by the bulk pass and the pre-copy rounds (QEMU's precopy-bytes)
     uint64_t downtime_bytes = 0;      // sent by stop-and-copy (QEMU's downtime-bytes)
     CompressionFigures compression;
+    PostcopyReport postcopy;
+    bool guest_lost = false;          // postcopy broke off: neither side holds the whole guest (exit 7)
     std::vector<ProgressPoint> guest_progress;  // sampled every ~10 ms from setup to park
     nlohmann::json config;            // what it ran with (engines: config_echo()), echoed into the JSON
 
@@ -139,6 +181,10 @@ struct ReceiveReport {
     // "none", and the connections dropped before it was admitted.
     std::string peer, peer_identity, security = "none";
     uint32_t dropped_connections = 0;
+    bool postcopy = false;                 // the guest resumed here in postcopy
+    double postcopy_ms = 0;                // resumed -> every page here
+    PostcopyDestinationFigures postcopy_figures;
+    bool guest_lost = false;               // postcopy broke off with pages missing here (exit 7)
     nlohmann::json to_json() const;
     std::string to_table() const;
 };

@@ -6,6 +6,7 @@
 
 #include "base/error.hpp"
 #include "base/units.hpp"
+#include "migration/postcopy.hpp"
 #include "vmm/stress/sampler.hpp"
 #include "vmm/stress/workload.hpp"
 
@@ -35,6 +36,7 @@ const char* phase_name(Phase p)
     case Phase::Bulk: return "bulk";
     case Phase::Precopy: return "precopy";
     case Phase::Stop: return "stop";
+    case Phase::Postcopy: return "postcopy";
     case Phase::Destination: return "destination";
     case Phase::Done: return "done";
     }
@@ -71,11 +73,19 @@ Sender::Sender(StressVm& src, dirty::Tracker& tracker, const MigrateOptions& opt
     rep_.config = config_echo(src, opt, channels_.count());
     rep_.source_state = "running";
     rep_.destination_state = "none";
+    rep_.postcopy.enabled = opt.postcopy;
     for (const auto& slot : src.memslots().regions())
         live_.total_bytes += slot.pages() * 4096;
 }
 
-Sender::~Sender() = default;
+Sender::~Sender()
+{
+    if (!pushers_.empty() || return_path_.joinable()) {
+        pc_stop_ = true;
+        dest_->abort();
+        join_pushing();
+    }
+}
 
 // ---- the phases ---------------------------------------------------------------------
 
@@ -141,6 +151,14 @@ bool Sender::precopy_round()
     rep_.expected_downtime_ms = expected_downtime_ms(h.dirty_pages);
     synced(h.dirty_pages, interval_s);
     const bool converged = bw_ > 0 && rep_.expected_downtime_ms <= max_downtime_ms_.load();
+    if (!converged && check_postcopy_due(h.dirty_pages, interval_s)) {
+        postcopy_due_ = true;
+        pending_ = std::move(h);
+        pending_interval_s_ = interval_s;
+        if (opt_.progress)
+            fmt::print(stderr, "\r\033[K");
+        return false;
+    }
     if (converged || round_ > opt_.max_iterations) {
         rep_.converged = converged;
         rep_.forced_by = converged ? "" : "max-iterations";
@@ -164,6 +182,35 @@ bool Sender::precopy_round()
     account(rr);
     print_progress(rr);
     round_++;
+    return true;
+}
+
+// Postcopy instead of this round? (MigrateOptions::postcopy)
+bool Sender::check_postcopy_due(uint64_t dirty_pages, double interval_s)
+{
+    if (!opt_.postcopy)
+        return false;
+    // Not converging: the dirty rate near the link rate (90%), or every
+    // tracked page dirty (a saturated harvest only bounds the rate below).
+    const double rate = interval_s > 0 ? static_cast<double>(dirty_pages) * 4096 / interval_s : 0;
+    const bool saturated = tracked_pages_ > 0 && dirty_pages >= tracked_pages_;
+    above_link_ = bw_ > 0 && (rate >= 0.9 * bw_ || saturated) ? above_link_ + 1 : 0;
+    std::string why;
+    if (postcopy_requested_.load())
+        why = "requested (migrate-start-postcopy)";
+    else if (opt_.postcopy_after > 0 && round_ > opt_.postcopy_after)
+        why = fmt::format("after {} pre-copy round{} (--postcopy-after)", opt_.postcopy_after,
+                          opt_.postcopy_after == 1 ? "" : "s");
+    else if (opt_.postcopy_after == 0 && above_link_ >= 2)
+        why = fmt::format("the dirty rate ({}{}/s) stayed near or above the link rate ({}/s) for 2 harvests",
+                          saturated ? ">= " : "", human_bytes(rate), human_bytes(bw_));
+    else if (round_ > opt_.max_iterations)
+        why = "pre-copy ran out of rounds (--max-iterations)";
+    if (why.empty())
+        return false;
+    rep_.postcopy.trigger = why;
+    rep_.postcopy.after_rounds = round_ - 1;
+    rep_.forced_by = "postcopy";
     return true;
 }
 
@@ -229,8 +276,15 @@ void Sender::switchover()
     rep_.refused_msrs = sw.refused_msrs;
     if (!sw.ok)
         throw Error("the destination did not resume: " + sw.text);
+    switched_over_ = true;
     enter(Phase::Destination);
-    // The guest lives on at the destination now; the source stays parked.
+    handed_over();
+}
+
+// The guest lives on at the destination now, every page there; the source
+// stays parked: logging off, the figures, then the verification.
+void Sender::handed_over()
+{
     tracker_.disable();
     tracking_ = false;
     rep_.transferred_bytes = channels_.sent_bytes();
@@ -246,8 +300,170 @@ void Sender::switchover()
     rep_.source_state = "parked";
     rep_.state_note = "the source is parked, its guest handed to the destination";
     rep_.destination_state = "running";
-    switched_over_ = true;
     verify_after_resume();
+}
+
+// The switch to postcopy: like stop-and-copy, but what is left is not sent:
+// the destination drops those pages and resumes without them.
+void Sender::postcopy_switch()
+{
+    require({Phase::Bulk, Phase::Precopy}, "postcopy_switch");
+    if (!postcopy_due_)
+        throw std::logic_error("Sender::postcopy_switch() while postcopy is not due");
+    rep_.vcpu_stall_ms = stop_sampler();
+    tdown_ = clock::now();
+    rep_.stop_ms = since(t0_) * 1e3;
+    enter(Phase::Postcopy);
+    park_source();
+    rep_.split.park_ms = ms_since(tdown_);
+    rep_.source_state = "parked";
+    auto t = clock::now();
+    dirty::Harvest last = tracker_.harvest();
+    rep_.split.final_harvest_ms = ms_since(t);
+    synced(last.dirty_pages, 0);
+    postcopy_pages_ = postcopy_units(src_, final_pages(last));
+    std::vector<uint64_t> discard;
+    for (const auto& c : postcopy_pages_)
+        for (uint64_t u : c)
+            for (uint64_t off = 0, len = FaultServer::unit_of(src_, u); off < len; off += 4096)
+                discard.push_back(u + off);
+    rep_.postcopy.discarded_pages = discard.size();
+    rep_.remaining_bytes = discard.size() * 4096;
+    t = clock::now();
+    save_state();
+    rep_.split.vcpu_state_ms = ms_since(t);
+    fault_point("switchover");
+    t = clock::now();
+    dest_->begin_postcopy(states_, discard);
+    // From here the destination may run the guest: the source may not resume.
+    switched_over_ = true;
+    rep_.postcopy.started = true;
+    start_pushing();  // resuming touches guest memory: faults are served from now
+    ResultRecord sw = dest_->postcopy_resumed();
+    rep_.split.restore_ms = ms_since(t);
+    rep_.downtime_ms = ms_since(tdown_);
+    rep_.split.destination_restore_ms = sw.restore_ms;
+    rep_.refused_msrs = sw.refused_msrs;
+    if (!sw.ok)
+        throw Error("the destination did not resume in postcopy: " + sw.text);
+    postcopy_resumed_ = clock::now();
+    rep_.destination_state = "running (postcopy)";
+    rep_.state_note = "postcopy: the destination runs the guest and fetches the rest from the parked source";
+}
+
+// Pages per postcopy batch: 64 KiB, so a requested page waits behind at
+// most that much of the background push on its channel (and its pacing).
+constexpr size_t kPostcopyBatch = 16;
+
+// Every page the destination lacks, requested ones first (PostcopySource),
+// one thread per channel, and the return path.
+void Sender::start_pushing()
+{
+    postcopy_start_ = clock::now();
+    pcs_ = std::make_unique<PostcopySource>(src_, channels_.map(), postcopy_pages_);
+    pc_bytes0_ = channels_.sent_bytes();
+    for (uint32_t c = 0; c < channels_.count(); c++)
+        pushers_.emplace_back([this, c] {
+            try {
+                std::optional<numa::ThreadPolicyScope> scope;
+                channels_.map().enter(c, scope);
+                bool first = true;
+                while (!pc_stop_.load()) {
+                    std::vector<uint64_t> batch = pcs_->next(c, kPostcopyBatch);
+                    if (batch.empty())
+                        break;
+                    channels_.send_batch(*dest_, c, batch);
+                    if (c == 0 && std::exchange(first, false))
+                        fault_point("postcopy");  // the tests' hook: the connection lost mid-postcopy
+                }
+            } catch (...) {
+                pushing_failed(std::current_exception());
+            }
+        });
+    return_path_ = std::thread([this] {
+        try {
+            std::vector<uint64_t> g;
+            bool more = true;
+            while (more) {
+                more = dest_->requests(g, std::chrono::milliseconds(100));
+                for (uint64_t gpa : g)
+                    pcs_->request(gpa);
+                g.clear();
+            }
+        } catch (...) {
+            if (!pc_stop_.load())
+                pushing_failed(std::current_exception());
+        }
+    });
+}
+
+void Sender::pushing_failed(std::exception_ptr e)
+{
+    {
+        std::lock_guard lk(pc_mu_);
+        if (!pc_err_)
+            pc_err_ = e;
+    }
+    pc_stop_ = true;
+    dest_->abort();  // unblocks every channel and the return path
+}
+
+// The pushers first; the return path ends with the destination's last RESULT (or an abort).
+void Sender::join_pushing()
+{
+    for (auto& t : pushers_)
+        if (t.joinable())
+            t.join();
+    if (return_path_.joinable())
+        return_path_.join();
+}
+
+void Sender::postcopy()
+{
+    require({Phase::Postcopy}, "postcopy");
+    for (auto& t : pushers_)
+        t.join();
+    ResultRecord done;
+    bool have_err;
+    {
+        std::lock_guard lk(pc_mu_);
+        have_err = pc_err_ != nullptr;
+    }
+    if (!have_err) {
+        try {
+            done = dest_->end_postcopy();
+        } catch (...) {
+            pushing_failed(std::current_exception());
+        }
+    }
+    join_pushing();
+    rep_.postcopy.requests = pcs_->requests();
+    rep_.postcopy.requested_pages = pcs_->requested_pages();
+    rep_.postcopy.bytes = channels_.sent_bytes() - pc_bytes0_;
+    const uint64_t sent = rep_.postcopy.discarded_pages - pcs_->left();
+    rep_.postcopy.pushed_pages = sent - std::min(sent, rep_.postcopy.requested_pages);
+    RoundReport pr = begin_round(static_cast<uint32_t>(rep_.rounds.size()), "postcopy", postcopy_start_);
+    pr.pages = sent;
+    pr.bytes = rep_.postcopy.bytes;
+    pr.duration_s = since(postcopy_start_);
+    rep_.rounds.push_back(pr);
+    rounds_++;
+    {
+        std::lock_guard lk(pc_mu_);
+        if (pc_err_)
+            std::rethrow_exception(pc_err_);
+    }
+    if (!done.ok)
+        throw Error("the destination failed in postcopy: " + done.text);
+    if (!done.details.empty()) {
+        rep_.postcopy.destination = PostcopyDestinationFigures::from_json(nlohmann::json::parse(done.details));
+        rep_.postcopy.destination_reported = true;
+    }
+    rep_.postcopy.duration_ms = ms_since(postcopy_resumed_);
+    postcopy_done_ = true;
+    rep_.total_ms = since(t0_) * 1e3;  // QEMU's total-time: postcopy ends when the destination has every page
+    enter(Phase::Destination);
+    handed_over();
 }
 
 // The parked source hashes its frozen memory; the destination compares it
@@ -306,6 +522,14 @@ void Sender::finish()
 
 void Sender::fail(const std::string& error)
 {
+    if (!pushers_.empty() || return_path_.joinable()) {
+        pc_stop_ = true;
+        try {
+            dest_->abort();
+        } catch (...) {
+        }
+        join_pushing();
+    }
     rep_.error = error;
     rep_.status = cancelled() ? "cancelled" : "failed";
     if (sampler_)
@@ -316,7 +540,16 @@ void Sender::fail(const std::string& error)
         dest_->abort();
     } catch (...) {
     }
-    if (switched_over_ && !destination_discarded_) {
+    if (rep_.postcopy.started && !postcopy_done_) {
+        // Postcopy broke off: the destination ran the guest without some of
+        // its pages, and only the parked source holds them. Neither side has
+        // the whole guest, and the source may not resume a guest that ran on.
+        rep_.guest_lost = true;
+        rep_.destination_state = "lost";
+        rep_.source_state = "parked";
+        rep_.state_note = "postcopy broke off: the destination ran the guest without pages only the parked source "
+                          "holds; the source may not resume it: the guest is lost";
+    } else if (switched_over_ && !destination_discarded_) {
         // The destination may still run the guest: resuming the source could
         // run it twice (QEMU's source stays paused in postmigrate too).
         rep_.destination_state = "lost";

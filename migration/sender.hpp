@@ -21,6 +21,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "migration/channels.hpp"
@@ -36,6 +37,8 @@ class ProgressSampler;
 }
 
 namespace mvm::migration {
+
+class PostcopySource;
 
 enum class Throttle { None, AutoConverge, DirtyLimit };
 
@@ -57,6 +60,15 @@ struct MigrateOptions {
     double post_run_s = 2;            // destination runs this long before its stamp check
     uint32_t channels = 0;            // 0: one per virtual node
     Compression compress;             // TCP only: PAGES_ZSTD frames
+    // Postcopy (postcopy.hpp; QEMU's postcopy-ram capability): instead of a
+    // forced stop-and-copy, switch the guest over early and fetch the rest on
+    // demand. It starts after postcopy_after pre-copy rounds, or (0) once the
+    // dirty rate stayed above the measured link rate for two harvests or
+    // pre-copy ran out of rounds; a pre-copy that converges first completes
+    // as pre-copy. start_postcopy() (QMP's migrate-start-postcopy) starts it
+    // at the next round.
+    bool postcopy = false;
+    uint32_t postcopy_after = 0;
     bool progress = false;
 };
 
@@ -72,7 +84,7 @@ struct SenderHooks {
     std::shared_ptr<TransportWrapper> transport;
 };
 
-enum class Phase : uint8_t { Idle, Setup, Bulk, Precopy, Stop, Destination, Done };
+enum class Phase : uint8_t { Idle, Setup, Bulk, Precopy, Stop, Postcopy, Destination, Done };
 
 // Told of a migration's progress, from the migrating thread (a monitor's
 // events: QMP's MIGRATION, MIGRATION_PASS, STOP and RESUME). Each must be quick.
@@ -101,7 +113,7 @@ struct LiveFigures {
     uint64_t downtime_bytes = 0;       // stop-and-copy, once sent
     uint32_t rounds = 0;
 };
-// "idle", "setup", "bulk", "precopy", "stop", "destination", "done"
+// "idle", "setup", "bulk", "precopy", "stop", "postcopy", "destination", "done"
 // (MigrateReport::phase names the phase a migration failed in).
 const char* phase_name(Phase p);
 
@@ -123,10 +135,15 @@ public:
     // (A Sender left between phases leaves the source as it is.)
     void setup();          // the destination opened, dirty logging on
     void bulk();           // every tracked page once
-    bool precopy_round();  // harvest and send; false: converged or out of rounds
+    bool precopy_round();  // harvest and send; false: converged, out of rounds, or postcopy is due
+    // Then either pre-copy's end:
     void stop_and_copy();  // park the source, send what is left, save the vCPUs
     void switchover();     // hand over, the destination resumes (downtime ends); logging off;
                            // then verify against the parked source (throws on a mismatch)
+    // or postcopy's (when postcopy_due()):
+    bool postcopy_due() const { return postcopy_due_; }
+    void postcopy_switch();  // park the source, hand over the vCPUs and the pages to drop: the destination resumes
+    void postcopy();         // push the rest, requested pages first; then logging off and verify (as switchover())
     void finish();         // the destination's check after it ran: completed, or throws (then fail())
     // After a phase threw: the source resumes as it was (tracking off,
     // throttles off, unparked and running); the report says why.
@@ -138,6 +155,7 @@ public:
     void set_bandwidth(uint64_t bytes_per_s) { channels_.set_bandwidth(bytes_per_s); }
     void set_max_downtime_ms(double ms) { max_downtime_ms_ = ms; }
     void cancel() { cancel_requested_ = true; }
+    void start_postcopy() { postcopy_requested_ = true; }  // QMP's migrate-start-postcopy (needs opt.postcopy)
     bool cancelled() const;
     LiveFigures live() const;
 
@@ -193,7 +211,24 @@ private:
     std::atomic<uint32_t> rounds_{0};
     std::atomic<double> max_downtime_ms_;
     std::atomic<bool> cancel_requested_{false};
-
+    std::atomic<bool> postcopy_requested_{false};
+    bool postcopy_due_ = false, postcopy_done_ = false;
+    uint32_t above_link_ = 0;  // consecutive harvests whose dirty rate exceeded the link rate
+    ChannelPages postcopy_pages_;
+    clock::time_point postcopy_resumed_, postcopy_start_;
+    // Postcopy's threads: a pusher per channel and the return path.
+    std::unique_ptr<PostcopySource> pcs_;
+    std::vector<std::thread> pushers_;
+    std::thread return_path_;
+    std::atomic<bool> pc_stop_{false};
+    std::mutex pc_mu_;
+    std::exception_ptr pc_err_;
+    uint64_t pc_bytes0_ = 0;
+    void start_pushing();
+    void pushing_failed(std::exception_ptr e);
+    void join_pushing();
+    bool check_postcopy_due(uint64_t dirty_pages, double interval_s);
+    void handed_over();
     bool tracking_ = false, parked_ = false, switched_over_ = false;
     bool destination_discarded_ = false;  // it stopped and dropped its copy after the switchover: the source may resume
     // Pre-copy: the bandwidth measured so far, the next round, the throttle

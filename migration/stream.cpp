@@ -63,6 +63,9 @@ const char* record_name(RecordType t)
     case RecordType::Result: return "RESULT";
     case RecordType::Hello: return "HELLO";
     case RecordType::PagesZstd: return "PAGES_ZSTD";
+    case RecordType::Discard: return "DISCARD";
+    case RecordType::PostcopyRun: return "POSTCOPY_RUN";
+    case RecordType::Request: return "REQUEST";
     }
     return "UNKNOWN";
 }
@@ -246,6 +249,32 @@ std::vector<uint8_t> ResultRecord::encode() const
     for (uint32_t m : refused_msrs)
         put(out, m);
     put(out, post_run_s);
+    put(out, static_cast<uint32_t>(details.size()));
+    out.insert(out.end(), details.begin(), details.end());
+    return out;
+}
+
+std::vector<uint8_t> encode_gpas(std::span<const uint64_t> gpas)
+{
+    std::vector<uint8_t> out;
+    put(out, static_cast<uint32_t>(gpas.size()));
+    for (uint64_t g : gpas)
+        put(out, g);
+    return out;
+}
+
+std::vector<uint64_t> decode_gpas(std::span<const uint8_t> p, const char* what)
+{
+    Reader r(p, what);
+    const auto n = r.get<uint32_t>();
+    if (uint64_t{n} * 8 != r.left())
+        throw Error(fmt::format("migration stream: {} says {} GPAs but holds {} bytes", what, n, r.left()));
+    std::vector<uint64_t> out(n);
+    for (auto& g : out) {
+        g = r.get<uint64_t>();
+        if (g & 4095)
+            throw Error(fmt::format("migration stream: {} names GPA {:#x}, not page-aligned", what, g));
+    }
     return out;
 }
 
@@ -276,6 +305,13 @@ ResultRecord ResultRecord::decode(std::span<const uint8_t> p)
     for (uint32_t i = 0; i < nm; i++)
         res.refused_msrs.push_back(r.get<uint32_t>());
     res.post_run_s = r.get<double>();
+    if (r.left()) {
+        const auto dl = r.get<uint32_t>();
+        if (dl > r.left())
+            throw Error("migration stream: RESULT details overrun the record");
+        res.details.assign(reinterpret_cast<const char*>(r.rest().data()), dl);
+        r.skip(dl);
+    }
     if (r.left())
         throw Error("migration stream: RESULT has trailing bytes");
     return res;

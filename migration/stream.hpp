@@ -1,6 +1,6 @@
-// migration/stream.hpp - minivmm's migration stream, version 4 (2: DIGESTS after the resume, RESULT tail, VCPU
+// migration/stream.hpp - minivmm's migration stream, version 5 (2: DIGESTS after the resume, RESULT tail, VCPU
 // state v2; 3: XXH3 frame checksums, PAGES_ZSTD; 4: HELLO carries the version and a session number, RESULT the
-// receiver's post-run).
+// receiver's post-run; 5: postcopy: DISCARD, POSTCOPY_RUN, REQUEST, RESULT details).
 //
 // A stream is a sequence of records, each framed as
 //     u32 type | u32 payload length | payload | u64 checksum
@@ -32,7 +32,18 @@
 //          2 MiB range, XXH3-64 over the range's page hashes (verify.hpp).
 // RESULT   receiver -> sender: status, text, mismatching GPAs, stamp check;
 //          then (optional tail) the receiver's restore time, the guest's
-//          own downtime and the MSRs it refused.
+//          own downtime, the MSRs it refused, its post-run and a JSON text
+//          of details (postcopy's figures).
+//
+// Postcopy (postcopy.hpp) replaces END: after the VCPU records channel 0
+// carries DISCARD records (u32 count, count x u64 GPA: pages the receiver
+// must drop, sent later) and POSTCOPY_RUN; the receiver resumes and answers
+// RESULT ("resumed"). Then every channel carries PAGES again (placed with
+// UFFDIO_COPY) up to a second CHANNEL_DONE, while the receiver sends
+// REQUEST records (u32 count, count x u64 GPA; count 0: nothing, still
+// here) on channel 0 for the pages its faults wait on; RESULT ("postcopy
+// complete", with the figures) ends them. DIGESTS and the last two RESULTs
+// follow as after END.
 #pragma once
 
 #include <sys/uio.h>
@@ -50,7 +61,7 @@
 namespace mvm::migration {
 
 constexpr char kStreamMagic[8] = {'M', 'V', 'M', 'M', 'I', 'G', 'v', '1'};
-constexpr uint32_t kStreamVersion = 4;
+constexpr uint32_t kStreamVersion = 5;
 constexpr uint32_t kMaxPayload = 8u << 20;
 constexpr size_t kBatchPages = 256;  // pages per PAGES record the sender writes: 1 MiB of data
 
@@ -64,8 +75,11 @@ enum class RecordType : uint32_t {
     Result = 7,
     Hello = 8,  // first record on every connection: channel index
     PagesZstd = 9,
+    Discard = 10,      // postcopy: pages the receiver drops (they come later)
+    PostcopyRun = 11,  // postcopy: resume now, pages on demand
+    Request = 12,      // postcopy, receiver -> sender: pages faults wait on
 };
-constexpr uint32_t kLastRecordType = static_cast<uint32_t>(RecordType::PagesZstd);
+constexpr uint32_t kLastRecordType = static_cast<uint32_t>(RecordType::Request);
 const char* record_name(RecordType t);
 
 // The frame's checksum of a record whose payload is `payload` (see above).
@@ -105,6 +119,10 @@ struct Hello {
 // A fresh random session number for a migration's HELLOs.
 uint64_t new_session_id();
 
+// DISCARD and REQUEST: u32 count, then count x u64 GPA.
+std::vector<uint8_t> encode_gpas(std::span<const uint64_t> gpas);
+std::vector<uint64_t> decode_gpas(std::span<const uint8_t> p, const char* what);
+
 struct Digest {
     uint64_t gpa = 0, bytes = 0, value = 0;
 };
@@ -122,6 +140,7 @@ struct ResultRecord {
     double guest_gap_ms = -1;            // downtime_guest_ms (-1: not measured; text says why)
     std::vector<uint32_t> refused_msrs;  // MSRs the destination would not load
     double post_run_s = -1;              // the receiver's --post-run (in "resumed"): the sender waits that longer
+    std::string details;                 // JSON text (postcopy's figures in "postcopy complete"); "" none
     std::vector<uint8_t> encode() const;
     static ResultRecord decode(std::span<const uint8_t> p);
 };

@@ -11,12 +11,14 @@
 #include "base/units.hpp"
 #include "cli/command.hpp"
 #include "cli/commands/link_options.hpp"
+#include "migration/postcopy.hpp"
 #include "cli/options.hpp"
 #include "cli/output.hpp"
 #include "cli/qmp/monitor.hpp"
 #include "cli/qmp/options.hpp"
 #include "cli/test_hooks.hpp"
 #include "migration/migrate.hpp"
+#include "migration/postcopy.hpp"
 #include "migration/transport/fault.hpp"
 #include "vmm/kvm/kvm.hpp"
 
@@ -70,6 +72,13 @@ public:
         c->add_option("--compress", compress_, "compress page data over TCP: none or zstd[:LEVEL] (level 1 default)")
             ->capture_default_str();
         c->add_flag("--no-verify", no_verify_, "skip the switchover compare and the destination stamp check");
+        c->add_flag("--postcopy", postcopy_,
+                    "when pre-copy does not converge, switch the guest over early and fetch the rest on demand "
+                    "(userfaultfd; QEMU's postcopy-ram)");
+        c->add_option("--postcopy-after", postcopy_after_,
+                      "with --postcopy: start it after N pre-copy rounds; 0 = once the dirty rate stays above the "
+                      "link rate or pre-copy runs out of rounds")
+            ->capture_default_str();
         link_.add_to(*c, true);
         c->add_option("--json", json_, "also write the report as JSON to FILE, or - for stdout");
         qmp_.add_to(*c);
@@ -91,6 +100,9 @@ public:
         cfg.show_progress = o.progress = stderr_is_terminal();
         install_stop_signals();
         StressVm src(kvm, cfg);
+        if (o.postcopy)
+            if (auto why = migration::FaultServer::unsupported(src); !why.empty())
+                throw UsageError("--postcopy: " + why);
         dirty::TrackerOptions to;
         to.mode = o.tracker;
         auto tracker = dirty::Tracker::create(src, to);
@@ -153,6 +165,14 @@ private:
             // The credentials are read and checked now, before the guest boots.
             migration::tls::Context::client(o.tls, parse_tcp("--to", o.to).first);
         }
+        o.postcopy = postcopy_;
+        o.postcopy_after = static_cast<uint32_t>(parse_uint("--postcopy-after", postcopy_after_, 0, 100000));
+        if (!postcopy_ && postcopy_after_ != "0")
+            throw UsageError("--postcopy-after: only with --postcopy");
+        if (o.postcopy && o.tls.enabled())
+            throw UsageError("--postcopy: not over TLS yet (the return path reads channel 0 while pages go out on "
+                             "it, which one OpenSSL connection cannot do from two threads); drop --tls-creds or "
+                             "--postcopy");
         hooks_ = test_hooks(o);
         parse_throttle(throttle_, o);
         if (!ring_.empty() && o.tracker != dirty::Mode::Ring)
@@ -200,7 +220,13 @@ private:
         nlohmann::json j = r.to_json();
         std::string table = r.to_table();
         int rc = kExitOk;
-        if (r.status != "completed" && r.source_state == "parked") {
+        if (r.guest_lost) {
+            src.kill();
+            table += "source: parked for good: postcopy broke off, the destination lacks pages only this side "
+                     "held; the guest is lost\n";
+            j["source"] = {{"running", false}, {"state", r.source_state}};
+            rc = g_stop_signal.load() ? 128 + g_stop_signal.load() : kExitGuestLost;
+        } else if (r.status != "completed" && r.source_state == "parked") {
             // After the switchover the source stays parked: the guest was handed over.
             src.kill();
             StampCheck c = verify_stamps(src);
@@ -223,8 +249,9 @@ private:
         fmt::print(table_stream(json_), "{}", table);
         if (!json_.empty())
             write_json(json_, j);
-        if (rc == kExitMigration)
-            fmt::print(stderr, "minivmm: migration {} in {}: {}\n", r.status, r.phase, r.error);
+        if (rc == kExitMigration || rc == kExitGuestLost)
+            fmt::print(stderr, "minivmm: migration {} in {}: {}{}\n", r.status, r.phase, r.error,
+                       rc == kExitGuestLost ? " (the guest is lost: exit 7)" : "");
         return rc;
     }
 
@@ -234,7 +261,8 @@ private:
     SenderHooks hooks_;
     std::string to_, tracker_ = "bitmap", ring_, max_downtime_ = "300", bandwidth_ = "0", max_iterations_ = "30",
                      timeout_ = "120", throttle_, warmup_ = "1", post_run_ = "2", channels_ = "0", compress_ = "none", json_;
-    bool no_verify_ = false;
+    bool no_verify_ = false, postcopy_ = false;
+    std::string postcopy_after_ = "0";
     double warmup_s_ = 1;
 };
 

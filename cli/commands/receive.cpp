@@ -133,8 +133,9 @@ public:
             write_json(json_, j);
         }
         if (r.status != "completed") {
-            fmt::print(stderr, "minivmm: receive failed: {}\n", r.error);
-            return kExitMigration;
+            fmt::print(stderr, "minivmm: receive failed: {}{}\n", r.error,
+                       r.guest_lost ? " (postcopy broke off with pages missing here: the guest is lost, exit 7)" : "");
+            return r.guest_lost ? kExitGuestLost : kExitMigration;
         }
         return kExitOk;
     }

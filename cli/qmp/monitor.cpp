@@ -47,6 +47,7 @@ const char* status_of(Phase p)
     case Phase::Setup: return "setup";
     case Phase::Bulk:
     case Phase::Precopy: return "active";
+    case Phase::Postcopy: return "postcopy-active";
     case Phase::Stop:
     case Phase::Destination: return "device";
     case Phase::Done: return "active";  // completed / failed / cancelled come from the report
