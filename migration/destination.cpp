@@ -136,6 +136,7 @@ ResultRecord InprocDestination::finish()
 
 void InprocDestination::abort()
 {
+    std::lock_guard lk(abort_mu_);
     requests_.end();
     if (faults_ && faults_->missing())
         faults_->abandon();  // a vCPU waiting on a page would never leave KVM_RUN
@@ -292,14 +293,16 @@ ResultRecord RemoteDestination::verify(const PageHashes* source)
 
 void RemoteDestination::abort()
 {
+    std::lock_guard lk(abort_mu_);
     for (auto& c : ch_)
         c->shutdown();
-    if (reader_.joinable())
+    if (reader_.joinable() && reader_.get_id() != std::this_thread::get_id())
         reader_.join();
 }
 
 RemoteDestination::~RemoteDestination()
 {
+    std::lock_guard lk(abort_mu_);
     if (reader_.joinable()) {
         for (auto& c : ch_)
             c->shutdown();
@@ -389,8 +392,11 @@ ResultRecord RemoteDestination::end_postcopy()
 {
     for (auto& c : ch_)
         RecordWriter(*c).write(RecordType::ChannelDone, {});
-    if (reader_.joinable())
-        reader_.join();
+    {
+        std::lock_guard lk(abort_mu_);
+        if (reader_.joinable())
+            reader_.join();
+    }
     std::vector<uint64_t> rest;
     requests_.pop(rest, std::chrono::milliseconds(0));  // throws the reader's error
     std::lock_guard lk(result_mu_);

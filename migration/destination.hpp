@@ -117,6 +117,7 @@ private:
     std::unique_ptr<FaultServer> faults_;  // postcopy
     std::vector<VcpuState> postcopy_states_;
     RequestQueue requests_;
+    std::mutex abort_mu_;  // abort() from any of the pushers
 };
 
 // How the sender talks to a remote destination.
@@ -172,6 +173,7 @@ private:
     // Postcopy: channel 0's reader (REQUEST records, then the RESULT that ends them).
     RequestQueue requests_;
     std::thread reader_;
+    std::mutex abort_mu_;  // abort() from any of the pushers or the return path
     std::mutex result_mu_;
     std::condition_variable result_cv_;
     std::vector<ResultRecord> results_;  // "resumed", then "postcopy complete"

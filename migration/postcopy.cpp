@@ -49,7 +49,7 @@ FaultServer::FaultServer(StressVm& dst, Request request) : dst_(dst), request_(s
             units.push_back("2 MiB (hugetlb2m)");
         }
     }
-    uffd_ = std::make_unique<UserfaultFd>(shmem, hugetlb);
+    uffd_ = std::make_shared<UserfaultFd>(shmem, hugetlb);
     const uint32_t n = dst_.vcpu_count();
     blocked_.assign(n, 0);
     vcpu_lat_ns_.assign(n, 0);
@@ -130,7 +130,7 @@ int FaultServer::vcpu_of(pid_t tid)
 void FaultServer::loop()
 {
     while (!stop_.load()) {
-        std::vector<Userfault> faults = uffd_->wait(std::chrono::milliseconds(200));
+        std::vector<Userfault> faults = uffd_->wait(std::chrono::milliseconds(200));  // alive until joined
         if (faults.empty())
             continue;
         const auto now = clock::now();
@@ -161,12 +161,21 @@ void FaultServer::loop()
     }
 }
 
+std::shared_ptr<UserfaultFd> FaultServer::uffd() const
+{
+    std::lock_guard lk(mu_);
+    if (!uffd_)
+        throw Error("postcopy: the destination gave up on its missing pages");
+    return uffd_;
+}
+
 bool FaultServer::place(uint64_t gpa, const uint8_t* data, uint64_t len)
 {
     uint8_t* host = dst_.host_ptr(gpa, len);
     if (!host)
         throw Error(fmt::format("postcopy: page {:#x} (+{}) outside every memslot", gpa, len));
-    const bool placed = data ? uffd_->copy(host, data, len) : uffd_->zero(host, len);
+    const std::shared_ptr<UserfaultFd> u = uffd();
+    const bool placed = data ? u->copy(host, data, len) : u->zero(host, len);
     resolve(gpa, clock::now());
     return placed;
 }
@@ -229,7 +238,7 @@ void FaultServer::finish()
     finished_ = true;
     const uint64_t left = missing();
     stop_ = true;
-    uffd_->wake();
+    uffd()->wake();
     if (thread_.joinable())
         thread_.join();
     if (sampler_) {
@@ -246,18 +255,28 @@ void FaultServer::finish()
         throw Error(fmt::format("postcopy ended with {} page(s) still missing at the destination (first: GPA {:#x})",
                                 left, first));
     }
-    uffd_->unregister_all();
+    uffd()->unregister_all();
 }
 
 void FaultServer::abandon()
 {
+    std::shared_ptr<UserfaultFd> u;
+    {
+        std::lock_guard lk(mu_);
+        if (abandoned_)
+            return;
+        abandoned_ = true;
+        u = uffd_;
+    }
     stop_ = true;
-    uffd_->wake();
-    if (thread_.joinable())
+    if (u)
+        u->wake();
+    if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id())
         thread_.join();
     if (sampler_)
         sampler_->stop();
-    uffd_.reset();  // blocked threads go on (zero-filled): the caller kills the VM
+    std::lock_guard lk(mu_);
+    uffd_.reset();  // closed once no place() holds it: blocked threads go on (zero-filled), the caller kills the VM
 }
 
 PostcopyFigures FaultServer::figures() const

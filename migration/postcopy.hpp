@@ -99,7 +99,9 @@ private:
 
     StressVm& dst_;
     Request request_;
-    std::unique_ptr<UserfaultFd> uffd_;
+    std::shared_ptr<UserfaultFd> uffd_;  // reset by abandon(): copied under mu_ by place()
+    std::shared_ptr<UserfaultFd> uffd() const;
+    bool abandoned_ = false;
     std::thread thread_;
     std::atomic<bool> stop_{false};
     std::unique_ptr<ProgressSampler> sampler_;

@@ -226,11 +226,17 @@ void Receiver::receive_postcopy(FaultServer& faults, const std::function<void()>
     std::vector<std::thread> threads;
     std::atomic<size_t> done{0};
     auto fail = [&](std::exception_ptr e) {
-        std::lock_guard lk(mu_);
-        if (!err)
-            err = e;
-        for (auto& ch : ch_)
-            ch->shutdown();
+        {
+            std::lock_guard lk(mu_);
+            if (!err)
+                err = e;
+            for (auto& ch : ch_)
+                ch->shutdown();
+        }
+        // The pages still missing will not come: release every thread that
+        // waits on one (this one may be resuming the guest) before it is killed.
+        if (faults.missing())
+            faults.abandon();
     };
     for (size_t c = 0; c < ch_.size(); c++)
         threads.emplace_back([&, c] {

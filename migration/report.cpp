@@ -181,7 +181,7 @@ std::string MigrateReport::to_table() const
                      "on {:.1f} ms), downtime {:.1f} ms (expected {:.1f} ms); verify {:.1f} ms, post-run {:.1f} ms\n",
                      total_ms,
                      postcopy.started && error.empty() ? "every page at the destination (postcopy)"
-                     : downtime_ms > 0                 ? "destination running"
+                     : downtime_ms > 0 && !guest_lost  ? "destination running"
                                                        : "failure",
                      setup_ms, setup_destination_ms,
                      setup_tracking_ms, downtime_ms, expected_downtime_ms, verify_ms, post_run_ms);

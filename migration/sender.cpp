@@ -408,7 +408,8 @@ void Sender::pushing_failed(std::exception_ptr e)
     dest_->abort();  // unblocks every channel and the return path
 }
 
-// The pushers first; the return path ends with the destination's last RESULT (or an abort).
+// The pushers first; the return path ends with the destination's last RESULT
+// (or an abort). Then what postcopy sent, once, also after a failure.
 void Sender::join_pushing()
 {
     for (auto& t : pushers_)
@@ -416,6 +417,20 @@ void Sender::join_pushing()
             t.join();
     if (return_path_.joinable())
         return_path_.join();
+    if (!pcs_ || counted_)
+        return;
+    counted_ = true;
+    rep_.postcopy.requests = pcs_->requests();
+    rep_.postcopy.requested_pages = pcs_->requested_pages();
+    rep_.postcopy.bytes = channels_.sent_bytes() - pc_bytes0_;
+    const uint64_t sent = rep_.postcopy.discarded_pages - pcs_->left();
+    rep_.postcopy.pushed_pages = sent - std::min(sent, rep_.postcopy.requested_pages);
+    RoundReport pr = begin_round(static_cast<uint32_t>(rep_.rounds.size()), "postcopy", postcopy_start_);
+    pr.pages = sent;
+    pr.bytes = rep_.postcopy.bytes;
+    pr.duration_s = since(postcopy_start_);
+    rep_.rounds.push_back(pr);
+    rounds_++;
 }
 
 void Sender::postcopy()
@@ -437,17 +452,6 @@ void Sender::postcopy()
         }
     }
     join_pushing();
-    rep_.postcopy.requests = pcs_->requests();
-    rep_.postcopy.requested_pages = pcs_->requested_pages();
-    rep_.postcopy.bytes = channels_.sent_bytes() - pc_bytes0_;
-    const uint64_t sent = rep_.postcopy.discarded_pages - pcs_->left();
-    rep_.postcopy.pushed_pages = sent - std::min(sent, rep_.postcopy.requested_pages);
-    RoundReport pr = begin_round(static_cast<uint32_t>(rep_.rounds.size()), "postcopy", postcopy_start_);
-    pr.pages = sent;
-    pr.bytes = rep_.postcopy.bytes;
-    pr.duration_s = since(postcopy_start_);
-    rep_.rounds.push_back(pr);
-    rounds_++;
     {
         std::lock_guard lk(pc_mu_);
         if (pc_err_)
@@ -568,7 +572,7 @@ void Sender::fail(const std::string& error)
         else
             rep_.state_note = "the source runs again (given back: logging and throttles off)";
     }
-    if (!switched_over_)
+    if (!switched_over_ || rep_.guest_lost)
         rep_.total_ms = since(t0_) * 1e3;  // start -> failure (after the switchover: -> destination running)
     const std::string failed_in = rep_.phase;
     enter(Phase::Done);

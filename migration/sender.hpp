@@ -224,6 +224,7 @@ private:
     std::mutex pc_mu_;
     std::exception_ptr pc_err_;
     uint64_t pc_bytes0_ = 0;
+    bool counted_ = false;
     void start_pushing();
     void pushing_failed(std::exception_ptr e);
     void join_pushing();
