@@ -18,7 +18,6 @@
 #include "cli/qmp/options.hpp"
 #include "cli/test_hooks.hpp"
 #include "migration/migrate.hpp"
-#include "migration/postcopy.hpp"
 #include "migration/transport/fault.hpp"
 #include "vmm/kvm/kvm.hpp"
 
@@ -159,12 +158,6 @@ private:
         o.verify = !no_verify_;
         o.io_timeout_s = link_.io_timeout_s();
         o.tls = link_.tls();
-        if (o.tls.enabled()) {
-            if (o.to == "inproc")
-                throw UsageError("--tls-creds: applies to a TCP destination (--to tcp:HOST:PORT)");
-            // The credentials are read and checked now, before the guest boots.
-            migration::tls::Context::client(o.tls, parse_tcp("--to", o.to).first);
-        }
         o.postcopy = postcopy_;
         o.postcopy_after = static_cast<uint32_t>(parse_uint("--postcopy-after", postcopy_after_, 0, 100000));
         if (!postcopy_ && postcopy_after_ != "0")
@@ -173,6 +166,12 @@ private:
             throw UsageError("--postcopy: not over TLS yet (the return path reads channel 0 while pages go out on "
                              "it, which one OpenSSL connection cannot do from two threads); drop --tls-creds or "
                              "--postcopy");
+        if (o.tls.enabled()) {
+            if (o.to == "inproc")
+                throw UsageError("--tls-creds: applies to a TCP destination (--to tcp:HOST:PORT)");
+            // The credentials are read and checked now, before the guest boots.
+            migration::tls::Context::client(o.tls, parse_tcp("--to", o.to).first);
+        }
         hooks_ = test_hooks(o);
         parse_throttle(throttle_, o);
         if (!ring_.empty() && o.tracker != dirty::Mode::Ring)
