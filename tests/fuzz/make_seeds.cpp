@@ -132,6 +132,24 @@ int main(int argc, char** argv)
         s.rec(RecordType::Digests, digests(false));
         save("stream", "digest-mismatch", s.bytes());
     }
+    {  // Postcopy: the guest resumes with pages dropped, then they come (placed with userfaultfd).
+        Stream s;
+        s.rec(RecordType::Header, StreamHeader::of(m, 1).encode());
+        s.rec(RecordType::Pages, pages(gpas));
+        s.rec(RecordType::ChannelDone, {});
+        s.rec(RecordType::Vcpu, vcpu0);
+        s.rec(RecordType::Vcpu, vcpu1);
+        s.rec(RecordType::Discard, encode_gpas(gpas2));
+        s.rec(RecordType::PostcopyRun, {});
+        s.rec(RecordType::Pages, pages(gpas2));
+        s.rec(RecordType::ChannelDone, {});
+        s.rec(RecordType::Digests, digests(true));
+        save("stream", "postcopy-1-channel", s.bytes());
+        Stream r;  // a REQUEST goes the other way: refused where PAGES belong
+        r.rec(RecordType::Header, StreamHeader::of(m, 1).encode());
+        r.rec(RecordType::Request, encode_gpas(gpas));
+        save("stream", "request-where-pages-belong", r.bytes());
+    }
     {  // Wrong things in the right frames.
         Stream s;
         s.rec(RecordType::Result, res.encode());

@@ -525,16 +525,18 @@ TEST(MigrationStream, RecordsRoundTrip)
     rr.guest_gap_ms = 12.25;
     rr.refused_msrs = {0x4b564d06};
     rr.post_run_s = 0.75;
+    rr.details = R"({"faults":3})";
     auto rr2 = ResultRecord::decode(rr.encode());
     EXPECT_EQ(rr2.post_run_s, 0.75);
+    EXPECT_EQ(rr2.details, rr.details);
     EXPECT_EQ(rr2.text, "fine");
     EXPECT_EQ(rr2.mismatched_gpas.size(), 2u);
     EXPECT_EQ(rr2.restore_ms, 1.5);
     EXPECT_EQ(rr2.guest_gap_ms, 12.25);
     EXPECT_EQ(rr2.refused_msrs, rr.refused_msrs);
-    // A RESULT without the tail (restore, guest gap, MSRs, post-run) still decodes.
+    // A RESULT without the tail (restore, guest gap, MSRs, post-run, details) still decodes.
     auto bare = rr.encode();
-    bare.resize(bare.size() - 8 - 8 - 4 - 4 - 8);
+    bare.resize(bare.size() - 8 - 8 - 4 - 4 - 8 - 4 - rr.details.size());
     auto rr3 = ResultRecord::decode(bare);
     EXPECT_EQ(rr3.guest_gap_ms, -1);
     EXPECT_TRUE(rr3.refused_msrs.empty());
