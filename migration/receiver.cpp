@@ -30,9 +30,9 @@ using clock = std::chrono::steady_clock;
 class Receiver {
 public:
     Receiver(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, const PhaseHook& on_phase,
-             PageHashes before, std::optional<Record> header, double post_run_s)
-        : dst_(dst), ch_(std::move(channels)), on_phase_(on_phase), out_(*ch_[0]), landed_(std::move(before)),
-          header_(std::move(header)), post_run_s_(post_run_s)
+             PageHashes before, std::optional<Record> header, double post_run_s, const PostcopyHook& on_postcopy)
+        : dst_(dst), ch_(std::move(channels)), on_phase_(on_phase), on_postcopy_(on_postcopy), out_(*ch_[0]),
+          landed_(std::move(before)), header_(std::move(header)), post_run_s_(post_run_s)
     {
         for (const auto& r : dst_.memslots().regions())
             layout_pages_ += r.pages();
@@ -69,6 +69,7 @@ private:
     StressVm& dst_;
     std::vector<std::unique_ptr<Transport>> ch_;
     const PhaseHook& on_phase_;
+    const PostcopyHook& on_postcopy_;
     RecordWriter out_;  // to the sender, on channel 0
     std::mutex out_mu_;  // postcopy: the fault thread's REQUESTs and this thread's RESULTs
     uint64_t layout_pages_ = 0;
@@ -177,6 +178,8 @@ void Receiver::postcopy(RecordReader& in, Handover& h, double post_run_s)
         throw;
     }
     rep_.postcopy_figures = faults.figures();
+    if (on_postcopy_)
+        on_postcopy_(rep_.postcopy_figures);
     ResultRecord done;
     done.ok = 1;
     done.text = "postcopy complete";
@@ -464,11 +467,12 @@ void Receiver::run_and_report(const Resumed& at, double post_run_s)
 }  // namespace
 
 ReceiveReport receive_from(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, double post_run_s,
-                           const PhaseHook& on_phase, PageHashes before, std::optional<Record> header)
+                           const PhaseHook& on_phase, PageHashes before, std::optional<Record> header,
+                           const PostcopyHook& on_postcopy)
 {
     if (channels.empty())
         throw Error("receive: no connection");
-    return Receiver(dst, std::move(channels), on_phase, std::move(before), std::move(header), post_run_s)
+    return Receiver(dst, std::move(channels), on_phase, std::move(before), std::move(header), post_run_s, on_postcopy)
         .run(post_run_s);
 }
 
@@ -499,7 +503,7 @@ ReceiveReport receive(StressVm& dst, const ReceiveOptions& opt, const PhaseHook&
     for (auto& c : a.channels)
         c->set_limits(l);
     ReceiveReport r = receive_from(dst, std::move(a.channels), opt.post_run_s, on_phase, std::move(before),
-                                   std::move(a.header));
+                                   std::move(a.header), opt.on_postcopy);
     r.peer = a.peer;
     r.peer_identity = a.identity;
     r.security = ao.tls ? (ao.tls->kind() == tls::Kind::X509 ? "tls-x509" : "tls-psk") : "none";

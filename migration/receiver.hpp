@@ -19,6 +19,10 @@
 
 namespace mvm::migration {
 
+// Told the destination's postcopy figures once every page arrived (a
+// monitor's query-migrate), from the receiving thread.
+using PostcopyHook = std::function<void(const PostcopyDestinationFigures&)>;
+
 struct ReceiveOptions {
     std::string listen;  // tcp:ADDR:PORT
     double post_run_s = 2;
@@ -26,6 +30,7 @@ struct ReceiveOptions {
     double io_timeout_s = 30;       // a connection's admission; then each wait on the admitted sender
     tls::Options tls;               // --tls-creds, --tls-authz
     bool progress = false;
+    PostcopyHook on_postcopy;
 };
 
 // Told where the stream is, from the thread of the channel that got there:
@@ -48,6 +53,6 @@ ReceiveReport receive(StressVm& dst, const ReceiveOptions& opt, const PhaseHook&
 // `header`: channel 0's HEADER when admission read it already.
 ReceiveReport receive_from(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, double post_run_s,
                            const PhaseHook& on_phase = {}, PageHashes before = {},
-                           std::optional<Record> header = std::nullopt);
+                           std::optional<Record> header = std::nullopt, const PostcopyHook& on_postcopy = {});
 
 }  // namespace mvm::migration

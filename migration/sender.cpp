@@ -198,6 +198,8 @@ bool Sender::check_postcopy_due(uint64_t dirty_pages, double interval_s)
     std::string why;
     if (postcopy_requested_.load())
         why = "requested (migrate-start-postcopy)";
+    else if (opt_.postcopy_on_request)
+        return false;
     else if (opt_.postcopy_after > 0 && round_ > opt_.postcopy_after)
         why = fmt::format("after {} pre-copy round{} (--postcopy-after)", opt_.postcopy_after,
                           opt_.postcopy_after == 1 ? "" : "s");

@@ -69,6 +69,7 @@ struct MigrateOptions {
     // at the next round.
     bool postcopy = false;
     uint32_t postcopy_after = 0;
+    bool postcopy_on_request = false;  // only start_postcopy() starts it (QMP, as QEMU)
     bool progress = false;
 };
 

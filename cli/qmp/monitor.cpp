@@ -26,11 +26,12 @@ using migration::Phase;
 // The QAPI schema whose names minivmm follows (query-version reports it).
 constexpr int kQemuMajor = 9, kQemuMinor = 2, kQemuMicro = 0;
 
-// Every capability QEMU 9.2 knows; minivmm implements the first four.
-const char* const kSupportedCaps[] = {"auto-converge", "dirty-limit", "multifd", "events"};
-const char* const kOtherCaps[] = {"xbzrle",           "rdma-pin-all",       "zero-blocks",      "postcopy-ram",
+// Every capability QEMU 9.2 knows; minivmm implements the first six.
+const char* const kSupportedCaps[] = {"auto-converge", "dirty-limit", "multifd", "events", "postcopy-ram",
+                                      "postcopy-blocktime"};
+const char* const kOtherCaps[] = {"xbzrle",           "rdma-pin-all",       "zero-blocks",
                                   "x-colo",           "release-ram",        "return-path",      "pause-before-switchover",
-                                  "dirty-bitmaps",    "postcopy-blocktime", "late-block-activate", "x-ignore-shared",
+                                  "dirty-bitmaps",    "late-block-activate", "x-ignore-shared",
                                   "validate-uuid",    "background-snapshot", "zero-copy-send",  "postcopy-preempt",
                                   "switchover-ack",   "mapped-ram"};
 // QEMU parameters minivmm does not implement (setting one is an error naming it).
@@ -75,6 +76,7 @@ struct Monitor::Params {
 
 struct Monitor::Capabilities {
     bool auto_converge = false, dirty_limit = false, multifd = false, events = false;
+    bool postcopy_ram = false, postcopy_blocktime = false;
 };
 
 struct Monitor::DirtyRateJob {
@@ -157,6 +159,7 @@ void Monitor::add_commands()
     server_.add("migrate", [this](const json& a) { return migrate_cmd(a); });
     server_.add("migrate-incoming", [this](const json& a) { return migrate_incoming(a); });
     no_args("migrate_cancel", member(&Monitor::migrate_cancel));
+    no_args("migrate-start-postcopy", member(&Monitor::migrate_start_postcopy));
     no_args("query-migrate", member(&Monitor::query_migrate));
     server_.add("migrate-set-parameters", [this](const json& a) { return set_parameters(a); });
     no_args("query-migrate-parameters", member(&Monitor::query_parameters));
@@ -293,6 +296,10 @@ migration::MigrateOptions Monitor::options_from_params(const std::string& uri) c
         o.throttle = migration::Throttle::DirtyLimit;
         o.dirty_limit = p.dirty_limit_pages;
     }
+    // QEMU's postcopy-ram: postcopy is possible, and starts only when
+    // migrate-start-postcopy asks for it.
+    o.postcopy = caps_->postcopy_ram;
+    o.postcopy_on_request = true;
     return o;
 }
 
@@ -304,7 +311,8 @@ json Monitor::migrate_cmd(const json& args)
     if (a.has("channels"))
         throw QmpError("migrate: the 'channels' form of the address is not supported; use 'uri': 'tcp:HOST:PORT'");
     if (a.boolean_or("resume", false))
-        throw QmpError("migrate: resume is for a paused postcopy migration; minivmm has no postcopy");
+        throw QmpError("migrate: resume is for a paused postcopy migration; minivmm does not recover one (a postcopy "
+                       "that broke off loses the guest: README \"Postcopy\")");
     if (a.boolean_or("blk", false) || a.boolean_or("inc", false))
         throw QmpError("migrate: block migration is not supported (minivmm's guest has no disks)");
     const std::string uri = a.str("uri");
@@ -460,6 +468,20 @@ json Monitor::migrate_cancel()
     return json::object();
 }
 
+// QEMU's migrate-start-postcopy: the next pre-copy round switches to postcopy.
+json Monitor::migrate_start_postcopy()
+{
+    std::lock_guard lk(mu_);
+    if (role_ == Role::Destination)
+        throw QmpError("migrate-start-postcopy: this is a destination; start postcopy on the source");
+    if (!caps_->postcopy_ram)
+        throw QmpError("Enable postcopy with migrate-set-capabilities before the start of migration");
+    if (!migrating_.load() || !sender_)
+        throw QmpError("Postcopy must be started after migration has been started");
+    sender_->start_postcopy();
+    return json::object();
+}
+
 // query-migrate's mbps and pages-per-second while a migration runs. QEMU
 // computes them over its last 100 ms (migration_update_counters, every
 // BUFFER_DELAY); minivmm's sent counters move by whole batches (up to 1 MiB
@@ -554,13 +576,13 @@ json Monitor::source_migration_info() const
                 {"dirty-pages-rate", static_cast<int64_t>(r.rounds.empty() ? 0 : r.rounds.back().dirty_rate)},
                 {"mbps", r.mbps},
                 {"dirty-sync-count", r.dirty_syncs},
-                {"postcopy-requests", 0},
+                {"postcopy-requests", r.postcopy.requests},
                 {"page-size", 4096},
                 {"multifd-bytes", caps_->multifd ? r.transferred_bytes : 0},
                 {"pages-per-second", static_cast<uint64_t>(r.pages_per_second)},
                 {"precopy-bytes", r.precopy_bytes},
                 {"downtime-bytes", r.downtime_bytes},
-                {"postcopy-bytes", 0},
+                {"postcopy-bytes", r.postcopy.bytes},
                 {"dirty-sync-missed-zero-copy", 0}};
     if (caps_->auto_converge && !r.rounds.empty())
         j["cpu-throttle-percentage"] = r.rounds.back().throttle_pct;
@@ -625,6 +647,14 @@ void Monitor::incoming_started(const std::string& listen)
         server_.emit("MIGRATION", {{"status", "setup"}});
 }
 
+migration::PostcopyHook Monitor::incoming_postcopy_hook()
+{
+    return [this](const migration::PostcopyDestinationFigures& f) {
+        std::lock_guard lk(mu_);
+        incoming_postcopy_ = f;
+    };
+}
+
 migration::PhaseHook Monitor::incoming_hook()
 {
     return [this](const char* p) {
@@ -639,6 +669,11 @@ migration::PhaseHook Monitor::incoming_hook()
                 status_ = "active";
                 if (caps_->events)
                     server_.emit("MIGRATION", {{"status", "active"}});
+            }
+            if (status_ == "active" && phase == "postcopy") {
+                status_ = "postcopy-active";
+                if (caps_->events)
+                    server_.emit("MIGRATION", {{"status", "postcopy-active"}});
             }
             if (phase == "running") {
                 run_state_ = "running";
@@ -688,6 +723,24 @@ json Monitor::destination_migration_info() const
                                        {"stamp_pages_checked", r.pages_checked},
                                        {"stamp_mismatches", r.mismatches}};
         j["x-minivmm-guest"] = r.guest;
+    }
+    {
+        if (incoming_postcopy_ && caps_->postcopy_blocktime) {
+            // QEMU's destination figures (postcopy-blocktime capability; the
+            // latency ones as QEMU 10.1 added them), once every page is here.
+            const migration::PostcopyDestinationFigures& f = *incoming_postcopy_;
+            std::vector<uint64_t> vb, vl;
+            for (double b : f.vcpu_blocktime_ms)
+                vb.push_back(static_cast<uint64_t>(std::llround(b)));
+            for (double l : f.vcpu_latency_ns)
+                vl.push_back(static_cast<uint64_t>(std::llround(l)));
+            j["postcopy-blocktime"] = ms(f.blocktime_ms);
+            j["postcopy-vcpu-blocktime"] = vb;
+            j["postcopy-latency"] = static_cast<uint64_t>(std::llround(f.latency_ns));
+            j["postcopy-vcpu-latency"] = vl;
+            j["postcopy-non-vcpu-latency"] = static_cast<uint64_t>(std::llround(f.non_vcpu_latency_ns));
+            j["postcopy-latency-dist"] = f.latency_dist;
+        }
     }
     return j;
 }
@@ -819,6 +872,10 @@ json Monitor::set_capabilities(const json& args)
             c.multifd = on;
         else if (name == "events")
             c.events = on;
+        else if (name == "postcopy-ram")
+            c.postcopy_ram = on;
+        else if (name == "postcopy-blocktime")
+            c.postcopy_blocktime = on;
         else if (std::find_if(std::begin(kOtherCaps), std::end(kOtherCaps), [&](const char* n) { return name == n; }) !=
                  std::end(kOtherCaps)) {
             if (on)
@@ -838,7 +895,8 @@ json Monitor::query_capabilities() const
 {
     std::lock_guard lk(mu_);
     json v = json::array();
-    const bool on[] = {caps_->auto_converge, caps_->dirty_limit, caps_->multifd, caps_->events};
+    const bool on[] = {caps_->auto_converge, caps_->dirty_limit, caps_->multifd,
+                       caps_->events,        caps_->postcopy_ram, caps_->postcopy_blocktime};
     for (size_t i = 0; i < std::size(kSupportedCaps); i++)
         v.push_back({{"capability", kSupportedCaps[i]}, {"state", on[i]}});
     for (const char* n : kOtherCaps)

@@ -66,6 +66,7 @@ public:
     std::string wait_incoming(double timeout_s);
     // receive()'s phase hook: the monitor's status and events follow it.
     migration::PhaseHook incoming_hook();
+    migration::PostcopyHook incoming_postcopy_hook();
     void incoming_started(const std::string& listen);
     void incoming_done(const migration::ReceiveReport& r);
 
@@ -99,6 +100,7 @@ private:
     json migrate_cmd(const json& args);
     json migrate_incoming(const json& args);
     json migrate_cancel();
+    json migrate_start_postcopy();
     json query_migrate() const;
     json source_migration_info() const;
     json destination_migration_info() const;
@@ -143,6 +145,7 @@ private:
     bool incoming_started_ = false;
     std::string incoming_phase_;
     std::optional<migration::ReceiveReport> received_;
+    std::optional<migration::PostcopyDestinationFigures> incoming_postcopy_;
     std::condition_variable cv_;
     // calc-dirty-rate.
     std::unique_ptr<DirtyRateJob> rate_;
