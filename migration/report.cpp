@@ -112,10 +112,10 @@ std::string MigrateReport::summary_line() const
     if (!error.empty())
         return o + fmt::format(" in {}: {}", phase, error) + (guest_lost ? " (the guest is lost)" : "");
     if (postcopy.started)
-        return o + fmt::format(" in postcopy (started {} pre-copy rounds in: {}; downtime {:.1f} ms, then {} pages "
-                               "on demand or in the background over {:.1f} ms)",
-                               postcopy.after_rounds, postcopy.trigger, downtime_ms, postcopy.discarded_pages,
-                               postcopy.duration_ms);
+        return o + fmt::format(" in postcopy (switched after {} pre-copy round{}: {}; downtime {:.1f} ms, then {} "
+                               "pages on demand or in the background over {:.1f} ms)",
+                               postcopy.after_rounds, postcopy.after_rounds == 1 ? "" : "s", postcopy.trigger,
+                               downtime_ms, postcopy.discarded_pages, postcopy.duration_ms);
     if (converged)
         return o + fmt::format(" (converged: the dirty set fitted --max-downtime {:g} ms)", max_downtime_ms);
     return o + fmt::format(", NOT converged: stop-and-copy forced by {} (downtime {:.1f} ms against --max-downtime "
@@ -197,7 +197,7 @@ std::string MigrateReport::to_table() const
                            : r.kind == "interrupted" ? fmt::format("{}(cut)", r.round)
                                                      : r.kind;
         std::string rate = r.saturated ? fmt::format("saturated, >= {:.0f}", r.dirty_rate) : fmt::format("{:.0f}", r.dirty_rate);
-        if (r.kind == "bulk")
+        if (r.kind == "bulk" || r.kind == "postcopy")
             rate = "-";
         o += fmt::format("{:>6} {:>10} {:>12} {:>22} {:>12} {:>10.1f} {:>8}% {:>12}\n", name, r.pages, r.dirty_pages,
                          rate, human_bytes(static_cast<double>(r.bytes)), r.duration_s * 1e3, r.throttle_pct,
