@@ -140,6 +140,9 @@ void InprocDestination::abort()
     requests_.end();
     if (faults_ && faults_->missing())
         faults_->abandon();  // a vCPU waiting on a page would never leave KVM_RUN
+    // A postcopy resume may be under way on the sender's thread: released by
+    // the abandon above if it waited on a page, it finishes starting first.
+    std::lock_guard start(start_mu_);
     if (dst_)
         dst_->kill();
 }
@@ -153,6 +156,7 @@ void InprocDestination::begin_postcopy(const std::vector<VcpuState>& states, std
 
 ResultRecord InprocDestination::postcopy_resumed()
 {
+    std::lock_guard lk(start_mu_);  // abort() from a pusher kills only a started guest
     ResultRecord r = switchover(postcopy_states_);
     faults_->guest_started();
     return r;

@@ -118,6 +118,7 @@ private:
     std::vector<VcpuState> postcopy_states_;
     RequestQueue requests_;
     std::mutex abort_mu_;  // abort() from any of the pushers
+    std::mutex start_mu_;  // the postcopy resume against abort()
 };
 
 // How the sender talks to a remote destination.

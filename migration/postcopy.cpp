@@ -65,8 +65,7 @@ FaultServer::~FaultServer()
         uffd_->wake();
     if (thread_.joinable())
         thread_.join();
-    if (sampler_)
-        sampler_->stop();
+    stop_sampler();
 }
 
 void FaultServer::arm(std::span<const uint64_t> discard)
@@ -110,8 +109,19 @@ void FaultServer::guest_started()
         std::lock_guard lk(mu_);
         resumed_ = clock::now();
     }
+    std::lock_guard lk(sampler_mu_);
+    if (abandoned_sampler_)
+        return;
     sampler_ = std::make_unique<ProgressSampler>(dst_, 1000, false);
     sampler_->start();
+}
+
+void FaultServer::stop_sampler()
+{
+    std::lock_guard lk(sampler_mu_);
+    abandoned_sampler_ = true;
+    if (sampler_)
+        sampler_->stop();
 }
 
 int FaultServer::vcpu_of(pid_t tid)
@@ -241,8 +251,8 @@ void FaultServer::finish()
     uffd()->wake();
     if (thread_.joinable())
         thread_.join();
+    stop_sampler();
     if (sampler_) {
-        sampler_->stop();
         std::vector<double> longest(dst_.vcpu_count(), 0);
         for (const Stall& s : sampler_->stalls(0))
             longest[s.vcpu] = std::max(longest[s.vcpu], s.len_ms);
@@ -273,10 +283,14 @@ void FaultServer::abandon()
         u->wake();
     if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id())
         thread_.join();
-    if (sampler_)
-        sampler_->stop();
-    std::lock_guard lk(mu_);
-    uffd_.reset();  // closed once no place() holds it: blocked threads go on (zero-filled), the caller kills the VM
+    {
+        // Closed once no place() holds it: blocked threads go on (their pages
+        // zero-filled; the caller kills the VM), the sampler among them.
+        std::lock_guard lk(mu_);
+        uffd_.reset();
+    }
+    u.reset();
+    stop_sampler();
 }
 
 PostcopyFigures FaultServer::figures() const

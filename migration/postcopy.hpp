@@ -104,6 +104,9 @@ private:
     bool abandoned_ = false;
     std::thread thread_;
     std::atomic<bool> stop_{false};
+    void stop_sampler();
+    std::mutex sampler_mu_;  // guest_started() against abandon() from a channel's thread
+    bool abandoned_sampler_ = false;
     std::unique_ptr<ProgressSampler> sampler_;
     std::chrono::steady_clock::time_point resumed_;
     mutable std::mutex mu_;
