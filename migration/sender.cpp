@@ -185,6 +185,20 @@ bool Sender::precopy_round()
     return true;
 }
 
+// The downtime window opens: the source parks and its last harvest is taken.
+dirty::Harvest Sender::park_and_harvest()
+{
+    tdown_ = clock::now();
+    rep_.stop_ms = since(t0_) * 1e3;
+    park_source();
+    rep_.split.park_ms = ms_since(tdown_);
+    rep_.source_state = "parked";
+    const auto t = clock::now();
+    dirty::Harvest last = tracker_.harvest();
+    rep_.split.final_harvest_ms = ms_since(t);
+    return last;
+}
+
 // Postcopy instead of this round? (MigrateOptions::postcopy)
 bool Sender::check_postcopy_due(uint64_t dirty_pages, double interval_s)
 {
@@ -224,17 +238,10 @@ void Sender::stop_and_copy()
     rep_.vcpu_stall_ms = stop_sampler();
     if (!pending_)
         rep_.forced_by = "caller";  // stopped before pre-copy said it was done
-    tdown_ = clock::now();
-    rep_.stop_ms = since(t0_) * 1e3;
-    park_source();
-    rep_.split.park_ms = ms_since(tdown_);
-    rep_.source_state = "parked";
-    auto t = clock::now();
-    dirty::Harvest last = tracker_.harvest();
-    rep_.split.final_harvest_ms = ms_since(t);
+    dirty::Harvest last = park_and_harvest();
     const double interval_s = harvested() + pending_interval_s_;
     synced(last.dirty_pages, 0);
-    t = clock::now();
+    auto t = clock::now();
     const ChannelPages per = final_pages(last);
     uint64_t n = 0;
     for (const auto& v : per)
@@ -312,16 +319,9 @@ void Sender::postcopy_switch()
     require({Phase::Bulk, Phase::Precopy}, "postcopy_switch");
     if (!postcopy_due_)
         throw std::logic_error("Sender::postcopy_switch() while postcopy is not due");
-    rep_.vcpu_stall_ms = stop_sampler();
-    tdown_ = clock::now();
-    rep_.stop_ms = since(t0_) * 1e3;
     enter(Phase::Postcopy);
-    park_source();
-    rep_.split.park_ms = ms_since(tdown_);
-    rep_.source_state = "parked";
-    auto t = clock::now();
-    dirty::Harvest last = tracker_.harvest();
-    rep_.split.final_harvest_ms = ms_since(t);
+    rep_.vcpu_stall_ms = stop_sampler();
+    dirty::Harvest last = park_and_harvest();
     synced(last.dirty_pages, 0);
     postcopy_pages_ = postcopy_units(src_, final_pages(last));
     std::vector<uint64_t> discard;
@@ -331,7 +331,7 @@ void Sender::postcopy_switch()
                 discard.push_back(u + off);
     rep_.postcopy.discarded_pages = discard.size();
     rep_.remaining_bytes = discard.size() * 4096;
-    t = clock::now();
+    auto t = clock::now();
     save_state();
     rep_.split.vcpu_state_ms = ms_since(t);
     fault_point("switchover");

@@ -176,6 +176,7 @@ private:
     void print_progress(const RoundReport& rr) const;
     std::vector<double> stop_sampler();
     void park_source();
+    dirty::Harvest park_and_harvest();
     ChannelPages final_pages(const dirty::Harvest& last);
     void save_state();
     void verify_after_resume();
