@@ -108,12 +108,7 @@ VcpuPlacementReport vcpu_placement(const StressVm& m, uint32_t v)
 void judge_placement(NodePlacementReport& nr)
 {
     const auto& pl = nr.placement;
-    uint64_t good = 0;
-    for (const auto& [hn, pages] : pl.pages_per_node)
-        if (nr.expected_nodes.empty() ||
-            std::find(nr.expected_nodes.begin(), nr.expected_nodes.end(), hn) != nr.expected_nodes.end())
-            good += pages;
-    nr.on_policy_pct = pl.pages_queried ? 100.0 * static_cast<double>(good) / static_cast<double>(pl.pages_queried) : 0;
+    nr.on_policy_pct = numa::on_policy_pct(pl, nr.expected_nodes);
     if (pl.first_unexpected_offset != ~uint64_t{0} &&
         (pl.first_not_present_offset == ~uint64_t{0} || pl.first_unexpected_offset < pl.first_not_present_offset)) {
         nr.bad_range = {nr.gpa + pl.first_unexpected_offset, pl.first_unexpected_len};

@@ -457,6 +457,8 @@ void Receiver::run_and_report(const Resumed& at, double post_run_s)
         rep_.pages_checked = fin.pages_checked;
         rep_.mismatches = fin.mismatches;
         rep_.stamp_summary = fin.text;
+        if (auto d = nlohmann::json::parse(fin.details, nullptr, false); d.is_object() && d.contains("placement"))
+            rep_.placement = d["placement"];
     }
     send_result(fin);
     rep_.status = fin.ok ? "completed" : "failed";

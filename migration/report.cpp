@@ -1,4 +1,5 @@
 #include "migration/report.hpp"
+#include "migration/resume.hpp"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -74,6 +75,7 @@ nlohmann::json MigrateReport::to_json() const
                    {"mismatches", mismatches},
                    {"summary", stamp_summary},
                    {"destination_progressed", destination_progressed}};
+    j["destination_placement"] = destination_placement;
     if (!refused_msrs.empty())
         j["refused_msrs"] = msr_names(refused_msrs);
     downtime_to_json(j);
@@ -229,6 +231,8 @@ std::string MigrateReport::to_table() const
     if (verified)
         o += fmt::format("verify: switchover {} pages checked, {} mismatches; destination {}\n", switchover_pages_checked,
                          switchover_mismatches, stamp_summary);
+    if (!destination_placement.empty())
+        o += fmt::format("destination placement: {}\n", placement_summary(destination_placement));
     o += downtime_to_table();
     return o;
 }
@@ -333,6 +337,7 @@ nlohmann::json ReceiveReport::to_json() const
                         {"transferred_bytes", bytes},
                         {"verify", {{"pages_checked", pages_checked}, {"mismatches", mismatches}, {"summary", stamp_summary}}}};
     j["verify"]["enabled"] = verified;
+    j["placement"] = placement;
     j["verify"]["switchover_pages_checked"] = verify_pages_checked;
     j["verify"]["switchover_mismatches"] = verify_mismatches;
     j["total_ms"] = total_ms;
@@ -377,6 +382,8 @@ std::string ReceiveReport::to_table() const
         o += postcopy_figures.to_table();
     if (!stamp_summary.empty())
         o += fmt::format("destination stamp check: {}\n", stamp_summary);
+    if (!placement.empty())
+        o += fmt::format("placement here: {}\n", placement_summary(placement));
     o += fmt::format("guest here: {}\n", guest);
     return o;
 }

@@ -115,6 +115,9 @@ struct MigrateReport {
     uint64_t pages_checked = 0, mismatches = 0;  // destination stamp check after resume
     std::string stamp_summary;
     bool destination_progressed = false;
+    // Where the destination's memory landed, per node with a host policy
+    // (migration/resume.hpp destination_placement); empty: none bound.
+    nlohmann::json destination_placement = nlohmann::json::array();
     std::vector<uint32_t> refused_msrs;
     // ---- downtime split, verification after resume, the guest's view ----
     DowntimeSplit split;
@@ -162,6 +165,7 @@ struct ReceiveReport {
     uint64_t pages = 0, zero_pages = 0, bytes = 0;
     uint64_t pages_checked = 0, mismatches = 0;
     std::string stamp_summary;
+    nlohmann::json placement = nlohmann::json::array();  // this side's, after the post-run (resume.hpp)
     // Timings, as this side saw them (ms).
     double total_ms = 0;         // first record to the end of the stamp check
     double memory_ms = 0;        // first page to the last CHANNEL_DONE (bulk, pre-copy and stop-and-copy)

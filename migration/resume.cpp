@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <thread>
 
+#include "numa/placement.hpp"
 #include "vmm/stress/workload.hpp"
 
 namespace mvm::migration {
@@ -118,10 +119,47 @@ AfterRun run_and_check(StressVm& dst, const Resumed& at, double post_run_s, std:
     for (const auto& m : c.first)
         r.mismatched_gpas.push_back(m.gpa);
     r.ok = c.ok() && progressed;
+    if (auto pl = destination_placement(dst); !pl.empty())
+        r.details = nlohmann::json{{"placement", pl}}.dump();
     r.text = progressed ? c.summary()
                         : fmt::format("the destination guest made no progress within {:.1f} s of resume; {}",
                                       post_run_s + std::chrono::duration<double>(progress_wait).count(), c.summary());
     return out;
+}
+
+nlohmann::json destination_placement(const StressVm& dst)
+{
+    nlohmann::json out = nlohmann::json::array();
+    for (size_t i = 0; i < dst.config().nodes.size(); i++) {
+        const NodeConfig& node = dst.config().nodes[i];
+        if (node.host_policy.policy == numa::Policy::Default)
+            continue;
+        const Backing& b = dst.node_backing(i);
+        const auto pl = numa::query_placement(b.host(), b.size(), b.page_size());
+        nlohmann::json per = nlohmann::json::object();
+        for (const auto& [n, pages] : pl.pages_per_node)
+            per[std::to_string(n)] = pages;
+        const std::vector<int>& expected = node.host_policy.nodes;  // as numa-check's policy_nodes
+        out.push_back({{"vnode", node.id},
+                       {"backing", backing_name(node.backing)},
+                       {"policy", numa::to_string(node.host_policy)},
+                       {"pages", pl.pages_queried},
+                       {"page_bytes", b.page_size()},
+                       {"on_policy_pct", numa::on_policy_pct(pl, expected)},
+                       {"pages_per_host_node", per},
+                       {"pages_not_present", pl.pages_not_present}});
+    }
+    return out;
+}
+
+std::string placement_summary(const nlohmann::json& placement)
+{
+    std::string s;
+    for (const auto& n : placement)
+        s += fmt::format("{}vnode {} ({}, {}) {:.1f}% on policy", s.empty() ? "" : "; ", n["vnode"].get<uint32_t>(),
+                         n["backing"].get<std::string>(), n["policy"].get<std::string>(),
+                         n["on_policy_pct"].get<double>());
+    return s;
 }
 
 }  // namespace mvm::migration

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "migration/stream.hpp"
 #include "migration/vcpu_state.hpp"
 #include "vmm/stress/stress_vm.hpp"
@@ -41,9 +43,18 @@ struct GuestGap {
 GuestGap guest_gap(const StressVm& dst, const Resumed& at, std::chrono::milliseconds wait);
 
 struct AfterRun {
-    ResultRecord result;          // ok: every vCPU progressed and the stamps check
+    ResultRecord result;          // ok: every vCPU progressed and the stamps check;
+                                  // details: {"placement": destination_placement()}
     bool stamps_checked = false;  // false when the guest failed (result.text says how)
 };
+
+// Where each virtual node's memory landed on this host, judged against the
+// node's policy as numa-check judges it (move_pages on every page): one entry
+// per node with a host policy, {vnode, backing, policy, pages, on_policy_pct,
+// pages_per_host_node, pages_not_present}. Empty when no node has one.
+nlohmann::json destination_placement(const StressVm& dst);
+// "vnode 0 (gmem, bind:0) 100.0% on policy; ..." ("" for an empty placement).
+std::string placement_summary(const nlohmann::json& placement);
 
 // Lets the resumed `dst` run post_run_s (and, for a vCPU that has not
 // progressed by then, up to `progress_wait` more), stops it (killed after

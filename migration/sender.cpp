@@ -511,6 +511,8 @@ void Sender::finish()
     rep_.pages_checked = fin.pages_checked;
     rep_.mismatches = fin.mismatches;
     rep_.stamp_summary = fin.text;
+    if (auto d = nlohmann::json::parse(fin.details, nullptr, false); d.is_object() && d.contains("placement"))
+        rep_.destination_placement = d["placement"];
     rep_.destination_progressed = fin.ok != 0 || fin.text.find("no progress") == std::string::npos;
     rep_.verified = opt_.verify;
     if (!fin.ok) {

@@ -146,4 +146,13 @@ Placement query_placement(const void* addr, size_t len, size_t page_size, const 
     return pl;
 }
 
+double on_policy_pct(const Placement& pl, const std::vector<int>& expected)
+{
+    uint64_t good = 0;
+    for (const auto& [node, pages] : pl.pages_per_node)
+        if (expected.empty() || std::find(expected.begin(), expected.end(), node) != expected.end())
+            good += pages;
+    return pl.pages_queried ? 100.0 * static_cast<double>(good) / static_cast<double>(pl.pages_queried) : 0;
+}
+
 }  // namespace mvm::numa

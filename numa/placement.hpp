@@ -33,6 +33,11 @@ struct Placement {
     std::string kinds_error;
 };
 
+// The share (0-100) of `pl`'s queried pages that are on one of `expected`
+// (every present page when `expected` is empty: any node is right). Absent
+// pages count as off policy: a page that is not there is not placed.
+double on_policy_pct(const Placement& pl, const std::vector<int>& expected);
+
 // Queries the node of each page of [addr, addr+len) with move_pages(2) in
 // batches. max_pages == 0 queries every page; otherwise at most max_pages
 // pages spread evenly over the range are queried and `sampled` is set.

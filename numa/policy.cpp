@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 
 #include "base/error.hpp"
+#include "numa/topology.hpp"
 
 namespace mvm::numa {
 
@@ -18,12 +19,10 @@ namespace {
 
 constexpr size_t kBitsPerLong = sizeof(unsigned long) * CHAR_BIT;
 
-// Number of bits in the node masks we pass to the kernel: at least the
-// kernel's possible node count, rounded up to whole longs.
+// Number of bits in the node masks we pass to the kernel: the kernel's
+// nr_node_ids (node_id_limit), rounded up to whole longs.
 size_t mask_bits() {
-    int possible = numa_num_possible_nodes();
-    size_t bits = possible > 0 ? static_cast<size_t>(possible) : kBitsPerLong;
-    bits = std::max<size_t>(bits, 1024);
+    const auto bits = static_cast<size_t>(node_id_limit());
     return (bits + kBitsPerLong - 1) / kBitsPerLong * kBitsPerLong;
 }
 

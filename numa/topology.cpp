@@ -39,6 +39,24 @@ std::vector<int> Topology::all_cpus() const
     return c;
 }
 
+int node_id_limit()
+{
+    static const int limit = [] {
+        std::ifstream f("/sys/devices/system/node/possible");
+        std::string list;
+        if (f >> list)
+            try {
+                auto ids = parse_cpu_list(list);
+                if (!ids.empty())
+                    return ids.back() + 1;
+            } catch (const std::exception&) {
+            }
+        int possible = numa_available() < 0 ? 1 : numa_num_possible_nodes();
+        return possible > 0 ? possible : 1;
+    }();
+    return limit;
+}
+
 Topology host_topology()
 {
     Topology t;

@@ -28,6 +28,13 @@ struct Topology {
 // Reads the host (libnuma); a host without NUMA support is one node 0 holding all CPUs.
 Topology host_topology();
 
+// The kernel's nr_node_ids: the highest possible node id + 1, read from
+// /sys/devices/system/node/possible (libnuma's possible-node count if it
+// cannot be read). Every nodemask given to the kernel has at least this many
+// bits: get_mempolicy refuses a smaller maxnode with EINVAL, and hosts with
+// many (e.g. CXL memory-only) nodes have more than any constant assumes.
+int node_id_limit();
+
 // MemAvailable from /proc/meminfo (0 if unreadable).
 uint64_t host_mem_available_bytes();
 

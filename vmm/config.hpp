@@ -55,6 +55,9 @@ struct NodeConfig {
     uint64_t mem_bytes = 0;
     BackingKind backing = BackingKind::Anon;
     numa::NodePolicy host_policy;  // where on the host its memory goes (mbind)
+    // The vCPU threads' own policy (set_mempolicy); unset: host_policy. Only
+    // the guest_memfd mempolicy probe sets another, to tell the two apart.
+    std::optional<numa::NodePolicy> vcpu_thread_policy;
     std::vector<int> host_cpus;    // host CPUs its vCPU threads are pinned to; empty: not pinned
     bool host_cpus_given = false;  // host-cpus= was spelled out (else derived from the host nodes)
     bool prealloc = false;         // MADV_POPULATE_WRITE before boot, by a thread on the node

@@ -252,6 +252,9 @@ std::string host_info_table(const nlohmann::json& j)
         gflags += (gflags.empty() ? "" : "|") + f.get<std::string>();
     o += fmt::format("  guest_memfd: {}{}\n", k["guest_memfd"]["supported"].get<bool>() ? "yes" : "no",
                      gflags.empty() ? "" : ", flags " + gflags);
+    if (k["guest_memfd"].contains("mempolicy_summary"))  // caps' probe (engines/gmem_policy_probe)
+        o += fmt::format("  guest_memfd mempolicy (mbind on its mapping): {}\n",
+                         k["guest_memfd"]["mempolicy_summary"].get<std::string>());
     std::string vt;
     for (const auto& t : k["vm_types"])
         vt += (vt.empty() ? "" : ", ") + t.get<std::string>();

@@ -180,8 +180,9 @@ void Machine::enter_node(VcpuSlot& s)
     // on this thread's faults (page tables, rmaps) lands on the node too.
     if (!node.host_cpus.empty())
         numa::pin_current_thread(node.host_cpus);
-    if (node.host_policy.policy != numa::Policy::Default)
-        numa::set_current_thread_policy(node.host_policy);
+    const numa::NodePolicy& policy = node.vcpu_thread_policy ? *node.vcpu_thread_policy : node.host_policy;
+    if (policy.policy != numa::Policy::Default)
+        numa::set_current_thread_policy(policy);
     info.affinity = numa::current_thread_cpus();
     info.mempolicy = numa::current_thread_policy();
     std::lock_guard lk(mu_);

@@ -5,6 +5,7 @@
 #include "cli/command.hpp"
 #include "cli/options.hpp"
 #include "cli/output.hpp"
+#include "engines/gmem_policy_probe.hpp"
 #include "engines/ring_probe.hpp"
 #include "vmm/host_info.hpp"
 #include "vmm/kvm/kvm.hpp"
@@ -41,6 +42,11 @@ public:
         }
         Kvm kvm(kvm_device());
         auto info = host_info(kvm);
+        // mbind's return value is not a placement: whether KVM honours the
+        // gmem mapping's policy, from where a probe's pages landed.
+        const engines::GmemPolicyProbe gp = engines::probe_gmem_mempolicy(kvm);
+        info["kvm"]["guest_memfd"]["mempolicy"] = gp.to_json();
+        info["kvm"]["guest_memfd"]["mempolicy_summary"] = gp.summary();
         std::string probe_table;
         if (probe_s > 0)
             probe_table = probe_ring_reset(kvm, probe_s, info);

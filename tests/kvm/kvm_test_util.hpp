@@ -6,10 +6,12 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <memory>
 #include <string>
 
 #include "base/error.hpp"
+#include "vmm/config.hpp"
 #include "vmm/kvm/kvm.hpp"
 
 namespace mvm::test {
@@ -30,6 +32,27 @@ inline const Kvm* host_kvm(std::string* why)
     }
     *why = reason;
     return kvm.get();
+}
+
+// Empty when this host's KVM offers guest_memfd the way the gmem backing needs
+// it (KVM_CAP_GUEST_MEMFD, flags MMAP|INIT_SHARED), else why not and where the
+// gmem tests run instead. Our own host has lacked it since 2026-12-04.
+inline std::string why_no_gmem(const Kvm& kvm)
+{
+    std::string why = check_gmem_support("backing gmem", kvm.cap(KVM_CAP_GUEST_MEMFD), kvm.cap(KVM_CAP_GUEST_MEMFD_FLAGS));
+    if (!why.empty())
+        why += "; the gmem tests run in the emulated host on Linux 7.x: scripts/test svm";
+    return why;
+}
+
+// `gmem` where this host has it, else `other`, saying so once per test: for
+// tests whose point is not guest_memfd itself but a second backing beside it.
+inline const char* gmem_or(const Kvm& kvm, const char* other)
+{
+    if (why_no_gmem(kvm).empty())
+        return "gmem";
+    std::printf("no guest_memfd on this host: backing %s instead of gmem\n", other);
+    return other;
 }
 
 // The whole of a file ("" if it cannot be read).
@@ -80,3 +103,9 @@ private:
     if (!kvm_ptr_)                                                   \
         GTEST_SKIP() << "needs /dev/kvm: " << kvm_why_;              \
     [[maybe_unused]] const ::mvm::Kvm& kvm = *kvm_ptr_
+
+// REQUIRE_KVM() and guest_memfd as the gmem backing needs it, or a skip saying why.
+#define REQUIRE_GMEM()                                                          \
+    REQUIRE_KVM();                                                              \
+    if (std::string gmem_why_ = ::mvm::test::why_no_gmem(kvm); !gmem_why_.empty()) \
+        GTEST_SKIP() << gmem_why_

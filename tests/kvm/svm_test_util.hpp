@@ -18,6 +18,7 @@
 
 #include "dirty_intervals.hpp"
 #include "kvm_test_util.hpp"
+#include "numa/topology.hpp"
 
 namespace mvm::test::svm {
 
@@ -147,6 +148,43 @@ inline void expect_no_missed_page_in_any_mode(const Kvm& kvm, BackingKind backin
                                  c.name, backing_name, r.harvests, r.required, r.misses,
                                  c.mode == dirty::Mode::Ring ? fmt::format(" ({} ring-full exits)", r.ring_full) : "");
     }
+}
+
+// Empty when the host has two NUMA nodes with a CPU each, else why not.
+inline std::string why_not_two_nodes()
+{
+    const auto topo = numa::host_topology();
+    if (topo.nodes.size() < 2 || !topo.node(0) || !topo.node(1) || topo.node(0)->cpus.empty() ||
+        topo.node(1)->cpus.empty())
+        return fmt::format("needs host NUMA nodes 0 and 1 with CPUs (this host has {}); run it on the two-node "
+                           "emulated SVM host: scripts/test svm",
+                           topo.nodes.size());
+    return "";
+}
+
+// Two virtual nodes of `mb` MiB, vnode N bound to host node N, vCPU N on it.
+inline std::string two_vnodes(int mb, const char* backing)
+{
+    return fmt::format("--numa node=0,cpus=0,mem={0}M,host-nodes=0,backing={1} "
+                       "--numa node=1,cpus=1,mem={0}M,host-nodes=1,backing={1}",
+                       mb, backing);
+}
+
+inline int64_t node_kib(const nlohmann::json& delta, int node)
+{
+    const auto& per = delta["per_host_node_kib"];
+    const std::string k = std::to_string(node);
+    return per.contains(k) ? per[k].get<int64_t>() : 0;
+}
+
+// `minivmm numa-check ARGS --json -`, asserted to exit `want_exit`; its report.
+inline nlohmann::json numa_check(const std::string& args, int want_exit = 0)
+{
+    auto r = run_minivmm("numa-check " + args + " --json -");
+    EXPECT_EQ(r.exit_code, want_exit) << r.err;
+    auto j = nlohmann::json::parse(r.out, nullptr, false);
+    EXPECT_FALSE(j.is_discarded()) << r.out << r.err;
+    return j.is_discarded() ? nlohmann::json::object() : j;
 }
 
 }  // namespace mvm::test::svm

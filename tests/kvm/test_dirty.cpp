@@ -134,16 +134,10 @@ TEST(DirtyRing, SoftLimitHarvestsBeforeKvmStopsTheVcpu)
 // guest_memfd slots are listed as untracked; the others are tracked.
 TEST(DirtyTracker, GuestMemfdSlotsAreUntracked)
 {
-    REQUIRE_KVM();
+    REQUIRE_GMEM();
     cli::VmOptions o;
     o.numa = {"cpus=0,mem=16M", "cpus=1,mem=16M,backing=gmem"};
-    MachineConfig cfg;
-    try {
-        cfg = o.to_config(kvm);
-    } catch (const std::exception& e) {
-        GTEST_SKIP() << e.what();
-    }
-    StressVm m(kvm, cfg);
+    StressVm m(kvm, o.to_config(kvm));
     auto tracker = Tracker::create(m, TrackerOptions{});
     ASSERT_EQ(tracker->untracked_slots().size(), 1u);
     const MemoryRegion* r = m.memslots().by_slot(tracker->untracked_slots()[0].first);

@@ -138,7 +138,7 @@ INSTANTIATE_TEST_SUITE_P(Trackers, MigrateTracker, ::testing::Values("bitmap", "
 // one channel each.
 TEST(Migrate, TwoNodesWithGuestMemfdOverTwoChannels)
 {
-    REQUIRE_KVM();
+    REQUIRE_GMEM();
     const uint16_t port = free_port();
     const std::string vm = "--numa cpus=0,mem=32M,host-nodes=0 --numa cpus=1,mem=32M,backing=gmem,host-nodes=0 "
                            "--rate 100000";

