@@ -85,6 +85,7 @@ GmemPolicyProbe probe_gmem_mempolicy(const Kvm& kvm, uint64_t bytes)
         return r;
     }
     const Backing& b = m.node_backing(0);
+    b.map_for_query();  // the guest wrote every page (one full pass): this finds its folios
     const numa::Placement pl = numa::query_placement(b.host(), b.size(), 4096);
     r.pages = pl.pages_queried;
     r.pages_per_node = pl.pages_per_node;

@@ -13,10 +13,6 @@
 #include "engines/run.hpp"
 #include "base/units.hpp"
 
-#ifndef MADV_POPULATE_READ
-#define MADV_POPULATE_READ 22
-#endif
-
 namespace mvm::engines {
 
 namespace {
@@ -135,11 +131,7 @@ NodePlacementReport node_placement(const StressVm& m, size_t i, const NumaCheckO
     for (const auto& p : m.prealloc_results())
         if (p.name == fmt::format("node{}", node.id))
             nr.prealloc_s = p.seconds;
-    // The guest reaches guest_memfd pages through KVM, not through our
-    // mapping: map what it allocated (a read fault finds the existing
-    // folio) so move_pages can see it.
-    if (node.backing == BackingKind::Gmem && ::madvise(b.host(), b.size(), MADV_POPULATE_READ) != 0)
-        throw SysError(fmt::format("MADV_POPULATE_READ on vnode {}'s guest_memfd mapping", node.id), errno);
+    b.map_for_query();
     nr.placement = numa::query_placement(b.host(), b.size(), nr.query_page_bytes, nr.expected_nodes, opt.sample_pages,
                                            /*split_kinds=*/true);
     judge_placement(nr);

@@ -110,4 +110,13 @@ Backing Backing::create(BackingKind kind, uint64_t size, const GuestMemfdFactory
     return b;
 }
 
+void Backing::map_for_query() const
+{
+#ifndef MADV_POPULATE_READ
+    constexpr int MADV_POPULATE_READ = 22;
+#endif
+    if (kind_ == BackingKind::Gmem && ::madvise(host(), size(), MADV_POPULATE_READ) != 0)
+        throw SysError(fmt::format("MADV_POPULATE_READ on a guest_memfd mapping of {} bytes", size()), errno);
+}
+
 }  // namespace mvm

@@ -37,6 +37,11 @@ public:
     uint64_t size() const noexcept { return size_; }
     int fd() const noexcept { return fd_.get(); }  // memfd or guest_memfd; -1 for anonymous
     uint64_t page_size() const noexcept { return backing_page_size(kind_); }
+    // Before asking where its pages are (move_pages, pagemap): the guest
+    // reaches guest_memfd pages through KVM, not through our mapping, so map
+    // what exists into it (a read fault finds the existing folio). Other
+    // backings are mapped already. Throws SysError.
+    void map_for_query() const;
 
 private:
     BackingKind kind_ = BackingKind::Anon;

@@ -135,6 +135,7 @@ nlohmann::json destination_placement(const StressVm& dst)
         if (node.host_policy.policy == numa::Policy::Default)
             continue;
         const Backing& b = dst.node_backing(i);
+        b.map_for_query();
         const auto pl = numa::query_placement(b.host(), b.size(), b.page_size());
         nlohmann::json per = nlohmann::json::object();
         for (const auto& [n, pages] : pl.pages_per_node)
