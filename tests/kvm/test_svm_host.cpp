@@ -257,6 +257,33 @@ TEST(SvmHost, HugePagesSplitWhereEagerSplitSays)
     EXPECT_EQ(read_word(kEagerSplit), before) << "eager_page_split restored";
 }
 
+// A kernel difference, pinned per kernel: when dirty logging is disabled,
+// KVM since 6.13 recovers the huge mappings in place (pages_2m back at
+// `disable`); before, it zaps the split 4 KiB mappings and the guest's next
+// faults map huge again (pages_4k down, pages_2m unchanged at `disable`).
+TEST(SvmHost, HugeMappingsAfterLoggingIsDisabled)
+{
+    REQUIRE_TDP_MMU();
+    mvm::HugetlbReservation pool(2ull << 20, 40);
+    if (!pool.ok())
+        GTEST_SKIP() << "cannot get 2M pages: " << pool.why_not();
+    auto j = dirty_log_perf("-v 1 -b 64M -i 2 -s hugetlb2m -g", "on");
+    nlohmann::json disable;
+    for (const auto& w : j["kvm_stats_windows"])
+        if (w["window"] == "disable")
+            disable = w;
+    ASSERT_TRUE(disable.is_object()) << "no disable window: " << j["kvm_stats_windows"];
+    EXPECT_LE(vm_stat(disable, "pages_4k"), -16384) << "the split mappings go at disable: " << disable;
+    const bool in_place = kernel_version() >= 613;
+    if (in_place)
+        EXPECT_GE(vm_stat(disable, "pages_2m"), 32) << "6.13+: recovered in place at disable: " << disable;
+    else
+        EXPECT_EQ(vm_stat(disable, "pages_2m"), 0) << "before 6.13: zapped, not recovered, at disable: " << disable;
+    std::cout << fmt::format("disable logging on hugetlb2m: pages_4k {:+} pages_2m {:+} ({})\n",
+                             vm_stat(disable, "pages_4k"), vm_stat(disable, "pages_2m"),
+                             in_place ? "recovered in place, 6.13+" : "zapped; the next faults map huge again");
+}
+
 // THP, -g: the guest's memory is mapped 2M where THP gave 2M pages (at least
 // some); eager on: every one of them splits at enable and iteration 1's write
 // faults are fast; off: nothing at enable, iteration 1's writes split them
