@@ -1,9 +1,15 @@
 #include "engines/gmem_policy_probe.hpp"
 
+#include <sys/mman.h>
+
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 
 #include <fmt/format.h>
 
+#include "base/error.hpp"
+#include "base/fd.hpp"
 #include "numa/placement.hpp"
 #include "numa/topology.hpp"
 #include "vmm/config.hpp"
@@ -103,6 +109,30 @@ GmemPolicyProbe probe_gmem_mempolicy(const Kvm& kvm, uint64_t bytes)
         r.verdict = "partly";
     }
     return r;
+}
+
+std::string probe_gmem_dirty_logging(const Kvm& kvm)
+{
+    if (!check_gmem_support("guest_memfd", kvm.cap(KVM_CAP_GUEST_MEMFD), kvm.cap(KVM_CAP_GUEST_MEMFD_FLAGS)).empty())
+        return "unknown: no guest_memfd on this kernel";
+    constexpr uint64_t kSize = 2ull << 20;
+    Vm vm = kvm.create_vm();
+    UniqueFd gmem(vm.create_guest_memfd(kSize, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED));
+    Mapping map = Mapping::map("gmem dirty-logging probe", kSize, PROT_READ | PROT_WRITE, MAP_SHARED, gmem.get());
+    kvm_userspace_memory_region2 r{};
+    r.slot = 0;
+    r.flags = KVM_MEM_GUEST_MEMFD;
+    r.memory_size = kSize;
+    r.userspace_addr = reinterpret_cast<uint64_t>(map.bytes());
+    r.guest_memfd = static_cast<uint32_t>(gmem.get());
+    vm.set_memory_region(r);  // a plain gmem slot: must work where the backing does
+    r.flags |= KVM_MEM_LOG_DIRTY_PAGES;
+    try {
+        vm.set_memory_region(r);
+    } catch (const SysError& e) {
+        return fmt::format("no: KVM refuses KVM_MEM_LOG_DIRTY_PAGES on a guest_memfd slot ({})", std::strerror(e.err()));
+    }
+    return "yes";
 }
 
 }  // namespace mvm::engines

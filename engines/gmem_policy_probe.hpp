@@ -38,4 +38,9 @@ struct GmemPolicyProbe {
 // Runs the probe with `bytes` of guest_memfd (a few MiB is plenty).
 GmemPolicyProbe probe_gmem_mempolicy(const Kvm& kvm, uint64_t bytes = 4ull << 20);
 
+// Can a guest_memfd memslot be dirty-logged here? Asks KVM: a 2 MiB gmem slot
+// is made, then KVM_MEM_LOG_DIRTY_PAGES is added to it (as enabling logging
+// does). "yes", "no: <the kernel's error>", or "unknown: <why>".
+std::string probe_gmem_dirty_logging(const Kvm& kvm);
+
 }  // namespace mvm::engines

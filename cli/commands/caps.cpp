@@ -47,6 +47,7 @@ public:
         const engines::GmemPolicyProbe gp = engines::probe_gmem_mempolicy(kvm);
         info["kvm"]["guest_memfd"]["mempolicy"] = gp.to_json();
         info["kvm"]["guest_memfd"]["mempolicy_summary"] = gp.summary();
+        info["kvm"]["guest_memfd"]["dirty_logging"] = engines::probe_gmem_dirty_logging(kvm);
         std::string probe_table;
         if (probe_s > 0)
             probe_table = probe_ring_reset(kvm, probe_s, info);

@@ -124,8 +124,11 @@ TEST(SvmGmem, CapsProbeTellsWhetherTheMempolicyIsHonoured)
     EXPECT_NE(t.out.find("guest_memfd mempolicy (mbind on its mapping): " + mp["verdict"].get<std::string>()),
               std::string::npos)
         << t.out;
+    // Asked of KVM, not assumed: whether a gmem slot takes KVM_MEM_LOG_DIRTY_PAGES.
+    const std::string logging = j["kvm"]["guest_memfd"]["dirty_logging"].get<std::string>();
+    EXPECT_TRUE(logging == "yes" || logging.rfind("no: ", 0) == 0) << logging;
     std::cout << "caps: guest_memfd mempolicy " << j["kvm"]["guest_memfd"]["mempolicy_summary"].get<std::string>()
-              << "\n";
+              << "\ncaps: guest_memfd slots dirty-logged: " << logging << "\n";
 }
 
 // A two-node gmem guest migrated in-process: the destination's gmem is bound
