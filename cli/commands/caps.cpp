@@ -44,10 +44,20 @@ public:
         auto info = host_info(kvm);
         // mbind's return value is not a placement: whether KVM honours the
         // gmem mapping's policy, from where a probe's pages landed.
-        const engines::GmemPolicyProbe gp = engines::probe_gmem_mempolicy(kvm);
+        // A probe that cannot run is reported as such; caps still answers.
+        engines::GmemPolicyProbe gp;
+        try {
+            gp = engines::probe_gmem_mempolicy(kvm);
+        } catch (const std::exception& e) {
+            gp.why = std::string("the probe failed: ") + e.what();
+        }
         info["kvm"]["guest_memfd"]["mempolicy"] = gp.to_json();
         info["kvm"]["guest_memfd"]["mempolicy_summary"] = gp.summary();
-        info["kvm"]["guest_memfd"]["dirty_logging"] = engines::probe_gmem_dirty_logging(kvm);
+        try {
+            info["kvm"]["guest_memfd"]["dirty_logging"] = engines::probe_gmem_dirty_logging(kvm);
+        } catch (const std::exception& e) {
+            info["kvm"]["guest_memfd"]["dirty_logging"] = std::string("unknown: the probe failed: ") + e.what();
+        }
         std::string probe_table;
         if (probe_s > 0)
             probe_table = probe_ring_reset(kvm, probe_s, info);

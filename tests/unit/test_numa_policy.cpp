@@ -1,6 +1,7 @@
 // Policy parsing, validation and CPU planning against hand-built topologies.
 #include <gtest/gtest.h>
 
+#include <fstream>
 #include <string>
 
 #include "numa/policy.hpp"
@@ -113,4 +114,24 @@ TEST(NumaCpus, CpusForNodesInterleavedIds) {
     EXPECT_EQ(cpus_for_nodes(t, {2}), (std::vector<int>{2, 3, 6, 7}));
     EXPECT_EQ(usage_message(NodePolicy{Policy::Bind, {1}}, t),
               "host node 1 does not exist (host nodes: 0,2); use host-nodes= within 0,2");
+}
+
+// Nodemasks are sized from the kernel's nr_node_ids (the possible node list),
+// not a constant: get_mempolicy refuses a maxnode below it with EINVAL.
+TEST(NumaNodemask, SizedFromTheKernelsPossibleNodes) {
+    std::ifstream f("/sys/devices/system/node/possible");
+    std::string list;
+    if (f >> list) {
+        auto ids = mvm::numa::parse_cpu_list(list);
+        ASSERT_FALSE(ids.empty());
+        EXPECT_EQ(mvm::numa::node_id_limit(), ids.back() + 1) << list;
+    } else {
+        EXPECT_GE(mvm::numa::node_id_limit(), 1);
+    }
+    for (const auto& n : mvm::numa::host_topology().nodes)
+        EXPECT_LT(n.id, mvm::numa::node_id_limit());
+    // The thread's policy reads back through a mask of that size.
+    EXPECT_NO_THROW(mvm::numa::current_thread_policy());
+    mvm::numa::ThreadPolicyScope scope({mvm::numa::Policy::Bind, {mvm::numa::host_topology().nodes[0].id}});
+    EXPECT_EQ(mvm::numa::current_thread_policy().policy, mvm::numa::Policy::Bind);
 }
