@@ -7,6 +7,7 @@
 #include "cli/options.hpp"
 #include "cli/output.hpp"
 #include "engines/dirty_rate.hpp"
+#include "numa/topology.hpp"
 #include "vmm/kvm/kvm.hpp"
 
 namespace mvm::cli {
@@ -64,8 +65,9 @@ public:
         o.sample_pages_per_gib = parse_uint("--sample-pages", sample_, 1, 1u << 18);
         if (!ring_.empty() && o.mode != RateMode::Ring)
             throw UsageError("--ring: only with --mode ring");
+        MachineConfig cfg = vm_.parse(numa::host_topology());  // bad input refused before /dev/kvm is opened
         Kvm kvm(kvm_device());
-        MachineConfig cfg = vm_.to_config(kvm);
+        check_host_resources(cfg, kvm);
         if (o.mode == RateMode::Ring)
             cfg.dirty_ring_bytes = parse_ring_size("--ring", ring_.empty() ? "64K" : ring_, kvm);
         cfg.show_progress = o.progress = stderr_is_terminal();

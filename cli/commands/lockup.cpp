@@ -12,6 +12,7 @@
 #include "cli/output.hpp"
 #include "cli/test_hooks.hpp"
 #include "engines/lockup.hpp"
+#include "numa/topology.hpp"
 #include "vmm/kvm/kvm.hpp"
 
 namespace mvm::cli {
@@ -110,9 +111,10 @@ public:
             };
         }
         check_output_path("--timeline", timeline_, "give a writable path for the CSV");
+        MachineConfig cfg = vm_.parse(numa::host_topology());  // bad input refused before /dev/kvm is opened
         Kvm kvm(kvm_device());
         o.ring_bytes = parse_ring_size("--ring", ring_, kvm);
-        MachineConfig cfg = vm_.to_config(kvm);
+        check_host_resources(cfg, kvm);
         cfg.workload.watchdog_ms = o.threshold_ms;
         cfg.show_progress = o.progress = stderr_is_terminal();
         o.keep_samples = !timeline_.empty();

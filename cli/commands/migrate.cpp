@@ -19,6 +19,7 @@
 #include "cli/test_hooks.hpp"
 #include "migration/migrate.hpp"
 #include "migration/transport/fault.hpp"
+#include "numa/topology.hpp"
 #include "vmm/kvm/kvm.hpp"
 
 namespace mvm::cli {
@@ -90,8 +91,9 @@ public:
         const std::optional<qmp::Address> qaddr = qmp_.address();
         MigrateOptions o = parse_options();
         check_destination(o.to);
+        MachineConfig cfg = vm_.parse(numa::host_topology());  // bad input refused before /dev/kvm is opened
         Kvm kvm(kvm_device());
-        MachineConfig cfg = vm_.to_config(kvm);
+        check_host_resources(cfg, kvm);
         if (o.to == "inproc")
             check_room_for_second_vm(cfg, "--to inproc");
         if (o.tracker == dirty::Mode::Ring)

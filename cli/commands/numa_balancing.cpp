@@ -8,6 +8,7 @@
 #include "cli/options.hpp"
 #include "cli/output.hpp"
 #include "engines/numa_balancing.hpp"
+#include "numa/topology.hpp"
 #include "vmm/kvm/kvm.hpp"
 
 namespace mvm::cli {
@@ -53,8 +54,9 @@ public:
             throw UsageError("--duration: must be positive, e.g. 3");
         opt.scan_ms = parse_scan_period(scan_);
         check_json_dest(json_);
+        MachineConfig cfg = vm_.parse(numa::host_topology());  // bad input refused before /dev/kvm is opened
         Kvm kvm(kvm_device());
-        MachineConfig cfg = vm_.to_config(kvm);
+        check_host_resources(cfg, kvm);
         if (cfg.workload.max_passes != 0)
             throw UsageError("--passes: numa-balancing runs each variant for --duration; drop --passes");
         install_stop_signals();

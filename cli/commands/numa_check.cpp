@@ -64,8 +64,9 @@ public:
             opt.eager_split = eager_split_ == "on";
         }
         const engines::PlacementJudge judge = judge_from_test_hook();
+        MachineConfig cfg = vm_.parse(numa::host_topology());  // bad input refused before /dev/kvm is opened
         Kvm kvm(kvm_device());
-        MachineConfig cfg = vm_.to_config(kvm);
+        check_host_resources(cfg, kvm);
         // One pass that writes every page: each page then exists where it was faulted.
         cfg.workload.max_passes = 1;
         cfg.workload.write_pct = 100;

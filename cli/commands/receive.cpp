@@ -16,6 +16,7 @@
 #include "cli/qmp/options.hpp"
 #include "cli/test_hooks.hpp"
 #include "migration/migrate.hpp"
+#include "numa/topology.hpp"
 #include "vmm/kvm/kvm.hpp"
 
 namespace mvm::cli {
@@ -68,8 +69,9 @@ public:
         o.tls = link_.tls();
         if (o.tls.enabled())
             migration::tls::Context::server(o.tls);  // read and checked before the guest's memory is made
+        MachineConfig cfg = vm_.parse(numa::host_topology());  // bad input refused before /dev/kvm is opened
         Kvm kvm(kvm_device());
-        MachineConfig cfg = vm_.to_config(kvm);
+        check_host_resources(cfg, kvm);
         // Populate the memory before the sender connects, so the copy does not
         // fault page by page while the guest is stopped.
         if (!no_prealloc_)

@@ -9,6 +9,7 @@
 #include "cli/qmp/monitor.hpp"
 #include "cli/qmp/options.hpp"
 #include "engines/run.hpp"
+#include "numa/topology.hpp"
 #include "vmm/kvm/kvm.hpp"
 
 namespace mvm::cli {
@@ -44,8 +45,9 @@ public:
         if (qaddr && !dirty_log_.empty())
             throw UsageError("--dirty-log: not with --qmp (QMP's migrate and calc-dirty-rate turn logging on "
                              "themselves)");
+        MachineConfig cfg = vm_.parse(numa::host_topology());  // bad input refused before /dev/kvm is opened
         Kvm kvm(kvm_device());
-        MachineConfig cfg = vm_.to_config(kvm);
+        check_host_resources(cfg, kvm);
         if (duration <= 0 && cfg.workload.max_passes == 0 && !qaddr)
             throw UsageError("--duration: must be positive unless --passes is given");
         if (qaddr && !ring_.empty())
