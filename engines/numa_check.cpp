@@ -270,6 +270,7 @@ LoggingEnableCheck logging_enable_check(StressVm& m, const NumaCheckOptions& opt
     if (opt.enable_logging.rfind("host-node:", 0) == 0)
         to.enable_host_node = std::stoi(opt.enable_logging.substr(10));
     auto tracker = dirty::Tracker::create(m, to);
+    c.untracked = tracker->untracked_slots();
     const StatSnapshot vm0 = m.vm_stats();
     const dirty::EnableReport e = tracker->enable();
     c.vm = stat_delta(vm0, m.vm_stats());
@@ -336,6 +337,14 @@ int64_t stat_or_0(const StatDelta& d, const char* k)
     return it == d.end() ? 0 : it->second;
 }
 
+nlohmann::json untracked_json(const std::vector<std::pair<uint32_t, std::string>>& untracked)
+{
+    nlohmann::json j = nlohmann::json::array();
+    for (const auto& [slot, why] : untracked)
+        j.push_back({{"slot", slot}, {"why", why}});
+    return j;
+}
+
 nlohmann::json logging_json(const LoggingEnableCheck& c)
 {
     nlohmann::json slots = nlohmann::json::array();
@@ -347,7 +356,7 @@ nlohmann::json logging_json(const LoggingEnableCheck& c)
             vm[k] = c.vm.at(k);
     return {{"requested", c.requested},     {"enabled_from", c.from}, {"eager_split", c.eager_note},
             {"eager_effective", c.eager_effective}, {"slots", slots}, {"vm", vm},
-            {"sec_page_tables", c.page_tables.json()}};
+            {"sec_page_tables", c.page_tables.json()}, {"untracked_slots", untracked_json(c.untracked)}};
 }
 
 std::string logging_text(const LoggingEnableCheck& c)
@@ -356,10 +365,14 @@ std::string logging_text(const LoggingEnableCheck& c)
     for (const auto& s : c.slots)
         if (s.vnode >= 0)
             cpus += fmt::format("{}vnode {} on CPU {}", cpus.empty() ? "" : ", ", s.vnode, s.cpu);
-    return fmt::format("dirty logging enabled from {} ({}); {}\n  over the enable: pages_2m {:+} pages_1g {:+} "
-                       "pages_4k {:+}; KVM page tables (SecPageTables) {}\n",
-                       c.from, cpus, c.eager_note, stat_or_0(c.vm, "pages_2m"), stat_or_0(c.vm, "pages_1g"),
-                       stat_or_0(c.vm, "pages_4k"), c.page_tables.summary());
+    std::string out = fmt::format("dirty logging enabled from {}{}; {}\n  over the enable: pages_2m {:+} pages_1g {:+} "
+                                  "pages_4k {:+}; KVM page tables (SecPageTables) {}\n",
+                                  c.from, cpus.empty() ? "" : " (" + cpus + ")", c.eager_note,
+                                  stat_or_0(c.vm, "pages_2m"), stat_or_0(c.vm, "pages_1g"), stat_or_0(c.vm, "pages_4k"),
+                                  c.page_tables.summary());
+    for (const auto& [slot, why] : c.untracked)
+        out += fmt::format("  slot {} not logged: {}\n", slot, why);
+    return out;
 }
 
 }  // namespace

@@ -54,6 +54,9 @@ struct LoggingEnableCheck {
     std::string eager_note;           // eager_page_split as set / found
     bool eager_effective = false;     // eager_page_split=Y on the TDP MMU
     std::vector<dirty::SlotTiming> slots;
+    // Slots logging could not cover (guest_memfd: KVM refuses
+    // KVM_MEM_LOG_DIRTY_PAGES with KVM_MEM_GUEST_MEMFD), each with why.
+    std::vector<std::pair<uint32_t, std::string>> untracked;
     StatDelta vm;                     // pages_4k / pages_2m / pages_1g over the enable
     numa::NodeKibDelta page_tables;   // SecPageTables per host node over the enable
 };
