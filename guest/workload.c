@@ -171,6 +171,22 @@ static inline void write_page(uint64_t *page, uint32_t fill, uint32_t fill_qword
     *(volatile uint64_t *)page = stamp;
 }
 
+/* After pass `gen`'s loop: if it visited everything, it is complete (and the
+ * first pass's end is where the warm rate starts); nonzero when --passes is
+ * reached. */
+static inline int end_of_pass(const struct mvm_boot_params *bp, struct mvm_mailbox *mb, uint64_t gen,
+                              uint64_t visits, uint64_t written)
+{
+    if (mb->cursor != visits)
+        return 0;
+    mb->passes = gen;
+    if (gen == 1) {
+        mb->warm_pages = written;
+        mb->warm_tsc = rdtsc();
+    }
+    return bp->max_passes && gen >= bp->max_passes;
+}
+
 __attribute__((noreturn, used, section(".text.user")))
 void user_entry(const struct mvm_boot_params *bp, const struct mvm_vcpu_params *vp,
                 struct mvm_mailbox *mb)
@@ -237,15 +253,8 @@ void user_entry(const struct mvm_boot_params *bp, const struct mvm_vcpu_params *
             mb->pages_read = read;
             pace_batch(mb, &wd, vcpu, batch_start, &deadline);
         }
-        if (mb->cursor == visits) {
-            mb->passes = gen;
-            if (gen == 1) {
-                mb->warm_pages = written;
-                mb->warm_tsc = rdtsc();
-            }
-            if (bp->max_passes && gen >= bp->max_passes)
-                break;
-        }
+        if (end_of_pass(bp, mb, gen, visits, written))
+            break;
     }
     mb->read_sink = sink;
     mb->pages_written = written;

@@ -91,6 +91,7 @@ private:
     void drop_locked(const std::string& peer, const std::string& why);  // mu_ held
     void expire_sessions();
     void stop_all();
+    void accept_one(int ls);
 
     const AdmitOptions& opt_;
     int wake_[2] = {-1, -1};  // a worker that completes a session wakes the accept loop
@@ -275,6 +276,37 @@ void Admission::stop_all()
     conns_.clear();  // joins the workers, closes the main thread's copies
 }
 
+// Takes one connection from `ls` and starts its admission worker, or drops it.
+void Admission::accept_one(int ls)
+{
+    sockaddr_storage addr{};
+    socklen_t len = sizeof(addr);
+    const int fd = ::accept4(ls, reinterpret_cast<sockaddr*>(&addr), &len, SOCK_CLOEXEC);
+    if (fd < 0) {
+        if (errno == EINTR || errno == EAGAIN || errno == ECONNABORTED)
+            return;
+        throw SysError("accept", errno);
+    }
+    const std::string peer = address_of(addr);
+    if (conns_.size() >= opt_.max_pending) {
+        ::close(fd);
+        drop(peer, fmt::format("{} connections are being admitted already", conns_.size()));
+        return;
+    }
+    const int mine = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (mine < 0) {
+        ::close(fd);
+        drop(peer, fmt::format("dup: {}", errno_text(errno)));
+        return;
+    }
+    auto c = std::make_unique<Conn>();
+    c->fd = fd;
+    c->peer = peer;
+    Conn& ref = *c;
+    c->worker = std::thread([this, &ref, mine] { work(ref, mine); });
+    conns_.push_back(std::move(c));
+}
+
 Admitted Admission::run(int ls)
 {
     if (::pipe2(wake_, O_CLOEXEC | O_NONBLOCK) != 0)
@@ -304,34 +336,8 @@ Admitted Admission::run(int ls)
             else
                 ++it;
         expire_sessions();
-        if (rc <= 0)
-            continue;
-        sockaddr_storage addr{};
-        socklen_t len = sizeof(addr);
-        const int fd = ::accept4(ls, reinterpret_cast<sockaddr*>(&addr), &len, SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno == EINTR || errno == EAGAIN || errno == ECONNABORTED)
-                continue;
-            throw SysError("accept", errno);
-        }
-        const std::string peer = address_of(addr);
-        if (conns_.size() >= opt_.max_pending) {
-            ::close(fd);
-            drop(peer, fmt::format("{} connections are being admitted already", conns_.size()));
-            continue;
-        }
-        const int mine = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
-        if (mine < 0) {
-            ::close(fd);
-            drop(peer, fmt::format("dup: {}", errno_text(errno)));
-            continue;
-        }
-        auto c = std::make_unique<Conn>();
-        c->fd = fd;
-        c->peer = peer;
-        Conn& ref = *c;
-        c->worker = std::thread([this, &ref, mine] { work(ref, mine); });
-        conns_.push_back(std::move(c));
+        if (rc > 0)
+            accept_one(ls);
     }
     stop_all();
     std::lock_guard lk(mu_);

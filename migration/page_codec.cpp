@@ -252,6 +252,32 @@ struct PageDecoder::Impl {
         if (dctx)
             ZSTD_freeDCtx(dctx);
     }
+
+    // After the frame checked: each of the `n` pages of `index` lands (zero
+    // pages written as zeros, the others already in place or staged for
+    // `target`), and `landed` learns its hash.
+    void land(uint32_t n, const std::vector<uint64_t>& hashes, StressVm& m, const LandedFn& landed,
+              PageTarget* target) const
+    {
+        size_t j = 0;
+        for (uint32_t i = 0; i < n; i++) {
+            const uint64_t gpa = index[i] & ~(kPage - 1);
+            if (index[i] & kIndexZero) {
+                if (target)
+                    target->place(gpa, nullptr);
+                else
+                    std::memset(m.host_ptr(gpa, kPage), 0, kPage);
+                if (landed)
+                    landed(gpa, zero_page_hash());
+            } else {
+                if (target)
+                    target->place(gpa, dst[j]);
+                if (landed)
+                    landed(gpa, hashes[j]);
+                j++;
+            }
+        }
+    }
 };
 
 PageDecoder::PageDecoder() : d_(std::make_unique<Impl>()) {}
@@ -323,24 +349,7 @@ uint64_t PageDecoder::read(RecordReader& r, const FrameHead& f, StressVm& m, con
             hashes[i] = page_hash(d.dst[i]);
         }
     }
-    size_t j = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        const uint64_t gpa = d.index[i] & ~(kPage - 1);
-        if (d.index[i] & kIndexZero) {
-            if (target)
-                target->place(gpa, nullptr);
-            else
-                std::memset(m.host_ptr(gpa, kPage), 0, kPage);
-            if (landed)
-                landed(gpa, zero_page_hash());
-        } else {
-            if (target)
-                target->place(gpa, d.dst[j]);
-            if (landed)
-                landed(gpa, hashes[j]);
-            j++;
-        }
-    }
+    d.land(n, hashes, m, landed, target);
     counts_.pages += n;
     counts_.zero_pages += n - k;
     counts_.data_bytes += k * kPage;

@@ -146,6 +146,43 @@ GuestMmu guest_mmu()
     return m;
 }
 
+namespace {
+
+// Every hugetlb pool, global and per node, with the backing that uses it.
+nlohmann::json hugetlb_json()
+{
+    nlohmann::json pools = nlohmann::json::array();
+    for (const auto& p : hugetlb_pools())
+        pools.push_back({{"page_bytes", p.page_bytes},
+                         {"node", p.node},
+                         {"nr", p.nr},
+                         {"free", p.free},
+                         {"in_use", p.nr > p.free ? p.nr - p.free : 0},
+                         {"resv", p.resv},
+                         {"surplus", p.surplus},
+                         {"backing", p.page_bytes == (2ull << 20)   ? "hugetlb2m"
+                                     : p.page_bytes == (1ull << 30) ? "hugetlb1g"
+                                                                    : ""},
+                         {"sysfs", p.nr_path}});
+    return pools;
+}
+
+// The host's NUMA nodes and its numa_balancing setting.
+nlohmann::json numa_json()
+{
+    nlohmann::json nodes = nlohmann::json::array();
+    auto topo = numa::host_topology();
+    for (size_t i = 0; i < topo.nodes.size(); i++) {
+        const auto& n = topo.nodes[i];
+        nodes.push_back({{"node", n.id}, {"cpus", numa::format_cpu_list(n.cpus)}, {"mem_total_bytes", n.mem_total_bytes},
+                         {"mem_free_bytes", n.mem_free_bytes}, {"distances", topo.distance[i]}});
+    }
+    const std::string bal = read_line("/proc/sys/kernel/numa_balancing");
+    return {{"nodes", nodes}, {"numa_balancing", bal.empty() ? "unavailable" : bal}};
+}
+
+}  // namespace
+
 nlohmann::json host_info(const Kvm& kvm)
 {
     nlohmann::json j;
@@ -208,30 +245,8 @@ nlohmann::json host_info(const Kvm& kvm)
 
     j["thp"] = {{"enabled", bracketed(read_line("/sys/kernel/mm/transparent_hugepage/enabled"))},
                 {"defrag", bracketed(read_line("/sys/kernel/mm/transparent_hugepage/defrag"))}};
-    nlohmann::json pools = nlohmann::json::array();
-    for (const auto& p : hugetlb_pools())
-        pools.push_back({{"page_bytes", p.page_bytes},
-                         {"node", p.node},
-                         {"nr", p.nr},
-                         {"free", p.free},
-                         {"in_use", p.nr > p.free ? p.nr - p.free : 0},
-                         {"resv", p.resv},
-                         {"surplus", p.surplus},
-                         {"backing", p.page_bytes == (2ull << 20)   ? "hugetlb2m"
-                                     : p.page_bytes == (1ull << 30) ? "hugetlb1g"
-                                                                    : ""},
-                         {"sysfs", p.nr_path}});
-    j["hugetlb_pools"] = pools;
-    nlohmann::json nodes = nlohmann::json::array();
-    auto topo = numa::host_topology();
-    for (size_t i = 0; i < topo.nodes.size(); i++) {
-        const auto& n = topo.nodes[i];
-        nodes.push_back({{"node", n.id}, {"cpus", numa::format_cpu_list(n.cpus)}, {"mem_total_bytes", n.mem_total_bytes},
-                         {"mem_free_bytes", n.mem_free_bytes}, {"distances", topo.distance[i]}});
-    }
-    j["numa"]["nodes"] = nodes;
-    std::string bal = read_line("/proc/sys/kernel/numa_balancing");
-    j["numa"]["numa_balancing"] = bal.empty() ? "unavailable" : bal;
+    j["hugetlb_pools"] = hugetlb_json();
+    j["numa"] = numa_json();
     return j;
 }
 

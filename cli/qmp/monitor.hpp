@@ -103,6 +103,8 @@ private:
     json migrate_start_postcopy();
     json query_migrate() const;
     json source_migration_info() const;
+    void live_migration_info(json& j) const;
+    void finished_migration_info(json& j, const migration::MigrateReport& r) const;
     json destination_migration_info() const;
     json set_parameters(const json& args);
     json query_parameters() const;

@@ -65,6 +65,33 @@ int64_t first_difference(const uint8_t* p8, const uint64_t* want, const uint64_t
     return -1;
 }
 
+// Which of the `n` pages pass G has visited after `C` visits, and (in
+// `in_flight`) which one it was about to write: the vCPU may have stopped
+// between the stamp and the cursor store. Empty for G = 0 (no pass begun).
+std::vector<uint8_t> visited_pages(const mvm_boot_params& bp, uint32_t v, uint64_t G, uint64_t C, uint64_t n,
+                                   uint64_t visits, uint64_t& in_flight)
+{
+    std::vector<uint8_t> visited(G ? n : 0, 0);
+    in_flight = ~0ull;
+    if (!G)
+        return visited;
+    mvm_perm perm = mvm_perm_for(bp.seed, v, G, n);
+    auto idx_of = [&](uint64_t i) { return bp.pattern == MVM_PATTERN_RANDOM ? mvm_perm_apply(&perm, i) : i; };
+    for (uint64_t i = 0; i < C; i++) {
+        uint64_t idx = idx_of(i);
+        if (idx < n)
+            visited[idx] = 1;
+    }
+    for (uint64_t i = C; i < visits; i++) {
+        uint64_t idx = idx_of(i);
+        if (idx < n) {
+            in_flight = idx;
+            break;
+        }
+    }
+    return visited;
+}
+
 }  // namespace
 
 void verify_vcpu_stamps(const mvm_boot_params& bp, const mvm_vcpu_params& vp, WorkloadProgress p, const PageReader& page,
@@ -87,26 +114,8 @@ void verify_vcpu_stamps(const mvm_boot_params& bp, const mvm_vcpu_params& vp, Wo
     else if (C >= visits)
         C = 0;
 
-    // Which pages pass G has visited, and which one it was about to write
-    // (the vCPU may have stopped between the stamp and the cursor store).
-    std::vector<uint8_t> visited(G ? n : 0, 0);
     uint64_t in_flight = ~0ull;
-    if (G) {
-        mvm_perm perm = mvm_perm_for(bp.seed, v, G, n);
-        auto idx_of = [&](uint64_t i) { return bp.pattern == MVM_PATTERN_RANDOM ? mvm_perm_apply(&perm, i) : i; };
-        for (uint64_t i = 0; i < C; i++) {
-            uint64_t idx = idx_of(i);
-            if (idx < n)
-                visited[idx] = 1;
-        }
-        for (uint64_t i = C; i < visits; i++) {
-            uint64_t idx = idx_of(i);
-            if (idx < n) {
-                in_flight = idx;
-                break;
-            }
-        }
-    }
+    const std::vector<uint8_t> visited = visited_pages(bp, v, G, C, n, visits, in_flight);
 
     auto last_write_before = [&](uint64_t idx, uint64_t g) -> uint64_t {
         if (bp.write_pct == 0)

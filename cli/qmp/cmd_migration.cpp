@@ -1,0 +1,364 @@
+// QMP migration on the source (QEMU qapi/migration.json): migrate, migrate_cancel,
+// migrate-start-postcopy, query-migrate while it runs and after.
+#include "cli/qmp/monitor_impl.hpp"
+
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <ctime>
+#include <iterator>
+#include <fmt/format.h>
+
+#include "base/error.hpp"
+#include "base/stop_signal.hpp"
+#include "memory/backing.hpp"
+#include "migration/transport/tcp.hpp"
+#include "numa/placement.hpp"
+#include "numa/policy.hpp"
+
+namespace mvm::qmp {
+
+using migration::Phase;
+
+migration::MigrateOptions Monitor::options_from_params(const std::string& uri) const
+{
+    const Params& p = *params_;
+    migration::MigrateOptions o;
+    o.to = uri;
+    o.tracker = tracker_->mode();
+    o.max_downtime_ms = p.downtime_limit_ms;
+    o.max_iterations = p.max_iterations;
+    o.timeout_s = p.timeout_s;
+    o.bandwidth = p.max_bandwidth;
+    o.verify = p.verify;
+    o.post_run_s = p.post_run_s;
+    o.channels = caps_->multifd ? p.multifd_channels : p.channels;
+    o.compress = p.compression;
+    o.throttle_initial = p.throttle_initial;
+    o.throttle_increment = p.throttle_increment;
+    o.throttle_max = p.throttle_max;
+    if (caps_->auto_converge)
+        o.throttle = migration::Throttle::AutoConverge;
+    if (caps_->dirty_limit) {
+        o.throttle = migration::Throttle::DirtyLimit;
+        o.dirty_limit = p.dirty_limit_pages;
+    }
+    // QEMU's postcopy-ram: postcopy is possible, and starts only when
+    // migrate-start-postcopy asks for it.
+    o.postcopy = caps_->postcopy_ram;
+    o.postcopy_on_request = true;
+    return o;
+}
+
+json Monitor::migrate_cmd(const json& args)
+{
+    Args a(args, {"uri", "channels", "detach", "resume", "blk", "inc"});
+    if (role_ == Role::Destination)
+        throw QmpError("migrate: this is a destination (minivmm receive); migrate from the source");
+    if (a.has("channels"))
+        throw QmpError("migrate: the 'channels' form of the address is not supported; use 'uri': 'tcp:HOST:PORT'");
+    if (a.boolean_or("resume", false))
+        throw QmpError("migrate: resume is for a paused postcopy migration; minivmm does not recover one (a postcopy "
+                       "that broke off loses the guest: README \"Postcopy\")");
+    if (a.boolean_or("blk", false) || a.boolean_or("inc", false))
+        throw QmpError("migrate: block migration is not supported (minivmm's guest has no disks)");
+    const std::string uri = a.str("uri");
+    if (uri.rfind("tcp:", 0) != 0)
+        throw QmpError(fmt::format("migrate: uri '{}' is not supported; minivmm migrates over tcp:HOST:PORT", uri));
+    try {
+        migration::parse_tcp("uri", uri);
+    } catch (const std::exception& e) {
+        throw QmpError(fmt::format("migrate: {}", e.what()));
+    }
+    migration::MigrateOptions o;
+    {
+        std::lock_guard lk(mu_);
+        o = options_from_params(uri);
+    }
+    start_migration(o);
+    return json::object();
+}
+
+void Monitor::start_migration(const migration::MigrateOptions& o)
+{
+    if (!tracker_)
+        throw QmpError("migrate: this command's guest cannot be migrated");
+    if (!migrating_.load())
+        join_migration();  // the previous one, finished (its thread may still be saying so)
+    std::lock_guard lk(mu_);
+    if (migrating_.load())
+        throw QmpError("There's a migration process in progress");
+    if (run_state_ == "postmigrate")
+        throw QmpError("migrate: the guest was migrated away already; this source is parked for good");
+    if (paused_)
+        throw QmpError("migrate: the guest is stopped; cont first (minivmm migrates a running guest)");
+    if (rate_->status == "measuring" && rate_->mode != "page-sampling")
+        throw QmpError("migrate: calc-dirty-rate is logging dirty pages; wait for query-dirty-rate to say measured");
+    if (migration_thread_.joinable())
+        throw QmpError("There's a migration process in progress");  // finishing, right now
+    migration::SenderEvents ev;
+    ev.on_phase = [this](Phase p) {
+        if (p == Phase::Stop)
+            set_run_state("finish-migrate");
+        if (p != Phase::Done)
+            set_status(status_of(p));
+    };
+    ev.on_sync = [this](uint64_t n) {
+        bool events;
+        {
+            std::lock_guard lk2(mu_);
+            events = caps_->events;
+        }
+        if (events)
+            server_.emit("MIGRATION_PASS", {{"pass", n}});
+    };
+    ev.on_source = [this](bool running) {
+        set_run_state(running ? "running" : "finish-migrate");
+        server_.emit(running ? "RESUME" : "STOP");
+    };
+    // The Sender's constructor opens nothing (setup() connects): a bad
+    // address is found on the migration's thread and reported as failed.
+    sender_ = std::make_unique<migration::Sender>(vm_, *tracker_, o, &g_stop_signal, hooks_, std::move(ev));
+    rates_ = Rates{};
+    last_.reset();
+    cancelling_ = false;
+    status_ = "setup";
+    migrating_ = true;
+    migration_thread_ = std::thread([this] {
+        migration::run_phases(*sender_);
+        migration::MigrateReport r = sender_->report();
+        const bool completed = r.status == "completed";
+        {
+            std::lock_guard lk2(mu_);
+            finished_.push_back(r);
+            last_ = r;
+            if (completed) {
+                handed_over_ = true;
+                run_state_ = "postmigrate";
+            } else if (r.source_state == "parked") {
+                run_state_ = "postmigrate";  // lost after the switchover: parked, not resumed
+                handed_over_ = true;
+            } else {
+                run_state_ = "running";
+            }
+            migrating_ = false;
+        }
+        set_status(r.status);  // completed | failed | cancelled
+        cv_.notify_all();
+    });
+    // The first MIGRATION event: setup.
+    bool events = caps_->events;
+    if (events)
+        server_.emit("MIGRATION", {{"status", "setup"}});
+}
+
+void Monitor::set_status(const std::string& status)
+{
+    bool changed, events;
+    {
+        std::lock_guard lk(mu_);
+        std::string s = status;
+        if (cancelling_ && (s == "active" || s == "device" || s == "setup"))
+            s = "cancelling";
+        changed = s != status_;
+        status_ = s;
+        events = caps_->events;
+        if (changed && events)
+            server_.emit("MIGRATION", {{"status", s}});
+    }
+}
+
+std::optional<migration::MigrateReport> Monitor::wait_migration()
+{
+    std::unique_lock lk(mu_);
+    cv_.wait(lk, [this] { return !migrating_.load(); });
+    lk.unlock();
+    join_migration();
+    std::lock_guard lk2(mu_);
+    return last_;
+}
+
+void Monitor::join_migration()
+{
+    std::thread t;
+    {
+        std::lock_guard lk(mu_);
+        if (!migration_thread_.joinable())
+            return;
+        t = std::move(migration_thread_);
+    }
+    t.join();
+}
+
+std::vector<migration::MigrateReport> Monitor::finished_migrations() const
+{
+    std::lock_guard lk(mu_);
+    return finished_;
+}
+
+bool Monitor::migration_active() const { return migrating_.load(); }
+
+json Monitor::migrate_cancel()
+{
+    std::lock_guard lk(mu_);
+    if (role_ == Role::Destination)
+        throw QmpError("migrate_cancel: this is a destination; cancel on the source (the receive then ends)");
+    if (!migrating_.load() || !sender_)
+        return json::object();  // QEMU: nothing to cancel is not an error
+    cancelling_ = true;
+    sender_->cancel();
+    if (status_ != "cancelling") {
+        status_ = "cancelling";
+        if (caps_->events)
+            server_.emit("MIGRATION", {{"status", "cancelling"}});
+    }
+    return json::object();
+}
+
+// QEMU's migrate-start-postcopy: the next pre-copy round switches to postcopy.
+json Monitor::migrate_start_postcopy()
+{
+    std::lock_guard lk(mu_);
+    if (role_ == Role::Destination)
+        throw QmpError("migrate-start-postcopy: this is a destination; start postcopy on the source");
+    if (!caps_->postcopy_ram)
+        throw QmpError("Enable postcopy with migrate-set-capabilities before the start of migration");
+    if (!migrating_.load() || !sender_)
+        throw QmpError("Postcopy must be started after migration has been started");
+    sender_->start_postcopy();
+    return json::object();
+}
+
+// query-migrate's mbps and pages-per-second while a migration runs. QEMU
+// computes them over its last 100 ms (migration_update_counters, every
+// BUFFER_DELAY); minivmm's sent counters move by whole batches (up to 1 MiB
+// per channel), so a 100 ms window would read 0 or a burst at a paced
+// bandwidth: these are over the last second instead (from the first 100 ms on).
+void Monitor::tick()
+{
+    std::lock_guard lk(mu_);
+    if (!migrating_.load() || !sender_)
+        return;
+    const migration::LiveFigures l = sender_->live();
+    auto& w = rates_.window;
+    w.push_back({l.elapsed_ms, l.transferred_bytes, l.sent_pages});
+    while (w.size() > 2 && l.elapsed_ms - w[1].t_ms >= 1000)
+        w.pop_front();
+    const double s = (w.back().t_ms - w.front().t_ms) / 1e3;
+    if (s >= 0.09) {
+        rates_.mbps = static_cast<double>(w.back().bytes - w.front().bytes) * 8 / 1e6 / s;
+        rates_.pages_per_s = static_cast<double>(w.back().pages - w.front().pages) / s;
+    }
+}
+
+json Monitor::query_migrate() const
+{
+    return role_ == Role::Source ? source_migration_info() : destination_migration_info();
+}
+
+json Monitor::source_migration_info() const
+{
+    std::lock_guard lk(mu_);
+    if (status_.empty())
+        return json::object();  // no migration yet: QEMU answers {}
+    json j;
+    j["status"] = status_;
+    if (migrating_.load() && sender_)
+        live_migration_info(j);
+    else if (last_)
+        finished_migration_info(j, *last_);
+    return j;
+}
+
+// While it runs: the Sender's live figures (under mu_).
+void Monitor::live_migration_info(json& j) const
+{
+    const uint32_t ring_entries = vm_.config().dirty_ring_bytes / 16;
+    {
+        const migration::LiveFigures l = sender_->live();
+        const uint64_t normal = l.sent_pages - std::min(l.sent_pages, l.zero_pages);
+        j["total-time"] = ms(l.elapsed_ms);
+        if (l.setup_ms >= 0)
+            j["setup-time"] = ms(l.setup_ms);
+        j["expected-downtime"] = ms(l.expected_downtime_ms);
+        j["ram"] = {{"transferred", l.transferred_bytes},
+                    {"remaining", l.remaining_pages * 4096},
+                    {"total", l.total_bytes},
+                    {"duplicate", l.zero_pages},
+                    {"normal", normal},
+                    {"normal-bytes", normal * 4096},
+                    {"dirty-pages-rate", static_cast<int64_t>(l.dirty_rate)},
+                    {"mbps", rates_.mbps},
+                    {"dirty-sync-count", l.dirty_syncs},
+                    {"postcopy-requests", 0},
+                    {"page-size", 4096},
+                    {"multifd-bytes", caps_->multifd ? l.transferred_bytes : 0},
+                    {"pages-per-second", static_cast<uint64_t>(rates_.pages_per_s)},
+                    {"precopy-bytes", l.precopy_bytes},
+                    {"downtime-bytes", l.downtime_bytes},
+                    {"postcopy-bytes", 0},
+                    {"dirty-sync-missed-zero-copy", 0}};
+        if (caps_->auto_converge)
+            j["cpu-throttle-percentage"] = l.throttle_pct;
+        if (caps_->dirty_limit && ring_entries && l.dirty_rate > 0) {
+            // QEMU's estimate: how long a vCPU's ring takes to fill at the
+            // current rate (per vCPU), and the idle the cap adds per fill.
+            const double per_vcpu = l.dirty_rate / std::max<uint32_t>(1, vm_.vcpu_count());
+            const double full_us = ring_entries / per_vcpu * 1e6;
+            j["dirty-limit-ring-full-time"] = static_cast<uint64_t>(full_us);
+            const double capped_us = l.dirty_limit ? ring_entries / static_cast<double>(l.dirty_limit) * 1e6 : 0;
+            j["dirty-limit-throttle-time-per-round"] = static_cast<uint64_t>(std::max(0.0, capped_us - full_us));
+        }
+        j["x-minivmm-phase"] = migration::phase_name(l.phase);
+        j["x-minivmm-rounds"] = l.rounds;
+    }
+}
+
+// After it ended: the last report's figures (under mu_).
+void Monitor::finished_migration_info(json& j, const migration::MigrateReport& r) const
+{
+    const uint64_t normal = r.pages - std::min(r.pages, r.zero_pages);
+    j["total-time"] = ms(r.total_ms);
+    j["setup-time"] = ms(r.setup_ms);
+    if (r.status == "completed")
+        j["downtime"] = ms(r.downtime_ms);
+    else
+        j["error-desc"] = r.error;
+    j["expected-downtime"] = ms(r.expected_downtime_ms);
+    j["ram"] = {{"transferred", r.transferred_bytes},
+                {"remaining", r.status == "completed" ? 0 : r.remaining_bytes},  // the report's is the stop set
+                {"total", sender_ ? sender_->live().total_bytes : 0},
+                {"duplicate", r.zero_pages},
+                {"normal", normal},
+                {"normal-bytes", normal * 4096},
+                {"dirty-pages-rate", static_cast<int64_t>(r.rounds.empty() ? 0 : r.rounds.back().dirty_rate)},
+                {"mbps", r.mbps},
+                {"dirty-sync-count", r.dirty_syncs},
+                {"postcopy-requests", r.postcopy.requests},
+                {"page-size", 4096},
+                {"multifd-bytes", caps_->multifd ? r.transferred_bytes : 0},
+                {"pages-per-second", static_cast<uint64_t>(r.pages_per_second)},
+                {"precopy-bytes", r.precopy_bytes},
+                {"downtime-bytes", r.downtime_bytes},
+                {"postcopy-bytes", r.postcopy.bytes},
+                {"dirty-sync-missed-zero-copy", 0}};
+    if (caps_->auto_converge && !r.rounds.empty())
+        j["cpu-throttle-percentage"] = r.rounds.back().throttle_pct;
+    j["x-minivmm-phase"] = r.status == "completed" ? "done" : r.phase;
+    j["x-minivmm-rounds"] = r.rounds.size();
+    j["x-minivmm-source-state"] = r.source_state;
+    j["x-minivmm-destination-state"] = r.destination_state;
+    j["x-minivmm-verification"] = {{"verified", r.verified},
+                                   {"switchover_pages_checked", r.switchover_pages_checked},
+                                   {"switchover_mismatches", r.switchover_mismatches},
+                                   {"stamp_pages_checked", r.pages_checked},
+                                   {"stamp_mismatches", r.mismatches}};
+    if (r.downtime_guest_ms >= 0)
+        j["x-minivmm-downtime-guest-ms"] = r.downtime_guest_ms;
+    j["x-minivmm-vcpu-stall-ms"] = r.vcpu_stall_ms;  // longest no-progress gap per vCPU during pre-copy
+}
+
+}  // namespace mvm::qmp

@@ -1,0 +1,168 @@
+// QMP migration on the destination (QEMU qapi/migration.json): migrate-incoming,
+// the receive phases as statuses and events, query-migrate there.
+#include "cli/qmp/monitor_impl.hpp"
+
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <ctime>
+#include <iterator>
+#include <fmt/format.h>
+
+#include "base/error.hpp"
+#include "base/stop_signal.hpp"
+#include "memory/backing.hpp"
+#include "migration/transport/tcp.hpp"
+#include "numa/placement.hpp"
+#include "numa/policy.hpp"
+
+namespace mvm::qmp {
+
+using migration::Phase;
+
+json Monitor::migrate_incoming(const json& args)
+{
+    Args a(args, {"uri", "channels", "exit-on-error"});
+    if (role_ == Role::Source)
+        throw QmpError("migrate-incoming: this is a source; start the destination with minivmm receive --listen defer");
+    if (a.has("channels"))
+        throw QmpError("migrate-incoming: the 'channels' form is not supported; use 'uri': 'tcp:ADDR:PORT'");
+    const std::string uri = a.str("uri");
+    std::lock_guard lk(mu_);
+    if (incoming_started_ || !incoming_uri_.empty())
+        throw QmpError("The incoming migration has already been started");
+    if (uri.rfind("tcp:", 0) != 0)
+        throw QmpError(fmt::format("migrate-incoming: uri '{}' is not supported; use tcp:ADDR:PORT", uri));
+    try {
+        ::close(migration::bind_listener(uri));  // bindable now (receive binds it again at once)
+    } catch (const std::exception& e) {
+        throw QmpError(fmt::format("migrate-incoming: {}", e.what()));
+    }
+    incoming_uri_ = uri;
+    cv_.notify_all();
+    return json::object();
+}
+
+std::string Monitor::wait_incoming(double timeout_s)
+{
+    std::unique_lock lk(mu_);
+    const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+    while (incoming_uri_.empty() && !quit_.load() && !g_stop_signal.load() &&
+           std::chrono::steady_clock::now() < until)
+        cv_.wait_for(lk, std::chrono::milliseconds(100));
+    return incoming_uri_;
+}
+
+void Monitor::incoming_started(const std::string& listen)
+{
+    std::lock_guard lk(mu_);
+    incoming_started_ = true;
+    incoming_uri_ = listen;
+    incoming_phase_ = "listening";
+    status_ = "setup";
+    if (caps_->events)
+        server_.emit("MIGRATION", {{"status", "setup"}});
+}
+
+migration::PostcopyHook Monitor::incoming_postcopy_hook()
+{
+    return [this](const migration::PostcopyDestinationFigures& f) {
+        std::lock_guard lk(mu_);
+        incoming_postcopy_ = f;
+    };
+}
+
+migration::PhaseHook Monitor::incoming_hook()
+{
+    return [this](const char* p) {
+        const std::string phase = p;
+        bool resumed = false, stopped = false;
+        {
+            std::lock_guard lk(mu_);
+            if (phase == incoming_phase_)
+                return;
+            incoming_phase_ = phase;
+            if (status_ == "setup" && (phase == "bulk" || phase == "precopy" || phase == "stop")) {
+                status_ = "active";
+                if (caps_->events)
+                    server_.emit("MIGRATION", {{"status", "active"}});
+            }
+            if (status_ == "active" && phase == "postcopy") {
+                status_ = "postcopy-active";
+                if (caps_->events)
+                    server_.emit("MIGRATION", {{"status", "postcopy-active"}});
+            }
+            if (phase == "running") {
+                run_state_ = "running";
+                resumed = true;
+            }
+            if (phase == "stopped") {
+                run_state_ = "shutdown";
+                stopped = true;
+            }
+        }
+        if (resumed)
+            server_.emit("RESUME");
+        if (stopped)
+            server_.emit("STOP");
+    };
+}
+
+void Monitor::incoming_done(const migration::ReceiveReport& r)
+{
+    std::lock_guard lk(mu_);
+    received_ = r;
+    if (r.status != "completed")
+        run_state_ = r.guest == "never started" ? "inmigrate" : "shutdown";
+    status_ = r.status == "completed" ? "completed" : "failed";
+    if (caps_->events)
+        server_.emit("MIGRATION", {{"status", status_}});
+    cv_.notify_all();
+}
+
+json Monitor::destination_migration_info() const
+{
+    std::lock_guard lk(mu_);
+    if (status_.empty())
+        return json::object();
+    json j = {{"status", status_}};
+    j["x-minivmm-phase"] = incoming_phase_;
+    j["x-minivmm-listen"] = incoming_uri_;
+    if (received_) {
+        const migration::ReceiveReport& r = *received_;
+        j["total-time"] = ms(r.total_ms);
+        if (r.status != "completed")
+            j["error-desc"] = r.error;
+        j["x-minivmm-received"] = {{"pages", r.pages}, {"zero_pages", r.zero_pages}, {"bytes", r.bytes}};
+        j["x-minivmm-verification"] = {{"verified", r.verified},
+                                       {"switchover_pages_checked", r.verify_pages_checked},
+                                       {"switchover_mismatches", r.verify_mismatches},
+                                       {"stamp_pages_checked", r.pages_checked},
+                                       {"stamp_mismatches", r.mismatches}};
+        j["x-minivmm-guest"] = r.guest;
+    }
+    {
+        if (incoming_postcopy_ && caps_->postcopy_blocktime) {
+            // QEMU's destination figures (postcopy-blocktime capability; the
+            // latency ones as QEMU 10.1 added them), once every page is here.
+            const migration::PostcopyDestinationFigures& f = *incoming_postcopy_;
+            std::vector<uint64_t> vb, vl;
+            for (double b : f.vcpu_blocktime_ms)
+                vb.push_back(static_cast<uint64_t>(std::llround(b)));
+            for (double l : f.vcpu_latency_ns)
+                vl.push_back(static_cast<uint64_t>(std::llround(l)));
+            j["postcopy-blocktime"] = ms(f.blocktime_ms);
+            j["postcopy-vcpu-blocktime"] = vb;
+            j["postcopy-latency"] = static_cast<uint64_t>(std::llround(f.latency_ns));
+            j["postcopy-vcpu-latency"] = vl;
+            j["postcopy-non-vcpu-latency"] = static_cast<uint64_t>(std::llround(f.non_vcpu_latency_ns));
+            j["postcopy-latency-dist"] = f.latency_dist;
+        }
+    }
+    return j;
+}
+
+}  // namespace mvm::qmp

@@ -1,0 +1,203 @@
+// QMP migration parameters and capabilities (QEMU qapi/migration.json):
+// migrate-set-parameters, query-migrate-parameters, migrate-set-capabilities,
+// query-migrate-capabilities.
+#include "cli/qmp/monitor_impl.hpp"
+
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <ctime>
+#include <iterator>
+#include <fmt/format.h>
+
+#include "base/error.hpp"
+#include "base/stop_signal.hpp"
+#include "memory/backing.hpp"
+#include "migration/transport/tcp.hpp"
+#include "numa/placement.hpp"
+#include "numa/policy.hpp"
+
+namespace mvm::qmp {
+
+using migration::Phase;
+
+namespace {
+
+// Every capability QEMU 9.2 knows; minivmm implements the first six.
+const char* const kSupportedCaps[] = {"auto-converge", "dirty-limit", "multifd", "events", "postcopy-ram",
+                                      "postcopy-blocktime"};
+const char* const kOtherCaps[] = {"xbzrle",           "rdma-pin-all",       "zero-blocks",
+                                  "x-colo",           "release-ram",        "return-path",      "pause-before-switchover",
+                                  "dirty-bitmaps",    "late-block-activate", "x-ignore-shared",
+                                  "validate-uuid",    "background-snapshot", "zero-copy-send",  "postcopy-preempt",
+                                  "switchover-ack",   "mapped-ram"};
+// QEMU parameters minivmm does not implement (setting one is an error naming it).
+const char* const kOtherParams[] = {
+    "announce-initial", "announce-max",     "announce-rounds",     "announce-step",     "throttle-trigger-threshold",
+    "cpu-throttle-tailslow", "tls-creds",   "tls-hostname",        "tls-authz",         "avail-switchover-bandwidth",
+    "x-checkpoint-delay", "xbzrle-cache-size", "max-postcopy-bandwidth", "multifd-zlib-level", "multifd-qatzip-level",
+    "block-bitmap-mapping", "x-vcpu-dirty-limit-period", "mode", "zero-page-detection", "direct-io"};
+
+// QEMU's MultiFDCompression: none or zstd here (true: zstd); QmpError else.
+bool multifd_zstd(const std::string& c)
+{
+    if (c == "none" || c == "zstd")
+        return c == "zstd";
+    if (c == "zlib" || c == "qpl" || c == "uadk" || c == "qatzip")
+        throw QmpError(fmt::format("Parameter 'multifd-compression': '{}' is not supported by minivmm; use none or zstd",
+                                   c));
+    throw QmpError(fmt::format("Parameter 'multifd-compression' does not accept value '{}'", c));
+}
+
+}  // namespace
+
+json Monitor::set_parameters(const json& args)
+{
+    static constexpr const char* known[] = {
+        "max-bandwidth",          "downtime-limit",   "multifd-channels", "multifd-compression",
+        "multifd-zstd-level",     "cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle",
+        "vcpu-dirty-limit",       "x-minivmm-max-iterations", "x-minivmm-timeout", "x-minivmm-verify",
+        "x-minivmm-post-run"};
+    if (!args.is_object())
+        throw QmpError("QMP input member 'arguments' must be an object");
+    for (const auto& item : args.items()) {
+        const std::string k = item.key();
+        if (std::find_if(std::begin(known), std::end(known), [&](const char* n) { return k == n; }) != std::end(known))
+            continue;
+        for (const char* o : kOtherParams)
+            if (k == o)
+                throw QmpError(fmt::format("Parameter '{}' is not supported by minivmm (README \"QMP\" lists the "
+                                           "parameters it takes)",
+                                           k));
+        throw QmpError(fmt::format("Parameter '{}' is unexpected", k));
+    }
+    // Check everything first, then apply: a bad member changes nothing.
+    Args a(args, known);
+    auto ranged = [&](const char* name, int64_t lo, int64_t hi) {
+        const int64_t v = a.integer(name);
+        if (v < lo || v > hi)
+            throw QmpError(fmt::format("Parameter '{}' expects {}", name,
+                                       hi == INT64_MAX ? fmt::format("an integer >= {}", lo)
+                                                       : fmt::format("an integer in [{}, {}]", lo, hi)));
+        return v;
+    };
+    std::lock_guard lk(mu_);
+    Params p = *params_;
+    if (a.has("max-bandwidth"))
+        p.max_bandwidth = static_cast<uint64_t>(ranged("max-bandwidth", 0, INT64_MAX));
+    if (a.has("downtime-limit"))
+        p.downtime_limit_ms = static_cast<double>(ranged("downtime-limit", 0, 2000000));
+    if (a.has("multifd-channels"))
+        p.multifd_channels = static_cast<uint32_t>(ranged("multifd-channels", 1, 64));
+    if (a.has("multifd-compression"))
+        p.compression.zstd = multifd_zstd(a.str("multifd-compression"));
+    if (a.has("multifd-zstd-level"))
+        p.compression.level = static_cast<int>(ranged("multifd-zstd-level", 0, 20));
+    if (a.has("cpu-throttle-initial"))
+        p.throttle_initial = static_cast<uint32_t>(ranged("cpu-throttle-initial", 1, 99));
+    if (a.has("cpu-throttle-increment"))
+        p.throttle_increment = static_cast<uint32_t>(ranged("cpu-throttle-increment", 1, 99));
+    if (a.has("max-cpu-throttle"))
+        p.throttle_max = static_cast<uint32_t>(ranged("max-cpu-throttle", 1, 99));
+    if (a.has("vcpu-dirty-limit"))
+        p.dirty_limit_pages = static_cast<uint64_t>(ranged("vcpu-dirty-limit", 1, 1 << 30)) * 256;
+    if (a.has("x-minivmm-max-iterations"))
+        p.max_iterations = static_cast<uint32_t>(ranged("x-minivmm-max-iterations", 1, 100000));
+    if (a.has("x-minivmm-timeout"))
+        p.timeout_s = static_cast<double>(ranged("x-minivmm-timeout", 1, 86400));
+    if (a.has("x-minivmm-verify"))
+        p.verify = a.boolean_or("x-minivmm-verify", true);
+    if (a.has("x-minivmm-post-run"))
+        p.post_run_s = static_cast<double>(ranged("x-minivmm-post-run", 0, 3600));
+    if (p.compression.zstd && p.compression.level == 0)
+        p.compression.level = 1;
+    *params_ = p;
+    // A migration in flight takes the bandwidth and the downtime limit at
+    // its next send batch / round; the others apply to the next migration.
+    if (migrating_.load() && sender_) {
+        if (a.has("max-bandwidth"))
+            sender_->set_bandwidth(p.max_bandwidth);
+        if (a.has("downtime-limit"))
+            sender_->set_max_downtime_ms(p.downtime_limit_ms);
+    }
+    return json::object();
+}
+
+json Monitor::query_parameters() const
+{
+    std::lock_guard lk(mu_);
+    const Params& p = *params_;
+    return {{"max-bandwidth", p.max_bandwidth},
+            {"downtime-limit", ms(p.downtime_limit_ms)},
+            {"multifd-channels", p.multifd_channels},
+            {"multifd-compression", p.compression.zstd ? "zstd" : "none"},
+            {"multifd-zstd-level", p.compression.level},
+            {"cpu-throttle-initial", p.throttle_initial},
+            {"cpu-throttle-increment", p.throttle_increment},
+            {"max-cpu-throttle", p.throttle_max},
+            {"vcpu-dirty-limit", p.dirty_limit_pages / 256},
+            {"x-minivmm-channels", p.channels},
+            {"x-minivmm-max-iterations", p.max_iterations},
+            {"x-minivmm-timeout", ms(p.timeout_s)},
+            {"x-minivmm-verify", p.verify},
+            {"x-minivmm-post-run", ms(p.post_run_s)}};
+}
+
+json Monitor::set_capabilities(const json& args)
+{
+    Args a(args, {"capabilities"});
+    const json& list = a.array("capabilities");
+    std::lock_guard lk(mu_);
+    if (migrating_.load())
+        throw QmpError("There's a migration process in progress");
+    Capabilities c = *caps_;
+    for (const json& e : list) {
+        if (!e.is_object() || !e.contains("capability") || !e.contains("state") || !e["capability"].is_string() ||
+            !e["state"].is_boolean() || e.size() != 2)
+            throw QmpError("Parameter 'capabilities' expects a list of {\"capability\": NAME, \"state\": BOOL}");
+        const std::string name = e["capability"].get<std::string>();
+        const bool on = e["state"].get<bool>();
+        if (name == "auto-converge")
+            c.auto_converge = on;
+        else if (name == "dirty-limit")
+            c.dirty_limit = on;
+        else if (name == "multifd")
+            c.multifd = on;
+        else if (name == "events")
+            c.events = on;
+        else if (name == "postcopy-ram")
+            c.postcopy_ram = on;
+        else if (name == "postcopy-blocktime")
+            c.postcopy_blocktime = on;
+        else if (std::find_if(std::begin(kOtherCaps), std::end(kOtherCaps), [&](const char* n) { return name == n; }) !=
+                 std::end(kOtherCaps)) {
+            if (on)
+                throw QmpError(fmt::format("Capability '{}' is not supported by minivmm (README \"QMP\" lists the "
+                                           "capabilities it implements)",
+                                           name));
+        } else
+            throw QmpError(fmt::format("Parameter 'capability' does not accept value '{}'", name));
+    }
+    if (c.auto_converge && c.dirty_limit)
+        throw QmpError("dirty-limit and auto-converge are mutually exclusive: enable one of them");
+    *caps_ = c;
+    return json::object();
+}
+
+json Monitor::query_capabilities() const
+{
+    std::lock_guard lk(mu_);
+    json v = json::array();
+    const bool on[] = {caps_->auto_converge, caps_->dirty_limit, caps_->multifd,
+                       caps_->events,        caps_->postcopy_ram, caps_->postcopy_blocktime};
+    for (size_t i = 0; i < std::size(kSupportedCaps); i++)
+        v.push_back({{"capability", kSupportedCaps[i]}, {"state", on[i]}});
+    for (const char* n : kOtherCaps)
+        v.push_back({{"capability", n}, {"state", false}});
+    return v;
+}
+
+}  // namespace mvm::qmp
