@@ -256,9 +256,13 @@ TEST(PauseResume, AllVcpusParkAndProgressStopsThenResumes)
 TEST(Run, ReportHasStatsAndNativeExecution)
 {
     REQUIRE_KVM();
-    StressVm m(kvm, small_config(2, 64ull << 20));
+    // Two passes per vCPU, however long a busy machine takes (not 0.5 s,
+    // which a loaded host may spend on the first pass's faults alone).
+    MachineConfig c = small_config(2, 64ull << 20);
+    c.workload.max_passes = 2;
+    StressVm m(kvm, c);
     engines::RunOptions opt;
-    opt.duration_s = 0.5;
+    opt.duration_s = 0;
     engines::RunReport r = engines::run_workload(m, opt);
     ASSERT_FALSE(r.failure) << r.failure->reason;
     ASSERT_TRUE(r.stamps.has_value());
@@ -266,8 +270,8 @@ TEST(Run, ReportHasStatsAndNativeExecution)
     ASSERT_EQ(r.vcpus.size(), 2u);
     ASSERT_EQ(r.vcpu_stats.size(), 2u);
     for (uint32_t i = 0; i < 2; i++) {
-        EXPECT_GT(r.vcpus[i].pages_written, 0u);
-        EXPECT_GT(r.vcpus[i].passes, 0u);
+        EXPECT_EQ(r.vcpus[i].pages_written, 2u * 64 / 2 * 256);  // 2 passes over its 32 MiB
+        EXPECT_EQ(r.vcpus[i].passes, 2u);
         // The workload runs natively: a handful of emulated instructions for
         // the whole run (entry, doorbell), not one per page or per pass.
         auto it = r.vcpu_stats[i].find("insn_emulation");
@@ -281,7 +285,7 @@ TEST(Run, ReportHasStatsAndNativeExecution)
         EXPECT_TRUE(j["vcpus"][0].contains(k)) << k;
     EXPECT_TRUE(j["kvm_stats"].contains("vm"));
     EXPECT_EQ(j["kvm_stats"]["vcpus"].size(), 2u);
-    EXPECT_GT(j["duration_s"].get<double>(), 0.4);
+    EXPECT_GT(j["duration_s"].get<double>(), 0.0);
 }
 
 // --rate caps each vCPU's pages/s (the guest paces itself against the TSC).

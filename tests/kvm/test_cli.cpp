@@ -2,6 +2,8 @@
 // test_bad_input.cpp).
 #include <gtest/gtest.h>
 
+#include <filesystem>
+
 #include <iostream>
 
 #include <fmt/format.h>
@@ -188,7 +190,20 @@ TEST(Cli, SigintStopsCleanlyAndStillReports)
         _exit(127);
     }
     close(out[1]);
-    std::this_thread::sleep_for(std::chrono::milliseconds(800));
+    // Ready when its vCPU threads run (named vcpuN), not after a fixed sleep:
+    // a busy machine may take longer to boot the guest than any guess.
+    auto vcpus_running = [pid] {
+        std::error_code ec;
+        int n = 0;
+        for (const auto& t : std::filesystem::directory_iterator(fmt::format("/proc/{}/task", pid), ec))
+            n += mvm::test::read_file(t.path().string() + "/comm").rfind("vcpu", 0) == 0;
+        return n == 2;
+    };
+    const auto ready_by = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (!vcpus_running() && std::chrono::steady_clock::now() < ready_by)
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    ASSERT_TRUE(vcpus_running()) << "minivmm run did not start its 2 vCPU threads within 30 s";
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));  // a few guest batches
     auto t0 = std::chrono::steady_clock::now();
     kill(pid, SIGINT);
     std::string text;
