@@ -7,7 +7,7 @@
 
 namespace mvm {
 
-// Process exit codes (documented in README.md).
+// Process exit codes (documented in docs/exit-codes.md).
 enum ExitCode : int {
     kExitOk = 0,
     kExitFailure = 1,      // runtime failure: a KVM call, a guest exception, ...

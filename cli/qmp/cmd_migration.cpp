@@ -62,7 +62,7 @@ json Monitor::migrate_cmd(const json& args)
         throw QmpError("migrate: the 'channels' form of the address is not supported; use 'uri': 'tcp:HOST:PORT'");
     if (a.boolean_or("resume", false))
         throw QmpError("migrate: resume is for a paused postcopy migration; minivmm does not recover one (a postcopy "
-                       "that broke off loses the guest: README \"Postcopy\")");
+                       "that broke off loses the guest: docs/postcopy.md)");
     if (a.boolean_or("blk", false) || a.boolean_or("inc", false))
         throw QmpError("migrate: block migration is not supported (minivmm's guest has no disks)");
     const std::string uri = a.str("uri");

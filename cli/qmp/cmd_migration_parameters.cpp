@@ -69,7 +69,7 @@ json Monitor::set_parameters(const json& args)
             continue;
         for (const char* o : kOtherParams)
             if (k == o)
-                throw QmpError(fmt::format("Parameter '{}' is not supported by minivmm (README \"QMP\" lists the "
+                throw QmpError(fmt::format("Parameter '{}' is not supported by minivmm (docs/qmp.md lists the "
                                            "parameters it takes)",
                                            k));
         throw QmpError(fmt::format("Parameter '{}' is unexpected", k));
@@ -175,7 +175,7 @@ json Monitor::set_capabilities(const json& args)
         else if (std::find_if(std::begin(kOtherCaps), std::end(kOtherCaps), [&](const char* n) { return name == n; }) !=
                  std::end(kOtherCaps)) {
             if (on)
-                throw QmpError(fmt::format("Capability '{}' is not supported by minivmm (README \"QMP\" lists the "
+                throw QmpError(fmt::format("Capability '{}' is not supported by minivmm (docs/qmp.md lists the "
                                            "capabilities it implements)",
                                            name));
         } else

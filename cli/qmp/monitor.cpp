@@ -25,7 +25,7 @@ Monitor::Monitor(const std::string& option, const Address& addr, StressVm& vm, R
     : vm_(vm), role_(role),
       server_(option, addr,
               {{"qemu", {{"major", kQemuMajor}, {"minor", kQemuMinor}, {"micro", kQemuMicro}}},
-               {"package", fmt::format("minivmm (QMP with QEMU {}.{}'s names; a subset: README \"QMP\")", kQemuMajor,
+               {"package", fmt::format("minivmm (QMP with QEMU {}.{}'s names; a subset: docs/qmp.md)", kQemuMajor,
                                        kQemuMinor)}}),
       params_(std::make_unique<Params>()), caps_(std::make_unique<Capabilities>()),
       rate_(std::make_unique<DirtyRateJob>())

@@ -6,7 +6,7 @@
 // query-migrate-capabilities, calc-dirty-rate / query-dirty-rate and
 // query-stats, with QEMU's names, arguments and result members
 // (qapi/migration.json, qapi/run-state.json, qapi/stats.json); what only
-// minivmm reports is under x-minivmm-. README "QMP" has the table.
+// minivmm reports is under x-minivmm-. docs/qmp.md has the table.
 //
 // A source runs each migration on a thread of the monitor's (the command's
 // own thread keeps running the guest); query-migrate reads the Sender's

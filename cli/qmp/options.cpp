@@ -12,7 +12,7 @@ void QmpOptions::add_to(CLI::App& c)
 {
     c.add_option("--qmp", spec,
                  "serve QMP (QEMU's machine protocol) at unix:PATH (owner-only, removed at exit) or tcp:HOST:PORT "
-                 "(loopback): query, steer and migrate the guest as QEMU's QMP does (README \"QMP\")");
+                 "(loopback): query, steer and migrate the guest as QEMU's QMP does (docs/qmp.md)");
     c.add_flag("--qmp-allow-remote", allow_remote, "let --qmp tcp: bind an address other than loopback");
 }
 

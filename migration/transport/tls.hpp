@@ -7,7 +7,7 @@
 // only the identities --tls-authz names (QEMU's tls-authz), the sender
 // checking the receiver's certificate against --tls-hostname or the host of
 // --to. TLS 1.3 on OpenSSL (measured: AES-128-GCM as fast as GnuTLS's on
-// this host, README "Between hosts"), every channel its own session.
+// this host, docs/tls.md), every channel its own session.
 #pragma once
 
 #include <memory>

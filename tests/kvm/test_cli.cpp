@@ -140,7 +140,7 @@ void expect_vocabulary(const nlohmann::json& j, const std::string& where)
 
 }  // namespace
 
-// One schema vocabulary across commands (README "Reports and their JSON"):
+// One schema vocabulary across commands (docs/reports.md):
 // status, config.machine and config.host in every report, ids named by what
 // they are, the same words for the same things.
 TEST(Cli, EveryReportSpeaksOneVocabulary)

@@ -108,7 +108,7 @@ TEST_P(KvmRunFaults, BurstsLoseNothingAndTheMigrationCompletes)
     // The guest lives on at the destination, whose stamp check is r.mismatches.
     // (The parked source is not re-checked while the destination runs: on
     // this host that once showed the destination's newer stamps in the
-    // source's memory; see README, Host notes.)
+    // source's memory; see docs/host-notes.md.)
     std::printf("%d KVM_RUN calls answered %s by injection\n", static_cast<int>(injected),
                 GetParam().err == EINTR ? "EINTR" : "EAGAIN");
     src.kill();
@@ -135,7 +135,7 @@ class StraySignals : public ::testing::TestWithParam<dirty::Mode> {};
 // the kick signal itself, one with a handler of someone else's (SIGALRM,
 // no SA_RESTART) and ones ignored by default. The bitmap tracker must
 // complete with nothing lost. The dirty ring on this host loses entries to
-// signal-interrupted KVM_RUNs (README, Host notes), so there the migration
+// signal-interrupted KVM_RUNs (docs/host-notes.md), so there the migration
 // may fail, but only by detecting it: never "completed" with a mismatch.
 TEST_P(StraySignals, SourceSurvivesAndNothingIsLostSilently)
 {

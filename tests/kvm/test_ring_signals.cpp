@@ -1,5 +1,5 @@
 // A signal pending in the thread inside KVM_RESET_DIRTY_RINGS loses dirty-ring
-// entries silently on this host (README, Host notes). minivmm blocks every
+// entries silently on this host (docs/host-notes.md). minivmm blocks every
 // signal around each reset; these tests storm the harvesting thread (and the
 // vCPU threads, where ring-full resets run) with signals and check that a full
 // pass written after the storm is wholly in the log, with each tracker. The

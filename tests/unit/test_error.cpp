@@ -63,7 +63,7 @@ TEST(ErrorTypes, ExitCodes)
 
 TEST(ErrorTypes, ExitCodeValuesAreStable)
 {
-    // README.md documents these numbers; scripts depend on them.
+    // docs/exit-codes.md documents these numbers; scripts depend on them.
     EXPECT_EQ(kExitOk, 0);
     EXPECT_EQ(kExitFailure, 1);
     EXPECT_EQ(kExitUsage, 2);

@@ -223,7 +223,7 @@ TEST(GuestAbiStamp, FieldsDoNotBleedIntoEachOther)
 
 // --fill random/ratio: qwords of a page are their own for every (stamp, page,
 // qword), so no two pages, passes or VMs write the same bytes; and the bytes
-// are spread (a compressor finds nothing: measured with zstd in README).
+// are spread (a compressor finds nothing: measured with zstd in docs/commands.md).
 TEST(GuestAbiFill, RandomQwordsDifferByStampPageAndQword)
 {
     std::set<uint64_t> seen;

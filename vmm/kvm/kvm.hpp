@@ -82,7 +82,7 @@ public:
     // pending in the resetting thread makes this host's KVM (kvm-pvm) return
     // having counted entries it did not re-protect: their pages are never
     // logged again until logging is toggled, and the count still looks right
-    // (README, Host notes). A signal sent meanwhile stays pending and is
+    // (docs/host-notes.md). A signal sent meanwhile stays pending and is
     // delivered when the mask is restored, so no kick is lost. Do not take
     // the count as proof that nothing was lost.
     uint64_t reset_dirty_rings();
