@@ -125,7 +125,7 @@ VariantSetup variant_setup(const std::string& name, const LockupOptions& opt, Ma
         to.manual_protect = false;
         to.per_node_enable = true;
         if (cfg.nodes.size() < 2)
-            s.skipped = "the VM has one virtual node: enabling per node in parallel is the bitmap variant (give --nodes)";
+            s.skipped = "the VM has one virtual node: enabling per node in parallel is the bitmap variant (give --numa, one per virtual node)";
     } else if (name == "eager-split-on" || name == "eager-split-off") {
         to.mode = dirty::Mode::Bitmap;
         to.manual_protect = false;

@@ -13,6 +13,7 @@
 #include "base/stop_signal.hpp"
 #include "engines/run.hpp"
 #include "numa/topology.hpp"
+#include "base/sysfs.hpp"
 
 namespace mvm::engines {
 
@@ -112,13 +113,14 @@ std::string why_not(const BalancingVariant& v, int host_nodes, const NumaBalanci
 }
 
 void run_variant(const Kvm& kvm, const MachineConfig& cfg, const NumaBalancingOptions& opt, BalancingVariant& v,
-                 const std::string& sysctl)
+                 const std::string& sysctl, bool& written)
 {
     KnobSetting setting;
     if (auto why = setting.set(sysctl, v.balancing ? "1" : "0"); !why.empty()) {
         v.skipped = why;
         return;
     }
+    written = written || setting.changed();
     MachineConfig c = variant_config(cfg, v.bound);
     v.policies = policies_of(c);
     StressVm m(kvm, c);
@@ -141,7 +143,7 @@ std::string KnobSetting::set(const std::string& path, const std::string& value)
     const std::string old = read_word(path);
     if (old == value)
         return "";
-    if (::access(path.c_str(), W_OK) != 0)
+    if (!param_file_writable(path))
         return fmt::format("{} is {} and not writable here", path, old);
     {
         std::ofstream f(path);
@@ -303,7 +305,7 @@ NumaBalancingReport numa_balancing(const Kvm& kvm, const MachineConfig& cfg, con
             r.interrupted = true;
             continue;
         }
-        run_variant(kvm, cfg, opt, v, r.sysctl_path);
+        run_variant(kvm, cfg, opt, v, r.sysctl_path, r.sysctl_written);
         if (v.run && v.run->interrupted)
             r.interrupted = true;
         if (v.run && v.run->failure)

@@ -33,6 +33,7 @@ public:
     std::string set(const std::string& path, const std::string& value);
     void restore();
     const std::string& old_value() const { return old_; }
+    bool changed() const { return changed_; }  // written (and to be restored)
 
 private:
     std::string path_, old_;
@@ -75,6 +76,7 @@ struct NumaBalancingOptions {
 struct NumaBalancingReport {
     std::string sysctl_path = "/proc/sys/kernel/numa_balancing";
     std::string setting_before, setting_after;  // the sysctl's value before the first and after the last variant
+    bool sysctl_written = false;                // some variant changed it (and restored it after)
     int host_nodes = 0;
     std::vector<std::string> scan_notes;  // "scan_delay_ms 1000 -> 100 while on (restored)" or why not
     std::vector<BalancingVariant> variants;

@@ -78,7 +78,8 @@ nlohmann::json to_json(const NumaBalancingReport& r)
 {
     nlohmann::json j;
     j["status"] = r.status();
-    j["numa_balancing"] = {{"sysctl", r.sysctl_path}, {"before", r.setting_before}, {"after", r.setting_after}};
+    j["numa_balancing"] = {{"sysctl", r.sysctl_path}, {"before", r.setting_before}, {"after", r.setting_after},
+                           {"written", r.sysctl_written}};
     j["host_nodes"] = r.host_nodes;
     j["scan"] = r.scan_notes;
     j["variants"] = nlohmann::json::array();
@@ -129,9 +130,13 @@ std::string to_table(const NumaBalancingReport& r)
         for (const auto& l : r.relations)
             o += l + "\n";
     }
-    o += fmt::format("\n{} {}: {} (was {})\n", r.sysctl_path,
-                     r.setting_after == r.setting_before ? "restored" : "NOT restored", r.setting_after,
-                     r.setting_before);
+    if (!r.sysctl_written)
+        o += fmt::format("\n{}: never written (every variant that ran wanted its {}); it is {}\n", r.sysctl_path,
+                         r.setting_before, r.setting_after);
+    else
+        o += fmt::format("\n{} {}: {} (was {})\n", r.sysctl_path,
+                         r.setting_after == r.setting_before ? "restored" : "NOT restored", r.setting_after,
+                         r.setting_before);
     if (r.interrupted)
         o += "interrupted: stopped cleanly on signal\n";
     return o;

@@ -18,6 +18,7 @@
 #include "vmm/kvm/caps.hpp"
 #include "vmm/kvm/kvm.hpp"
 #include "base/units.hpp"
+#include "base/sysfs.hpp"
 
 namespace mvm {
 
@@ -57,9 +58,7 @@ nlohmann::json module_params()
         std::sort(names.begin(), names.end());
         for (const auto& n : names) {
             std::string path = dir + "/" + n;
-            struct stat st {};
-            ::stat(path.c_str(), &st);
-            bool writable = (st.st_mode & S_IWUSR) != 0;
+            const bool writable = param_file_writable(path);
             out.push_back({{"module", mod}, {"name", n}, {"value", read_line(path)}, {"writable", writable},
                            {"builtin", builtin}});
         }
@@ -229,7 +228,7 @@ nlohmann::json host_info(const Kvm& kvm)
     const GuestMmu mmu = guest_mmu();
     j["kvm"]["mmu"] = {{"name", mmu.name.empty() ? "unknown" : mmu.name}, {"why", mmu.why}};
     const std::string eager_path = "/sys/module/kvm/parameters/eager_page_split";
-    const bool writable = !eager.empty() && ::access(eager_path.c_str(), W_OK) == 0;
+    const bool writable = !eager.empty() && param_file_writable(eager_path);
     std::string note;
     if (!mmu.tdp())
         note = fmt::format("guests run on the shadow MMU ({}); upstream KVM splits eagerly only on the TDP MMU",

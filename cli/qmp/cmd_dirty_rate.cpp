@@ -22,16 +22,29 @@ namespace mvm::qmp {
 
 using migration::Phase;
 
+namespace {
+
+// QEMU's TimeUnit: "second" or "millisecond" (minivmm also takes s and ms);
+// "" stays "" (not given). QmpError for anything else.
+std::string time_unit(const std::string& u)
+{
+    if (u.empty() || u == "second" || u == "millisecond")
+        return u;
+    if (u == "s" || u == "ms")
+        return u == "s" ? "second" : "millisecond";
+    throw QmpError(fmt::format("Parameter 'calc-time-unit' does not accept value '{}'", u));
+}
+
+}  // namespace
+
 json Monitor::calc_dirty_rate(const json& args)
 {
     Args a(args, {"calc-time", "calc-time-unit", "sample-pages", "mode"});
     if (role_ == Role::Destination)
         throw QmpError("calc-dirty-rate: measures a source's guest; the destination's runs only for its post-run check");
     const int64_t t = a.integer("calc-time");
-    const std::string unit = a.str_or("calc-time-unit", "s");
-    if (unit != "s" && unit != "ms")
-        throw QmpError(fmt::format("Parameter 'calc-time-unit' does not accept value '{}'", unit));
-    const double seconds = unit == "s" ? static_cast<double>(t) : static_cast<double>(t) / 1e3;
+    const std::string unit = time_unit(a.str_or("calc-time-unit", "second"));
+    const double seconds = unit == "second" ? static_cast<double>(t) : static_cast<double>(t) / 1e3;
     if (seconds < 0.1 || seconds > 60)
         throw QmpError("Parameter 'calc-time' is out of range: 0.1 to 60 seconds");
     const std::string mode = a.str_or("mode", "page-sampling");
@@ -73,7 +86,7 @@ json Monitor::calc_dirty_rate(const json& args)
     job->status = "measuring";
     job->start_time = static_cast<int64_t>(::time(nullptr));
     job->calc_time = t;
-    job->unit = unit == "s" ? "second" : "millisecond";
+    job->unit = unit;
     job->sample_pages = static_cast<uint64_t>(sample);
     job->mode = mode;
     rate_ = std::move(job);
@@ -106,17 +119,15 @@ json Monitor::calc_dirty_rate(const json& args)
 json Monitor::query_dirty_rate(const json& args) const
 {
     Args a(args, {"calc-time-unit"});
-    const std::string unit = a.str_or("calc-time-unit", "");
-    if (!unit.empty() && unit != "s" && unit != "ms")
-        throw QmpError(fmt::format("Parameter 'calc-time-unit' does not accept value '{}'", unit));
+    const std::string unit = time_unit(a.str_or("calc-time-unit", ""));
     std::lock_guard lk(mu_);
     const DirtyRateJob& r = *rate_;
     int64_t calc_time = r.calc_time;
     std::string out_unit = r.unit;
-    if (unit == "ms" && r.unit == "second") {
+    if (unit == "millisecond" && r.unit == "second") {
         calc_time *= 1000;
         out_unit = "millisecond";
-    } else if (unit == "s" && r.unit == "millisecond") {
+    } else if (unit == "second" && r.unit == "millisecond") {
         calc_time /= 1000;
         out_unit = "second";
     }

@@ -48,6 +48,16 @@ TEST(Caps, SaysWhichMmuRunsGuestsAndWhetherEagerSplitCanTakeEffect)
     if (!tdp)
         EXPECT_FALSE(e["can_take_effect"].get<bool>()) << e;
     EXPECT_NE(r.err.find(tdp ? "guest MMU: TDP MMU" : "guest MMU: shadow MMU"), std::string::npos) << r.err;
+    // One answer to "writable": the summary, the parameter table and the
+    // file's mode agree (a 0444 file is read-only even though root passes
+    // access(W_OK); caps once said writable there).
+    for (const auto& p : j["kvm"]["module_params"])
+        if (p["module"] == "kvm" && p["name"] == "eager_page_split") {
+            EXPECT_EQ(e["writable"], p["writable"]) << e << p;
+            struct stat st {};
+            if (stat("/sys/module/kvm/parameters/eager_page_split", &st) == 0 && !(st.st_mode & S_IWUSR))
+                EXPECT_FALSE(e["writable"].get<bool>()) << "mode 0444 is read-only: " << e;
+        }
     std::cout << "caps: guest MMU " << j["kvm"]["mmu"]["name"].get<std::string>() << " ("
               << j["kvm"]["mmu"]["why"].get<std::string>() << "), eager split "
               << (e["can_take_effect"].get<bool>() ? "can take effect" : "cannot take effect") << "\n";

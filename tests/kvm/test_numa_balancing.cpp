@@ -138,6 +138,12 @@ TEST(NumaBalancingCli, OneNodeHostRunsTheOffVariantsOnly)
     EXPECT_NE(r.err.find("skipped: the host has 1 NUMA node"), std::string::npos) << r.err;
     EXPECT_EQ(read_word(kSysctl), before);
     EXPECT_EQ(j["numa_balancing"]["after"], before);
+    // It never wrote the sysctl, so it says so rather than "restored: 0 (was 0)".
+    if (before == "0") {
+        EXPECT_FALSE(j["numa_balancing"]["written"].get<bool>()) << j["numa_balancing"];
+        EXPECT_NE(r.err.find("/proc/sys/kernel/numa_balancing: never written"), std::string::npos) << r.err;
+        EXPECT_EQ(r.err.find("restored: 0 (was 0)"), std::string::npos) << r.err;
+    }
 }
 
 // Measured in the emulated two-node host (6.12 and 6.1, THP-backed anon

@@ -671,7 +671,8 @@ TEST(Qmp, CalcDirtyRateInEachMode)
         EXPECT_NE(error_desc(r).find("not enabled"), std::string::npos) << r.dump();
         EXPECT_EQ(error_class(c.cmd("calc-dirty-rate", {{"calc-time", 1}, {"mode", "bogus"}})), "GenericError");
         for (const auto& mode : run.modes) {
-            json args = {{"calc-time", 800}, {"calc-time-unit", "ms"}, {"mode", mode}};
+            // QEMU's TimeUnit names (second, millisecond); minivmm also takes s and ms.
+            json args = {{"calc-time", 800}, {"calc-time-unit", "millisecond"}, {"mode", mode}};
             if (mode == "page-sampling")
                 args["sample-pages"] = 4096;  // per GiB: 256 samples of this 64 MiB guest
             ok(c, "calc-dirty-rate", args);
@@ -699,8 +700,11 @@ TEST(Qmp, CalcDirtyRateInEachMode)
             } else {
                 EXPECT_FALSE(q.contains("vcpu-dirty-rate"));
             }
-            json sec = ok(c, "query-dirty-rate", {{"calc-time-unit", "s"}});
+            json sec = ok(c, "query-dirty-rate", {{"calc-time-unit", "second"}});
             EXPECT_EQ(sec["calc-time"], 0);  // 800 ms in whole seconds, as QEMU converts
+            EXPECT_EQ(sec["calc-time-unit"], "second");
+            EXPECT_EQ(ok(c, "query-dirty-rate", {{"calc-time-unit", "s"}})["calc-time-unit"], "second");
+            EXPECT_EQ(error_class(c.cmd("query-dirty-rate", {{"calc-time-unit", "minute"}})), "GenericError");
         }
         EXPECT_TRUE(ok(c, "query-status")["running"].get<bool>());
         ok(c, "quit");

@@ -7,6 +7,7 @@
 #include <fstream>
 
 #include "vmm/host_info.hpp"
+#include "base/sysfs.hpp"
 
 namespace mvm::dirty {
 
@@ -46,8 +47,7 @@ EagerSplitInfo eager_split_info()
     const GuestMmu mmu = guest_mmu();
     i.mmu = mmu.name;
     i.mmu_why = mmu.why;
-    struct stat st {};
-    i.writable = ::stat(i.path.c_str(), &st) == 0 && (st.st_mode & S_IWUSR) && ::access(i.path.c_str(), W_OK) == 0;
+    i.writable = param_file_writable(i.path);
     i.effective = i.param == "Y" && mmu.tdp();
     if (!mmu.tdp())
         i.note = fmt::format("eager_page_split={} has no effect: guests run on the shadow MMU ({}), and upstream KVM "
