@@ -162,6 +162,11 @@ std::string LockupReport::to_table() const
                          fmt::format("{:.2f}M/s", v.rate_during / 1e6), stat_text(v.vm_stats, "pages_4k"),
                          stat_text(v.vm_stats, "pages_2m"), stat_text(v.vm_stats, "pages_1g"), stat_text(v.vcpu_stats, "pf_fixed"));
     }
+    o += fmt::format("stalls: the sampler's, gaps over {0:.0f} ms in a vCPU's page count read at 1 kHz from outside "
+                     "(each length +-1 ms);\nwd ev: the guest's own watchdog, gaps over {0:.0f} ms between its progress "
+                     "points on its TSC, exact;\ntwo instruments: a gap near {0:.0f} ms can count in one and not the other "
+                     "(docs/lockup.md)\n",
+                     threshold_ms);
     for (const auto& v : variants) {
         if (!v.skipped.empty())
             continue;

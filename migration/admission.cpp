@@ -344,9 +344,11 @@ Admitted Admission::run(int ls)
     if (!admitted_) {
         std::string why = fmt::format("receive: no sender was admitted on {} within --timeout {:g} s", opt_.listen,
                                       opt_.timeout_s);
-        if (dropped_)
+        if (dropped_ && opt_.quiet)
             why += fmt::format(" ({} connection{} dropped, the last from {})", dropped_, dropped_ == 1 ? "" : "s",
                                last_drop_);
+        else if (dropped_)  // each drop said why on its own line already
+            why += fmt::format(" ({} connection{} dropped, said above)", dropped_, dropped_ == 1 ? "" : "s");
         throw Error(why, kExitNoSender);
     }
     Session& s = sessions_.at(*admitted_);

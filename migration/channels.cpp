@@ -47,7 +47,8 @@ void ChannelMap::enter(uint32_t c, std::optional<numa::ThreadPolicyScope>& scope
 }
 
 PageChannels::PageChannels(const StressVm& src, uint32_t channels, uint64_t bandwidth)
-    : src_(src), nch_(channels), map_(src, channels), bandwidth_(bandwidth)
+    : src_(src), nch_(channels), map_(src, channels), bandwidth_(bandwidth),
+      progress_(std::make_unique<std::atomic<uint64_t>[]>(channels))
 {
 }
 
@@ -85,6 +86,8 @@ uint64_t PageChannels::send(Destination& dest, const ChannelPages& per, const st
         paced_since_ = std::chrono::steady_clock::now();
         paced_bytes_ = 0;
     }
+    for (uint32_t c = 0; c < nch_; c++)
+        progress_[c] = 0;
     std::vector<uint64_t> bytes(nch_, 0);
     std::vector<std::thread> threads;
     std::mutex emu;
@@ -127,6 +130,7 @@ uint64_t PageChannels::send_channel(Destination& dest, uint32_t c, const std::ve
         sent += b;
         sent_bytes_ += b;
         sent_pages_ += part.size();
+        progress_[c] += part.size();
         pace(b);
     }
     std::lock_guard lk(mu_);

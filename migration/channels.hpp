@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <span>
@@ -85,6 +86,9 @@ public:
     // batches included (what a failure report counts). Safe while sending.
     uint64_t sent_bytes() const { return sent_bytes_.load(); }
     uint64_t sent_pages() const { return sent_pages_.load(); }
+    // Pages of per[c] the last send() got out, from the front (a channel
+    // sends its list in order): what an interrupted send() left is the rest.
+    uint64_t channel_progress(uint32_t c) const { return progress_[c].load(); }
 
 private:
     uint64_t send_channel(Destination& dest, uint32_t c, const std::vector<uint64_t>& pages,
@@ -99,6 +103,7 @@ private:
     std::chrono::steady_clock::time_point paced_since_;
     uint64_t paced_bytes_ = 0, zero_pages_ = 0;
     std::atomic<uint64_t> sent_bytes_{0}, sent_pages_{0};
+    std::unique_ptr<std::atomic<uint64_t>[]> progress_;  // per channel, of the last send()
 };
 
 }  // namespace mvm::migration

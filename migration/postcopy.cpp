@@ -114,6 +114,8 @@ void FaultServer::guest_started()
         return;
     sampler_ = std::make_unique<ProgressSampler>(dst_, 1000, false);
     sampler_->start();
+    series_ = std::make_unique<ProgressSampler>(dst_, static_cast<uint32_t>(kProgressSampleMs * 1000), true);
+    series_->start();
 }
 
 void FaultServer::stop_sampler()
@@ -122,6 +124,8 @@ void FaultServer::stop_sampler()
     abandoned_sampler_ = true;
     if (sampler_)
         sampler_->stop();
+    if (series_)
+        series_->stop();
 }
 
 int FaultServer::vcpu_of(pid_t tid)
@@ -256,8 +260,13 @@ void FaultServer::finish()
         std::vector<double> longest(dst_.vcpu_count(), 0);
         for (const Stall& s : sampler_->stalls(0))
             longest[s.vcpu] = std::max(longest[s.vcpu], s.len_ms);
+        std::vector<ProgressPoint> progress;
+        if (series_)
+            for (const auto& [t, rate] : all_vcpus_rate(series_->samples(), kProgressBinMs, 400))
+                progress.push_back({t, rate});
         std::lock_guard lk(mu_);
         fig_.vcpu_stall_ms = longest;
+        fig_.guest_progress = std::move(progress);
     }
     if (left) {
         std::lock_guard lk(mu_);

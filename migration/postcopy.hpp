@@ -107,7 +107,8 @@ private:
     void stop_sampler();
     std::mutex sampler_mu_;  // guest_started() against abandon() from a channel's thread
     bool abandoned_sampler_ = false;
-    std::unique_ptr<ProgressSampler> sampler_;
+    std::unique_ptr<ProgressSampler> sampler_;  // 1 kHz: the longest stall per vCPU
+    std::unique_ptr<ProgressSampler> series_;   // kProgressSampleMs, kept: the guest's progress series
     std::chrono::steady_clock::time_point resumed_;
     mutable std::mutex mu_;
     std::unordered_set<uint64_t> missing_, placed_, requested_;

@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <fmt/format.h>
 #include <mutex>
+#include <string_view>
 #include <thread>
 
 #include "base/error.hpp"
@@ -84,15 +85,24 @@ private:
 
 ReceiveReport Receiver::run(double post_run_s)
 {
+    // The step under way and since when: a failure's report times the step
+    // it cut short up to the failure and leaves the later ones out.
+    const char* step = "header";
+    auto t = clock::now();
+    auto enter = [&](const char* next) {
+        step = next;
+        t = clock::now();
+    };
     try {
         RecordReader in(*ch_[0]);
         check_header(in);
-        auto t = clock::now();
+        enter("memory");
         receive_memory();
         rep_.memory_ms = ms_since(t);
-        t = clock::now();
+        enter("switchover");
         Handover h = read_state(in);
         if (h.postcopy) {
+            enter("postcopy");
             postcopy(in, h, post_run_s);
             phase("stopped");
             rep_.total_ms = ms_since(t0_);
@@ -103,7 +113,9 @@ ReceiveReport Receiver::run(double post_run_s)
         const Resumed at = resume_here(states);
         rep_.switchover_ms = ms_since(t);
         phase("running");
+        enter("verify");
         verify(in, at);
+        enter("post-run");
         run_and_report(at, post_run_s);
         phase("stopped");
         rep_.total_ms = ms_since(t0_);
@@ -111,6 +123,18 @@ ReceiveReport Receiver::run(double post_run_s)
     } catch (const std::exception& e) {
         rep_.status = "failed";
         rep_.error = e.what();
+        rep_.failed_step = step;
+        const double cut = ms_since(t);
+        if (step == std::string_view("memory"))
+            rep_.memory_ms = cut;
+        else if (step == std::string_view("switchover"))
+            rep_.switchover_ms = cut;
+        else if (step == std::string_view("postcopy"))
+            rep_.postcopy_ms = cut;
+        else if (step == std::string_view("verify"))
+            rep_.verify_ms = cut;
+        else if (step == std::string_view("post-run"))
+            rep_.post_run_ms = cut;
         if (!rep_.guest_lost)
             rep_.guest = dst_.started() ? "stopped (killed after the failure)" : "never started";
         if (dst_.started())

@@ -3,6 +3,8 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <string_view>
+#include <utility>
 
 #include "base/units.hpp"
 
@@ -99,10 +101,17 @@ void MigrateReport::figures_to_json(nlohmann::json& j) const
     j["precopy_bytes"] = precopy_bytes;
     j["downtime_bytes"] = downtime_bytes;
     j["untracked_bytes"] = untracked_bytes;
-    nlohmann::json gp = nlohmann::json::array();
+    nlohmann::json gp = nlohmann::json::array(), dp = nlohmann::json::array();
     for (const auto& p : guest_progress)
         gp.push_back({p.t_ms, p.pages_per_s});
-    j["guest_progress"] = {{"columns", {"t_ms", "pages_per_s"}}, {"points", gp}};
+    if (postcopy.destination_reported)  // the guest at the destination in postcopy, on the same clock
+        for (const auto& p : postcopy.destination.guest_progress)
+            dp.push_back({postcopy.resumed_ms + p.t_ms, p.pages_per_s});
+    j["guest_progress"] = {{"columns", {"t_ms", "pages_per_s"}},
+                           {"sampled_every_ms", kProgressSampleMs},
+                           {"min_bin_ms", kProgressBinMs},
+                           {"points", gp},
+                           {"destination_points", dp}};
     if (!config.is_null())
         j["config"] = config;
 }
@@ -162,9 +171,6 @@ std::string MigrateReport::downtime_to_table() const
                      verify_ms);
     if (!refused_msrs.empty())
         o += fmt::format("MSRs the destination refused: {}\n", fmt::join(msr_names(refused_msrs), " "));
-    if (!source_state.empty())
-        o += fmt::format("source: {}; destination: {}{}\n", source_state, destination_state,
-                         state_note.empty() ? "" : " (" + state_note + ")");
     return o;
 }
 
@@ -176,9 +182,16 @@ std::vector<std::string> msr_names(const std::vector<uint32_t>& msrs)
     return out;
 }
 
-std::string MigrateReport::to_table() const
+bool MigrateReport::nothing_migrated() const
 {
-    std::string o = summary_line() + "\n";
+    return status != "completed" && transferred_bytes == 0 && rounds.empty() && !postcopy.started;
+}
+
+std::string MigrateReport::to_table(bool with_cause) const
+{
+    std::string o = with_cause || error.empty() ? summary_line() + "\n" : std::string();
+    if (nothing_migrated())  // a refusal or a failure in setup: no figures to show
+        return o;
     o += fmt::format("total {:.1f} ms (start -> {}), setup {:.1f} ms (destination {:.1f} ms, logging "
                      "on {:.1f} ms), downtime {:.1f} ms (expected {:.1f} ms); verify {:.1f} ms, post-run {:.1f} ms\n",
                      total_ms,
@@ -239,6 +252,18 @@ std::string MigrateReport::to_table() const
 
 // ---- postcopy ------------------------------------------------------------------------
 
+namespace {
+
+nlohmann::json progress_json(const std::vector<ProgressPoint>& pts)
+{
+    nlohmann::json a = nlohmann::json::array();
+    for (const auto& p : pts)
+        a.push_back({p.t_ms, p.pages_per_s});
+    return a;
+}
+
+}  // namespace
+
 nlohmann::json PostcopyDestinationFigures::to_json() const
 {
     return {{"discarded_pages", discarded_pages},
@@ -255,7 +280,8 @@ nlohmann::json PostcopyDestinationFigures::to_json() const
             {"max_latency_ms", max_latency_ms},
             {"vcpu_stall_ms", vcpu_stall_ms},
             {"duration_ms", duration_ms},
-            {"units", units}};
+            {"units", units},
+            {"guest_progress", progress_json(guest_progress)}};
 }
 
 PostcopyDestinationFigures PostcopyDestinationFigures::from_json(const nlohmann::json& j)
@@ -276,6 +302,10 @@ PostcopyDestinationFigures PostcopyDestinationFigures::from_json(const nlohmann:
     f.vcpu_stall_ms = j.value("vcpu_stall_ms", std::vector<double>{});
     f.duration_ms = j.value("duration_ms", 0.0);
     f.units = j.value("units", std::string{});
+    if (j.contains("guest_progress") && j["guest_progress"].is_array())
+        for (const auto& p : j["guest_progress"])
+            if (p.is_array() && p.size() == 2 && p[0].is_number() && p[1].is_number())
+                f.guest_progress.push_back({p[0].get<double>(), p[1].get<double>()});
     return f;
 }
 
@@ -310,10 +340,12 @@ nlohmann::json PostcopyReport::to_json() const
                         {"after_rounds", after_rounds},
                         {"discarded_pages", discarded_pages},
                         {"requests", requests},
-                        {"requested_pages", requested_pages},
+                        {"pages_sent_for_requests", requested_pages},  // the destination's requested_pages counts
+                                                                      // pages asked for, some pushed before the ask
                         {"pushed_pages", pushed_pages},
                         {"bytes", bytes},
-                        {"duration_ms", duration_ms}};
+                        {"duration_ms", duration_ms},
+                        {"resumed_ms", resumed_ms}};
     j["destination"] = destination_reported ? destination.to_json() : nlohmann::json(nullptr);
     return j;
 }
@@ -340,6 +372,7 @@ nlohmann::json ReceiveReport::to_json() const
     j["placement"] = placement;
     j["verify"]["switchover_pages_checked"] = verify_pages_checked;
     j["verify"]["switchover_mismatches"] = verify_mismatches;
+    j["failed_step"] = failed_step.empty() ? nlohmann::json(nullptr) : nlohmann::json(failed_step);
     j["total_ms"] = total_ms;
     j["memory_ms"] = memory_ms;
     j["switchover_ms"] = switchover_ms;
@@ -360,6 +393,29 @@ nlohmann::json ReceiveReport::to_json() const
     return j;
 }
 
+// A failed receive: the steps it went through, the one the failure cut
+// short timed up to the failure, none after it.
+std::string ReceiveReport::failed_steps_line() const
+{
+    const std::pair<const char*, double> steps[] = {{"memory", memory_ms},   {"switchover", switchover_ms},
+                                                    {"postcopy", postcopy_ms}, {"verify", verify_ms},
+                                                    {"post-run", post_run_ms}};
+    std::string o;
+    for (const auto& [name, ms] : steps) {
+        if (failed_step == "header")
+            break;
+        if (name == std::string_view("postcopy") && !postcopy && failed_step != "postcopy")
+            continue;
+        o += fmt::format("{}{} {:.1f} ms{}", o.empty() ? "" : ", ", name, ms,
+                         failed_step == name ? " (cut short by the failure)" : "");
+        if (failed_step == name)
+            break;
+    }
+    if (o.empty())
+        o = "failed before any memory arrived";
+    return o + fmt::format(", total {:.1f} ms\n", total_ms);
+}
+
 std::string ReceiveReport::to_table() const
 {
     std::string o = fmt::format("receive {}: {} pages ({} zero, {}){}\n", status, pages, zero_pages,
@@ -370,11 +426,14 @@ std::string ReceiveReport::to_table() const
                          dropped_connections ? fmt::format(", {} other connection{} dropped before it", dropped_connections,
                                                            dropped_connections == 1 ? "" : "s")
                                              : "");
-    o += fmt::format("memory {:.1f} ms, switchover {:.1f} ms (restore {:.1f} ms), guest's own downtime {}, verify {:.1f} "
-                     "ms ({} pages, {} differ), post-run {:.1f} ms, total {:.1f} ms\n",
-                     memory_ms, switchover_ms, restore_ms,
-                     downtime_guest_ms >= 0 ? fmt::format("{:.1f} ms", downtime_guest_ms) : "not measured",
-                     verify_ms, verify_pages_checked, verify_mismatches, post_run_ms, total_ms);
+    if (failed_step.empty())
+        o += fmt::format("memory {:.1f} ms, switchover {:.1f} ms (restore {:.1f} ms), guest's own downtime {}, verify "
+                         "{:.1f} ms ({} pages, {} differ), post-run {:.1f} ms, total {:.1f} ms\n",
+                         memory_ms, switchover_ms, restore_ms,
+                         downtime_guest_ms >= 0 ? fmt::format("{:.1f} ms", downtime_guest_ms) : "not measured",
+                         verify_ms, verify_pages_checked, verify_mismatches, post_run_ms, total_ms);
+    else
+        o += failed_steps_line();
     if (!refused_msrs.empty())
         o += fmt::format("MSRs refused here: {}\n", fmt::join(msr_names(refused_msrs), " "));
     o += compression_line(compression, "decompressing took");

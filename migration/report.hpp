@@ -35,6 +35,9 @@ struct ProgressPoint {
     double t_ms = 0;          // since the migration started
     double pages_per_s = 0;   // over the bin ending at t_ms
 };
+// The guest's progress series: sampled every kProgressSampleMs, reported in
+// bins of at least kProgressBinMs (longer ones past ~400 points).
+inline constexpr double kProgressSampleMs = 10, kProgressBinMs = 25;
 
 // The downtime window (stop-and-copy to the destination running), part by
 // part; the parts sum to at most downtime_ms (the rest is bookkeeping).
@@ -75,6 +78,7 @@ struct PostcopyDestinationFigures {
     std::vector<double> vcpu_stall_ms;  // the guest's own view: longest no-progress gap per vCPU in postcopy
     double duration_ms = 0;           // the guest resumed there -> the last page placed
     std::string units;                // what a fault moves: "4 KiB", "4 KiB + 2 MiB (hugetlb2m)"
+    std::vector<ProgressPoint> guest_progress;  // the guest there, all vCPUs; t_ms since it resumed there
     nlohmann::json to_json() const;
     static PostcopyDestinationFigures from_json(const nlohmann::json& j);
     std::string to_table() const;
@@ -92,6 +96,7 @@ struct PostcopyReport {
     uint64_t pushed_pages = 0;      // 4 KiB pages sent in the background
     uint64_t bytes = 0;             // QEMU's postcopy-bytes
     double duration_ms = 0;         // the destination resumed -> it had every page
+    double resumed_ms = 0;          // since the migration started: the destination said it resumed
     bool destination_reported = false;
     PostcopyDestinationFigures destination;
     nlohmann::json to_json() const;
@@ -149,11 +154,15 @@ struct MigrateReport {
     CompressionFigures compression;
     PostcopyReport postcopy;
     bool guest_lost = false;          // postcopy broke off: neither side holds the whole guest (exit 7)
-    std::vector<ProgressPoint> guest_progress;  // sampled every ~10 ms from setup to park
+    std::vector<ProgressPoint> guest_progress;  // the source's guest from setup to park (kProgress*)
     nlohmann::json config;            // what it ran with (engines: config_echo()), echoed into the JSON
 
     nlohmann::json to_json() const;
-    std::string to_table() const;
+    // with_cause false: a failure's cause is left for the caller's one line
+    // (the CLI's stderr line); a completed migration always has its summary.
+    std::string to_table(bool with_cause = true) const;
+    // Failed before a page was sent (refused, setup): the report has no figures.
+    bool nothing_migrated() const;
     std::string summary_line() const;
     void figures_to_json(nlohmann::json& j) const;
     void downtime_to_json(nlohmann::json& j) const;
@@ -167,6 +176,7 @@ struct ReceiveReport {
     std::string stamp_summary;
     nlohmann::json placement = nlohmann::json::array();  // this side's, after the post-run (resume.hpp)
     // Timings, as this side saw them (ms).
+    std::string failed_step;     // failed: where it stopped (header, memory, switchover, postcopy, verify, post-run)
     double total_ms = 0;         // first record to the end of the stamp check
     double memory_ms = 0;        // first page to the last CHANNEL_DONE (bulk, pre-copy and stop-and-copy)
     double switchover_ms = 0;    // the last CHANNEL_DONE to the guest running here (vCPU states + restore)
@@ -191,6 +201,7 @@ struct ReceiveReport {
     bool guest_lost = false;               // postcopy broke off with pages missing here (exit 7)
     nlohmann::json to_json() const;
     std::string to_table() const;
+    std::string failed_steps_line() const;
 };
 
 // MSR indices as the SDM writes them: "0x10".

@@ -182,6 +182,12 @@ LiveFigures Sender::live() const
     l.sent_pages = channels_.sent_pages();
     l.zero_pages = channels_.zero_pages();
     l.rounds = rounds_.load();
+    // QEMU's precopy/downtime/postcopy-bytes split what was sent by when:
+    // they add up to transferred at every poll, not only at the end.
+    const uint64_t t = l.transferred_bytes, park = park_mark_.load(), resume = resume_mark_.load();
+    l.precopy_bytes = std::min(t, park);
+    l.downtime_bytes = t > park ? std::min(t, resume) - park : 0;
+    l.postcopy_bytes = t > resume ? t - resume : 0;
     const uint64_t done = l.sent_pages - std::min(l.sent_pages, base);
     l.remaining_pages = inflight ? round_pages - std::min(round_pages, done) : l.remaining_pages;
     return l;

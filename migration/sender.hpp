@@ -110,8 +110,9 @@ struct LiveFigures {
     double expected_downtime_ms = 0;   // the last harvest's dirty set at the measured bandwidth
     uint32_t throttle_pct = 0;         // auto-converge share in effect
     uint64_t dirty_limit = 0;          // dirty-limit cap in effect, pages/s per vCPU (0: none)
-    uint64_t precopy_bytes = 0;        // bulk and pre-copy rounds, done ones
-    uint64_t downtime_bytes = 0;       // stop-and-copy, once sent
+    uint64_t precopy_bytes = 0;        // sent before the source parked
+    uint64_t downtime_bytes = 0;       // sent while parked, before the destination ran
+    uint64_t postcopy_bytes = 0;       // sent once the destination ran (postcopy)
     uint32_t rounds = 0;
 };
 // "idle", "setup", "bulk", "precopy", "stop", "postcopy", "destination", "done"
@@ -170,7 +171,7 @@ private:
     void require(std::initializer_list<Phase> ok, const char* step) const;
     void check_cancel() const;
     void fault_point(const char* phase);
-    uint64_t send(const ChannelPages& per);
+    uint64_t send(ChannelPages per);  // kept in inflight_per_ while it is sent
     void account(const RoundReport& rr);
     void throttle(const dirty::Harvest& h, double prev_s, RoundReport& rr);
     void print_progress(const RoundReport& rr) const;
@@ -246,6 +247,7 @@ private:
     uint64_t tracked_pages_ = 0;
     bool inflight_ = false;
     RoundReport inflight_round_;
+    ChannelPages inflight_per_;
     uint64_t inflight_pages_ = 0, inflight_sent_pages_ = 0, inflight_sent_bytes_ = 0;
     clock::time_point inflight_start_;
     // Stop-and-copy.
@@ -257,6 +259,9 @@ private:
     LiveFigures live_;
     uint64_t live_round_pages_ = 0, live_round_base_ = 0;  // the round being sent, sent_pages() when it began
     bool live_inflight_ = false;
+    // sent_bytes() when the source parked and when the destination resumed
+    // in postcopy (max: not yet): live() splits transferred by them.
+    std::atomic<uint64_t> park_mark_{UINT64_MAX}, resume_mark_{UINT64_MAX};
     void publish(const std::function<void(LiveFigures&)>& f);
 };
 

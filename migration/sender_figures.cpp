@@ -4,7 +4,6 @@
 // progress series and the configuration echo. (The phases are in sender.cpp.)
 #include <algorithm>
 #include <fmt/format.h>
-#include <map>
 
 #include "migration/sender.hpp"
 #include "vmm/host_info.hpp"
@@ -108,18 +107,31 @@ void Sender::fill_rates()
 }
 
 // After a failure: the round it cut short, what was sent, what was left.
+// Remaining is QEMU's ram_bytes_remaining(): the distinct pages still to
+// send (the interrupted round's unsent pages, a harvest not yet sent, what
+// the guest dirtied since), never more than the guest has.
 void Sender::count_failure()
 {
     const bool stop_sent = !rep_.rounds.empty() && rep_.rounds.back().kind == "stop";
     const bool in_stop = inflight_ && inflight_round_.kind == "stop";
-    uint64_t remaining = pending_ && !in_stop && !stop_sent ? pending_->dirty_pages : 0;
+    std::vector<uint64_t> left;  // GPAs
+    auto add_harvest = [&left](const dirty::Harvest& h) {
+        for (const auto& s : h.slots)
+            s.for_each([&](uint64_t page) { left.push_back(s.gpa + page * 4096); });
+    };
+    if (pending_ && !in_stop && !stop_sent)
+        add_harvest(*pending_);
     if (inflight_) {
         RoundReport rr = inflight_round_;
         rr.kind = "interrupted";
         rr.pages = channels_.sent_pages() - inflight_sent_pages_;
         rr.bytes = channels_.sent_bytes() - inflight_sent_bytes_;
         rr.duration_s = since(inflight_start_);
-        remaining += inflight_pages_ - std::min(inflight_pages_, rr.pages);
+        for (uint32_t c = 0; c < inflight_per_.size(); c++) {
+            const auto& v = inflight_per_[c];
+            const uint64_t done = std::min<uint64_t>(v.size(), channels_.channel_progress(c));
+            left.insert(left.end(), v.begin() + static_cast<std::ptrdiff_t>(done), v.end());
+        }
         if (!in_stop) {
             precopy_bytes_ += rr.bytes;
             precopy_s_ += rr.duration_s;
@@ -130,12 +142,19 @@ void Sender::count_failure()
     }
     if (tracking_ && !parked_) {
         try {  // what the guest dirtied since the last harvest is left too
-            remaining += tracker_.harvest().dirty_pages;
+            add_harvest(tracker_.harvest());
         } catch (...) {
         }
     }
-    rep_.remaining_bytes = remaining * 4096;
+    std::sort(left.begin(), left.end());
+    rep_.remaining_bytes = static_cast<uint64_t>(std::unique(left.begin(), left.end()) - left.begin()) * 4096;
     rep_.transferred_bytes = channels_.sent_bytes();
+    {  // split by when, as live() does: the three add up to transferred
+        const uint64_t t = rep_.transferred_bytes, park = park_mark_.load(), resume = resume_mark_.load();
+        rep_.precopy_bytes = std::min(t, park);
+        rep_.downtime_bytes = t > park ? std::min(t, resume) - park : 0;
+        rep_.postcopy.bytes = t > resume ? t - resume : 0;
+    }
     rep_.zero_pages = channels_.zero_pages();
     rep_.throughput = precopy_s_ > 0 ? static_cast<double>(precopy_bytes_) / precopy_s_ : 0;
     if (!switched_over_)
@@ -150,29 +169,16 @@ void Sender::start_series()
     series_->start();
 }
 
-// The kept samples, summed over vCPUs, binned to at most ~400 points.
+// The kept samples, summed over vCPUs, binned to at most ~400 points of at
+// least kProgressBinMs each.
 void Sender::stop_series()
 {
     if (!series_)
         return;
     series_->stop();
-    std::map<double, uint64_t> total;  // per tick: pages of all vCPUs
-    for (const ProgressSample& p : series_->samples())
-        total[p.t_ms] += p.pages;
+    for (const auto& [t, rate] : all_vcpus_rate(series_->samples(), kProgressBinMs, 400))
+        rep_.guest_progress.push_back({series_offset_ms_ + t, rate});
     series_.reset();
-    if (total.size() < 2)
-        return;
-    const double span = total.rbegin()->first - total.begin()->first;
-    const double bin = std::max(25.0, span / 400);
-    auto prev = total.begin();
-    for (auto it = std::next(total.begin()); it != total.end(); ++it) {
-        const double dt = it->first - prev->first;
-        if (dt < bin && std::next(it) != total.end())
-            continue;
-        const double d = static_cast<double>(it->second >= prev->second ? it->second - prev->second : 0);
-        rep_.guest_progress.push_back({series_offset_ms_ + it->first, dt > 0 ? d / dt * 1e3 : 0});
-        prev = it;
-    }
 }
 
 nlohmann::json config_echo(const StressVm& src, const MigrateOptions& o, uint32_t channels)

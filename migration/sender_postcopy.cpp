@@ -43,6 +43,7 @@ void Sender::postcopy_switch()
     dest_->begin_postcopy(states_, discard);
     // From here the destination may run the guest: the source may not resume.
     switched_over_ = true;
+    resume_mark_ = channels_.sent_bytes();
     rep_.postcopy.started = true;
     start_pushing();  // resuming touches guest memory: faults are served from now
     ResultRecord sw = dest_->postcopy_resumed();
@@ -53,6 +54,7 @@ void Sender::postcopy_switch()
     if (!sw.ok)
         throw Error("the destination did not resume in postcopy: " + sw.text);
     postcopy_resumed_ = clock::now();
+    rep_.postcopy.resumed_ms = ms_since(t0_);
     rep_.destination_state = "running (postcopy)";
     rep_.state_note = "postcopy: the destination runs the guest and fetches the rest from the parked source";
 }

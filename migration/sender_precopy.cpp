@@ -118,6 +118,7 @@ dirty::Harvest Sender::park_and_harvest()
     tdown_ = clock::now();
     rep_.stop_ms = since(t0_) * 1e3;
     park_source();
+    park_mark_ = channels_.sent_bytes();
     rep_.split.park_ms = ms_since(tdown_);
     rep_.source_state = "parked";
     const auto t = clock::now();
@@ -157,9 +158,10 @@ bool Sender::check_postcopy_due(uint64_t dirty_pages, double interval_s)
     return true;
 }
 
-uint64_t Sender::send(const ChannelPages& per)
+uint64_t Sender::send(ChannelPages per)
 {
-    return channels_.send(*dest_, per, [this] {
+    inflight_per_ = std::move(per);
+    return channels_.send(*dest_, inflight_per_, [this] {
         const Phase p = phase_.load();
         if (p == Phase::Bulk || p == Phase::Precopy) {
             check_cancel();  // --timeout too: a long bulk pass must not outrun it
@@ -179,7 +181,6 @@ void Sender::account(const RoundReport& rr)
     precopy_s_ += rr.duration_s;
     bw_ = precopy_s_ > 0 ? static_cast<double>(precopy_bytes_) / precopy_s_ : 0;
     rep_.precopy_bytes = precopy_bytes_;
-    publish([&](LiveFigures& l) { l.precopy_bytes = precopy_bytes_; });
     rep_.rounds.push_back(rr);
     rounds_++;
 }

@@ -42,7 +42,6 @@ void Sender::stop_and_copy()
     end_send();
     rep_.split.final_send_ms = ms_since(t);
     rep_.downtime_bytes = final_bytes_;
-    publish([&](LiveFigures& l) { l.downtime_bytes = final_bytes_; });
     fr.pages = n;
     fr.bytes = final_bytes_;
     fr.duration_s = since(tdown_);

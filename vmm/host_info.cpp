@@ -269,6 +269,8 @@ std::string host_info_table(const nlohmann::json& j)
     if (k["guest_memfd"].contains("mempolicy_summary"))  // caps' probe (engines/gmem_policy_probe)
         o += fmt::format("  guest_memfd mempolicy (mbind on its mapping): {}\n",
                          k["guest_memfd"]["mempolicy_summary"].get<std::string>());
+    if (k.contains("huge_mappings_summary"))  // caps' probe (engines/huge_mapping_probe)
+        o += fmt::format("  huge mappings (probe): {}\n", k["huge_mappings_summary"].get<std::string>());
     if (k["guest_memfd"].contains("dirty_logging"))
         o += fmt::format("  guest_memfd slots dirty-logged: {}\n", k["guest_memfd"]["dirty_logging"].get<std::string>());
     std::string vt;

@@ -6,6 +6,7 @@
 #include "cli/options.hpp"
 #include "cli/output.hpp"
 #include "engines/gmem_policy_probe.hpp"
+#include "engines/huge_mapping_probe.hpp"
 #include "engines/ring_probe.hpp"
 #include "vmm/host_info.hpp"
 #include "vmm/kvm/kvm.hpp"
@@ -58,6 +59,15 @@ public:
         } catch (const std::exception& e) {
             info["kvm"]["guest_memfd"]["dirty_logging"] = std::string("unknown: the probe failed: ") + e.what();
         }
+        // How KVM maps huge pages here (docs quote this, not a belief).
+        engines::HugeMappingProbe hp;
+        try {
+            hp = engines::probe_huge_mappings(kvm);
+        } catch (const std::exception& e) {
+            hp.why = std::string("the probe failed: ") + e.what();
+        }
+        info["kvm"]["huge_mappings"] = hp.to_json();
+        info["kvm"]["huge_mappings_summary"] = hp.summary();
         std::string probe_table;
         if (probe_s > 0)
             probe_table = probe_ring_reset(kvm, probe_s, info);

@@ -219,7 +219,9 @@ private:
     int report(StressVm& src, const MigrateReport& r)
     {
         nlohmann::json j = r.to_json();
-        std::string table = r.to_table();
+        // One failure, one message: the cause is the stderr line below, not
+        // also the table's first line.
+        std::string table = r.to_table(false);
         int rc = kExitOk;
         if (r.guest_lost) {
             src.kill();

@@ -102,10 +102,11 @@ public:
                     }
                     if (g_stop_signal.load())
                         return 128 + g_stop_signal.load();
-                    fmt::print(stderr, "minivmm: receive failed: --timeout {} s passed without QMP's "
-                                       "migrate-incoming\n",
+                    // No sender came (none was even invited): exit 6, as at a --listen address.
+                    fmt::print(stderr, "minivmm: receive: no sender was admitted: --timeout {:g} s passed without "
+                                       "QMP's migrate-incoming\n",
                                o.accept_timeout_s);
-                    return kExitMigration;
+                    return kExitNoSender;
                 }
             }
             mon->incoming_started(o.listen);

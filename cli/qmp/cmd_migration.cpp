@@ -299,7 +299,7 @@ void Monitor::live_migration_info(json& j) const
                     {"pages-per-second", static_cast<uint64_t>(rates_.pages_per_s)},
                     {"precopy-bytes", l.precopy_bytes},
                     {"downtime-bytes", l.downtime_bytes},
-                    {"postcopy-bytes", 0},
+                    {"postcopy-bytes", l.postcopy_bytes},
                     {"dirty-sync-missed-zero-copy", 0}};
         if (caps_->auto_converge)
             j["cpu-throttle-percentage"] = l.throttle_pct;

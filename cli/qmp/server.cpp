@@ -9,6 +9,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cstring>
 #include <utility>
@@ -194,6 +196,14 @@ std::vector<std::string> split_json_stream(std::string& buf)
     }
     buf.erase(0, consumed);
     return out;
+}
+
+std::string parse_error_desc(const std::string& text)
+{
+    const bool word = !text.empty() && std::all_of(text.begin(), text.end(), [](char ch) {
+        return std::isalpha(static_cast<unsigned char>(ch)) != 0;
+    });
+    return word ? fmt::format("JSON parse error, invalid keyword '{}'", text) : "JSON parse error, invalid JSON text";
 }
 
 // ---- the server ---------------------------------------------------------------------
@@ -435,7 +445,7 @@ void Server::handle(Client& c, const std::string& text)
     json req = json::parse(text, nullptr, false);
     json reply;
     if (req.is_discarded()) {
-        reply = {{"error", {{"class", "GenericError"}, {"desc", "JSON parse error, invalid JSON text"}}}};
+        reply = {{"error", {{"class", "GenericError"}, {"desc", parse_error_desc(text)}}}};
     } else {
         try {
             json ret = dispatch(c, req);

@@ -142,5 +142,9 @@ private:
 // does: by balanced braces and brackets outside strings (whitespace between
 // objects ignored). Returns the complete texts and leaves the rest in `buf`.
 std::vector<std::string> split_json_stream(std::string& buf);
+// The error QEMU's JSON parser gives for a text that is not JSON: a bare
+// word is "invalid keyword 'WORD'" (QEMU 7.2 measured: "not json" gets two
+// such replies, one per word, as here), anything else "invalid JSON text".
+std::string parse_error_desc(const std::string& text);
 
 }  // namespace mvm::qmp

@@ -494,7 +494,23 @@ INSTANTIATE_TEST_SUITE_P(
                       Row{"migrate --to inproc", 4, "no permission to open /dev/kvm", "add your user to the group",
                           kNobody},
                       Row{"migrate --to inproc --json {existing} --tracker psychic", 2, "--tracker", "ring or bitmap"},
-                      Row{"migrate --to inproc --json {nodir}", 2, "--json", "writable path"}),
+                      Row{"migrate --to inproc --json {nodir}", 2, "--json", "writable path"},
+                      // TLS and the link (docs/tls.md)
+                      Row{"migrate --to tcp:127.0.0.1:{port} --tls-creds foo:/x", 2, "--tls-creds",
+                          "neither x509:DIR nor psk:FILE"},
+                      Row{"migrate --to tcp:127.0.0.1:{port} --tls-creds x509:/nonexistent", 2,
+                          "/nonexistent/ca-cert.pem is missing", "scripts/make-tls-creds"},
+                      Row{"migrate --to tcp:127.0.0.1:{port} --tls-creds psk:{existing}", 2, "--tls-creds psk:",
+                          "no 'username:hexkey' line"},
+                      Row{"migrate --to inproc --tls-creds x509:/nonexistent", 2, "--tls-creds",
+                          "--to tcp:HOST:PORT"},
+                      Row{"migrate --to tcp:127.0.0.1:{port} --tls-hostname dst.example", 2, "--tls-hostname",
+                          "needs --tls-creds x509:DIR"},
+                      Row{"migrate --to tcp:127.0.0.1:{port} --tls-authz CN=x", 2, "--tls-authz",
+                          "minivmm migrate --help"},
+                      Row{"migrate --to tcp:127.0.0.1:{port} --io-timeout 0", 2, "--io-timeout", "must be positive"},
+                      Row{"migrate --to tcp:127.0.0.1:{port} --io-timeout soon", 2, "--io-timeout",
+                          "not a duration"}),
     row_name);
 
 INSTANTIATE_TEST_SUITE_P(
@@ -516,6 +532,15 @@ INSTANTIATE_TEST_SUITE_P(
             kNobody},
         Row{"receive --listen tcp:127.0.0.1:{port} --json {existing} --post-run x", 2, "--post-run", "seconds"},
         Row{"receive --listen tcp:127.0.0.1:{port} --json {nodir}", 2, "--json", "writable path"},
+        // TLS and the link (docs/tls.md)
+        Row{"receive --listen tcp:127.0.0.1:{port} --tls-creds x509", 2, "--tls-creds", "neither x509:DIR nor psk:FILE"},
+        Row{"receive --listen tcp:127.0.0.1:{port} --tls-creds x509:/nonexistent", 2,
+            "/nonexistent/ca-cert.pem is missing", "scripts/make-tls-creds"},
+        Row{"receive --listen tcp:127.0.0.1:{port} --tls-creds psk:/nonexistent/keys.psk", 2, "cannot read the file",
+            "scripts/make-tls-creds --psk"},
+        Row{"receive --listen tcp:127.0.0.1:{port} --tls-authz CN=x", 2, "--tls-authz", "needs --tls-creds"},
+        Row{"receive --listen tcp:127.0.0.1:{port} --io-timeout 0", 2, "--io-timeout", "must be positive"},
+        Row{"receive --listen tcp:127.0.0.1:{port} --io-timeout soon", 2, "--io-timeout", "not a duration"},
         // A stream of another layout: a 128M sender, a 64M receiver. Both refuse
         // at the header, before any memory moves; the sender keeps its guest.
         Row{"migrate --to tcp:127.0.0.1:{port} --mem 128M --warmup 0", 5, "memslot 1 differs",

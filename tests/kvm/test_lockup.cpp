@@ -127,6 +127,9 @@ TEST(Lockup, WatchdogEventsAndTheDeliberatePauseReachTheReport)
     auto j = nlohmann::json::parse(r.out);
     ASSERT_EQ(j["variants"].size(), 2u);
     EXPECT_FALSE(j["interrupted"].get<bool>());
+    // Two instruments with one threshold: the table says how each counts.
+    EXPECT_NE(r.err.find("stalls: the sampler's, gaps over 30 ms"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("wd ev: the guest's own watchdog, gaps over 30 ms"), std::string::npos) << r.err;
     for (const auto& v : j["variants"]) {
         EXPECT_GE(v["watchdog_events"].get<uint64_t>(), 6u) << "every vCPU's guest saw the 250 ms pause";
         EXPECT_GE(v["watchdog_longest_ms"].get<double>(), 245.0);

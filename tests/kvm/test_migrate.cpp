@@ -97,6 +97,11 @@ TEST_P(MigrateTracker, InProcessZeroMismatches)
     auto j = parse(r.out);
     expect_verified(j, 64 * kMiB / 4096);
     EXPECT_GE(j["rounds"].size(), 3u) << "the guest dirties during pre-copy: some rounds";
+    // The table (on stderr with --json -) says each side's state once.
+    size_t said = 0;
+    for (size_t at = 0; (at = r.err.find("source: parked; destination:", at)) != std::string::npos; at++)
+        said++;
+    EXPECT_EQ(said, 1u) << r.err;
 }
 
 TEST_P(MigrateTracker, TcpLoopbackZeroMismatches)

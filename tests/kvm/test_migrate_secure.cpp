@@ -203,6 +203,10 @@ TEST_P(MigrateTlsRefusal, OneLineEachSideSourceRunsNothingReceived)
     EXPECT_NE(r.err.find(row.sender_says), std::string::npos) << r.err;
     EXPECT_NE(r.out.find("source: kept running (made progress)"), std::string::npos) << r.out;
     EXPECT_NE(r.out.find(", 0 mismatches"), std::string::npos) << r.out;
+    // Nothing was migrated: the reason once (stderr), the source's state and
+    // its stamp check; no cause repeated, no block of zeros.
+    EXPECT_EQ(r.out.find(row.sender_says), std::string::npos) << r.out;
+    EXPECT_EQ(lines(r.out), 1u) << r.out;
     // The receiver: one line about the connection, and it listens on for a
     // sender it can admit (ReceiverAdmission.UnwelcomeConnectionsAloneTimeOutAndExit6
     // waits out --timeout to its exit 6; here it is killed once it said why).
@@ -407,4 +411,14 @@ TEST(MigrateTimeouts, ReceiverGivesUpOnAStalledSenderAfterIoTimeout)
     EXPECT_GE(took, 2.0) << rx.output();
     EXPECT_LT(took, 2.0 + 4.0) << "boot, warm-up, then 2 s of nothing" << rx.output();
     EXPECT_NE(rx.result().err.find("nothing came for 2 s (--io-timeout)"), std::string::npos) << rx.output();
+    // Its figures: the memory step timed up to the failure (pages came, then
+    // 2 s of nothing), no switchover or verify it never reached (it printed
+    // "memory 0.0 ms, switchover 0.0 ms ..." after 1.1 GiB over 18 s).
+    const std::string& out = rx.result().out;
+    const auto at = out.find("memory ");
+    ASSERT_NE(at, std::string::npos) << out;
+    EXPECT_GE(std::stod(out.substr(at + 7)), 2000.0) << out;
+    EXPECT_NE(out.find("(cut short by the failure)"), std::string::npos) << out;
+    EXPECT_EQ(out.find("switchover"), std::string::npos) << out;
+    EXPECT_EQ(out.find("verify"), std::string::npos) << out;
 }

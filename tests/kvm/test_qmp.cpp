@@ -216,13 +216,28 @@ void negotiate(Client& c, bool events = true)
         ok(c, "migrate-set-capabilities", {{"capabilities", {{{"capability", "events"}, {"state", true}}}}});
 }
 
-// Polls query-migrate every 100 ms until `done` says so or timeout; returns the last answer.
+// QEMU's byte counters add up at every poll, a running migration's included.
+void expect_bytes_add_up(const json& j)
+{
+    if (!j.contains("ram") || !j["ram"].contains("precopy-bytes"))
+        return;
+    const json& r = j["ram"];
+    EXPECT_EQ(r["precopy-bytes"].get<uint64_t>() + r["downtime-bytes"].get<uint64_t>() +
+                  r.value("postcopy-bytes", uint64_t{0}),
+              r["transferred"].get<uint64_t>())
+        << "precopy + downtime + postcopy bytes != transferred (status " << j.value("status", "") << "): "
+        << j.dump();
+}
+
+// Polls query-migrate every 100 ms until `done` says so or timeout; returns the
+// last answer. Every answer's byte counts must add up.
 json poll_migrate(Client& c, const std::function<bool(const json&)>& done, double timeout_s)
 {
     const auto t0 = clock_type::now();
     json last;
     while (since(t0) < timeout_s) {
         last = ok(c, "query-migrate");
+        expect_bytes_add_up(last);
         if (done(last))
             return last;
         std::this_thread::sleep_for(std::chrono::milliseconds(100));
@@ -493,6 +508,20 @@ TEST(Qmp, BadQmpOptionsAreOneLineAndExit2)
 // migration is cancelled (the source keeps running), a second one completes;
 // max-bandwidth changes mid-flight and the rate follows; query-migrate's
 // final answer agrees with the source's own JSON report.
+// --listen defer and no migrate-incoming before --timeout: no sender was
+// admitted, exit 6 as at an address (it was 5, an admitted sender's failure).
+TEST(Qmp, DeferredReceiveWithoutMigrateIncomingExits6)
+{
+    REQUIRE_KVM();
+    const std::string dir = temp_dir();
+    const CmdResult r = run_minivmm(fmt::format("receive --listen defer --qmp unix:{}/d.qmp --mem 16M --timeout 1", dir));
+    EXPECT_EQ(r.exit_code, 6) << r.err;
+    EXPECT_NE(r.err.find("no sender was admitted: --timeout 1 s passed without QMP's migrate-incoming"),
+              std::string::npos)
+        << r.err;
+    EXPECT_EQ(r.out, "") << "nothing was received: no report";
+}
+
 TEST(Qmp, DrivesMigrationsCancelThenCompleteWithAMidFlightBandwidthChange)
 {
     REQUIRE_KVM();
@@ -576,6 +605,7 @@ TEST(Qmp, DrivesMigrationsCancelThenCompleteWithAMidFlightBandwidthChange)
     std::this_thread::sleep_for(std::chrono::milliseconds(1500));
     json slow = ok(s, "query-migrate");
     ASSERT_EQ(slow.value("status", ""), "active") << slow.dump();
+    expect_bytes_add_up(slow);  // was: transferred 67331680, precopy-bytes 0
     const double mbps_slow = slow["ram"]["mbps"].get<double>();
     const uint64_t sent_slow = slow["ram"]["transferred"].get<uint64_t>();
     EXPECT_GT(slow["ram"]["remaining"].get<uint64_t>(), 0u) << slow.dump();

@@ -39,6 +39,18 @@ TEST(QmpStream, JunkComesOutAsTextsTheParserRefuses)
     EXPECT_TRUE(buf.empty());
 }
 
+// Measured on QEMU 7.2's QMP: "not json" gets two errors, one per word,
+// "JSON parse error, invalid keyword 'not'" then '...json'; so does minivmm.
+TEST(QmpStream, ALineOfBareWordsGetsQemusErrorPerWord)
+{
+    std::string buf = "not json\n";
+    auto v = split_json_stream(buf);
+    ASSERT_EQ(v.size(), 2u);
+    EXPECT_EQ(mvm::qmp::parse_error_desc(v[0]), "JSON parse error, invalid keyword 'not'");
+    EXPECT_EQ(mvm::qmp::parse_error_desc(v[1]), "JSON parse error, invalid keyword 'json'");
+    EXPECT_EQ(mvm::qmp::parse_error_desc("]"), "JSON parse error, invalid JSON text");
+}
+
 TEST(QmpArgs, QemuWordingForUnexpectedMissingAndMistypedMembers)
 {
     const json a = {{"uri", "tcp:1.2.3.4:5"}, {"n", 3}, {"flag", true}};

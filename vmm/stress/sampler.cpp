@@ -1,5 +1,8 @@
 #include "vmm/stress/sampler.hpp"
 
+#include <algorithm>
+#include <map>
+
 #include <time.h>
 
 namespace mvm {
@@ -94,6 +97,29 @@ std::vector<Stall> ProgressSampler::stalls_over(double threshold_ms) const
     for (const auto& g : gaps_)
         if (g.len_ms > threshold_ms)
             out.push_back(g);
+    return out;
+}
+
+std::vector<std::pair<double, double>> all_vcpus_rate(const std::vector<ProgressSample>& samples,
+                                                      double min_bin_ms, size_t max_points)
+{
+    std::map<double, uint64_t> total;  // per tick: pages of all vCPUs
+    for (const ProgressSample& p : samples)
+        total[p.t_ms] += p.pages;
+    std::vector<std::pair<double, double>> out;
+    if (total.size() < 2)
+        return out;
+    const double span = total.rbegin()->first - total.begin()->first;
+    const double bin = std::max(min_bin_ms, span / static_cast<double>(std::max<size_t>(max_points, 1)));
+    auto prev = total.begin();
+    for (auto it = std::next(total.begin()); it != total.end(); ++it) {
+        const double dt = it->first - prev->first;
+        if (dt < bin && std::next(it) != total.end())
+            continue;
+        const double d = static_cast<double>(it->second >= prev->second ? it->second - prev->second : 0);
+        out.emplace_back(it->first, dt > 0 ? d / dt * 1e3 : 0);
+        prev = it;
+    }
     return out;
 }
 

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "vmm/stress/stress_vm.hpp"
@@ -64,5 +65,11 @@ private:
     uint64_t ticks_ = 0;
     double cpu_s_ = 0, wall_s_ = 0;
 };
+
+// The guest's progress over all vCPUs from kept samples: pages per second
+// over bins of at least min_bin_ms, fewer than ~max_points of them; each
+// point is (end of its bin on the samples' clock, pages/s over the bin).
+std::vector<std::pair<double, double>> all_vcpus_rate(const std::vector<ProgressSample>& samples,
+                                                      double min_bin_ms, size_t max_points);
 
 }  // namespace mvm
