@@ -501,7 +501,7 @@ INSTANTIATE_TEST_SUITE_P(
                       Row{"migrate --to tcp:127.0.0.1:{port} --tls-creds x509:/nonexistent", 2,
                           "/nonexistent/ca-cert.pem is missing", "scripts/make-tls-creds"},
                       Row{"migrate --to tcp:127.0.0.1:{port} --tls-creds psk:{existing}", 2, "--tls-creds psk:",
-                          "no 'username:hexkey' line"},
+                          "'username:hexkey'"},
                       Row{"migrate --to inproc --tls-creds x509:/nonexistent", 2, "--tls-creds",
                           "--to tcp:HOST:PORT"},
                       Row{"migrate --to tcp:127.0.0.1:{port} --tls-hostname dst.example", 2, "--tls-hostname",
