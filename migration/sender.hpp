@@ -176,6 +176,7 @@ private:
     void throttle(const dirty::Harvest& h, double prev_s, RoundReport& rr);
     void print_progress(const RoundReport& rr) const;
     std::vector<double> stop_sampler();
+    [[noreturn]] void discard_destination(const std::string& why, const std::string& error);
     void park_source();
     dirty::Harvest park_and_harvest();
     ChannelPages final_pages(const dirty::Harvest& last);

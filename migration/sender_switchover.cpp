@@ -97,6 +97,16 @@ void Sender::handed_over()
     verify_after_resume();
 }
 
+// The destination's copy is not the guest's: it was stopped and is dropped;
+// (like any failure, in fail()) the intact, parked source resumes.
+void Sender::discard_destination(const std::string& why, const std::string& error)
+{
+    destination_discarded_ = true;
+    rep_.destination_state = "discarded";
+    rep_.state_note = why + ": the destination was stopped and its copy discarded";
+    throw Error(error);
+}
+
 // The parked source hashes its frozen memory; the destination compares it
 // with its pages as they landed. A mismatch fails the migration: the
 // destination's copy is discarded and fail() resumes the intact source.
@@ -114,12 +124,8 @@ void Sender::verify_after_resume()
     rep_.switchover_pages_checked = v.pages_checked;
     rep_.switchover_mismatches = v.mismatches;
     rep_.switchover_mismatch_gpas = v.mismatched_gpas;
-    if (!v.ok) {
-        destination_discarded_ = true;
-        rep_.destination_state = "discarded";
-        rep_.state_note = "verification failed: the destination was stopped and its copy discarded";
-        throw Error("verification after resume failed: " + v.text);
-    }
+    if (!v.ok)
+        discard_destination("verification failed", "verification after resume failed: " + v.text);
 }
 
 void Sender::finish()
@@ -140,14 +146,8 @@ void Sender::finish()
         rep_.destination_placement = d["placement"];
     rep_.destination_progressed = fin.ok != 0 || fin.text.find("no progress") == std::string::npos;
     rep_.verified = opt_.verify;
-    if (!fin.ok) {
-        // The destination's copy is not the guest's: discard it, and (like
-        // any failure, in fail()) the intact, parked source resumes.
-        destination_discarded_ = true;
-        rep_.destination_state = "discarded";
-        rep_.state_note = "its post-run check failed: the destination was stopped and its copy discarded";
-        throw Error("destination check failed after resume: " + fin.text);
-    }
+    if (!fin.ok)
+        discard_destination("its post-run check failed", "destination check failed after resume: " + fin.text);
     rep_.status = "completed";
     enter(Phase::Done);
     rep_.phase.clear();

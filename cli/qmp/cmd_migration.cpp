@@ -277,44 +277,42 @@ json Monitor::source_migration_info() const
 void Monitor::live_migration_info(json& j) const
 {
     const uint32_t ring_entries = vm_.config().dirty_ring_bytes / 16;
-    {
-        const migration::LiveFigures l = sender_->live();
-        const uint64_t normal = l.sent_pages - std::min(l.sent_pages, l.zero_pages);
-        j["total-time"] = ms(l.elapsed_ms);
-        if (l.setup_ms >= 0)
-            j["setup-time"] = ms(l.setup_ms);
-        j["expected-downtime"] = ms(l.expected_downtime_ms);
-        j["ram"] = {{"transferred", l.transferred_bytes},
-                    {"remaining", l.remaining_pages * 4096},
-                    {"total", l.total_bytes},
-                    {"duplicate", l.zero_pages},
-                    {"normal", normal},
-                    {"normal-bytes", normal * 4096},
-                    {"dirty-pages-rate", static_cast<int64_t>(l.dirty_rate)},
-                    {"mbps", rates_.mbps},
-                    {"dirty-sync-count", l.dirty_syncs},
-                    {"postcopy-requests", 0},
-                    {"page-size", 4096},
-                    {"multifd-bytes", caps_->multifd ? l.transferred_bytes : 0},
-                    {"pages-per-second", static_cast<uint64_t>(rates_.pages_per_s)},
-                    {"precopy-bytes", l.precopy_bytes},
-                    {"downtime-bytes", l.downtime_bytes},
-                    {"postcopy-bytes", l.postcopy_bytes},
-                    {"dirty-sync-missed-zero-copy", 0}};
-        if (caps_->auto_converge)
-            j["cpu-throttle-percentage"] = l.throttle_pct;
-        if (caps_->dirty_limit && ring_entries && l.dirty_rate > 0) {
-            // QEMU's estimate: how long a vCPU's ring takes to fill at the
-            // current rate (per vCPU), and the idle the cap adds per fill.
-            const double per_vcpu = l.dirty_rate / std::max<uint32_t>(1, vm_.vcpu_count());
-            const double full_us = ring_entries / per_vcpu * 1e6;
-            j["dirty-limit-ring-full-time"] = static_cast<uint64_t>(full_us);
-            const double capped_us = l.dirty_limit ? ring_entries / static_cast<double>(l.dirty_limit) * 1e6 : 0;
-            j["dirty-limit-throttle-time-per-round"] = static_cast<uint64_t>(std::max(0.0, capped_us - full_us));
-        }
-        j["x-minivmm-phase"] = migration::phase_name(l.phase);
-        j["x-minivmm-rounds"] = l.rounds;
+    const migration::LiveFigures l = sender_->live();
+    const uint64_t normal = l.sent_pages - std::min(l.sent_pages, l.zero_pages);
+    j["total-time"] = ms(l.elapsed_ms);
+    if (l.setup_ms >= 0)
+        j["setup-time"] = ms(l.setup_ms);
+    j["expected-downtime"] = ms(l.expected_downtime_ms);
+    j["ram"] = {{"transferred", l.transferred_bytes},
+                {"remaining", l.remaining_pages * 4096},
+                {"total", l.total_bytes},
+                {"duplicate", l.zero_pages},
+                {"normal", normal},
+                {"normal-bytes", normal * 4096},
+                {"dirty-pages-rate", static_cast<int64_t>(l.dirty_rate)},
+                {"mbps", rates_.mbps},
+                {"dirty-sync-count", l.dirty_syncs},
+                {"postcopy-requests", 0},
+                {"page-size", 4096},
+                {"multifd-bytes", caps_->multifd ? l.transferred_bytes : 0},
+                {"pages-per-second", static_cast<uint64_t>(rates_.pages_per_s)},
+                {"precopy-bytes", l.precopy_bytes},
+                {"downtime-bytes", l.downtime_bytes},
+                {"postcopy-bytes", l.postcopy_bytes},
+                {"dirty-sync-missed-zero-copy", 0}};
+    if (caps_->auto_converge)
+        j["cpu-throttle-percentage"] = l.throttle_pct;
+    if (caps_->dirty_limit && ring_entries && l.dirty_rate > 0) {
+        // QEMU's estimate: how long a vCPU's ring takes to fill at the
+        // current rate (per vCPU), and the idle the cap adds per fill.
+        const double per_vcpu = l.dirty_rate / std::max<uint32_t>(1, vm_.vcpu_count());
+        const double full_us = ring_entries / per_vcpu * 1e6;
+        j["dirty-limit-ring-full-time"] = static_cast<uint64_t>(full_us);
+        const double capped_us = l.dirty_limit ? ring_entries / static_cast<double>(l.dirty_limit) * 1e6 : 0;
+        j["dirty-limit-throttle-time-per-round"] = static_cast<uint64_t>(std::max(0.0, capped_us - full_us));
     }
+    j["x-minivmm-phase"] = migration::phase_name(l.phase);
+    j["x-minivmm-rounds"] = l.rounds;
 }
 
 // After it ended: the last report's figures (under mu_).

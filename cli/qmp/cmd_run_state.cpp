@@ -115,9 +115,7 @@ json Monitor::quit()
 
 json Monitor::query_version() const
 {
-    return {{"qemu", {{"major", kQemuMajor}, {"minor", kQemuMinor}, {"micro", kQemuMicro}}},
-            {"package", fmt::format("minivmm (QMP with QEMU {}.{}'s names; a subset: docs/qmp.md)", kQemuMajor,
-                                    kQemuMinor)}};
+    return qmp_version();
 }
 
 }  // namespace mvm::qmp

@@ -23,10 +23,7 @@ using migration::Phase;
 
 Monitor::Monitor(const std::string& option, const Address& addr, StressVm& vm, Role role)
     : vm_(vm), role_(role),
-      server_(option, addr,
-              {{"qemu", {{"major", kQemuMajor}, {"minor", kQemuMinor}, {"micro", kQemuMicro}}},
-               {"package", fmt::format("minivmm (QMP with QEMU {}.{}'s names; a subset: docs/qmp.md)", kQemuMajor,
-                                       kQemuMinor)}}),
+      server_(option, addr, qmp_version()),
       params_(std::make_unique<Params>()), caps_(std::make_unique<Capabilities>()),
       rate_(std::make_unique<DirtyRateJob>())
 {

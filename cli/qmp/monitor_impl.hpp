@@ -21,6 +21,14 @@ namespace mvm::qmp {
 // The QAPI schema whose names minivmm follows (query-version reports it).
 inline constexpr int kQemuMajor = 9, kQemuMinor = 2, kQemuMicro = 0;
 
+// query-version's answer, which the greeting carries too.
+inline json qmp_version()
+{
+    return {{"qemu", {{"major", kQemuMajor}, {"minor", kQemuMinor}, {"micro", kQemuMicro}}},
+            {"package", "minivmm (QMP with QEMU " + std::to_string(kQemuMajor) + "." + std::to_string(kQemuMinor) +
+                            "'s names; a subset: docs/qmp.md)"}};
+}
+
 // QEMU's MigrationStatus for a Sender phase.
 inline const char* status_of(migration::Phase p)
 {

@@ -14,6 +14,18 @@
 #include "vmm/config.hpp"
 #include "vmm/kvm/kvm.hpp"
 
+// Where the built minivmm and the sources are: compiled into one file only
+// (tests/kvm_test_paths.cpp), so every other test file compiles the same in
+// any checkout and a fresh clone elsewhere hits ccache for all of them.
+namespace mvm::test {
+const char* minivmm_binary_path();
+const char* fuzz_dir_path();
+const char* source_dir_path();
+}  // namespace mvm::test
+#define MINIVMM_BINARY (::mvm::test::minivmm_binary_path())
+#define MINIVMM_FUZZ_DIR (::mvm::test::fuzz_dir_path())
+#define MINIVMM_SOURCE_DIR (::mvm::test::source_dir_path())
+
 namespace mvm::test {
 
 // The host's KVM, or nullptr with the reason in *why.
