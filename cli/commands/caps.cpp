@@ -96,7 +96,7 @@ private:
         if (u["skipped"].get<std::string>().empty())
             out += u["unlogged"].get<uint64_t>() > 0
                        ? "  -> this host loses ring entries to signals pending at reset; minivmm blocks every signal "
-                         "around each reset\n"
+                         "around each reset (the kernel fix: docs/kernel-fix.md)\n"
                        : fmt::format("  -> no loss seen in {:.1f} s (the loss is intermittent where it exists; probe "
                                      "longer to be surer)\n",
                                      seconds);
