@@ -180,19 +180,22 @@ ResultRecord InprocDestination::end_postcopy()
 
 // ---- minivmm receive over TCP -------------------------------------------------------
 
-RemoteDestination::RemoteDestination(StressVm& src, std::string host, uint16_t port, LinkOptions link)
-    : src_(src), host_(std::move(host)), port_(port), link_(std::move(link))
+RemoteDestination::RemoteDestination(StressVm& src, Endpoint to, LinkOptions link)
+    : src_(src), to_(std::move(to)), link_(std::move(link))
 {
-    if (link_.tls.enabled())
-        tls_ = tls::Context::client(link_.tls, host_);
+    if (link_.tls.enabled()) {
+        if (to_.is_unix())
+            throw UsageError("--tls-creds: over a unix socket is not supported (use tcp:HOST:PORT)");
+        tls_ = tls::Context::client(link_.tls, to_.host);
+    }
 }
 
 void RemoteDestination::connect_all(const StreamHeader& h)
 {
     const uint64_t session = new_session_id();
     for (uint32_t c = 0; c < h.nr_channels; c++) {
-        auto raw = std::make_unique<FdTransport>(connect_tcp(host_, port_, link_.deadline),
-                                                 fmt::format("{}:{} (channel {})", host_, port_, c));
+        auto raw = std::make_unique<FdTransport>(connect_endpoint(to_, link_.deadline),
+                                                 fmt::format("{} (channel {})", to_.str(), c));
         raw->set_limits(limits(true));
         std::unique_ptr<Transport> t;
         if (tls_)
@@ -441,8 +444,7 @@ std::unique_ptr<Destination> make_destination(StressVm& src, const std::string& 
 {
     if (to == "inproc")
         return std::make_unique<InprocDestination>(src, verify, post_run_s);
-    auto [host, port] = parse_tcp("--to", to);
-    return std::make_unique<RemoteDestination>(src, host, port, std::move(link));
+    return std::make_unique<RemoteDestination>(src, parse_endpoint("--to", to, true), std::move(link));
 }
 
 }  // namespace mvm::migration

@@ -20,6 +20,7 @@
 #include "migration/page_codec.hpp"
 #include "migration/resume.hpp"
 #include "migration/stream.hpp"
+#include "migration/transport/tcp.hpp"
 #include "migration/transport/tls.hpp"
 #include "migration/transport/wrapper.hpp"
 #include "migration/verify.hpp"
@@ -139,7 +140,7 @@ struct LinkOptions {
 class RemoteDestination : public Destination {
 public:
     // Throws UsageError for unusable TLS credentials.
-    RemoteDestination(StressVm& src, std::string host, uint16_t port, LinkOptions link);
+    RemoteDestination(StressVm& src, Endpoint to, LinkOptions link);
     void open(const StreamHeader& h) override;
     void send(uint32_t channel, std::span<const uint64_t> gpas, uint64_t& bytes, uint64_t& zeros) override;
     ResultRecord switchover(const std::vector<VcpuState>& states) override;
@@ -163,8 +164,7 @@ private:
     void connect_all(const StreamHeader& h);
 
     StressVm& src_;
-    std::string host_;
-    uint16_t port_;
+    Endpoint to_;
     LinkOptions link_;
     std::shared_ptr<const tls::Context> tls_;
     double receiver_post_run_s_ = 0;  // told in its "resumed" RESULT

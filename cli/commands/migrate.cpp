@@ -50,7 +50,7 @@ public:
                                                 "rounds while it runs, stop-and-copy, resume on the destination), "
                                                 "verify");
         vm_.add_to(*c);
-        c->add_option("--to", to_, "inproc (a second VM here) or tcp:HOST:PORT (minivmm receive there)");
+        c->add_option("--to", to_, "inproc (a second VM here), tcp:HOST:PORT or unix:PATH (minivmm receive there)");
         c->add_option("--tracker", tracker_, "ring|bitmap")->capture_default_str();
         c->add_option("--ring", ring_, "with --tracker ring: bytes per vCPU ring (default 256K)");
         c->add_option("--max-downtime", max_downtime_, "ms the stop-and-copy may take at the measured bandwidth")
@@ -139,10 +139,10 @@ private:
     {
         MigrateOptions o;
         if (to_.empty())
-            throw UsageError("--to is required: inproc or tcp:HOST:PORT");
+            throw UsageError("--to is required: inproc, tcp:HOST:PORT or unix:PATH");
         o.to = to_;
         if (o.to != "inproc")
-            parse_tcp("--to", o.to);
+            parse_endpoint("--to", o.to);
         o.tracker = dirty::parse_mode_option("--tracker", tracker_, "tracker", "ring or bitmap");
         o.max_downtime_ms = parse_ms("--max-downtime", max_downtime_);
         o.bandwidth = parse_size_option("--bandwidth", bandwidth_);
@@ -171,8 +171,11 @@ private:
         if (o.tls.enabled()) {
             if (o.to == "inproc")
                 throw UsageError("--tls-creds: applies to a TCP destination (--to tcp:HOST:PORT)");
+            const auto ep = parse_endpoint("--to", o.to);
+            if (ep.is_unix())
+                throw UsageError("--tls-creds: over a unix socket is not supported (use --to tcp:HOST:PORT)");
             // The credentials are read and checked now, before the guest boots.
-            migration::tls::Context::client(o.tls, parse_tcp("--to", o.to).first);
+            migration::tls::Context::client(o.tls, ep.host);
         }
         hooks_ = test_hooks(o);
         parse_throttle(throttle_, o);
@@ -187,8 +190,7 @@ private:
     {
         if (to == "inproc")
             return;
-        auto [host, port] = parse_tcp("--to", to);
-        ::close(connect_tcp(host, port, std::chrono::steady_clock::now() + std::chrono::seconds(30)));
+        ::close(connect_endpoint(parse_endpoint("--to", to), std::chrono::steady_clock::now() + std::chrono::seconds(30)));
     }
 
     // Test hooks (cli/test_hooks.hpp): lose the destination in a phase, or damage the stream.

@@ -33,7 +33,7 @@ public:
                                                 "resume the guest, check its stamps");
         vm_.add_to(*c);
         c->add_option("--listen", listen_,
-                      "tcp:ADDR:PORT to listen on, or defer (with --qmp): wait for QMP's migrate-incoming to name it");
+                      "tcp:ADDR:PORT or unix:PATH to listen on, or defer (with --qmp): wait for QMP's migrate-incoming to name it");
         c->add_option("--post-run", post_run_, "seconds the guest runs here before its stamp check")
             ->capture_default_str();
         c->add_option("--timeout", timeout_,
@@ -52,7 +52,7 @@ public:
         ReceiveOptions o;
         const std::optional<qmp::Address> qaddr = qmp_.address();
         if (listen_.empty())
-            throw UsageError("--listen is required: tcp:ADDR:PORT, e.g. tcp:0.0.0.0:4444 (or defer with --qmp)");
+            throw UsageError("--listen is required: tcp:ADDR:PORT (e.g. tcp:0.0.0.0:4444), unix:PATH, or defer with --qmp");
         const bool deferred = listen_ == "defer";
         if (deferred && !qaddr)
             throw UsageError("--listen defer: needs --qmp (QMP's migrate-incoming names the address)");

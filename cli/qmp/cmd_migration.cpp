@@ -59,17 +59,20 @@ json Monitor::migrate_cmd(const json& args)
     if (role_ == Role::Destination)
         throw QmpError("migrate: this is a destination (minivmm receive); migrate from the source");
     if (a.has("channels"))
-        throw QmpError("migrate: the 'channels' form of the address is not supported; use 'uri': 'tcp:HOST:PORT'");
+        throw QmpError("migrate: the 'channels' form of the address is not supported; use 'uri': 'tcp:HOST:PORT' or "
+                       "'unix:PATH'");
     if (a.boolean_or("resume", false))
         throw QmpError("migrate: resume is for a paused postcopy migration; minivmm does not recover one (a postcopy "
                        "that broke off loses the guest: docs/postcopy.md)");
     if (a.boolean_or("blk", false) || a.boolean_or("inc", false))
         throw QmpError("migrate: block migration is not supported (minivmm's guest has no disks)");
     const std::string uri = a.str("uri");
-    if (uri.rfind("tcp:", 0) != 0)
-        throw QmpError(fmt::format("migrate: uri '{}' is not supported; minivmm migrates over tcp:HOST:PORT", uri));
+    if (uri.rfind("tcp:", 0) != 0 && uri.rfind("unix:", 0) != 0)
+        throw QmpError(fmt::format("migrate: uri '{}' is not supported; minivmm migrates over tcp:HOST:PORT or "
+                                   "unix:PATH",
+                                   uri));
     try {
-        migration::parse_tcp("uri", uri);
+        migration::parse_endpoint("uri", uri, true);  // port 0 as in QEMU: the migration fails to connect
     } catch (const std::exception& e) {
         throw QmpError(fmt::format("migrate: {}", e.what()));
     }

@@ -34,8 +34,8 @@ json Monitor::migrate_incoming(const json& args)
     std::lock_guard lk(mu_);
     if (incoming_started_ || !incoming_uri_.empty())
         throw QmpError("The incoming migration has already been started");
-    if (uri.rfind("tcp:", 0) != 0)
-        throw QmpError(fmt::format("migrate-incoming: uri '{}' is not supported; use tcp:ADDR:PORT", uri));
+    if (uri.rfind("tcp:", 0) != 0 && uri.rfind("unix:", 0) != 0)
+        throw QmpError(fmt::format("migrate-incoming: uri '{}' is not supported; use tcp:ADDR:PORT or unix:PATH", uri));
     try {
         ::close(migration::bind_listener(uri));  // bindable now (receive binds it again at once)
     } catch (const std::exception& e) {

@@ -7,18 +7,22 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
+#include <tuple>
 #include <fmt/format.h>
 
 #include "base/error.hpp"
 
 namespace mvm::migration {
 
-std::pair<std::string, uint16_t> parse_tcp(const std::string& option, const std::string& spec)
+std::pair<std::string, uint16_t> parse_tcp(const std::string& option, const std::string& spec, bool port0_ok)
 {
     if (spec.rfind("tcp:", 0) != 0)
         throw UsageError(fmt::format("{}: '{}' is not tcp:HOST:PORT (e.g. tcp:127.0.0.1:4444)", option, spec));
@@ -35,9 +39,31 @@ std::pair<std::string, uint16_t> parse_tcp(const std::string& option, const std:
             throw UsageError(fmt::format("{}: port '{}' is not a number in 1..65535", option, port));
         p = p * 10 + static_cast<uint64_t>(c - '0');
     }
-    if (p == 0 || p > 65535)
+    if ((p == 0 && !port0_ok) || p > 65535)
         throw UsageError(fmt::format("{}: port '{}' is not a number in 1..65535", option, port));
     return {host, static_cast<uint16_t>(p)};
+}
+
+std::string Endpoint::str() const
+{
+    return is_unix() ? "unix:" + path : fmt::format("tcp:{}:{}", host, port);
+}
+
+Endpoint parse_endpoint(const std::string& option, const std::string& spec, bool port0_ok)
+{
+    Endpoint ep;
+    if (spec.rfind("unix:", 0) == 0) {
+        ep.path = spec.substr(5);
+        if (ep.path.empty() || ep.path.size() >= sizeof(sockaddr_un::sun_path))
+            throw UsageError(fmt::format("{}: '{}' is not unix:PATH with a path of 1..{} bytes", option, spec,
+                                         sizeof(sockaddr_un::sun_path) - 1));
+        return ep;
+    }
+    if (spec.rfind("tcp:", 0) != 0)
+        throw UsageError(fmt::format("{}: '{}' is not tcp:HOST:PORT or unix:PATH (e.g. tcp:127.0.0.1:4444)", option,
+                                     spec));
+    std::tie(ep.host, ep.port) = parse_tcp(option, spec, port0_ok);
+    return ep;
 }
 
 namespace {
@@ -108,6 +134,58 @@ int connect_tcp(const std::string& host, uint16_t port, IoLimits::time_point dea
     return fd;
 }
 
+int connect_endpoint(const Endpoint& ep, IoLimits::time_point deadline)
+{
+    if (!ep.is_unix())
+        return connect_tcp(ep.host, ep.port, deadline);
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    std::snprintf(a.sun_path, sizeof(a.sun_path), "%s", ep.path.c_str());
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        throw SysError("socket", errno);
+    if (int err = connect_by(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a), deadline); err != 0) {
+        ::close(fd);
+        throw Error(fmt::format("--to unix:{}: cannot connect: {}; is 'minivmm receive --listen unix:{}' running?",
+                                ep.path, errno_text(err), ep.path));
+    }
+    return fd;
+}
+
+namespace {
+
+int bind_unix(const std::string& option, const std::string& path)
+{
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    std::snprintf(a.sun_path, sizeof(a.sun_path), "%s", path.c_str());
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        throw SysError("socket", errno);
+    struct stat st {};
+    if (::lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
+        // Replaced only when nobody listens on it (a socket left by a process that ended).
+        int probe = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        const bool live = probe >= 0 && ::connect(probe, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
+        if (probe >= 0)
+            ::close(probe);
+        if (live) {
+            ::close(fd);
+            throw UsageError(fmt::format("{} unix:{}: another process listens there; pick another path", option, path));
+        }
+        ::unlink(path.c_str());
+    }
+    if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+        const int err = errno;
+        ::close(fd);
+        throw UsageError(fmt::format("{} unix:{}: cannot bind: {}; use a path in a writable directory", option, path,
+                                     errno_text(err)));
+    }
+    return fd;
+}
+
+}  // namespace
+
 int bind_tcp(const std::string& option, const std::string& host, uint16_t port, uint16_t* bound_port)
 {
     sockaddr_storage ss{};
@@ -153,8 +231,8 @@ int bind_tcp(const std::string& option, const std::string& host, uint16_t port, 
 
 int bind_listener(const std::string& spec)
 {
-    auto [host, port] = parse_tcp("--listen", spec);
-    return bind_tcp("--listen", host, port);
+    const Endpoint ep = parse_endpoint("--listen", spec);
+    return ep.is_unix() ? bind_unix("--listen", ep.path) : bind_tcp("--listen", ep.host, ep.port);
 }
 
 std::unique_ptr<FdTransport> accept_within(int fd, double timeout_s, std::string peer)

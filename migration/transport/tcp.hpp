@@ -1,5 +1,5 @@
-// migration/transport/tcp.hpp - the migration's TCP connections: the
-// tcp:HOST:PORT syntax, the sender's connections, the receiver's listening
+// migration/transport/tcp.hpp - the migration's socket connections: the
+// tcp:HOST:PORT and unix:PATH syntax, the sender's connections, the receiver's listening
 // socket and its accepts. The byte pipe over a socket is FdTransport
 // (migration/stream.hpp).
 #pragma once
@@ -14,7 +14,24 @@
 namespace mvm::migration {
 
 // "tcp:HOST:PORT" -> host, port; throws UsageError naming `option`.
-std::pair<std::string, uint16_t> parse_tcp(const std::string& option, const std::string& spec);
+// port0_ok: port 0 passes (QMP's migrate takes it, and the migration then fails).
+std::pair<std::string, uint16_t> parse_tcp(const std::string& option, const std::string& spec,
+                                           bool port0_ok = false);
+
+// A migration address: tcp:HOST:PORT or unix:PATH (QEMU's two socket forms).
+struct Endpoint {
+    std::string host;  // tcp
+    uint16_t port = 0;
+    std::string path;  // unix
+    bool is_unix() const { return !path.empty(); }
+    std::string str() const;  // as it was written
+};
+
+// tcp:HOST:PORT or unix:PATH; throws UsageError naming `option`.
+Endpoint parse_endpoint(const std::string& option, const std::string& spec, bool port0_ok = false);
+
+// A connected stream socket to `ep`, given up at `deadline`; throws Error naming --to.
+int connect_endpoint(const Endpoint& ep, IoLimits::time_point deadline = IoLimits::time_point::max());
 
 // A connected socket (TCP_NODELAY) to host:port, given up at `deadline`;
 // throws Error naming --to.
@@ -26,7 +43,8 @@ int connect_tcp(const std::string& host, uint16_t port, IoLimits::time_point dea
 // given, receives the port bound (port 0 picks a free one).
 int bind_tcp(const std::string& option, const std::string& host, uint16_t port, uint16_t* bound_port = nullptr);
 
-// bind_tcp for --listen's tcp:ADDR:PORT.
+// A bound (not yet listening) socket for --listen's tcp:ADDR:PORT or unix:PATH
+// (a socket file nobody listens on is replaced, as QEMU does).
 int bind_listener(const std::string& spec);
 
 // The next connection on listening socket `fd`, or nullptr when none comes

@@ -471,8 +471,11 @@ INSTANTIATE_TEST_SUITE_P(
 
 INSTANTIATE_TEST_SUITE_P(
     Migrate, BadInput,
-    ::testing::Values(Row{"migrate", 2, "--to", "inproc or tcp"},
-                      Row{"migrate --to udp:1.2.3.4:5", 2, "--to", "tcp:HOST:PORT"},
+    ::testing::Values(Row{"migrate", 2, "--to", "inproc, tcp:HOST:PORT or unix:PATH"},
+                      Row{"migrate --to udp:1.2.3.4:5", 2, "--to", "tcp:HOST:PORT or unix:PATH"},
+                      Row{"migrate --to unix:", 2, "--to", "unix:PATH with a path"},
+                      Row{"migrate --to unix:/tmp/minivmm-no-such.sock --tls-creds psk:{existing}", 2, "--tls-creds",
+                          "unix socket is not supported"},
                       Row{"migrate --to inproc --tracker psychic", 2, "--tracker", "ring or bitmap"},
                       Row{"migrate --to inproc --throttle slow", 2, "--throttle", "auto-converge"},
                       Row{"migrate --to inproc --channels two", 2, "--channels", "0..64"},
@@ -521,6 +524,7 @@ INSTANTIATE_TEST_SUITE_P(
         Row{"receive --listen tcp:127.0.0.1:{port} --timeout soon", 2, "--timeout", "seconds"},
         Row{"receive --listen tcp:127.0.0.1:{port} --vcpus two", 2, "--vcpus", "whole number"},
         Row{"receive --listen tcp:127.0.0.1:99999", 2, "--listen", "1..65535"},
+        Row{"receive --listen unix:/nonexistent-dir/m.sock", 2, "--listen unix:", "writable directory"},
         Row{"receive --listen tcp:127.0.0.1:{port} --timeout 0", 2, "--timeout", "must be positive"},
         Row{"receive --listen tcp:127.0.0.1:{busy} --mem 64M", 2, "Address already in use", "pick a free port"},
         Row{"receive --listen tcp:127.0.0.1:{port} --mem 64G --backing hugetlb2m", 2, "--mem: hugetlb needs",

@@ -34,7 +34,7 @@ const char* kVm = "--numa cpus=0,mem=32M,host-nodes=0 --numa cpus=1,mem=32M,host
 const char* kRun = "--warmup 0.3 --post-run 0.5 --bandwidth 400M --max-iterations 4";
 
 struct ChannelCase {
-    const char* to;  // inproc | tcp
+    const char* to;  // inproc | tcp | unix
     const char* tracker;
     uint32_t channels;
     const char* compress;
@@ -52,13 +52,14 @@ TEST_P(MigrateChannels, EveryPageArrivesZeroMismatches)
 {
     REQUIRE_KVM();
     const ChannelCase c = GetParam();
-    const bool tcp = std::string(c.to) == "tcp";
+    const bool tcp = std::string(c.to) != "inproc";  // over a socket: TCP, or a unix socket (QEMU's unix:)
     const bool zstd = std::string(c.compress) != "none";
     std::unique_ptr<Receiver> recv;
     std::string to = "inproc";
     if (tcp) {
         const uint16_t port = free_port();
-        to = fmt::format("tcp:127.0.0.1:{}", port);
+        to = std::string(c.to) == "unix" ? fmt::format("unix:/tmp/minivmm-test-{}.sock", port)
+                                         : fmt::format("tcp:127.0.0.1:{}", port);
         recv = std::make_unique<Receiver>(fmt::format("{} --post-run 0.5 --listen {} --json -", kVm, to));
     }
     auto r = run_minivmm(fmt::format("migrate --to {} --tracker {} --channels {} --compress {} {} {} --max-downtime 20 "
@@ -101,6 +102,7 @@ TEST_P(MigrateChannels, EveryPageArrivesZeroMismatches)
 
 INSTANTIATE_TEST_SUITE_P(Cases, MigrateChannels,
                          ::testing::Values(ChannelCase{"tcp", "bitmap", 3, "none"},
+                                           ChannelCase{"unix", "ring", 2, "none"},
                                            ChannelCase{"tcp", "ring", 3, "zstd"},
                                            ChannelCase{"tcp", "bitmap", 1, "zstd:3"},
                                            ChannelCase{"inproc", "bitmap", 4, "none"},
