@@ -93,6 +93,10 @@ struct SenderEvents {
     std::function<void(Phase)> on_phase;           // every phase entered (Done: finished or failed)
     std::function<void(uint64_t sync)> on_sync;    // after each dirty-log harvest, numbered from 1
     std::function<void(bool running)> on_source;   // the source's vCPUs parked (false) or given back (true)
+    // Pre-copy's end: the source parked, nothing of the last round sent yet.
+    // May wait (QEMU's pause-before-switchover until migrate-continue); a
+    // cancel meanwhile is honoured when it returns. Its wait is downtime.
+    std::function<void()> before_switchover;
 };
 
 // What a migration has done so far: what QMP's query-migrate reads while it

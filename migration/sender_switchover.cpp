@@ -25,6 +25,10 @@ void Sender::stop_and_copy()
     if (!pending_)
         rep_.forced_by = "caller";  // stopped before pre-copy said it was done
     dirty::Harvest last = park_and_harvest();
+    if (events_.before_switchover) {
+        events_.before_switchover();
+        check_cancel();
+    }
     const double interval_s = harvested() + pending_interval_s_;
     synced(last.dirty_pages, 0);
     auto t = clock::now();

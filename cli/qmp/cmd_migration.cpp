@@ -103,12 +103,15 @@ void Monitor::start_migration(const migration::MigrateOptions& o)
     if (migration_thread_.joinable())
         throw QmpError("There's a migration process in progress");  // finishing, right now
     migration::SenderEvents ev;
-    ev.on_phase = [this](Phase p) {
+    const bool pause = caps_->pause_before_switchover;
+    ev.on_phase = [this, pause](Phase p) {
         if (p == Phase::Stop)
             set_run_state("finish-migrate");
-        if (p != Phase::Done)
+        if (p != Phase::Done && !(p == Phase::Stop && pause))  // pre-switchover comes first, then device
             set_status(status_of(p));
     };
+    if (pause)
+        ev.before_switchover = [this] { pre_switchover(); };
     ev.on_sync = [this](uint64_t n) {
         bool events;
         {
@@ -128,6 +131,7 @@ void Monitor::start_migration(const migration::MigrateOptions& o)
     rates_ = Rates{};
     last_.reset();
     cancelling_ = false;
+    continue_requested_ = false;
     status_ = "setup";
     migrating_ = true;
     migration_thread_ = std::thread([this] {
@@ -213,11 +217,50 @@ json Monitor::migrate_cancel()
         return json::object();  // QEMU: nothing to cancel is not an error
     cancelling_ = true;
     sender_->cancel();
+    cv_.notify_all();  // a pre-switchover wait ends
     if (status_ != "cancelling") {
         status_ = "cancelling";
         if (caps_->events)
             server_.emit("MIGRATION", {{"status", "cancelling"}});
     }
+    return json::object();
+}
+
+// QEMU's pause-before-switchover: the source is parked, the migration waits in
+// pre-switchover for migrate-continue (or a cancel), then goes on to device.
+void Monitor::pre_switchover()
+{
+    set_status("pre-switchover");
+    std::unique_lock lk(mu_);
+    // A signal (Ctrl-C) ends the wait too; the Sender then sees it as a cancel.
+    while (!cv_.wait_for(lk, std::chrono::milliseconds(100),
+                         [this] { return continue_requested_ || cancelling_ || g_stop_signal.load(); })) {
+    }
+    continue_requested_ = false;
+    const bool go_on = !cancelling_ && !g_stop_signal.load();
+    lk.unlock();
+    if (go_on)
+        set_status("device");
+}
+
+// QEMU's migrate-continue: leaves the state the migration paused in.
+json Monitor::migrate_continue(const json& args)
+{
+    Args a(args, {"state"});
+    const std::string state = a.str("state");
+    static const char* const kStates[] = {"none",      "setup",          "cancelling", "cancelled",
+                                          "active",    "postcopy-active", "postcopy-paused",
+                                          "postcopy-recover-setup",      "postcopy-recover",
+                                          "completed", "failed",         "colo",       "pre-switchover",
+                                          "device",    "wait-unplug"};
+    if (std::find(std::begin(kStates), std::end(kStates), state) == std::end(kStates))
+        throw QmpError(fmt::format("Parameter 'state' does not accept value '{}'", state));
+    std::lock_guard lk(mu_);
+    const std::string now = status_.empty() ? "none" : status_;
+    if (now != state || !migrating_.load())
+        throw QmpError(fmt::format("Migration not in expected state: {}", now));
+    continue_requested_ = true;
+    cv_.notify_all();
     return json::object();
 }
 

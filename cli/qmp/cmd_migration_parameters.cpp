@@ -27,10 +27,11 @@ using migration::Phase;
 namespace {
 
 // Every capability QEMU 9.2 knows; minivmm implements the first six.
-const char* const kSupportedCaps[] = {"auto-converge", "dirty-limit", "multifd", "events", "postcopy-ram",
-                                      "postcopy-blocktime"};
+const char* const kSupportedCaps[] = {"auto-converge", "dirty-limit",        "multifd",
+                                      "events",        "postcopy-ram",       "postcopy-blocktime",
+                                      "pause-before-switchover"};
 const char* const kOtherCaps[] = {"xbzrle",           "rdma-pin-all",       "zero-blocks",
-                                  "x-colo",           "release-ram",        "return-path",      "pause-before-switchover",
+                                  "x-colo",           "release-ram",        "return-path",
                                   "dirty-bitmaps",    "late-block-activate", "x-ignore-shared",
                                   "validate-uuid",    "background-snapshot", "zero-copy-send",  "postcopy-preempt",
                                   "switchover-ack",   "mapped-ram"};
@@ -172,6 +173,8 @@ json Monitor::set_capabilities(const json& args)
             c.postcopy_ram = on;
         else if (name == "postcopy-blocktime")
             c.postcopy_blocktime = on;
+        else if (name == "pause-before-switchover")
+            c.pause_before_switchover = on;
         else if (std::find_if(std::begin(kOtherCaps), std::end(kOtherCaps), [&](const char* n) { return name == n; }) !=
                  std::end(kOtherCaps)) {
             if (on)
@@ -191,8 +194,10 @@ json Monitor::query_capabilities() const
 {
     std::lock_guard lk(mu_);
     json v = json::array();
-    const bool on[] = {caps_->auto_converge, caps_->dirty_limit, caps_->multifd,
-                       caps_->events,        caps_->postcopy_ram, caps_->postcopy_blocktime};
+    const bool on[] = {caps_->auto_converge, caps_->dirty_limit,  caps_->multifd,
+                       caps_->events,        caps_->postcopy_ram, caps_->postcopy_blocktime,
+                       caps_->pause_before_switchover};
+    static_assert(std::size(on) == std::size(kSupportedCaps));
     for (size_t i = 0; i < std::size(kSupportedCaps); i++)
         v.push_back({{"capability", kSupportedCaps[i]}, {"state", on[i]}});
     for (const char* n : kOtherCaps)

@@ -88,6 +88,7 @@ void Monitor::add_commands()
     server_.add("migrate-incoming", [this](const json& a) { return migrate_incoming(a); });
     no_args("migrate_cancel", member(&Monitor::migrate_cancel));
     no_args("migrate-start-postcopy", member(&Monitor::migrate_start_postcopy));
+    server_.add("migrate-continue", [this](const json& a) { return migrate_continue(a); });
     no_args("query-migrate", member(&Monitor::query_migrate));
     server_.add("migrate-set-parameters", [this](const json& a) { return set_parameters(a); });
     no_args("query-migrate-parameters", member(&Monitor::query_parameters));
@@ -106,6 +107,7 @@ void Monitor::shutdown()
         if (migrating_.load() && sender_) {
             cancelling_ = true;
             sender_->cancel();
+            cv_.notify_all();  // a pre-switchover wait ends
         }
     }
     rate_cancel_ = true;

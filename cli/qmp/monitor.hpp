@@ -101,6 +101,7 @@ private:
     json migrate_incoming(const json& args);
     json migrate_cancel();
     json migrate_start_postcopy();
+    json migrate_continue(const json& args);
     json query_migrate() const;
     json source_migration_info() const;
     void live_migration_info(json& j) const;
@@ -117,6 +118,7 @@ private:
     json quit();
     void tick();
     void set_status(const std::string& status);  // MIGRATION event when it changes (events capability)
+    void pre_switchover();                        // pause-before-switchover: waits for migrate-continue
     migration::MigrateOptions options_from_params(const std::string& uri) const;
     void join_migration();
     bool migration_active() const;
@@ -133,6 +135,7 @@ private:
     std::string run_state_ = "running";
     std::string status_;   // QEMU's MigrationStatus of the last migration ("" none yet)
     bool cancelling_ = false;
+    bool continue_requested_ = false;  // migrate-continue in pre-switchover
     std::unique_ptr<migration::Sender> sender_;
     std::thread migration_thread_;
     std::atomic<bool> migrating_{false};

@@ -63,7 +63,7 @@ struct Monitor::Params {
 
 struct Monitor::Capabilities {
     bool auto_converge = false, dirty_limit = false, multifd = false, events = false;
-    bool postcopy_ram = false, postcopy_blocktime = false;
+    bool postcopy_ram = false, postcopy_blocktime = false, pause_before_switchover = false;
 };
 
 struct Monitor::DirtyRateJob {

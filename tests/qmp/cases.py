@@ -142,6 +142,42 @@ def case_postcopy(env):
     return finish(env, src, dst)
 
 
+def migration_statuses(q):
+    return [e["data"]["status"] for e in q.poll_events() if e["event"] == "MIGRATION"]
+
+
+def paused_before_switchover(env):
+    """A live pre-copy with pause-before-switchover, left waiting in pre-switchover."""
+    src, dst, u = start_pair(env, "tcp", ("pause-before-switchover",), dst_caps=())
+    src.cmd("migrate-set-parameters", **NON_CONVERGE)
+    src.cmd("migrate", uri=u)
+    wait_pass(src)
+    src.cmd("migrate-set-parameters", **CONVERGE)
+    src.wait_status(("pre-switchover",), 120)
+    assert src.cmd("query-status")["status"] == "finish-migrate", "the source runs in pre-switchover"
+    return src, dst
+
+
+def case_pause_before_switchover(env):
+    src, dst = paused_before_switchover(env)
+    e = src.error("migrate-continue", state="active")
+    assert "pre-switchover" in e.desc, f"migrate-continue in the wrong state: {e.desc}"
+    src.cmd("migrate-continue", state="pre-switchover")
+    done = finish(env, src, dst)
+    st = migration_statuses(src)
+    assert "pre-switchover" in st and "device" in st and st.index("pre-switchover") < st.index("device"), st
+    return "pre-switchover, migrate-continue, " + done
+
+
+def case_cancel_pre_switchover(env):
+    src, dst = paused_before_switchover(env)
+    src.cmd("migrate_cancel")
+    info = src.wait_status(("cancelled", "failed", "completed"), 60)
+    assert info["status"] == "cancelled", f"status {info['status']}, not cancelled"
+    assert src.cmd("query-status")["status"] == "running", "the source does not run on after the cancel"
+    return "cancelled in pre-switchover; the source runs on"
+
+
 def case_precopy_not_live(env):
     return precopy(env, "tcp", live=False)
 
@@ -163,4 +199,9 @@ CASES = [
      case_multifd_cancel),
     ("/migration/postcopy/plain", "postcopy after a dirty sync: every page reaches the destination",
      case_postcopy),
+    ("/migration/precopy/tcp/plain/pause-before-switchover",
+     "pause-before-switchover: the source waits parked in pre-switchover; migrate-continue refuses another state, "
+     "then completes", case_pause_before_switchover),
+    ("/migration/cancel/src/after/pre-switchover", "migrate_cancel in pre-switchover: cancelled, the source runs on",
+     case_cancel_pre_switchover),
 ]

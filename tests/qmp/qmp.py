@@ -29,13 +29,15 @@ class Qmp:
     def __init__(self, path, timeout_s=30):
         self.sock = socket.socket(socket.AF_UNIX)
         wait_for(lambda: self.sock.connect_ex(path) == 0, timeout_s, f"the QMP socket {path}", 0.05)
-        self.f = self.sock.makefile("rw")
-        self.greeting = json.loads(self.f.readline())
+        # Two file objects: a TextIOWrapper opened "rw" drops the lines it has read
+        # ahead (events sent together with a reply) whenever it is written to.
+        self.r, self.w = self.sock.makefile("r"), self.sock.makefile("w")
+        self.greeting = json.loads(self.r.readline())
         self.events = []
         self.cmd("qmp_capabilities")
 
     def _read(self):
-        line = self.f.readline()
+        line = self.r.readline()
         if not line:
             raise ConnectionError("the VMM closed its QMP socket")
         msg = json.loads(line)
@@ -48,8 +50,8 @@ class Qmp:
         msg = {"execute": name}
         if args:
             msg["arguments"] = args
-        self.f.write(json.dumps(msg) + "\n")
-        self.f.flush()
+        self.w.write(json.dumps(msg) + "\n")
+        self.w.flush()
         while True:
             r = self._read()
             if "return" in r:
