@@ -146,7 +146,7 @@ void PageEncoder::write(RecordWriter& w, const StressVm& m, std::span<const uint
             for (size_t line = 0; line < kPage; line += 64)
                 __builtin_prefetch(next + line);
         uint64_t e = gpas[i];
-        if (is_zero_page(p)) {
+        if (d.c.detect_zero && is_zero_page(p)) {
             e |= kIndexZero;
         } else {
             if (stage) {

@@ -32,6 +32,9 @@ namespace mvm::migration {
 struct Compression {
     bool zstd = false;
     int level = 1;  // ZSTD's levels: negative (fastest) .. 19
+    // Zero pages go as an index entry alone (QEMU's zero-page-detection
+    // multifd/legacy); false: sent whole like any page (QEMU's none).
+    bool detect_zero = true;
     // Throws UsageError naming `option`.
     static Compression parse(const std::string& option, const std::string& spec);
     std::string name() const;  // "none", "zstd:1"

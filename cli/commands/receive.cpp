@@ -1,9 +1,11 @@
 // minivmm receive: take one incoming migration, resume the guest, check it.
 #include <unistd.h>
 
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <fmt/format.h>
+#include <thread>
 
 #include "base/error.hpp"
 #include "base/stop_signal.hpp"
@@ -124,6 +126,7 @@ public:
             if (mon) {  // QMP's query-migrate says failed, with the reason
                 r.error = e.what();
                 mon->incoming_done(r);
+                serve_until_quit(*mon, e.what());
             }
             throw;  // no sender admitted: exit 6; bad --listen: exit 2
         }
@@ -137,6 +140,8 @@ public:
             write_json(json_, j);
         }
         if (r.status != "completed") {
+            if (mon)
+                serve_until_quit(*mon, r.error);
             fmt::print(stderr, "minivmm: receive failed: {}{}\n", r.error,
                        r.guest_lost ? " (postcopy broke off with pages missing here: the guest is lost, exit 7)" : "");
             return r.guest_lost ? kExitGuestLost : kExitMigration;
@@ -145,6 +150,17 @@ public:
     }
 
 private:
+    // migrate-incoming with exit-on-error false: the failed destination stays,
+    // answering QMP (query-migrate says failed), until quit or a signal.
+    static void serve_until_quit(const qmp::Monitor& mon, const std::string& why)
+    {
+        if (mon.exit_on_error())
+            return;
+        fmt::print(stderr, "receive: the migration failed ({}); exit-on-error is false: QMP serves until quit\n", why);
+        while (!mon.quit_requested() && !g_stop_signal.load())
+            std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+
     // Test hook (cli/test_hooks.hpp): die like a killed receiver (no goodbye) in bulk|precopy|stop.
     static PhaseHook die_in(const std::string& phase)
     {

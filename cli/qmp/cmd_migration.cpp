@@ -211,9 +211,8 @@ bool Monitor::migration_active() const { return migrating_.load(); }
 json Monitor::migrate_cancel()
 {
     std::lock_guard lk(mu_);
-    if (role_ == Role::Destination)
-        throw QmpError("migrate_cancel: this is a destination; cancel on the source (the receive then ends)");
-    if (!migrating_.load() || !sender_)
+    // On a destination there is no outgoing migration: nothing to cancel, as in QEMU.
+    if (role_ == Role::Destination || !migrating_.load() || !sender_)
         return json::object();  // QEMU: nothing to cancel is not an error
     cancelling_ = true;
     sender_->cancel();

@@ -42,6 +42,7 @@ json Monitor::migrate_incoming(const json& args)
         throw QmpError(fmt::format("migrate-incoming: {}", e.what()));
     }
     incoming_uri_ = uri;
+    exit_on_error_ = a.boolean_or("exit-on-error", true);
     cv_.notify_all();
     return json::object();
 }

@@ -72,6 +72,9 @@ public:
 
     // ---- both ----
     bool quit_requested() const { return quit_.load(); }
+    // migrate-incoming's exit-on-error (QEMU's default true): false keeps a
+    // destination whose migration failed serving QMP until quit.
+    bool exit_on_error() const { return exit_on_error_.load(); }
     // Cancels the migration or measurement in flight and waits for it (the
     // command then stops its guest); idempotent.
     void shutdown();
@@ -144,6 +147,7 @@ private:
     Rates rates_;
     std::atomic<bool> handed_over_{false};
     std::atomic<bool> quit_{false};
+    std::atomic<bool> exit_on_error_{true};
     bool paused_ = false;
     // Destination.
     std::string incoming_uri_;

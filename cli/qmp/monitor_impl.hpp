@@ -56,6 +56,7 @@ struct Monitor::Params {
     uint64_t dirty_limit_pages = 256;  // per vCPU, pages/s (vcpu-dirty-limit is MB/s: 256 pages per MiB)
     uint32_t channels = 0;             // without multifd: the command line's --channels (0: one per virtual node)
     uint32_t max_iterations = 30;
+    std::string zero_page_detection = "multifd";  // QEMU's default since 9.0
     double timeout_s = 120;
     bool verify = true;
     double post_run_s = 2;

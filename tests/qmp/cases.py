@@ -1,14 +1,18 @@
-"""The cases, named by the test path QEMU's own suite registers (tests/qtest/migration/), with
-its harness's method: force non-convergence (a small max-bandwidth, a 1 ms downtime limit),
-wait until a dirty sync after the bulk pass (so pages written after the start have been
-sent again), then let it converge and check the destination's memory."""
+"""The cases, named by the test path QEMU's own suite registers (tests/qtest/migration/ in QEMU
+10.0, without the /x86_64 prefix), each checking what QEMU's case checks, with its harness's
+method: force non-convergence (a small max-bandwidth, a 1 ms downtime limit), wait until a
+dirty sync after the bulk pass (QEMU waits for a marker page written after the start to reach
+the destination; a second sync means every page written before it was sent again), then let it
+converge (1 GB/s, 30 s) and check the destination's memory. One deviation: QEMU's 3 MB/s would
+take 20 s per bulk pass of our 64 MiB guest under emulation, so non-convergence is 32 MiB/s."""
 import os
 import socket
 
 from qmp import wait_for
 
 NON_CONVERGE = {"max-bandwidth": 32 << 20, "downtime-limit": 1}
-CONVERGE = {"max-bandwidth": 1 << 30, "downtime-limit": 30000}
+CONVERGE = {"max-bandwidth": 1000000000, "downtime-limit": 30000}
+FINAL = ("completed", "failed", "cancelled")
 
 
 def free_port():
@@ -20,188 +24,262 @@ def free_port():
 def uri(env, kind):
     if kind == "tcp":
         return f"tcp:127.0.0.1:{free_port()}"
-    if kind == "unix":
-        return f"unix:{os.path.join(env.tmp, f'mig-{free_port()}.sock')}"
-    raise ValueError(kind)
+    return f"unix:{os.path.join(env.tmp, f'migsocket-{free_port()}')}"
 
 
 def set_caps(q, caps):
-    if caps:
-        q.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in caps])
+    q.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in ("events",) + tuple(caps)])
 
 
-def start_pair(env, kind="tcp", caps=(), dst_caps=None, params=None, name="dst"):
+def start_pair(env, kind="tcp", caps=(), dst_caps=None, params=None, dst_params=None, incoming_args=None):
     """A running source and a destination listening on a fresh URI (incoming defer, then the
-    capabilities and parameters both sides need, then migrate-incoming)."""
+    capabilities and parameters QEMU's case sets on each side, then migrate-incoming)."""
     src = env.vmm.start("src")
-    dst = env.vmm.start(name, incoming="defer")
+    dst = env.vmm.start("dst", incoming="defer")
     u = uri(env, kind)
-    set_caps(src, ("events",) + tuple(caps))
-    set_caps(dst, ("events",) + tuple(caps if dst_caps is None else dst_caps))
+    set_caps(src, caps)
+    set_caps(dst, caps if dst_caps is None else dst_caps)
     if params:
         src.cmd("migrate-set-parameters", **params)
-        dst.cmd("migrate-set-parameters", **{k: v for k, v in params.items() if k.startswith("multifd")})
-    dst.cmd("migrate-incoming", uri=u)
+    if dst_params:
+        dst.cmd("migrate-set-parameters", **dst_params)
+    dst.cmd("migrate-incoming", uri=u, **(incoming_args or {}))
     return src, dst, u
 
 
 def wait_pass(src, passes=2):
     """Until query-migrate's dirty-sync-count reaches `passes` (QEMU's wait_for_migration_pass)."""
-    src.wait_status(("active", "completed"), 120)
-    return wait_for(
-        lambda: src.cmd("query-migrate").get("ram", {}).get("dirty-sync-count", 0) >= passes, 240,
-        f"dirty sync {passes}", 0.05)
+    return wait_for(lambda: src.cmd("query-migrate").get("ram", {}).get("dirty-sync-count", 0) >= passes, 240,
+                    f"dirty sync {passes}", 0.05)
 
 
-def finish(env, src, dst):
-    info = src.wait_status(("completed", "failed", "cancelled"), 300)
+def statuses(q):
+    return [e["data"]["status"] for e in q.poll_events() if e["event"] == "MIGRATION"]
+
+
+def finish(env, src, dst, stopped_source=False):
+    """Completed, the source postmigrate (or still paused), every page at the destination."""
+    info = src.wait_status(FINAL, 300)
     assert info["status"] == "completed", f"migration {info['status']}: {info.get('error-desc', '')}"
     pages, differing = env.vmm.check_destination(src, dst)
     assert differing == 0, f"{differing} of {pages} pages differ at the destination"
-    assert src.cmd("query-status")["status"] == "postmigrate", "the source is not postmigrate"
+    st = src.cmd("query-status")["status"]
+    assert st == "postmigrate" or (stopped_source and st == "paused"), f"the source is {st}, not postmigrate"
     return f"{pages} pages, 0 differ"
 
 
-def precopy(env, kind="tcp", caps=(), params=None, live=True):
-    src, dst, u = start_pair(env, kind, caps, params=params)
+def live(env, src, dst, u, passes=2):
     src.cmd("migrate-set-parameters", **NON_CONVERGE)
     src.cmd("migrate", uri=u)
-    if live:
-        wait_pass(src)
+    wait_pass(src, passes)
     src.cmd("migrate-set-parameters", **CONVERGE)
     return finish(env, src, dst)
 
 
-def case_precopy_tcp(env):
-    return precopy(env, "tcp")
+# ---- precopy-tests.c ---------------------------------------------------------------------
+
+def case_precopy_unix_plain(env):
+    return live(env, *start_pair(env, "unix"))
 
 
-def case_precopy_unix(env):
-    return precopy(env, "unix")
+def case_precopy_tcp_plain(env):
+    # Not live: the source is stopped before the migration, the destination continued after.
+    src, dst, u = start_pair(env, "tcp")
+    src.cmd("stop")
+    src.cmd("migrate-set-parameters", **CONVERGE)
+    src.cmd("migrate", uri=u)
+    return finish(env, src, dst, stopped_source=True)
 
 
-def case_multifd_none(env):
-    return precopy(env, "tcp", caps=("multifd",), params={"multifd-channels": 2, "multifd-compression": "none"})
+MULTIFD = {"multifd-channels": 16, "multifd-compression": "none"}
 
 
-def case_multifd_zstd(env):
-    return precopy(env, "tcp", caps=("multifd",), params={"multifd-channels": 2, "multifd-compression": "zstd"})
+def case_multifd_uri_none(env):
+    return live(env, *start_pair(env, "tcp", ("multifd",), params=MULTIFD, dst_params=MULTIFD))
 
 
-def case_bad_dest(env):
-    src = env.vmm.start("src")
-    set_caps(src, ("events",))
-    src.cmd("migrate", uri="tcp:127.0.0.1:0")
-    info = src.wait_status(("failed", "completed", "cancelled"), 60)
-    assert info["status"] == "failed", f"status {info['status']}, not failed"
-    assert src.cmd("query-status")["status"] == "running", "the source does not run on after the failure"
-    return "failed; the source runs on"
+def case_multifd_zero_page(mode):
+    def case(env):
+        src, dst, u = start_pair(env, "tcp", ("multifd",), params=dict(MULTIFD, **{"zero-page-detection": mode}),
+                                 dst_params=MULTIFD)
+        got = src.cmd("query-migrate-parameters").get("zero-page-detection")
+        assert got == mode, f"query-migrate-parameters says zero-page-detection {got}"
+        return live(env, src, dst, u)
+    return case
 
 
 def case_multifd_cancel(env):
-    src, dst, u = start_pair(env, "tcp", ("multifd",), params={"multifd-channels": 2})
+    src, dst, u = start_pair(env, "tcp", ("multifd",), params={"multifd-channels": 16},
+                             dst_params={"multifd-channels": 16})
     src.cmd("migrate-set-parameters", **NON_CONVERGE)
     src.cmd("migrate", uri=u)
     wait_pass(src, 1)
     src.cmd("migrate_cancel")
-    info = src.wait_status(("cancelled", "failed", "completed"), 60)
+    info = src.wait_status(FINAL, 60)
     assert info["status"] == "cancelled", f"status {info['status']}, not cancelled"
-    assert src.cmd("query-status")["status"] == "running", "the source does not run on after cancel"
-    # QEMU's test: the first destination fails; a second one takes the migration.
+    p = env.vmm.process("dst")
+    rc = wait_for(lambda: p.poll() is not None and (p.returncode,), 60, "the first destination to exit")[0]
+    assert rc != 0, "the first destination exited 0 after the cancel"
+    assert src.cmd("query-status")["status"] == "running", "the source does not run on after the cancel"
     dst2 = env.vmm.start("dst2", incoming="defer")
-    set_caps(dst2, ("events", "multifd"))
-    dst2.cmd("migrate-set-parameters", **{"multifd-channels": 2})
+    set_caps(dst2, ("multifd",))
+    dst2.cmd("migrate-set-parameters", **{"multifd-channels": 16})
     u2 = uri(env, "tcp")
     dst2.cmd("migrate-incoming", uri=u2)
-    src.cmd("migrate-set-parameters", **CONVERGE)
-    src.cmd("migrate", uri=u2)
-    return "cancelled, then " + finish(env, src, dst2)
+    return f"cancelled (first destination exit {rc}), then " + live(env, src, dst2, u2, passes=1)
 
 
 def case_auto_converge(env):
-    init, inc, top = 20, 10, 80
-    src, dst, u = start_pair(env, "tcp", ("auto-converge",))
+    init, inc, top = 5, 25, 95
+    src, dst, u = start_pair(env, "unix", ("auto-converge", "pause-before-switchover"), dst_caps=())
     src.cmd("migrate-set-parameters", **{"cpu-throttle-initial": init, "cpu-throttle-increment": inc,
                                          "max-cpu-throttle": top}, **NON_CONVERGE)
     src.cmd("migrate", uri=u)
     pct = wait_for(lambda: src.cmd("query-migrate").get("cpu-throttle-percentage", 0), 240,
-                       "cpu-throttle-percentage", 0.05)
-    assert init <= pct <= top, f"throttle {pct} % outside {init}..{top}"
+                   "cpu-throttle-percentage", 0.05)
+    assert pct >= init, f"first throttle {pct} % below cpu-throttle-initial {init}"
+    assert src.cmd("query-status")["status"] == "running", "the source stopped while throttled"
     src.cmd("migrate-set-parameters", **CONVERGE)
-    return f"throttle {pct} %; " + finish(env, src, dst)
+    src.wait_status(("pre-switchover",), 240)
+    last = src.cmd("query-migrate").get("cpu-throttle-percentage", 0)
+    assert last <= top, f"throttle {last} % above max-cpu-throttle {top}"
+    src.cmd("migrate-continue", state="pre-switchover")
+    return f"throttle {pct}..{last} %; " + finish(env, src, dst)
 
 
-def case_postcopy(env):
-    src, dst, u = start_pair(env, "tcp", ("postcopy-ram",))
+def cancel_after(state):
+    """/migration/cancel/src/after/STATE: migrate_cancel once the source reached STATE (QEMU's
+    suffix variants): the source ends cancelled, or keeps its final state, and runs on."""
+    def case(env):
+        if state == "none":
+            src = env.vmm.start("src")
+            dst = env.vmm.start("dst", incoming="defer")
+            dst.cmd("migrate_cancel")   # no migration on either side: nothing happens
+            src.cmd("migrate_cancel")
+            set_caps(src, ())
+            set_caps(dst, ())
+            u = uri(env, "unix")
+            dst.cmd("migrate-incoming", uri=u, **{"exit-on-error": False})
+            src.cmd("migrate-set-parameters", **CONVERGE)
+            src.cmd("migrate", uri=u)
+            return "cancels with no migration changed nothing; then " + finish(env, src, dst)
+        caps = ("pause-before-switchover", "multifd") if state in ("setup", "active", "pre-switchover") else ()
+        src = env.vmm.start("src")
+        dst = env.vmm.start("dst", incoming="defer")
+        set_caps(src, caps)
+        set_caps(dst, caps)
+        u = uri(env, "unix")
+        if state != "failed":   # failed: nobody listens, so the connection fails
+            dst.cmd("migrate-incoming", uri=u, **{"exit-on-error": False})
+        src.cmd("migrate-set-parameters", **(NON_CONVERGE if state == "active" else CONVERGE))
+        src.cmd("migrate", uri=u)
+        if state in ("setup", "active", "pre-switchover", "completed", "failed"):
+            src.wait_event("MIGRATION", 240, lambda d: d.get("status") == state)
+            src.cmd("migrate_cancel")
+        else:  # cancelling, cancelled: cancel, wait for that state, cancel again
+            src.cmd("migrate_cancel")
+            src.wait_event("MIGRATION", 240, lambda d: d.get("status") == state)
+            src.cmd("migrate_cancel")
+        info = src.wait_status(FINAL, 120)
+        want = state if state in ("completed", "failed") else "cancelled"
+        assert info["status"] == want, f"status {info['status']}, not {want}"
+        assert "completed" not in statuses(src) or want == "completed", statuses(src)
+        if want != "completed":
+            st = src.cmd("query-status")["status"]
+            assert st == "running", f"the source is {st} after the cancel, not running"
+        if state == "failed":
+            return f"source {info['status']}"
+        d = env.vmm.destination_status(dst, "dst")
+        assert d == ("completed" if want == "completed" else "failed"), f"destination {d}"
+        return f"source {info['status']}, destination {d}"
+    return case
+
+
+# ---- postcopy-tests.c ----------------------------------------------------------------------
+
+def case_postcopy_plain(env):
+    src, dst, u = start_pair(env, "tcp", ("postcopy-ram",), dst_caps=("postcopy-ram", "postcopy-blocktime"))
     src.cmd("migrate-set-parameters", **NON_CONVERGE)
     src.cmd("migrate", uri=u)
     wait_pass(src)
     src.cmd("migrate-start-postcopy")
-    src.wait_status(("postcopy-active", "completed", "failed"), 120)
+    src.wait_event("STOP", 120)
     src.cmd("migrate-set-parameters", **CONVERGE)
-    return finish(env, src, dst)
+    # The destination's figures, once every page is there (minivmm's receive ends soon after).
+    d = wait_for(lambda: (lambda i: i if "postcopy-blocktime" in i else None)(dst.cmd("query-migrate")), 240,
+                 "postcopy-blocktime in the destination's query-migrate", 0.05)
+    return finish(env, src, dst) + f"; blocktime {d['postcopy-blocktime']} ms"
 
 
-def migration_statuses(q):
-    return [e["data"]["status"] for e in q.poll_events() if e["event"] == "MIGRATION"]
+# ---- compression-tests.c -------------------------------------------------------------------
+
+def case_multifd_zstd(env):
+    p = {"multifd-channels": 16, "multifd-compression": "zstd", "multifd-zstd-level": 2}
+    return live(env, *start_pair(env, "tcp", ("multifd",), params=p, dst_params=p))
 
 
-def paused_before_switchover(env):
-    """A live pre-copy with pause-before-switchover, left waiting in pre-switchover."""
-    src, dst, u = start_pair(env, "tcp", ("pause-before-switchover",), dst_caps=())
-    src.cmd("migrate-set-parameters", **NON_CONVERGE)
-    src.cmd("migrate", uri=u)
-    wait_pass(src)
-    src.cmd("migrate-set-parameters", **CONVERGE)
-    src.wait_status(("pre-switchover",), 120)
-    assert src.cmd("query-status")["status"] == "finish-migrate", "the source runs in pre-switchover"
-    return src, dst
+# ---- misc-tests.c --------------------------------------------------------------------------
+
+def case_bad_dest(env):
+    src = env.vmm.start("src")
+    set_caps(src, ())
+    src.cmd("migrate", uri="tcp:127.0.0.1:0")
+    info = src.wait_status(FINAL, 60)
+    assert info["status"] == "failed", f"status {info['status']}, not failed"
+    seen = set(statuses(src))
+    assert seen <= {"setup", "failed"}, f"states other than setup/failed: {seen}"
+    assert src.cmd("query-status")["running"], "the source does not run on after the failure"
+    return "failed; the source runs on"
 
 
-def case_pause_before_switchover(env):
-    src, dst = paused_before_switchover(env)
-    e = src.error("migrate-continue", state="active")
-    assert "pre-switchover" in e.desc, f"migrate-continue in the wrong state: {e.desc}"
-    src.cmd("migrate-continue", state="pre-switchover")
-    done = finish(env, src, dst)
-    st = migration_statuses(src)
-    assert "pre-switchover" in st and "device" in st and st.index("pre-switchover") < st.index("device"), st
-    return "pre-switchover, migrate-continue, " + done
+def case_validate_uri_both(env):
+    src = env.vmm.start("src")
+    e = src.error("migrate", uri="tcp:127.0.0.1:0", channels=[
+        {"channel-type": "main", "addr": {"transport": "socket", "type": "inet", "host": "127.0.0.1", "port": "0"}}])
+    return f"error: {e.desc}"
 
 
-def case_cancel_pre_switchover(env):
-    src, dst = paused_before_switchover(env)
-    src.cmd("migrate_cancel")
-    info = src.wait_status(("cancelled", "failed", "completed"), 60)
-    assert info["status"] == "cancelled", f"status {info['status']}, not cancelled"
-    assert src.cmd("query-status")["status"] == "running", "the source does not run on after the cancel"
-    return "cancelled in pre-switchover; the source runs on"
+def case_validate_uri_none(env):
+    src = env.vmm.start("src")
+    e = src.error("migrate")
+    return f"error: {e.desc}"
 
 
-def case_precopy_not_live(env):
-    return precopy(env, "tcp", live=False)
+# Cases minivmm does not pass yet, each with what it lacks: reported as "gap" (the stage
+# passes) while it fails; one that passes is reported so the entry can go.
+MINIVMM_GAPS = {
+    "/migration/precopy/tcp/plain": "migrating a stopped guest: minivmm migrates a running guest only (its "
+                                    "destination would also have to stay paused until cont)",
+}
 
-
-# (QEMU's test path, what it checks, the function). Order: QEMU's files.
+# (QEMU's test path, what it checks, the function), in the order of QEMU's files.
 CASES = [
-    ("/migration/bad_dest", "migrate to an address nobody listens on: failed, the source runs on",
-     case_bad_dest),
-    ("/migration/precopy/unix/plain", "pre-copy over a unix socket, live (non-converging, then converging)",
-     case_precopy_unix),
-    ("/migration/precopy/tcp/plain", "pre-copy over TCP, live", case_precopy_tcp),
-    ("/migration/precopy/tcp/plain/not-live", "pre-copy over TCP converging at once (no dirty sync awaited)",
-     case_precopy_not_live),
-    ("/migration/auto_converge", "auto-converge: the throttle appears within initial..max, then completes",
+    ("/migration/precopy/unix/plain", "pre-copy over a unix socket, live: non-converging, then converging",
+     case_precopy_unix_plain),
+    ("/migration/precopy/tcp/plain", "pre-copy over TCP, not live: the source stopped first", case_precopy_tcp_plain),
+    ("/migration/multifd/tcp/uri/plain/none", "multifd, 16 channels, no compression, live", case_multifd_uri_none),
+    ("/migration/multifd/tcp/plain/cancel",
+     "multifd cancelled mid-way: cancelled, the first destination exits non-zero, the source runs on and migrates "
+     "to a second destination", case_multifd_cancel),
+    ("/migration/auto_converge",
+     "auto-converge 5/25/95 with pause-before-switchover: first throttle >= 5 %, <= 95 % at pre-switchover",
      case_auto_converge),
-    ("/migration/multifd/tcp/plain/none", "multifd, 2 channels, no compression", case_multifd_none),
-    ("/migration/multifd/tcp/plain/zstd", "multifd, 2 channels, zstd", case_multifd_zstd),
-    ("/migration/multifd/tcp/plain/cancel", "multifd cancelled mid-way (source runs on), then to a fresh destination",
-     case_multifd_cancel),
-    ("/migration/postcopy/plain", "postcopy after a dirty sync: every page reaches the destination",
-     case_postcopy),
-    ("/migration/precopy/tcp/plain/pause-before-switchover",
-     "pause-before-switchover: the source waits parked in pre-switchover; migrate-continue refuses another state, "
-     "then completes", case_pause_before_switchover),
-    ("/migration/cancel/src/after/pre-switchover", "migrate_cancel in pre-switchover: cancelled, the source runs on",
-     case_cancel_pre_switchover),
+    ("/migration/multifd/tcp/plain/zero-page/legacy", "multifd with zero-page-detection legacy, live",
+     case_multifd_zero_page("legacy")),
+    ("/migration/multifd/tcp/plain/zero-page/none", "multifd with zero-page-detection none, live",
+     case_multifd_zero_page("none")),
+] + [(f"/migration/cancel/src/after/{s}", f"migrate_cancel after '{s}': " + {
+    "none": "no migration on either side, changes nothing",
+    "completed": "nothing to cancel: both completed",
+    "failed": "nothing to cancel: stays failed, the source runs on",
+}.get(s, "source cancelled and running, destination failed"), cancel_after(s))
+    for s in ("none", "setup", "cancelling", "cancelled", "active", "completed", "failed", "pre-switchover")] + [
+    ("/migration/postcopy/plain", "postcopy after a dirty sync: STOP on the source, every page at the destination, "
+     "postcopy-blocktime there", case_postcopy_plain),
+    ("/migration/multifd/tcp/plain/zstd", "multifd, zstd level 2", case_multifd_zstd),
+    ("/migration/bad_dest", "migrate to port 0: only setup/failed, then failed; the source runs on", case_bad_dest),
+    ("/migration/validate_uri/channels/both_set", "migrate with both uri and channels: a QMP error",
+     case_validate_uri_both),
+    ("/migration/validate_uri/channels/none_set", "migrate with neither uri nor channels: a QMP error",
+     case_validate_uri_none),
 ]

@@ -42,6 +42,23 @@ class Vmm:
     def process(self, name):
         return next(p for n, p in self.procs if n == name)
 
+    def destination_status(self, q, name, states=("completed", "failed"), timeout_s=120):
+        """The destination's migration status once it is one of `states`. A destination that
+        ended (minivmm's receive exits once its migration is over, unless exit-on-error is
+        false) answers through its exit status: 0 completed, else failed."""
+        p = self.process(name)
+
+        def now():
+            if p.poll() is not None:
+                return "completed" if p.returncode == 0 else "failed"
+            try:
+                s = q.cmd("query-migrate").get("status")
+            except (ConnectionError, OSError):
+                p.wait(10)
+                return "completed" if p.returncode == 0 else "failed"
+            return s if s in states else None
+        return wait_for(now, timeout_s, f"{name}: migration status {'/'.join(states)}", 0.05)
+
     def stop_all(self):
         for _, p in self.procs:
             if p.poll() is None:
