@@ -211,38 +211,7 @@ std::string parse_error_desc(const std::string& text)
 Server::Server(const std::string& option, const Address& addr, json version) : addr_(addr), version_(std::move(version))
 {
     if (addr.kind == Address::Unix) {
-        sockaddr_un sa{};
-        sa.sun_family = AF_UNIX;
-        std::strncpy(sa.sun_path, addr.path.c_str(), sizeof(sa.sun_path) - 1);
-        struct stat st{};
-        if (::lstat(addr.path.c_str(), &st) == 0) {
-            if (!S_ISSOCK(st.st_mode))
-                throw UsageError(fmt::format("{} {}: the path exists and is not a socket; pick another path", option,
-                                             addr.spec));
-            // A socket file: in use if something answers there, else left by a dead process.
-            int probe = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-            const bool live = probe >= 0 && ::connect(probe, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) == 0;
-            if (probe >= 0)
-                ::close(probe);
-            if (live)
-                throw UsageError(fmt::format("{} {}: another process is serving this socket; pick another path",
-                                             option, addr.spec));
-            ::unlink(addr.path.c_str());
-        }
-        listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (listen_fd_ < 0)
-            throw SysError("socket", errno);
-        // Owner-only from the start: the socket file gets the umask's bits at bind.
-        const mode_t old = ::umask(0077);
-        const int rc = ::bind(listen_fd_, reinterpret_cast<sockaddr*>(&sa), sizeof(sa));
-        const int err = errno;
-        ::umask(old);
-        if (rc != 0) {
-            ::close(listen_fd_);
-            throw UsageError(fmt::format("{} {}: cannot bind: {}; use a path in a writable directory", option,
-                                         addr.spec, errno_text(err)));
-        }
-        ::chmod(addr.path.c_str(), 0600);
+        listen_fd_ = migration::bind_unix(option, addr.path, true);
         bound_ = "unix:" + addr.path;
     } else {
         uint16_t port = 0;

@@ -134,17 +134,27 @@ int connect_tcp(const std::string& host, uint16_t port, IoLimits::time_point dea
     return fd;
 }
 
+namespace {
+
+sockaddr_un unix_address(const std::string& path)
+{
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    std::snprintf(a.sun_path, sizeof(a.sun_path), "%s", path.c_str());
+    return a;
+}
+
+}  // namespace
+
 int connect_endpoint(const Endpoint& ep, IoLimits::time_point deadline)
 {
     if (!ep.is_unix())
         return connect_tcp(ep.host, ep.port, deadline);
-    sockaddr_un a{};
-    a.sun_family = AF_UNIX;
-    std::snprintf(a.sun_path, sizeof(a.sun_path), "%s", ep.path.c_str());
+    const sockaddr_un a = unix_address(ep.path);
     int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
         throw SysError("socket", errno);
-    if (int err = connect_by(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a), deadline); err != 0) {
+    if (int err = connect_by(fd, reinterpret_cast<const sockaddr*>(&a), sizeof(a), deadline); err != 0) {
         ::close(fd);
         throw Error(fmt::format("--to unix:{}: cannot connect: {}; is 'minivmm receive --listen unix:{}' running?",
                                 ep.path, errno_text(err), ep.path));
@@ -152,39 +162,42 @@ int connect_endpoint(const Endpoint& ep, IoLimits::time_point deadline)
     return fd;
 }
 
-namespace {
-
-int bind_unix(const std::string& option, const std::string& path)
+int bind_unix(const std::string& option, const std::string& path, bool owner_only)
 {
-    sockaddr_un a{};
-    a.sun_family = AF_UNIX;
-    std::snprintf(a.sun_path, sizeof(a.sun_path), "%s", path.c_str());
+    const sockaddr_un a = unix_address(path);
+    struct stat st {};
+    if (::lstat(path.c_str(), &st) == 0) {
+        if (!S_ISSOCK(st.st_mode))
+            throw UsageError(fmt::format("{} unix:{}: the path exists and is not a socket; pick another path", option,
+                                         path));
+        // A socket file: in use if something answers there, else left by a process that ended.
+        int probe = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        const bool live = probe >= 0 && ::connect(probe, reinterpret_cast<const sockaddr*>(&a), sizeof(a)) == 0;
+        if (probe >= 0)
+            ::close(probe);
+        if (live)
+            throw UsageError(fmt::format("{} unix:{}: another process is serving this socket; pick another path",
+                                         option, path));
+        ::unlink(path.c_str());
+    }
     int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
         throw SysError("socket", errno);
-    struct stat st {};
-    if (::lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
-        // Replaced only when nobody listens on it (a socket left by a process that ended).
-        int probe = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        const bool live = probe >= 0 && ::connect(probe, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
-        if (probe >= 0)
-            ::close(probe);
-        if (live) {
-            ::close(fd);
-            throw UsageError(fmt::format("{} unix:{}: another process listens there; pick another path", option, path));
-        }
-        ::unlink(path.c_str());
-    }
-    if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
-        const int err = errno;
+    // Owner-only from the start: the socket file gets the umask's bits at bind.
+    const mode_t old = owner_only ? ::umask(0077) : 0;
+    const int rc = ::bind(fd, reinterpret_cast<const sockaddr*>(&a), sizeof(a));
+    const int err = errno;
+    if (owner_only)
+        ::umask(old);
+    if (rc != 0) {
         ::close(fd);
         throw UsageError(fmt::format("{} unix:{}: cannot bind: {}; use a path in a writable directory", option, path,
                                      errno_text(err)));
     }
+    if (owner_only)
+        ::chmod(path.c_str(), 0600);
     return fd;
 }
-
-}  // namespace
 
 int bind_tcp(const std::string& option, const std::string& host, uint16_t port, uint16_t* bound_port)
 {

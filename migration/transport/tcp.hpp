@@ -43,6 +43,11 @@ int connect_tcp(const std::string& host, uint16_t port, IoLimits::time_point dea
 // given, receives the port bound (port 0 picks a free one).
 int bind_tcp(const std::string& option, const std::string& host, uint16_t port, uint16_t* bound_port = nullptr);
 
+// A unix stream socket (not yet listening) bound to `path`. A socket file
+// nobody serves is replaced; a live one, or a path that is not a socket, is
+// a UsageError naming `option`. owner_only: the file is created 0600.
+int bind_unix(const std::string& option, const std::string& path, bool owner_only = false);
+
 // A bound (not yet listening) socket for --listen's tcp:ADDR:PORT or unix:PATH
 // (a socket file nobody listens on is replaced, as QEMU does).
 int bind_listener(const std::string& spec);
