@@ -3,6 +3,7 @@
 #include "vmm/stress/layout.hpp"  // the guest's pattern, fill and fault codes
 
 #include <algorithm>
+#include <cctype>
 #include <charconv>
 #include <set>
 #include <cmath>
@@ -311,6 +312,9 @@ void VmOptions::add_to(CLI::App& app)
     app.add_option("--rate", rate, "cap in pages/s per vCPU (0 = unlimited)")->capture_default_str();
     app.add_option("--seed", seed, "seed of the random pattern")->capture_default_str();
     app.add_option("--watchdog-ms", watchdog_ms, "guest watchdog threshold in ms")->capture_default_str();
+    app.add_option("--uuid", uuid,
+                   "the VM's UUID, as QEMU's -uuid (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx): QMP query-uuid reports "
+                   "it; with the validate-uuid capability a migration refuses a destination with another one");
     app.add_option("--passes", passes, "stop each vCPU after this many passes (0 = run for --duration)")
         ->capture_default_str();
 }
@@ -358,6 +362,24 @@ MachineConfig numa_config(const VmOptions& o, uint32_t vcpus, uint64_t bytes, Ba
                 node.host_cpus = numa::cpus_for_nodes(topo, node.host_policy.nodes);
         }
     return cfg;
+}
+
+// QEMU's -uuid: 8-4-4-4-12 hex digits; "" stays "" (not given).
+std::string parse_uuid(std::string_view option, const std::string& v)
+{
+    if (v.empty())
+        return v;
+    bool ok = v.size() == 36;
+    for (size_t i = 0; ok && i < v.size(); i++)
+        ok = (i == 8 || i == 13 || i == 18 || i == 23) ? v[i] == '-' : std::isxdigit(static_cast<unsigned char>(v[i]));
+    if (!ok)
+        throw UsageError(fmt::format("{}: '{}' is not a UUID; give 8-4-4-4-12 hex digits, e.g. "
+                                     "11111111-1111-1111-1111-111111111111",
+                                     option, v));
+    std::string out = v;
+    for (char& c : out)
+        c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    return out;
 }
 
 // --fill, or --touch as its alias (qword = zero, page = stamp); both only when they agree.
@@ -430,6 +452,7 @@ MachineConfig VmOptions::parse(const numa::Topology& topo, const Kvm* kvm) const
         throw UsageError(fmt::format("--backing: unknown backing '{}'; use one of {}", backing, backing_names()));
     MachineConfig cfg = numa.empty() ? single_node_config(n, bytes, *kind) : numa_config(*this, n, bytes, *kind, topo);
     cfg.access = parse_access(access);
+    cfg.uuid = parse_uuid("--uuid", uuid);
     parse_workload(*this, cfg.workload);
     apply_guest_fault_hook(cfg.workload, cfg.vcpus);
     if (kvm)

@@ -67,6 +67,7 @@ struct VmOptions {
     std::string passes = "0";
     std::vector<std::string> numa;  // one per virtual node
     std::string access = "local";
+    std::string uuid;  // --uuid, QEMU's -uuid
     bool vcpus_given = false, mem_given = false;  // spelled out on the command line
 
     void add_to(CLI::App& app);

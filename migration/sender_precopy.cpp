@@ -22,7 +22,10 @@ void Sender::setup()
     enter(Phase::Setup);
     rep_.source_state = "running";
     rep_.destination_state = "setting-up";
-    dest_->open(StreamHeader::of(src_, channels_.count()));
+    StreamHeader h = StreamHeader::of(src_, channels_.count());
+    if (!opt_.validate_uuid)
+        h.uuid.clear();
+    dest_->open(h);
     rep_.setup_destination_ms = since(t0_) * 1e3;
     rep_.destination_state = "receiving";
     const auto t = clock::now();

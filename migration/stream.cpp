@@ -101,6 +101,7 @@ StreamHeader StreamHeader::of(const StressVm& m, uint32_t channels)
     for (const auto& r : m.memslots().regions())
         h.slots.push_back({r.slot, r.flags & ~static_cast<uint32_t>(KVM_MEM_LOG_DIRTY_PAGES), r.gpa, r.size, r.vnode,
                            static_cast<uint32_t>(backing_page_size(r.backing))});
+    h.uuid = m.config().uuid;
     return h;
 }
 
@@ -120,6 +121,8 @@ std::vector<uint8_t> StreamHeader::encode() const
         put(out, s.vnode);
         put(out, s.page_size);
     }
+    put(out, static_cast<uint32_t>(uuid.size()));
+    out.insert(out.end(), uuid.begin(), uuid.end());
     return out;
 }
 
@@ -150,6 +153,11 @@ StreamHeader StreamHeader::decode(std::span<const uint8_t> p)
         s.page_size = r.get<uint32_t>();
         h.slots.push_back(s);
     }
+    const auto u = r.get<uint32_t>();
+    if (u != 0 && u != 36)
+        throw Error(fmt::format("migration stream: HEADER's UUID has {} characters, not 36", u));
+    for (uint32_t i = 0; i < u; i++)
+        h.uuid.push_back(static_cast<char>(r.get<uint8_t>()));
     if (r.left())
         throw Error("migration stream: HEADER has trailing bytes");
     return h;
@@ -157,6 +165,8 @@ StreamHeader StreamHeader::decode(std::span<const uint8_t> p)
 
 std::string StreamHeader::incompatibility(const StreamHeader& s) const
 {
+    if (!s.uuid.empty() && !uuid.empty() && s.uuid != uuid)
+        return fmt::format("UUID received is {} and local is {}", s.uuid, uuid);
     if (s.page_size != page_size)
         return fmt::format("page size {} differs from ours ({})", s.page_size, page_size);
     if (s.nr_vcpus != nr_vcpus)

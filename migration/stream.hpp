@@ -61,7 +61,7 @@
 namespace mvm::migration {
 
 constexpr char kStreamMagic[8] = {'M', 'V', 'M', 'M', 'I', 'G', 'v', '1'};
-constexpr uint32_t kStreamVersion = 5;
+constexpr uint32_t kStreamVersion = 6;
 constexpr uint32_t kMaxPayload = 8u << 20;
 constexpr size_t kBatchPages = 256;  // pages per PAGES record the sender writes: 1 MiB of data
 
@@ -99,11 +99,15 @@ struct StreamHeader {
     uint32_t nr_vcpus = 0;
     uint32_t nr_channels = 1;
     std::vector<SlotLayout> slots;
+    // QEMU's validate-uuid: the VM's UUID when the sender checks it ("" else:
+    // nothing to check); of() fills it from the VM's config.
+    std::string uuid;
 
     static StreamHeader of(const StressVm& m, uint32_t channels);
     std::vector<uint8_t> encode() const;
     static StreamHeader decode(std::span<const uint8_t> p);
-    // "" when `other` (the sender's) can be received into this one; else why not.
+    // "" when `other` (the sender's) can be received into this one; else why
+    // not. A UUID is compared only when both have one (as QEMU does).
     std::string incompatibility(const StreamHeader& sender) const;
 };
 

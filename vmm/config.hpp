@@ -73,6 +73,7 @@ struct MachineConfig {
     bool dirty_ring_acq_rel = true;
     bool show_progress = false;      // progress display for long setup steps (prealloc)
     uint32_t slots_per_node = 1;     // each node's memory split over this many memslots
+    std::string uuid;                // QEMU's -uuid, lower case; "" when not given (QMP query-uuid: all zeros)
 };
 
 // One node holding every vCPU and `mem` bytes of `backing`.

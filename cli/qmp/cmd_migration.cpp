@@ -34,6 +34,7 @@ migration::MigrateOptions Monitor::options_from_params(const std::string& uri) c
     o.timeout_s = p.timeout_s;
     o.bandwidth = p.max_bandwidth;
     o.verify = p.verify;
+    o.validate_uuid = caps_->validate_uuid;
     o.post_run_s = p.post_run_s;
     o.channels = caps_->multifd ? p.multifd_channels : p.channels;
     o.compress = p.compression;
@@ -58,15 +59,12 @@ json Monitor::migrate_cmd(const json& args)
     Args a(args, {"uri", "channels", "detach", "resume", "blk", "inc"});
     if (role_ == Role::Destination)
         throw QmpError("migrate: this is a destination (minivmm receive); migrate from the source");
-    if (a.has("channels"))
-        throw QmpError("migrate: the 'channels' form of the address is not supported; use 'uri': 'tcp:HOST:PORT' or "
-                       "'unix:PATH'");
     if (a.boolean_or("resume", false))
         throw QmpError("migrate: resume is for a paused postcopy migration; minivmm does not recover one (a postcopy "
                        "that broke off loses the guest: docs/postcopy.md)");
     if (a.boolean_or("blk", false) || a.boolean_or("inc", false))
         throw QmpError("migrate: block migration is not supported (minivmm's guest has no disks)");
-    const std::string uri = a.str("uri");
+    const std::string uri = migration_uri(a);
     if (uri.rfind("tcp:", 0) != 0 && uri.rfind("unix:", 0) != 0)
         throw QmpError(fmt::format("migrate: uri '{}' is not supported; minivmm migrates over tcp:HOST:PORT or "
                                    "unix:PATH",

@@ -28,9 +28,7 @@ json Monitor::migrate_incoming(const json& args)
     Args a(args, {"uri", "channels", "exit-on-error"});
     if (role_ == Role::Source)
         throw QmpError("migrate-incoming: this is a source; start the destination with minivmm receive --listen defer");
-    if (a.has("channels"))
-        throw QmpError("migrate-incoming: the 'channels' form is not supported; use 'uri': 'tcp:ADDR:PORT'");
-    const std::string uri = a.str("uri");
+    const std::string uri = migration_uri(a);
     std::lock_guard lk(mu_);
     if (incoming_started_ || !incoming_uri_.empty())
         throw QmpError("The incoming migration has already been started");

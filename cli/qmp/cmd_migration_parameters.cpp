@@ -26,15 +26,18 @@ using migration::Phase;
 
 namespace {
 
-// Every capability QEMU 9.2 knows; minivmm implements the first six.
+// Every capability QEMU 9.2 knows; minivmm implements the first ten
+// (return-path and switchover-ack as settings only: minivmm's stream always
+// has a return path, the destination's RESULT records, and nothing in its
+// guest's state needs an ACK before the switchover: docs/qmp.md).
 const char* const kSupportedCaps[] = {"auto-converge", "dirty-limit",        "multifd",
                                       "events",        "postcopy-ram",       "postcopy-blocktime",
-                                      "pause-before-switchover"};
+                                      "pause-before-switchover", "return-path", "switchover-ack", "validate-uuid"};
 const char* const kOtherCaps[] = {"xbzrle",           "rdma-pin-all",       "zero-blocks",
-                                  "x-colo",           "release-ram",        "return-path",
+                                  "x-colo",           "release-ram",
                                   "dirty-bitmaps",    "late-block-activate", "x-ignore-shared",
-                                  "validate-uuid",    "background-snapshot", "zero-copy-send",  "postcopy-preempt",
-                                  "switchover-ack",   "mapped-ram"};
+                                  "background-snapshot", "zero-copy-send",  "postcopy-preempt",
+                                  "mapped-ram"};
 // QEMU parameters minivmm does not implement (setting one is an error naming it).
 const char* const kOtherParams[] = {
     "announce-initial", "announce-max",     "announce-rounds",     "announce-step",     "throttle-trigger-threshold",
@@ -186,6 +189,12 @@ json Monitor::set_capabilities(const json& args)
             c.postcopy_blocktime = on;
         else if (name == "pause-before-switchover")
             c.pause_before_switchover = on;
+        else if (name == "return-path")
+            c.return_path = on;
+        else if (name == "switchover-ack")
+            c.switchover_ack = on;
+        else if (name == "validate-uuid")
+            c.validate_uuid = on;
         else if (std::find_if(std::begin(kOtherCaps), std::end(kOtherCaps), [&](const char* n) { return name == n; }) !=
                  std::end(kOtherCaps)) {
             if (on)
@@ -197,6 +206,8 @@ json Monitor::set_capabilities(const json& args)
     }
     if (c.auto_converge && c.dirty_limit)
         throw QmpError("dirty-limit and auto-converge are mutually exclusive: enable one of them");
+    if (c.switchover_ack && !c.return_path)
+        throw QmpError("Capability 'switchover-ack' requires capability 'return-path'");
     *caps_ = c;
     return json::object();
 }
@@ -207,7 +218,8 @@ json Monitor::query_capabilities() const
     json v = json::array();
     const bool on[] = {caps_->auto_converge, caps_->dirty_limit,  caps_->multifd,
                        caps_->events,        caps_->postcopy_ram, caps_->postcopy_blocktime,
-                       caps_->pause_before_switchover};
+                       caps_->pause_before_switchover, caps_->return_path, caps_->switchover_ack,
+                       caps_->validate_uuid};
     static_assert(std::size(on) == std::size(kSupportedCaps));
     for (size_t i = 0; i < std::size(kSupportedCaps); i++)
         v.push_back({{"capability", kSupportedCaps[i]}, {"state", on[i]}});

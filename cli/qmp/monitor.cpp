@@ -78,6 +78,10 @@ void Monitor::add_commands()
     no_args("cont", member(&Monitor::cont_vm));
     no_args("quit", member(&Monitor::quit));
     no_args("query-version", member(&Monitor::query_version));
+    no_args("query-uuid", [this] {  // QEMU's machine.json: all zeros without -uuid
+        const std::string& u = vm_.config().uuid;
+        return json{{"UUID", u.empty() ? std::string("00000000-0000-0000-0000-000000000000") : u}};
+    });
     no_args("query-commands", [this] {
         json v = json::array();
         for (const auto& n : server_.commands())

@@ -45,6 +45,11 @@ inline const char* status_of(migration::Phase p)
     return "active";
 }
 
+// The address of migrate / migrate-incoming: `uri`, or `channels` (one main
+// channel: socket inet/unix/fd) as tcp:HOST:PORT, unix:PATH or fd:NAME; a
+// QmpError with QEMU's wording when both, neither or an unsupported one.
+std::string migration_uri(const Args& a);
+
 inline int64_t ms(double v) { return static_cast<int64_t>(std::llround(v)); }
 
 struct Monitor::Params {
@@ -65,6 +70,7 @@ struct Monitor::Params {
 struct Monitor::Capabilities {
     bool auto_converge = false, dirty_limit = false, multifd = false, events = false;
     bool postcopy_ram = false, postcopy_blocktime = false, pause_before_switchover = false;
+    bool return_path = false, switchover_ack = false, validate_uuid = false;
 };
 
 struct Monitor::DirtyRateJob {

@@ -98,6 +98,24 @@ def case_multifd_uri_none(env):
     return live(env, *start_pair(env, "tcp", ("multifd",), params=MULTIFD, dst_params=MULTIFD))
 
 
+def case_multifd_channels(env):
+    # migrate's address as a `channels` list (one main channel, a socket) instead of a uri.
+    src, dst, u = start_pair(env, "tcp", ("multifd",), params=MULTIFD, dst_params=MULTIFD)
+    _, host, port = u.split(":")
+    src.cmd("migrate-set-parameters", **NON_CONVERGE)
+    src.cmd("migrate", channels=[{"channel-type": "main", "addr": {"transport": "socket", "type": "inet",
+                                                                    "host": host, "port": port}}])
+    wait_pass(src)
+    src.cmd("migrate-set-parameters", **CONVERGE)
+    return finish(env, src, dst)
+
+
+def case_switchover_ack(env):
+    # switchover-ack with a return path: the switchover must not wait for an ACK nothing sends.
+    caps = ("return-path", "switchover-ack")
+    return live(env, *start_pair(env, "tcp", caps))
+
+
 def case_multifd_zero_page(mode):
     def case(env):
         src, dst, u = start_pair(env, "tcp", ("multifd",), params=dict(MULTIFD, **{"zero-page-detection": mode}),
@@ -195,6 +213,36 @@ def cancel_after(state):
     return case
 
 
+def validate_uuid(src_uuid, dst_uuid, fails):
+    """/migration/validate_uuid*: the source with the validate-uuid capability sends its -uuid;
+    a destination with another one refuses the migration and exits non-zero, the source fails and
+    runs on; a side without a UUID has nothing to compare. (QEMU's case does not check memory.)"""
+    def case(env):
+        src = env.vmm.start("src", uuid=src_uuid)
+        u = uri(env, "unix")
+        dst = env.vmm.start("dst", incoming=u, uuid=dst_uuid)
+        set_caps(src, ("validate-uuid",))
+        src.cmd("migrate-set-parameters", **{"downtime-limit": 1000000})
+        if src_uuid:
+            got = src.cmd("query-uuid")["UUID"]
+            assert got == src_uuid, f"query-uuid says {got}, not {src_uuid}"
+        src.cmd("migrate", uri=u)
+        info = src.wait_status(FINAL, 240)
+        if not fails:
+            assert info["status"] == "completed", f"migration {info['status']}: {info.get('error-desc', '')}"
+            return "completed"
+        assert info["status"] == "failed", f"migration {info['status']}, not failed"
+        p = env.vmm.process("dst")
+        rc = wait_for(lambda: p.poll() is not None and (p.returncode,), 60, "the destination to exit")[0]
+        assert rc != 0, "the destination exited 0 with another UUID"
+        assert src.cmd("query-status")["status"] == "running", "the source does not run on after the failure"
+        return f"failed ({info.get('error-desc', '')[:80]}); destination exit {rc}; the source runs on"
+    return case
+
+
+UUID_SRC, UUID_DST = "11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222"
+
+
 # ---- postcopy-tests.c ----------------------------------------------------------------------
 
 def case_postcopy_plain(env):
@@ -264,6 +312,11 @@ CASES = [
     ("/migration/auto_converge",
      "auto-converge 5/25/95 with pause-before-switchover: first throttle >= 5 %, <= 95 % at pre-switchover",
      case_auto_converge),
+    ("/migration/precopy/tcp/plain/switchover-ack",
+     "return-path + switchover-ack, live: the switchover does not wait for an ACK no device sends",
+     case_switchover_ack),
+    ("/migration/multifd/tcp/channels/plain/none",
+     "multifd, the address as migrate's 'channels' list (main, socket inet), live", case_multifd_channels),
     ("/migration/multifd/tcp/plain/zero-page/legacy", "multifd with zero-page-detection legacy, live",
      case_multifd_zero_page("legacy")),
     ("/migration/multifd/tcp/plain/zero-page/none", "multifd with zero-page-detection none, live",
@@ -278,6 +331,14 @@ CASES = [
      "postcopy-blocktime there", case_postcopy_plain),
     ("/migration/multifd/tcp/plain/zstd", "multifd, zstd level 2", case_multifd_zstd),
     ("/migration/bad_dest", "migrate to port 0: only setup/failed, then failed; the source runs on", case_bad_dest),
+    ("/migration/validate_uuid", "validate-uuid, both -uuid equal: completed", validate_uuid(UUID_SRC, UUID_SRC, False)),
+    ("/migration/validate_uuid_error",
+     "validate-uuid, -uuid differs: the destination exits non-zero, the source fails and runs on",
+     validate_uuid(UUID_SRC, UUID_DST, True)),
+    ("/migration/validate_uuid_src_not_set", "validate-uuid, only the destination has a -uuid: completed",
+     validate_uuid(None, UUID_DST, False)),
+    ("/migration/validate_uuid_dst_not_set", "validate-uuid, only the source has a -uuid: completed",
+     validate_uuid(UUID_SRC, None, False)),
     ("/migration/validate_uri/channels/both_set", "migrate with both uri and channels: a QMP error",
      case_validate_uri_both),
     ("/migration/validate_uri/channels/none_set", "migrate with neither uri nor channels: a QMP error",

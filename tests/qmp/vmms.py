@@ -81,8 +81,9 @@ class Qemu(Vmm):
         self.version = m.group(1) if m else "?"
         self.name = f"QEMU {self.version}"
 
-    def start(self, name, incoming=None, extra=()):
+    def start(self, name, incoming=None, extra=(), uuid=None):
         accel = ["-accel", "kvm", "-cpu", "host,-arch-capabilities"] if self.kvm else ["-accel", "tcg"]
+        extra = list(extra) + (["-uuid", uuid] if uuid else [])
         args = ["-M", "pc", "-nodefaults", "-no-user-config", "-display", "none", "-m", f"{MEM_MIB}M",
                 "-smp", "1", "-kernel", self.image, "-append", "rate=0 touch=qword cpl=3",
                 "-serial", f"file:{os.path.join(self.tmp, name + '.serial')}"]
@@ -136,8 +137,8 @@ class Minivmm(Vmm):
         self.name = "minivmm"
         self.version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.strip()
 
-    def start(self, name, incoming=None, extra=()):
-        vm = ["--vcpus", "1", "--mem", f"{MEM_MIB}M"]
+    def start(self, name, incoming=None, extra=(), uuid=None):
+        vm = ["--vcpus", "1", "--mem", f"{MEM_MIB}M"] + (["--uuid", uuid] if uuid else [])
         if incoming is None:
             cmd = lambda sock: [self.binary, "run", "--qmp", f"unix:{sock}"] + vm + list(extra)
         else:

@@ -1,0 +1,76 @@
+// QMP migration addresses (QEMU qapi/migration.json): the `uri` string or the
+// `channels` list (MigrationChannel: one "main" channel whose MigrationAddress
+// is a socket, inet or unix or fd, or a file), turned into the one URI form
+// minivmm's migration takes: tcp:HOST:PORT, unix:PATH, fd:NAME.
+#include "cli/qmp/monitor_impl.hpp"
+
+#include <fmt/format.h>
+
+namespace mvm::qmp {
+
+namespace {
+
+const json& member(const json& o, const char* name, const char* where)
+{
+    if (!o.is_object() || !o.contains(name))
+        throw QmpError(fmt::format("Parameter '{}.{}' is missing", where, name));
+    return o.at(name);
+}
+
+std::string string_member(const json& o, const char* name, const char* where)
+{
+    const json& v = member(o, name, where);
+    if (!v.is_string())
+        throw QmpError(fmt::format("Invalid parameter type for '{}.{}', expected: string", where, name));
+    return v.get<std::string>();
+}
+
+// One MigrationAddress as a URI.
+std::string uri_of_address(const json& addr)
+{
+    const std::string transport = string_member(addr, "transport", "addr");
+    if (transport == "socket") {
+        const std::string type = string_member(addr, "type", "addr");
+        if (type == "inet")
+            return fmt::format("tcp:{}:{}", string_member(addr, "host", "addr"), string_member(addr, "port", "addr"));
+        if (type == "unix")
+            return "unix:" + string_member(addr, "path", "addr");
+        if (type == "fd")
+            return "fd:" + string_member(addr, "str", "addr");
+        if (type == "vsock")
+            throw QmpError("vsock sockets are not supported by minivmm; use inet, unix or fd");
+        throw QmpError(fmt::format("Parameter 'addr.type' does not accept value '{}'", type));
+    }
+    if (transport == "exec" || transport == "rdma" || transport == "file")
+        throw QmpError(fmt::format("migration transport '{}' is not supported by minivmm; use a socket (inet, unix "
+                                   "or fd)",
+                                   transport));
+    throw QmpError(fmt::format("Parameter 'addr.transport' does not accept value '{}'", transport));
+}
+
+}  // namespace
+
+std::string migration_uri(const Args& a)
+{
+    if (a.has("uri") == a.has("channels"))
+        throw QmpError("need either 'uri' or 'channels' argument");
+    if (a.has("uri"))
+        return a.str("uri");
+    const json& list = a.array("channels");
+    if (list.empty())
+        throw QmpError("Parameter 'channels' is missing");  // QEMU: an empty list is no list
+    std::string uri;
+    for (const json& ch : list) {
+        const std::string type = string_member(ch, "channel-type", "channels");
+        if (type == "cpr")
+            throw QmpError("the cpr channel is for cpr-transfer mode, which minivmm does not have");
+        if (type != "main")
+            throw QmpError(fmt::format("Parameter 'channel-type' does not accept value '{}'", type));
+        if (!uri.empty())
+            throw QmpError("Channel list has more than one main entry");
+        uri = uri_of_address(member(ch, "addr", "channels"));
+    }
+    return uri;
+}
+
+}  // namespace mvm::qmp
