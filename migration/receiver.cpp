@@ -31,8 +31,10 @@ using clock = std::chrono::steady_clock;
 class Receiver {
 public:
     Receiver(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, const PhaseHook& on_phase,
-             PageHashes before, std::optional<Record> header, double post_run_s, const PostcopyHook& on_postcopy)
-        : dst_(dst), ch_(std::move(channels)), on_phase_(on_phase), on_postcopy_(on_postcopy), out_(*ch_[0]),
+             PageHashes before, std::optional<Record> header, double post_run_s, const PostcopyHook& on_postcopy,
+             const ContGate& wait_cont)
+        : dst_(dst), ch_(std::move(channels)), on_phase_(on_phase), on_postcopy_(on_postcopy), wait_cont_(wait_cont),
+          out_(*ch_[0]),
           landed_(std::move(before)), header_(std::move(header)), post_run_s_(post_run_s)
     {
         for (const auto& r : dst_.memslots().regions())
@@ -57,6 +59,7 @@ private:
     void write_out(RecordType type, std::span<const uint8_t> payload);
     void check_guest();
     Resumed resume_here(const std::vector<VcpuState>& states);
+    bool held_until_cont(Resumed& at);
     void verify(RecordReader& in, const Resumed& at);
     void run_and_report(const Resumed& at, double post_run_s);
     double ms_since(clock::time_point t) const { return std::chrono::duration<double, std::milli>(clock::now() - t).count(); }
@@ -71,6 +74,8 @@ private:
     std::vector<std::unique_ptr<Transport>> ch_;
     const PhaseHook& on_phase_;
     const PostcopyHook& on_postcopy_;
+    const ContGate& wait_cont_;
+    bool hold_paused_ = false;  // the sender's guest was stopped and a gate waits for cont
     RecordWriter out_;  // to the sender, on channel 0
     std::mutex out_mu_;  // postcopy: the fault thread's REQUESTs and this thread's RESULTs
     uint64_t layout_pages_ = 0;
@@ -110,11 +115,16 @@ ReceiveReport Receiver::run(double post_run_s)
         }
         std::vector<VcpuState>& states = h.states;
         check_guest();
-        const Resumed at = resume_here(states);
+        Resumed at = resume_here(states);
         rep_.switchover_ms = ms_since(t);
-        phase("running");
+        if (!hold_paused_)
+            phase("running");
         enter("verify");
         verify(in, at);
+        if (hold_paused_ && !held_until_cont(at)) {
+            rep_.total_ms = ms_since(t0_);
+            return rep_;
+        }
         enter("post-run");
         run_and_report(at, post_run_s);
         phase("stopped");
@@ -222,6 +232,7 @@ void Receiver::check_header(RecordReader& in)
     if (hdr.type != RecordType::Header)
         throw Error(fmt::format("migration stream: expected HEADER first, got {}", record_name(hdr.type)));
     StreamHeader sender = StreamHeader::decode(hdr.payload);
+    hold_paused_ = sender.guest_stopped && wait_cont_;
     StreamHeader mine = StreamHeader::of(dst_, sender.nr_channels);
     if (auto why = mine.incompatibility(sender); !why.empty()) {
         ResultRecord r;
@@ -434,7 +445,7 @@ void Receiver::check_guest()
 
 Resumed Receiver::resume_here(const std::vector<VcpuState>& states)
 {
-    Resumed at = resume(dst_, states);
+    Resumed at = resume(dst_, states, hold_paused_);
     rep_.restore_ms = at.restore_ms;
     rep_.refused_msrs = at.refused_msrs;
     rep_.guest = "running";
@@ -446,6 +457,26 @@ Resumed Receiver::resume_here(const std::vector<VcpuState>& states)
     r.refused_msrs = at.refused_msrs;
     write_out(RecordType::Result, r.encode());
     return at;
+}
+
+// A stopped source's guest, loaded, verified and parked here: the migration
+// is complete ("paused"); it runs once the gate says cont ("running"), from
+// where `at` now counts its progress. False: it never ran (quit).
+bool Receiver::held_until_cont(Resumed& at)
+{
+    rep_.status = "completed";
+    rep_.guest = "paused";
+    phase("paused");
+    if (!wait_cont_()) {
+        rep_.guest = "paused (never continued)";
+        return false;
+    }
+    for (uint32_t i = 0; i < dst_.vcpu_count(); i++)
+        at.progress[i] = dst_.snapshot(i).pages_written + dst_.snapshot(i).pages_read;
+    dst_.unpark_guests();
+    rep_.guest = "running";
+    phase("running");
+    return true;
 }
 
 // While the guest runs: the parked source's digests against our pages as
@@ -462,7 +493,13 @@ void Receiver::verify(RecordReader& in, const Resumed& at)
     rep_.verified = !digests.empty();
     rep_.verify_pages_checked = r.pages_checked;
     rep_.verify_mismatches = r.mismatches;
-    const GuestGap g = guest_gap(dst_, at, std::chrono::seconds(2));
+    GuestGap g;
+    if (hold_paused_) {  // no gap to measure: the guest was stopped before and stays so
+        g.max_ms = -1;
+        g.note = "the guest was stopped at the source and stays paused here until cont";
+    } else {
+        g = guest_gap(dst_, at, std::chrono::seconds(2));
+    }
     r.guest_gap_ms = rep_.downtime_guest_ms = g.max_ms;
     rep_.downtime_guest_note = g.note;
     send_result(r);
@@ -494,11 +531,12 @@ void Receiver::run_and_report(const Resumed& at, double post_run_s)
 
 ReceiveReport receive_from(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, double post_run_s,
                            const PhaseHook& on_phase, PageHashes before, std::optional<Record> header,
-                           const PostcopyHook& on_postcopy)
+                           const PostcopyHook& on_postcopy, const ContGate& wait_cont)
 {
     if (channels.empty())
         throw Error("receive: no connection");
-    return Receiver(dst, std::move(channels), on_phase, std::move(before), std::move(header), post_run_s, on_postcopy)
+    return Receiver(dst, std::move(channels), on_phase, std::move(before), std::move(header), post_run_s, on_postcopy,
+                    wait_cont)
         .run(post_run_s);
 }
 
@@ -529,7 +567,7 @@ ReceiveReport receive(StressVm& dst, const ReceiveOptions& opt, const PhaseHook&
     for (auto& c : a.channels)
         c->set_limits(l);
     ReceiveReport r = receive_from(dst, std::move(a.channels), opt.post_run_s, on_phase, std::move(before),
-                                   std::move(a.header), opt.on_postcopy);
+                                   std::move(a.header), opt.on_postcopy, opt.wait_cont);
     r.peer = a.peer;
     r.peer_identity = a.identity;
     r.security = ao.tls ? (ao.tls->kind() == tls::Kind::X509 ? "tls-x509" : "tls-psk") : "none";

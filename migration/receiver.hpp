@@ -23,6 +23,8 @@ namespace mvm::migration {
 // monitor's query-migrate), from the receiving thread.
 using PostcopyHook = std::function<void(const PostcopyDestinationFigures&)>;
 
+using ContGate = std::function<bool()>;  // ReceiveOptions::wait_cont
+
 struct ReceiveOptions {
     std::string listen;  // tcp:ADDR:PORT
     double post_run_s = 2;
@@ -31,13 +33,20 @@ struct ReceiveOptions {
     tls::Options tls;               // --tls-creds, --tls-authz
     bool progress = false;
     PostcopyHook on_postcopy;
+    // A stopped source's guest (QEMU: the destination does not autostart):
+    // called once the migration completed, the guest loaded and parked; true
+    // when it may run (QMP cont), false when it never will (quit). Without it
+    // such a guest runs at once.
+    ContGate wait_cont;
 };
 
 // Told where the stream is, from the thread of the channel that got there:
 // "bulk" after every PAGES record, "precopy" once more pages arrived than
 // the layout holds, "stop" at every CHANNEL_DONE (the tests' hook); then
 // from the receiving thread "running" once the guest runs here and
-// "stopped" after its post-run check (a monitor's run state).
+// "stopped" after its post-run check (a monitor's run state). A stopped
+// source's guest says "paused" once it is loaded and verified (the migration
+// is complete), then "running" after cont.
 using PhaseHook = std::function<void(const char* phase)>;
 
 // Listens, admits one sender (admission.hpp: throws Error with kExitNoSender
@@ -53,6 +62,7 @@ ReceiveReport receive(StressVm& dst, const ReceiveOptions& opt, const PhaseHook&
 // `header`: channel 0's HEADER when admission read it already.
 ReceiveReport receive_from(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, double post_run_s,
                            const PhaseHook& on_phase = {}, PageHashes before = {},
-                           std::optional<Record> header = std::nullopt, const PostcopyHook& on_postcopy = {});
+                           std::optional<Record> header = std::nullopt, const PostcopyHook& on_postcopy = {},
+                           const ContGate& wait_cont = {});
 
 }  // namespace mvm::migration

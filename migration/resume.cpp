@@ -39,7 +39,7 @@ void reset_controls(StressVm& m)
     m.set_pass_gate(0);  // VMM controls are the destination VMM's own
 }
 
-Resumed resume(StressVm& dst, const std::vector<VcpuState>& states)
+Resumed resume(StressVm& dst, const std::vector<VcpuState>& states, bool parked)
 {
     const auto t0 = clock::now();
     Resumed r;
@@ -51,6 +51,9 @@ Resumed resume(StressVm& dst, const std::vector<VcpuState>& states)
     std::sort(r.refused_msrs.begin(), r.refused_msrs.end());  // each once, whichever vCPUs refused it
     r.refused_msrs.erase(std::unique(r.refused_msrs.begin(), r.refused_msrs.end()), r.refused_msrs.end());
     reset_controls(dst);
+    if (parked)
+        for (uint32_t i = 0; i < dst.vcpu_count(); i++)
+            dst.mailbox(i)->park = 1;
     dst.start();
     r.restore_ms = std::chrono::duration<double, std::milli>(clock::now() - t0).count();
     for (uint32_t i = 0; i < dst.vcpu_count(); i++)

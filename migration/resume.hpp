@@ -29,8 +29,9 @@ struct Resumed {
     double restore_ms = 0;               // loading the states, resetting the controls, starting
 };
 
-// Loads `states` into `dst` (made, not started), resets its controls, starts it.
-Resumed resume(StressVm& dst, const std::vector<VcpuState>& states);
+// Loads `states` into `dst` (made, not started), resets its controls, starts
+// it; `parked`: its vCPUs stay parked (a stopped guest) until unpark_guests().
+Resumed resume(StressVm& dst, const std::vector<VcpuState>& states, bool parked = false);
 
 // downtime_guest_ms: the longest gap, on the guest's (migrated) TSC, between
 // a vCPU's last progress point before it parked at the source and its first

@@ -57,6 +57,10 @@ struct MigrateOptions {
     // and its cap, in % (QEMU's cpu-throttle-initial, -increment, max-cpu-throttle).
     uint32_t throttle_initial = 20, throttle_increment = 10, throttle_max = 99;
     bool verify = true;
+    // The guest was stopped (QMP stop) before the migration: it is sent as it
+    // stands, the destination keeps it paused until cont, and the source does
+    // not wait for the destination's post-run check (that runs after cont).
+    bool source_stopped = false;
     bool validate_uuid = false;       // QEMU's validate-uuid: the HEADER carries --uuid for the destination to check
     double post_run_s = 2;            // destination runs this long before its stamp check
     uint32_t channels = 0;            // 0: one per virtual node

@@ -20,11 +20,12 @@ void Sender::setup()
 {
     require({Phase::Idle}, "setup");
     enter(Phase::Setup);
-    rep_.source_state = "running";
+    rep_.source_state = opt_.source_stopped ? "stopped" : "running";
     rep_.destination_state = "setting-up";
     StreamHeader h = StreamHeader::of(src_, channels_.count());
     if (!opt_.validate_uuid)
         h.uuid.clear();
+    h.guest_stopped = opt_.source_stopped;
     dest_->open(h);
     rep_.setup_destination_ms = since(t0_) * 1e3;
     rep_.destination_state = "receiving";

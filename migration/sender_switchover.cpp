@@ -97,7 +97,7 @@ void Sender::handed_over()
     fill_rates();
     rep_.source_state = "parked";
     rep_.state_note = "the source is parked, its guest handed to the destination";
-    rep_.destination_state = "running";
+    rep_.destination_state = opt_.source_stopped ? "paused" : "running";
     verify_after_resume();
 }
 
@@ -137,6 +137,18 @@ void Sender::finish()
     require({Phase::Destination}, "finish");
     if (!switched_over_)
         throw std::logic_error("Sender::finish() called before switchover()");
+    if (opt_.source_stopped) {
+        // The destination holds the guest paused until cont; its post-run
+        // stamp check comes after that and is in its own report.
+        rep_.destination_state = "paused";
+        rep_.state_note = "the guest was stopped: the destination holds it paused until cont, then runs --post-run "
+                          "and checks its stamps (its own report)";
+        rep_.verified = opt_.verify;
+        rep_.status = "completed";
+        enter(Phase::Done);
+        rep_.phase.clear();
+        return;
+    }
     const auto t = clock::now();
     fault_point("destination");  // the tests' hook: the destination lost after it resumed the guest
     ResultRecord fin = dest_->finish();
@@ -170,6 +182,10 @@ std::vector<double> Sender::stop_sampler()
 
 void Sender::park_source()
 {
+    if (opt_.source_stopped) {  // parked already by whoever stopped it: no STOP to tell
+        parked_ = true;
+        return;
+    }
     if (!src_.park_guests(std::chrono::milliseconds(2000))) {
         src_.unpark_guests();
         src_.pause();  // a guest that does not park in time is paused by signal
@@ -218,7 +234,9 @@ void Sender::give_back_source()
         src_.set_throttle(i, 0);
         src_.set_rate(i, src_.config().workload.rate_pages_per_s);
     }
-    if (parked_) {
+    if (parked_ && opt_.source_stopped) {
+        parked_ = false;  // it stays stopped, as it was before the migration
+    } else if (parked_) {
         src_.unpark_guests();
         if (src_.paused())
             src_.resume();

@@ -123,6 +123,7 @@ std::vector<uint8_t> StreamHeader::encode() const
     }
     put(out, static_cast<uint32_t>(uuid.size()));
     out.insert(out.end(), uuid.begin(), uuid.end());
+    put(out, static_cast<uint8_t>(guest_stopped));
     return out;
 }
 
@@ -158,6 +159,10 @@ StreamHeader StreamHeader::decode(std::span<const uint8_t> p)
         throw Error(fmt::format("migration stream: HEADER's UUID has {} characters, not 36", u));
     for (uint32_t i = 0; i < u; i++)
         h.uuid.push_back(static_cast<char>(r.get<uint8_t>()));
+    const auto stopped = r.get<uint8_t>();
+    if (stopped > 1)
+        throw Error(fmt::format("migration stream: HEADER's guest-stopped flag is {}, not 0 or 1", stopped));
+    h.guest_stopped = stopped == 1;
     if (r.left())
         throw Error("migration stream: HEADER has trailing bytes");
     return h;

@@ -102,6 +102,9 @@ struct StreamHeader {
     // QEMU's validate-uuid: the VM's UUID when the sender checks it ("" else:
     // nothing to check); of() fills it from the VM's config.
     std::string uuid;
+    // The source's guest was stopped (QMP stop) before the migration: the
+    // destination keeps it paused until cont, as QEMU does.
+    bool guest_stopped = false;
 
     static StreamHeader of(const StressVm& m, uint32_t channels);
     std::vector<uint8_t> encode() const;

@@ -113,6 +113,7 @@ public:
             }
             mon->incoming_started(o.listen);
             o.on_postcopy = mon->incoming_postcopy_hook();
+            o.wait_cont = mon->incoming_cont_gate();
             hook = [die = std::move(hook), mh = mon->incoming_hook()](const char* p) {
                 mh(p);
                 if (die)

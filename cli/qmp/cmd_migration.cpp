@@ -94,8 +94,6 @@ void Monitor::start_migration(const migration::MigrateOptions& o)
         throw QmpError("There's a migration process in progress");
     if (run_state_ == "postmigrate")
         throw QmpError("migrate: the guest was migrated away already; this source is parked for good");
-    if (paused_)
-        throw QmpError("migrate: the guest is stopped; cont first (minivmm migrates a running guest)");
     if (rate_->status == "measuring" && rate_->mode != "page-sampling")
         throw QmpError("migrate: calc-dirty-rate is logging dirty pages; wait for query-dirty-rate to say measured");
     if (migration_thread_.joinable())
@@ -125,7 +123,9 @@ void Monitor::start_migration(const migration::MigrateOptions& o)
     };
     // The Sender's constructor opens nothing (setup() connects): a bad
     // address is found on the migration's thread and reported as failed.
-    sender_ = std::make_unique<migration::Sender>(vm_, *tracker_, o, &g_stop_signal, hooks_, std::move(ev));
+    migration::MigrateOptions opt = o;
+    opt.source_stopped = paused_;  // sent as it stands; the destination holds it paused until cont
+    sender_ = std::make_unique<migration::Sender>(vm_, *tracker_, opt, &g_stop_signal, hooks_, std::move(ev));
     rates_ = Rates{};
     last_.reset();
     cancelling_ = false;
@@ -147,7 +147,7 @@ void Monitor::start_migration(const migration::MigrateOptions& o)
                 run_state_ = "postmigrate";  // lost after the switchover: parked, not resumed
                 handed_over_ = true;
             } else {
-                run_state_ = "running";
+                run_state_ = paused_ ? "paused" : "running";  // given back as it was
             }
             migrating_ = false;
         }

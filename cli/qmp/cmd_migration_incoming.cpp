@@ -74,11 +74,23 @@ migration::PostcopyHook Monitor::incoming_postcopy_hook()
     };
 }
 
+migration::ContGate Monitor::incoming_cont_gate()
+{
+    return [this] {
+        std::unique_lock lk(mu_);
+        held_for_cont_ = true;
+        while (!cont_requested_ && !quit_.load() && !g_stop_signal.load())
+            cv_.wait_for(lk, std::chrono::milliseconds(100));
+        held_for_cont_ = false;
+        return cont_requested_;
+    };
+}
+
 migration::PhaseHook Monitor::incoming_hook()
 {
     return [this](const char* p) {
         const std::string phase = p;
-        bool resumed = false, stopped = false;
+        bool resumed = false, stopped = false, completed = false;
         {
             std::lock_guard lk(mu_);
             if (phase == incoming_phase_)
@@ -94,6 +106,11 @@ migration::PhaseHook Monitor::incoming_hook()
                 if (caps_->events)
                     server_.emit("MIGRATION", {{"status", "postcopy-active"}});
             }
+            if (phase == "paused") {  // a stopped source's guest: the migration is complete, the guest paused
+                run_state_ = "paused";
+                completed = status_ != "completed";
+                status_ = "completed";
+            }
             if (phase == "running") {
                 run_state_ = "running";
                 resumed = true;
@@ -103,6 +120,8 @@ migration::PhaseHook Monitor::incoming_hook()
                 stopped = true;
             }
         }
+        if (completed && caps_->events)
+            server_.emit("MIGRATION", {{"status", "completed"}});
         if (resumed)
             server_.emit("RESUME");
         if (stopped)
@@ -116,9 +135,10 @@ void Monitor::incoming_done(const migration::ReceiveReport& r)
     received_ = r;
     if (r.status != "completed")
         run_state_ = r.guest == "never started" ? "inmigrate" : "shutdown";
-    status_ = r.status == "completed" ? "completed" : "failed";
-    if (caps_->events)
-        server_.emit("MIGRATION", {{"status", status_}});
+    const std::string s = r.status == "completed" ? "completed" : "failed";
+    if (caps_->events && s != status_)
+        server_.emit("MIGRATION", {{"status", s}});
+    status_ = s;
     cv_.notify_all();
 }
 

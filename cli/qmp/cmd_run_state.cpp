@@ -69,8 +69,15 @@ json Monitor::stop_vm()
 
 json Monitor::cont_vm()
 {
-    if (role_ == Role::Destination)
-        throw QmpError("cont: the destination's guest runs by itself once the migration switched over");
+    if (role_ == Role::Destination) {
+        std::lock_guard lk(mu_);
+        if (!held_for_cont_)
+            throw QmpError("cont: the destination's guest runs by itself once the migration switched over (it waits "
+                           "for cont only when the source's guest was stopped)");
+        cont_requested_ = true;  // RESUME comes when it runs
+        cv_.notify_all();
+        return json::object();
+    }
     {
         std::lock_guard lk(mu_);
         if (run_state_ == "postmigrate")

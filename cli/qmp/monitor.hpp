@@ -67,6 +67,9 @@ public:
     // receive()'s phase hook: the monitor's status and events follow it.
     migration::PhaseHook incoming_hook();
     migration::PostcopyHook incoming_postcopy_hook();
+    // A stopped source's guest waits here, paused, for QMP's cont (true) or
+    // quit or a stop signal (false).
+    migration::ContGate incoming_cont_gate();
     void incoming_started(const std::string& listen);
     void incoming_done(const migration::ReceiveReport& r);
 
@@ -152,6 +155,7 @@ private:
     // Destination.
     std::string incoming_uri_;
     bool incoming_started_ = false;
+    bool held_for_cont_ = false, cont_requested_ = false;  // destination: a stopped guest, paused
     std::string incoming_phase_;
     std::optional<migration::ReceiveReport> received_;
     std::optional<migration::PostcopyDestinationFigures> incoming_postcopy_;

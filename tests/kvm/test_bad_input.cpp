@@ -364,6 +364,7 @@ INSTANTIATE_TEST_SUITE_P(
         Row{"run --duration soon", 2, "--duration", "seconds"},
         Row{"run --rate fast", 2, "--rate", "whole number"},
         Row{"run --passes many", 2, "--passes", "whole number"},
+        Row{"run --uuid 1234", 2, "--uuid", "8-4-4-4-12 hex digits"},
         Row{"run --pattern zigzag", 2, "--pattern", "seq or random"},
         Row{"run --touch byte", 2, "--touch", "qword or page"},
         Row{"run --backing tmpfs", 2, "--backing", "anon|shm"},

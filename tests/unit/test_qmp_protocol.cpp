@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include "base/error.hpp"
+#include "cli/qmp/monitor_impl.hpp"
 #include "cli/qmp/server.hpp"
 
 using mvm::qmp::Args;
@@ -96,4 +97,40 @@ TEST(QmpAddress, UnixTcpAndLoopbackOnlyUnlessAllowed)
     EXPECT_THROW(mvm::qmp::parse_address("--qmp", "tcp:127.0.0.1:99999", false), mvm::UsageError);
     EXPECT_THROW(mvm::qmp::parse_address("--qmp", "udp:x", false), mvm::UsageError);
     EXPECT_THROW(mvm::qmp::parse_address("--qmp", "unix:" + std::string(200, 'a'), false), mvm::UsageError);
+}
+
+TEST(QmpMigrationAddress, ChannelsBecomeTheUriAndBadFormsGetQemusWords)
+{
+    using mvm::qmp::migration_uri;
+    auto uri_of = [](const json& args) { return migration_uri(Args(args, {"uri", "channels"})); };
+    auto error_of = [&](const json& args) {
+        try {
+            uri_of(args);
+        } catch (const QmpError& e) {
+            return std::string(e.what());
+        }
+        return std::string("no error");
+    };
+    auto main_channel = [](const json& addr) { return json::array({{{"channel-type", "main"}, {"addr", addr}}}); };
+    EXPECT_EQ(uri_of({{"uri", "unix:/tmp/m"}}), "unix:/tmp/m");
+    EXPECT_EQ(uri_of({{"channels", main_channel({{"transport", "socket"}, {"type", "inet"}, {"host", "127.0.0.1"},
+                                                 {"port", "4444"}})}}),
+              "tcp:127.0.0.1:4444");
+    EXPECT_EQ(uri_of({{"channels", main_channel({{"transport", "socket"}, {"type", "unix"}, {"path", "/tmp/s"}})}}),
+              "unix:/tmp/s");
+    EXPECT_EQ(uri_of({{"channels", main_channel({{"transport", "socket"}, {"type", "fd"}, {"str", "fd-mig"}})}}),
+              "fd:fd-mig");
+    EXPECT_EQ(error_of(json::object()), "need either 'uri' or 'channels' argument");
+    EXPECT_EQ(error_of({{"uri", "tcp:1.2.3.4:5"}, {"channels", main_channel({{"transport", "socket"}})}}),
+              "need either 'uri' or 'channels' argument");
+    json two = main_channel({{"transport", "socket"}, {"type", "unix"}, {"path", "/a"}});
+    two.push_back(two[0]);
+    EXPECT_EQ(error_of({{"channels", two}}), "Channel list has more than one main entry");
+    EXPECT_EQ(error_of({{"channels", main_channel({{"transport", "socket"}, {"type", "inet"}, {"host", "h"}})}}),
+              "Parameter 'addr.port' is missing");
+    EXPECT_NE(error_of({{"channels", main_channel({{"transport", "file"}, {"filename", "/tmp/f"}})}}).find(
+                  "'file' is not supported"),
+              std::string::npos);
+    EXPECT_EQ(error_of({{"channels", main_channel({{"transport", "carrier-pigeon"}})}}),
+              "Parameter 'addr.transport' does not accept value 'carrier-pigeon'");
 }
