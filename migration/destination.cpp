@@ -193,6 +193,10 @@ RemoteDestination::RemoteDestination(StressVm& src, Endpoint to, LinkOptions lin
 void RemoteDestination::connect_all(const StreamHeader& h)
 {
     const uint64_t session = new_session_id();
+    if (to_.is_fd() && h.nr_channels != 1)
+        throw UsageError(fmt::format("--to {}: a connected socket carries one channel, not {}; use --channels 1 (QMP: "
+                                     "multifd off)",
+                                     to_.str(), h.nr_channels));
     for (uint32_t c = 0; c < h.nr_channels; c++) {
         auto raw = std::make_unique<FdTransport>(connect_endpoint(to_, link_.deadline),
                                                  fmt::format("{} (channel {})", to_.str(), c));

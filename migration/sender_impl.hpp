@@ -20,9 +20,11 @@ inline double since(std::chrono::steady_clock::time_point t0)
 
 inline double ms_since(std::chrono::steady_clock::time_point t0) { return since(t0) * 1e3; }
 
-// --channels, or one per virtual node.
+// --channels, or one per virtual node (fd:N: its one connection).
 inline uint32_t channel_count(const StressVm& src, const MigrateOptions& opt)
 {
+    if (!opt.channels && opt.to.rfind("fd:", 0) == 0)
+        return 1;
     return opt.channels ? opt.channels : static_cast<uint32_t>(std::max<size_t>(1, src.config().nodes.size()));
 }
 

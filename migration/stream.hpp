@@ -238,7 +238,7 @@ private:
 };
 
 struct Record {
-    RecordType type;
+    RecordType type{};
     std::vector<uint8_t> payload;
 };
 

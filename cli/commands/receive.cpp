@@ -35,7 +35,8 @@ public:
                                                 "resume the guest, check its stamps");
         vm_.add_to(*c);
         c->add_option("--listen", listen_,
-                      "tcp:ADDR:PORT or unix:PATH to listen on, or defer (with --qmp): wait for QMP's migrate-incoming to name it");
+                      "tcp:ADDR:PORT or unix:PATH to listen on, fd:N (a connected socket to read the sender from), or "
+                      "defer (with --qmp): wait for QMP's migrate-incoming to name it");
         c->add_option("--post-run", post_run_, "seconds the guest runs here before its stamp check")
             ->capture_default_str();
         c->add_option("--timeout", timeout_,
@@ -60,7 +61,7 @@ public:
             throw UsageError("--listen defer: needs --qmp (QMP's migrate-incoming names the address)");
         // receive binds --listen only once the guest's memory is ready: a bad
         // or busy address is found here, before anything is allocated.
-        if (!deferred)
+        if (!deferred && migration::parse_fd_uri("--listen", listen_) < 0)
             ::close(bind_listener(listen_));
         o.listen = listen_;
         o.post_run_s = parse_seconds("--post-run", post_run_);

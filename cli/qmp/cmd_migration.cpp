@@ -64,22 +64,38 @@ json Monitor::migrate_cmd(const json& args)
                        "that broke off loses the guest: docs/postcopy.md)");
     if (a.boolean_or("blk", false) || a.boolean_or("inc", false))
         throw QmpError("migrate: block migration is not supported (minivmm's guest has no disks)");
-    const std::string uri = migration_uri(a);
-    if (uri.rfind("tcp:", 0) != 0 && uri.rfind("unix:", 0) != 0)
-        throw QmpError(fmt::format("migrate: uri '{}' is not supported; minivmm migrates over tcp:HOST:PORT or "
-                                   "unix:PATH",
+    std::string uri = migration_uri(a);
+    if (uri.rfind("tcp:", 0) != 0 && uri.rfind("unix:", 0) != 0 && uri.rfind("fd:", 0) != 0)
+        throw QmpError(fmt::format("migrate: uri '{}' is not supported; minivmm migrates over tcp:HOST:PORT, "
+                                   "unix:PATH or fd:NAME",
                                    uri));
-    try {
-        migration::parse_endpoint("uri", uri, true);  // port 0 as in QEMU: the migration fails to connect
-    } catch (const std::exception& e) {
-        throw QmpError(fmt::format("migrate: {}", e.what()));
-    }
-    migration::MigrateOptions o;
-    {
+    if (uri.rfind("fd:", 0) == 0) {
         std::lock_guard lk(mu_);
-        o = options_from_params(uri);
+        if (caps_->multifd)
+            throw QmpError("migrate: multifd over fd: is not supported: a socket descriptor carries one channel; turn "
+                           "the multifd capability off");
     }
-    start_migration(o);
+    const bool owned = uri.rfind("fd:", 0) == 0;
+    uri = take_fd_uri(uri, "migrate");
+    try {
+        try {
+            migration::parse_endpoint("uri", uri, true);  // port 0 as in QEMU: the migration fails to connect
+        } catch (const std::exception& e) {
+            throw QmpError(fmt::format("migrate: {}", e.what()));
+        }
+        migration::MigrateOptions o;
+        {
+            std::lock_guard lk(mu_);
+            o = options_from_params(uri);
+            if (owned)
+                o.channels = 1;
+        }
+        start_migration(o);
+    } catch (...) {
+        if (owned)  // the descriptor is the migration's: one that did not start closes it
+            ::close(migration::parse_fd_uri("uri", uri));
+        throw;
+    }
     return json::object();
 }
 

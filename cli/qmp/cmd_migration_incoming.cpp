@@ -28,17 +28,25 @@ json Monitor::migrate_incoming(const json& args)
     Args a(args, {"uri", "channels", "exit-on-error"});
     if (role_ == Role::Source)
         throw QmpError("migrate-incoming: this is a source; start the destination with minivmm receive --listen defer");
-    const std::string uri = migration_uri(a);
-    std::lock_guard lk(mu_);
-    if (incoming_started_ || !incoming_uri_.empty())
-        throw QmpError("The incoming migration has already been started");
-    if (uri.rfind("tcp:", 0) != 0 && uri.rfind("unix:", 0) != 0)
-        throw QmpError(fmt::format("migrate-incoming: uri '{}' is not supported; use tcp:ADDR:PORT or unix:PATH", uri));
-    try {
-        ::close(migration::bind_listener(uri));  // bindable now (receive binds it again at once)
-    } catch (const std::exception& e) {
-        throw QmpError(fmt::format("migrate-incoming: {}", e.what()));
+    std::string uri = migration_uri(a);
+    {
+        std::lock_guard lk(mu_);
+        if (incoming_started_ || !incoming_uri_.empty())
+            throw QmpError("The incoming migration has already been started");
     }
+    if (uri.rfind("tcp:", 0) != 0 && uri.rfind("unix:", 0) != 0 && uri.rfind("fd:", 0) != 0)
+        throw QmpError(fmt::format("migrate-incoming: uri '{}' is not supported; use tcp:ADDR:PORT, unix:PATH or "
+                                   "fd:NAME",
+                                   uri));
+    uri = take_fd_uri(uri, "migrate-incoming");  // fd: the connected socket receive reads
+    if (uri.rfind("fd:", 0) != 0) {
+        try {
+            ::close(migration::bind_listener(uri));  // bindable now (receive binds it again at once)
+        } catch (const std::exception& e) {
+            throw QmpError(fmt::format("migrate-incoming: {}", e.what()));
+        }
+    }
+    std::lock_guard lk(mu_);
     incoming_uri_ = uri;
     exit_on_error_ = a.boolean_or("exit-on-error", true);
     cv_.notify_all();

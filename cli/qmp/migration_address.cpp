@@ -1,9 +1,13 @@
 // QMP migration addresses (QEMU qapi/migration.json): the `uri` string or the
 // `channels` list (MigrationChannel: one "main" channel whose MigrationAddress
 // is a socket, inet or unix or fd, or a file), turned into the one URI form
-// minivmm's migration takes: tcp:HOST:PORT, unix:PATH, fd:NAME.
+// minivmm's migration takes: tcp:HOST:PORT, unix:PATH, fd:NAME; and the
+// named file descriptors fd:NAME refers to (getfd, closefd: misc.json).
 #include "cli/qmp/monitor_impl.hpp"
 
+#include <unistd.h>
+
+#include <cctype>
 #include <fmt/format.h>
 
 namespace mvm::qmp {
@@ -71,6 +75,66 @@ std::string migration_uri(const Args& a)
         uri = uri_of_address(member(ch, "addr", "channels"));
     }
     return uri;
+}
+
+json Monitor::getfd(const json& args)
+{
+    Args a(args, {"fdname"});
+    const std::string name = a.str("fdname");
+    if (name.empty() || std::isdigit(static_cast<unsigned char>(name[0])))
+        throw QmpError("Parameter 'fdname' expects a name not starting with a digit");
+    const int fd = server_.take_fd();
+    if (fd < 0)
+        throw QmpError("No file descriptor supplied via SCM_RIGHTS");
+    std::lock_guard lk(mu_);
+    if (auto it = named_fds_.find(name); it != named_fds_.end()) {  // QEMU replaces it
+        ::close(it->second);
+        it->second = fd;
+    } else {
+        named_fds_[name] = fd;
+    }
+    return json::object();
+}
+
+json Monitor::closefd(const json& args)
+{
+    Args a(args, {"fdname"});
+    const std::string name = a.str("fdname");
+    std::lock_guard lk(mu_);
+    auto it = named_fds_.find(name);
+    if (it == named_fds_.end())
+        throw QmpError(fmt::format("File descriptor named '{}' not found", name));
+    ::close(it->second);
+    named_fds_.erase(it);
+    return json::object();
+}
+
+std::string Monitor::take_fd_uri(const std::string& uri, const char* cmd)
+{
+    if (uri.rfind("fd:", 0) != 0)
+        return uri;
+    const std::string name = uri.substr(3);
+    int fd = -1;
+    {
+        std::lock_guard lk(mu_);
+        if (auto it = named_fds_.find(name); it != named_fds_.end()) {
+            fd = it->second;
+            named_fds_.erase(it);
+        }
+    }
+    if (fd < 0) {
+        if (name.empty() || !std::all_of(name.begin(), name.end(), [](char c) { return std::isdigit(static_cast<unsigned char>(c)); }))
+            throw QmpError(fmt::format("File descriptor named '{}' has not been found", name));
+        return uri;  // a number: a descriptor this process holds, as QEMU takes it
+    }
+    const std::string out = fmt::format("fd:{}", fd);
+    try {
+        migration::parse_fd_uri(cmd, out);
+    } catch (const std::exception& e) {
+        ::close(fd);
+        throw QmpError(e.what());
+    }
+    return out;
 }
 
 }  // namespace mvm::qmp

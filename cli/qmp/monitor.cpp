@@ -88,6 +88,8 @@ void Monitor::add_commands()
             v.push_back({{"name", n}});
         return v;
     });
+    server_.add("getfd", [this](const json& a) { return getfd(a); });
+    server_.add("closefd", [this](const json& a) { return closefd(a); });
     server_.add("migrate", [this](const json& a) { return migrate_cmd(a); });
     server_.add("migrate-incoming", [this](const json& a) { return migrate_incoming(a); });
     no_args("migrate_cancel", member(&Monitor::migrate_cancel));
@@ -116,6 +118,11 @@ void Monitor::shutdown()
     }
     rate_cancel_ = true;
     join_migration();
+    {
+        std::lock_guard lk(mu_);
+        for (const auto& [name, fd] : std::exchange(named_fds_, {}))
+            ::close(fd);
+    }
     if (rate_thread_.joinable())
         rate_thread_.join();
     // A guest stopped with QMP's stop runs again, so its command can stop it the usual way.

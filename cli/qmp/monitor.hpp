@@ -17,6 +17,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -103,6 +104,11 @@ private:
     json stop_vm();
     json cont_vm();
     json query_version() const;
+    json getfd(const json& args);
+    json closefd(const json& args);
+    // "fd:NAME" -> "fd:N", the descriptor now the caller's (QEMU: a migration
+    // takes its fd from the monitor); any other URI as it is.
+    std::string take_fd_uri(const std::string& uri, const char* cmd);
     json migrate_cmd(const json& args);
     json migrate_incoming(const json& args);
     json migrate_cancel();
@@ -156,6 +162,7 @@ private:
     std::string incoming_uri_;
     bool incoming_started_ = false;
     bool held_for_cont_ = false, cont_requested_ = false;  // destination: a stopped guest, paused
+    std::map<std::string, int> named_fds_;  // getfd's, until closefd or a migration takes one
     std::string incoming_phase_;
     std::optional<migration::ReceiveReport> received_;
     std::optional<migration::PostcopyDestinationFigures> incoming_postcopy_;

@@ -390,10 +390,44 @@ void Server::accept_client()
     clients_.push_back(std::move(c));
 }
 
+Server::Client::~Client()
+{
+    for (int f : fds)
+        ::close(f);
+}
+
+int Server::take_fd()
+{
+    if (!current_ || current_->fds.empty())
+        return -1;
+    const int f = current_->fds.front();
+    current_->fds.pop_front();
+    return f;
+}
+
+// What the client sent, and the file descriptors it passed with it
+// (SCM_RIGHTS, as QEMU's getfd and add-fd take them); at most 16 per read.
 bool Server::read_client(Client& c)
 {
     char buf[4096];
-    const ssize_t n = ::recv(c.fd, buf, sizeof(buf), MSG_DONTWAIT);
+    alignas(cmsghdr) char ctrl[CMSG_SPACE(16 * sizeof(int))];
+    iovec iov{buf, sizeof(buf)};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = ctrl;
+    msg.msg_controllen = sizeof(ctrl);
+    const ssize_t n = ::recvmsg(c.fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    if (n > 0)
+        for (cmsghdr* h = CMSG_FIRSTHDR(&msg); h; h = CMSG_NXTHDR(&msg, h))
+            if (h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS) {
+                const size_t k = (h->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+                for (size_t i = 0; i < k; i++) {
+                    int f;
+                    std::memcpy(&f, CMSG_DATA(h) + i * sizeof(int), sizeof(int));
+                    c.fds.push_back(f);
+                }
+            }
     if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
         return false;
     if (n < 0)
@@ -417,11 +451,15 @@ void Server::handle(Client& c, const std::string& text)
         reply = {{"error", {{"class", "GenericError"}, {"desc", parse_error_desc(text)}}}};
     } else {
         try {
+            current_ = &c;
             json ret = dispatch(c, req);
+            current_ = nullptr;
             reply = {{"return", ret.is_null() ? json::object() : ret}};
         } catch (const QmpError& e) {
+            current_ = nullptr;
             reply = {{"error", {{"class", e.error_class()}, {"desc", e.what()}}}};
         } catch (const std::exception& e) {
+            current_ = nullptr;
             reply = {{"error", {{"class", "GenericError"}, {"desc", e.what()}}}};
         }
         if (req.is_object() && req.contains("id"))

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <atomic>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -93,6 +94,9 @@ public:
 
     // Before start(): the commands (query-commands lists them, by name).
     void add(const std::string& name, Handler h);
+    // In a command's handler: the oldest file descriptor its client passed
+    // with SCM_RIGHTS and nobody took yet (now the caller's), or -1.
+    int take_fd();
     // Called on the server's thread about every 100 ms.
     void on_tick(std::function<void()> f) { tick_ = std::move(f); }
     void start();
@@ -115,6 +119,8 @@ private:
         std::string out;          // under mu_: owed to the client
         bool negotiated = false;  // under mu_
         bool dead = false;        // under mu_: gone or not reading; the loop drops it
+        std::deque<int> fds;      // the loop's: passed with SCM_RIGHTS, not yet taken (getfd)
+        ~Client();                // closes those
     };
     void loop();
     void accept_client();
@@ -132,6 +138,7 @@ private:
     std::map<std::string, Handler> handlers_;
     std::function<void()> tick_;
     std::vector<std::pair<std::string, json>> after_reply_;  // the server thread's
+    Client* current_ = nullptr;  // the server thread's: whose command runs (take_fd)
     std::thread thread_;
     std::atomic<bool> stopping_{false};
     std::mutex mu_;  // guards clients_ (sends from emit() and the loop)

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -46,12 +47,37 @@ std::pair<std::string, uint16_t> parse_tcp(const std::string& option, const std:
 
 std::string Endpoint::str() const
 {
+    if (is_fd())
+        return fmt::format("fd:{}", fd);
     return is_unix() ? "unix:" + path : fmt::format("tcp:{}:{}", host, port);
+}
+
+int parse_fd_uri(const std::string& option, const std::string& spec)
+{
+    if (spec.rfind("fd:", 0) != 0)
+        return -1;
+    const std::string n = spec.substr(3);
+    int fd = -1;
+    const auto [end, ec] = std::from_chars(n.data(), n.data() + n.size(), fd);
+    if (n.empty() || ec != std::errc() || end != n.data() + n.size() || fd < 0)
+        throw UsageError(fmt::format("{}: '{}' is not fd:N with N a file descriptor number (QMP: getfd names one)",
+                                     option, spec));
+    struct stat st {};
+    int type = 0;
+    socklen_t len = sizeof(type);
+    if (::fstat(fd, &st) != 0 || !S_ISSOCK(st.st_mode) ||
+        ::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_STREAM)
+        throw UsageError(fmt::format("{}: '{}': file descriptor {} is not an open stream socket; pass a connected "
+                                     "socket",
+                                     option, spec, fd));
+    return fd;
 }
 
 Endpoint parse_endpoint(const std::string& option, const std::string& spec, bool port0_ok)
 {
     Endpoint ep;
+    if ((ep.fd = parse_fd_uri(option, spec)) >= 0)
+        return ep;
     if (spec.rfind("unix:", 0) == 0) {
         ep.path = spec.substr(5);
         if (ep.path.empty() || ep.path.size() >= sizeof(sockaddr_un::sun_path))
@@ -60,7 +86,7 @@ Endpoint parse_endpoint(const std::string& option, const std::string& spec, bool
         return ep;
     }
     if (spec.rfind("tcp:", 0) != 0)
-        throw UsageError(fmt::format("{}: '{}' is not tcp:HOST:PORT or unix:PATH (e.g. tcp:127.0.0.1:4444)", option,
+        throw UsageError(fmt::format("{}: '{}' is not tcp:HOST:PORT, unix:PATH or fd:N (e.g. tcp:127.0.0.1:4444)", option,
                                      spec));
     std::tie(ep.host, ep.port) = parse_tcp(option, spec, port0_ok);
     return ep;
@@ -148,6 +174,8 @@ sockaddr_un unix_address(const std::string& path)
 
 int connect_endpoint(const Endpoint& ep, IoLimits::time_point deadline)
 {
+    if (ep.is_fd())
+        return ep.fd;
     if (!ep.is_unix())
         return connect_tcp(ep.host, ep.port, deadline);
     const sockaddr_un a = unix_address(ep.path);
@@ -245,6 +273,10 @@ int bind_tcp(const std::string& option, const std::string& host, uint16_t port, 
 int bind_listener(const std::string& spec)
 {
     const Endpoint ep = parse_endpoint("--listen", spec);
+    if (ep.is_fd())
+        throw UsageError(fmt::format("--listen {}: a connected socket is not listened on (receive takes it as the "
+                                     "sender's connection)",
+                                     spec));
     return ep.is_unix() ? bind_unix("--listen", ep.path) : bind_tcp("--listen", ep.host, ep.port);
 }
 

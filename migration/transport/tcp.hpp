@@ -18,19 +18,28 @@ namespace mvm::migration {
 std::pair<std::string, uint16_t> parse_tcp(const std::string& option, const std::string& spec,
                                            bool port0_ok = false);
 
-// A migration address: tcp:HOST:PORT or unix:PATH (QEMU's two socket forms).
+// A migration address: tcp:HOST:PORT, unix:PATH, or fd:N (a connected
+// socket this process holds: inherited, or QMP's getfd; it carries one
+// channel and is closed once used).
 struct Endpoint {
     std::string host;  // tcp
     uint16_t port = 0;
     std::string path;  // unix
+    int fd = -1;       // fd
     bool is_unix() const { return !path.empty(); }
+    bool is_fd() const { return fd >= 0; }
     std::string str() const;  // as it was written
 };
 
-// tcp:HOST:PORT or unix:PATH; throws UsageError naming `option`.
+// tcp:HOST:PORT, unix:PATH or fd:N; throws UsageError naming `option`.
 Endpoint parse_endpoint(const std::string& option, const std::string& spec, bool port0_ok = false);
 
-// A connected stream socket to `ep`, given up at `deadline`; throws Error naming --to.
+// fd:N: N when it is an open stream socket; -1 when `spec` is not fd:;
+// UsageError naming `option` when N is not a number or not a stream socket.
+int parse_fd_uri(const std::string& option, const std::string& spec);
+
+// A connected stream socket to `ep` (fd:N: N itself, once), given up at
+// `deadline`; throws Error naming --to.
 int connect_endpoint(const Endpoint& ep, IoLimits::time_point deadline = IoLimits::time_point::max());
 
 // A connected socket (TCP_NODELAY) to host:port, given up at `deadline`;

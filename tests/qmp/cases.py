@@ -31,11 +31,12 @@ def set_caps(q, caps):
     q.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in ("events",) + tuple(caps)])
 
 
-def start_pair(env, kind="tcp", caps=(), dst_caps=None, params=None, dst_params=None, incoming_args=None):
+def start_pair(env, kind="tcp", caps=(), dst_caps=None, params=None, dst_params=None, incoming_args=None,
+               dirty_ring=False):
     """A running source and a destination listening on a fresh URI (incoming defer, then the
     capabilities and parameters QEMU's case sets on each side, then migrate-incoming)."""
-    src = env.vmm.start("src")
-    dst = env.vmm.start("dst", incoming="defer")
+    src = env.vmm.start("src", dirty_ring=dirty_ring)
+    dst = env.vmm.start("dst", incoming="defer", dirty_ring=dirty_ring)
     u = uri(env, kind)
     set_caps(src, caps)
     set_caps(dst, caps if dst_caps is None else dst_caps)
@@ -115,6 +116,11 @@ def case_multifd_channels(env):
     wait_pass(src)
     src.cmd("migrate-set-parameters", **CONVERGE)
     return finish(env, src, dst)
+
+
+def case_dirty_ring(env):
+    # Live, with KVM's dirty ring (4096 entries per vCPU) instead of the dirty bitmap.
+    return live(env, *start_pair(env, "unix", dirty_ring=True))
 
 
 def case_switchover_ack(env):
@@ -250,6 +256,47 @@ def validate_uuid(src_uuid, dst_uuid, fails):
 UUID_SRC, UUID_DST = "11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222"
 
 
+def case_precopy_fd_tcp(env):
+    """/migration/precopy/fd/tcp: the two ends of a socketpair passed with getfd (SCM_RIGHTS) as
+    'fd-mig' to each side, migrate-incoming and migrate with fd:fd-mig; not live (QEMU's case
+    stops the source, the destination runs on cont)."""
+    src = env.vmm.start("src")
+    dst = env.vmm.start("dst", incoming="defer")
+    set_caps(src, ())
+    set_caps(dst, ())
+    a, b = socket.socketpair()
+    try:
+        dst.cmd("getfd", _fd=a.fileno(), fdname="fd-mig")
+        dst.cmd("migrate-incoming", uri="fd:fd-mig")
+        src.cmd("getfd", _fd=b.fileno(), fdname="fd-mig")
+    finally:  # each VMM holds its own copy now
+        a.close()
+        b.close()
+    src.cmd("stop")
+    src.cmd("migrate-set-parameters", **CONVERGE)
+    src.cmd("migrate", uri="fd:fd-mig")
+    return finish(env, src, dst, stopped_source=True)
+
+
+def case_getfd_errors(env):
+    """Not a QEMU path: getfd without a descriptor, closefd of an unknown name, migrate to an fd
+    name never given: QMP errors, the guest untouched."""
+    src = env.vmm.start("src")
+    e1 = src.error("getfd", fdname="x")
+    e2 = src.error("closefd", fdname="nope")
+    e3 = src.error("migrate", uri="fd:nope")
+    a, b = socket.socketpair()
+    try:
+        src.cmd("getfd", _fd=a.fileno(), fdname="spare")
+        src.cmd("closefd", fdname="spare")
+        e4 = src.error("closefd", fdname="spare")
+    finally:
+        a.close()
+        b.close()
+    assert src.cmd("query-status")["status"] == "running", "the guest does not run after the errors"
+    return " | ".join(e.desc for e in (e1, e2, e3, e4))
+
+
 # ---- postcopy-tests.c ----------------------------------------------------------------------
 
 def case_postcopy_plain(env):
@@ -322,6 +369,13 @@ CASES = [
      case_switchover_ack),
     ("/migration/multifd/tcp/channels/plain/none",
      "multifd, the address as migrate's 'channels' list (main, socket inet), live", case_multifd_channels),
+    ("/migration/dirty_ring", "pre-copy over unix, live, dirty pages from KVM's dirty ring (4096 entries)",
+     case_dirty_ring),
+    ("/migration/precopy/fd/tcp",
+     "getfd passes each end of a socketpair; migrate-incoming and migrate with fd:NAME; not live: paused there "
+     "until cont", case_precopy_fd_tcp),
+    ("(minivmm) getfd/closefd errors", "getfd with no descriptor, closefd of an unknown name, migrate to an unknown "
+     "fd name: QMP errors, the guest runs on", case_getfd_errors),
     ("/migration/multifd/tcp/plain/zero-page/legacy", "multifd with zero-page-detection legacy, live",
      case_multifd_zero_page("legacy")),
     ("/migration/multifd/tcp/plain/zero-page/none", "multifd with zero-page-detection none, live",

@@ -45,13 +45,18 @@ class Qmp:
             self.events.append(msg)
         return msg
 
-    def cmd(self, name, **args):
-        """The command's return value; QmpError for an error answer."""
+    def cmd(self, name, _fd=None, **args):
+        """The command's return value; QmpError for an error answer. _fd: a file descriptor
+        passed with the command (SCM_RIGHTS), as getfd and add-fd take one."""
         msg = {"execute": name}
         if args:
             msg["arguments"] = args
-        self.w.write(json.dumps(msg) + "\n")
-        self.w.flush()
+        data = json.dumps(msg) + "\n"
+        if _fd is None:
+            self.w.write(data)
+            self.w.flush()
+        else:
+            socket.send_fds(self.sock, [data.encode()], [_fd])
         while True:
             r = self._read()
             if "return" in r:
