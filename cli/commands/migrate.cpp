@@ -50,7 +50,8 @@ public:
                                                 "rounds while it runs, stop-and-copy, resume on the destination), "
                                                 "verify");
         vm_.add_to(*c);
-        c->add_option("--to", to_, "inproc (a second VM here), tcp:HOST:PORT or unix:PATH (minivmm receive there)");
+        c->add_option("--to", to_, "inproc (a second VM here), tcp:HOST:PORT or unix:PATH (minivmm receive there), or fd:N (a "
+                                "connected socket this process inherited; one channel)");
         c->add_option("--tracker", tracker_, "ring|bitmap")->capture_default_str();
         c->add_option("--ring", ring_, "with --tracker ring: bytes per vCPU ring (default 256K)");
         c->add_option("--max-downtime", max_downtime_, "ms the stop-and-copy may take at the measured bandwidth")
@@ -139,7 +140,7 @@ private:
     {
         MigrateOptions o;
         if (to_.empty())
-            throw UsageError("--to is required: inproc, tcp:HOST:PORT or unix:PATH");
+            throw UsageError("--to is required: inproc, tcp:HOST:PORT, unix:PATH or fd:N");
         o.to = to_;
         if (o.to != "inproc")
             parse_endpoint("--to", o.to);
@@ -153,6 +154,10 @@ private:
         warmup_s_ = parse_seconds("--warmup", warmup_);
         o.post_run_s = parse_seconds("--post-run", post_run_);
         o.channels = static_cast<uint32_t>(parse_uint("--channels", channels_, 0, 64));
+        if (o.to.rfind("fd:", 0) == 0 && o.channels > 1)
+            throw UsageError(fmt::format("--channels {}: --to {} is one connected socket, one channel; drop --channels "
+                                         "or use tcp:/unix:",
+                                         o.channels, o.to));
         o.compress = migration::Compression::parse("--compress", compress_);
         if (o.compress.zstd && o.to == "inproc")
             throw UsageError("--compress: applies to a TCP destination; in-process migration copies memory directly "
@@ -188,7 +193,7 @@ private:
     // closed before its first byte (receive skips it), or one line and exit 1.
     static void check_destination(const std::string& to)
     {
-        if (to == "inproc")
+        if (to == "inproc" || to.rfind("fd:", 0) == 0)  // a connected socket is the connection itself: no probe
             return;
         ::close(connect_endpoint(parse_endpoint("--to", to), std::chrono::steady_clock::now() + std::chrono::seconds(30)));
     }

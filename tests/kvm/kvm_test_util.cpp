@@ -76,9 +76,11 @@ Receiver::Receiver(const std::string& args, const std::string& wrapper)
     }
     close(o);
     close(e);
-    // Listening (it says so on stderr), or already gone.
+    // Listening, or reading a connected socket (it says so on stderr), or already gone.
     for (int i = 0; i < 200; i++) {
-        if (read_file(err_path_).find("listening on") != std::string::npos)
+        const std::string said = read_file(err_path_);
+        if (said.find("listening on") != std::string::npos ||
+            said.find("reading the connected socket") != std::string::npos)
             break;
         int st = 0;
         if (waitpid(pid, &st, WNOHANG) == pid) {

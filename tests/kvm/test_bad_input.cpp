@@ -472,8 +472,10 @@ INSTANTIATE_TEST_SUITE_P(
 
 INSTANTIATE_TEST_SUITE_P(
     Migrate, BadInput,
-    ::testing::Values(Row{"migrate", 2, "--to", "inproc, tcp:HOST:PORT or unix:PATH"},
-                      Row{"migrate --to udp:1.2.3.4:5", 2, "--to", "tcp:HOST:PORT or unix:PATH"},
+    ::testing::Values(Row{"migrate", 2, "--to", "inproc, tcp:HOST:PORT, unix:PATH or fd:N"},
+                      Row{"migrate --to udp:1.2.3.4:5", 2, "--to", "tcp:HOST:PORT, unix:PATH or fd:N"},
+                      Row{"migrate --to fd:abc", 2, "--to", "fd:N with N a file descriptor number"},
+                      Row{"migrate --to fd:987", 2, "--to", "not an open stream socket"},
                       Row{"migrate --to unix:", 2, "--to", "unix:PATH with a path"},
                       Row{"migrate --to unix:/tmp/minivmm-no-such.sock --tls-creds psk:{existing}", 2, "--tls-creds",
                           "unix socket is not supported"},
@@ -522,6 +524,7 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(
         Row{"receive", 2, "--listen", "tcp:ADDR:PORT"},
         Row{"receive --listen tcp:nowhere:1", 2, "--listen", "IPv4 address"},
+        Row{"receive --listen fd:987", 2, "--listen", "not an open stream socket"},
         Row{"receive --listen tcp:127.0.0.1:{port} --timeout soon", 2, "--timeout", "seconds"},
         Row{"receive --listen tcp:127.0.0.1:{port} --vcpus two", 2, "--vcpus", "whole number"},
         Row{"receive --listen tcp:127.0.0.1:99999", 2, "--listen", "1..65535"},

@@ -1,6 +1,8 @@
 // Issue 16: several channels per virtual node (QEMU's multifd), each tracker;
 // zstd-compressed PAGES frames and what a receiver does with a damaged one.
 #include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -118,6 +120,37 @@ INSTANTIATE_TEST_SUITE_P(Cases, MigrateChannels,
 
 // A node's pages go only to its own channels, dealt by 2 MiB range; each
 // channel is pinned to its node.
+// QEMU's fd: migration on the command line: the two ends of a socketpair,
+// inherited by receive (--listen fd:N) and migrate (--to fd:M); one channel.
+TEST(MigrateFd, AnInheritedSocketpairCarriesTheMigration)
+{
+    REQUIRE_KVM();
+    int sv[2];
+    ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);  // no CLOEXEC: the children inherit both
+    Receiver recv(fmt::format("{} --post-run 0.5 --listen fd:{} --json -", kVm, sv[0]));
+    ::close(sv[0]);
+    auto r = run_minivmm(fmt::format("migrate --to fd:{} {} {} --max-downtime 20 --json -", sv[1], kVm, kRun));
+    ::close(sv[1]);
+    ASSERT_EQ(r.exit_code, 0) << r.err << recv.output();
+    const auto j = parse(r.out);
+    EXPECT_EQ(j["status"], "completed") << j.dump();
+    EXPECT_EQ(j["channels"].get<uint32_t>(), 1u);
+    EXPECT_EQ(j["verify"]["switchover_mismatches"].get<uint64_t>(), 0u);
+    EXPECT_GT(j["verify"]["switchover_pages_checked"].get<uint64_t>(), 0u);
+    EXPECT_EQ(j["verify"]["mismatches"].get<uint64_t>(), 0u);
+    ASSERT_EQ(recv.wait(), 0) << recv.output();
+    EXPECT_NE(recv.result().err.find(fmt::format("reading the connected socket fd:{}", sv[0])), std::string::npos)
+        << recv.result().err;
+    // More than one channel over one socket is refused before anything starts.
+    int sp[2];
+    ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sp), 0);
+    auto bad = run_minivmm(fmt::format("migrate --to fd:{} --channels 2 {} {}", sp[1], kVm, kRun));
+    ::close(sp[0]);
+    ::close(sp[1]);
+    EXPECT_EQ(bad.exit_code, 2) << bad.err;
+    EXPECT_NE(bad.err.find("one connected socket, one channel"), std::string::npos) << bad.err;
+}
+
 TEST(ChannelMap, ChannelsServeOneNodeEachAndDealItsMemoryBy2MiB)
 {
     REQUIRE_KVM();

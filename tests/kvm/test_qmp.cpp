@@ -285,7 +285,7 @@ TEST(Qmp, ProtocolNegotiationErrorsEventsAndTheSocket)
     r = c.cmd("migrate-set-capabilities", {{"capabilities", {{{"capability", "postcopy-preempt"}, {"state", true}}}}});
     EXPECT_NE(error_desc(r).find("not supported"), std::string::npos) << r.dump();
     r = c.cmd("migrate", json::object());
-    EXPECT_EQ(error_desc(r), "Parameter 'uri' is missing");
+    EXPECT_EQ(error_desc(r), "need either 'uri' or 'channels' argument");
     r = c.cmd("migrate", {{"uri", "exec:cat"}});
     EXPECT_EQ(error_class(r), "GenericError");
     c.send_raw("{\"execute\": \"query-status\", \"id\": \"str\"");  // incomplete: waits for the rest
