@@ -184,8 +184,7 @@ RemoteDestination::RemoteDestination(StressVm& src, Endpoint to, LinkOptions lin
     : src_(src), to_(std::move(to)), link_(std::move(link))
 {
     if (link_.tls.enabled()) {
-        if (to_.is_unix())
-            throw UsageError("--tls-creds: over a unix socket is not supported (use tcp:HOST:PORT)");
+        check_tls_over("--tls-creds", link_.tls.creds, link_.tls.hostname, to_);
         tls_ = tls::Context::client(link_.tls, to_.host);
     }
 }

@@ -177,8 +177,7 @@ private:
             if (o.to == "inproc")
                 throw UsageError("--tls-creds: applies to a TCP destination (--to tcp:HOST:PORT)");
             const auto ep = parse_endpoint("--to", o.to);
-            if (ep.is_unix())
-                throw UsageError("--tls-creds: over a unix socket is not supported (use --to tcp:HOST:PORT)");
+            migration::check_tls_over("--tls-creds", o.tls.creds, o.tls.hostname, ep);
             // The credentials are read and checked now, before the guest boots.
             migration::tls::Context::client(o.tls, ep.host);
         }

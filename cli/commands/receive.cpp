@@ -112,6 +112,8 @@ public:
                     return kExitNoSender;
                 }
             }
+            if (deferred && !o.tls.enabled())
+                o.tls = mon->incoming_tls();  // QMP's tls-creds / tls-authz (object-add), as QEMU takes them
             mon->incoming_started(o.listen);
             o.on_postcopy = mon->incoming_postcopy_hook();
             o.wait_cont = mon->incoming_cont_gate();

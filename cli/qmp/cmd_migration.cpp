@@ -35,6 +35,7 @@ migration::MigrateOptions Monitor::options_from_params(const std::string& uri) c
     o.bandwidth = p.max_bandwidth;
     o.verify = p.verify;
     o.validate_uuid = caps_->validate_uuid;
+    o.tls = tls_from_params(true);
     o.post_run_s = p.post_run_s;
     o.channels = caps_->multifd ? p.multifd_channels : p.channels;
     o.compress = p.compression;

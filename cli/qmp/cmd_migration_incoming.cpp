@@ -38,6 +38,18 @@ json Monitor::migrate_incoming(const json& args)
         throw QmpError(fmt::format("migrate-incoming: uri '{}' is not supported; use tcp:ADDR:PORT, unix:PATH or "
                                    "fd:NAME",
                                    uri));
+    migration::tls::Options tls;
+    {
+        std::lock_guard lk(mu_);
+        tls = tls_from_params(false);
+    }
+    if (tls.enabled()) {
+        try {
+            migration::tls::Context::server(tls);  // the files now, not when the sender comes
+        } catch (const std::exception& e) {
+            throw QmpError(fmt::format("migrate-incoming: {}", e.what()));
+        }
+    }
     uri = take_fd_uri(uri, "migrate-incoming");  // fd: the connected socket receive reads
     if (uri.rfind("fd:", 0) != 0) {
         try {
@@ -48,6 +60,7 @@ json Monitor::migrate_incoming(const json& args)
     }
     std::lock_guard lk(mu_);
     incoming_uri_ = uri;
+    incoming_tls_ = tls;
     exit_on_error_ = a.boolean_or("exit-on-error", true);
     cv_.notify_all();
     return json::object();

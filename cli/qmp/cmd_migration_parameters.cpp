@@ -41,7 +41,7 @@ const char* const kOtherCaps[] = {"xbzrle",           "rdma-pin-all",       "zer
 // QEMU parameters minivmm does not implement (setting one is an error naming it).
 const char* const kOtherParams[] = {
     "announce-initial", "announce-max",     "announce-rounds",     "announce-step",     "throttle-trigger-threshold",
-    "cpu-throttle-tailslow", "tls-creds",   "tls-hostname",        "tls-authz",         "avail-switchover-bandwidth",
+    "cpu-throttle-tailslow", "avail-switchover-bandwidth",
     "x-checkpoint-delay", "xbzrle-cache-size", "max-postcopy-bandwidth", "multifd-zlib-level", "multifd-qatzip-level",
     "block-bitmap-mapping", "x-vcpu-dirty-limit-period", "mode", "direct-io"};
 
@@ -64,7 +64,7 @@ json Monitor::set_parameters(const json& args)
         "max-bandwidth",          "downtime-limit",   "multifd-channels", "multifd-compression",
         "multifd-zstd-level",     "cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle",
         "vcpu-dirty-limit",       "x-minivmm-max-iterations", "x-minivmm-timeout", "x-minivmm-verify",
-        "x-minivmm-post-run",     "zero-page-detection"};
+        "x-minivmm-post-run",     "zero-page-detection", "tls-creds", "tls-hostname", "tls-authz"};
     if (!args.is_object())
         throw QmpError("QMP input member 'arguments' must be an object");
     for (const auto& item : args.items()) {
@@ -126,6 +126,22 @@ json Monitor::set_parameters(const json& args)
         p.verify = a.boolean_or("x-minivmm-verify", true);
     if (a.has("x-minivmm-post-run"))
         p.post_run_s = static_cast<double>(ranged("x-minivmm-post-run", 0, 3600));
+    // QEMU's StrOrNull: null is "" (off); the objects are looked up when a
+    // migration starts, as QEMU does.
+    auto str_or_null = [&](const char* name) {
+        const json& v = a.raw(name);
+        if (v.is_null())
+            return std::string();
+        if (!v.is_string())
+            throw QmpError(fmt::format("Invalid parameter type for '{}', expected: string", name));
+        return v.get<std::string>();
+    };
+    if (a.has("tls-creds"))
+        p.tls_creds = str_or_null("tls-creds");
+    if (a.has("tls-hostname"))
+        p.tls_hostname = str_or_null("tls-hostname");
+    if (a.has("tls-authz"))
+        p.tls_authz = str_or_null("tls-authz");
     if (p.compression.zstd && p.compression.level == 0)
         p.compression.level = 1;
     *params_ = p;
@@ -154,6 +170,9 @@ json Monitor::query_parameters() const
             {"cpu-throttle-increment", p.throttle_increment},
             {"max-cpu-throttle", p.throttle_max},
             {"vcpu-dirty-limit", p.dirty_limit_pages / 256},
+            {"tls-creds", p.tls_creds},
+            {"tls-hostname", p.tls_hostname},
+            {"tls-authz", p.tls_authz},
             {"x-minivmm-channels", p.channels},
             {"x-minivmm-max-iterations", p.max_iterations},
             {"x-minivmm-timeout", ms(p.timeout_s)},

@@ -88,6 +88,8 @@ void Monitor::add_commands()
             v.push_back({{"name", n}});
         return v;
     });
+    server_.add("object-add", [this](const json& a) { return object_add(a); });
+    server_.add("object-del", [this](const json& a) { return object_del(a); });
     server_.add("getfd", [this](const json& a) { return getfd(a); });
     server_.add("closefd", [this](const json& a) { return closefd(a); });
     server_.add("migrate", [this](const json& a) { return migrate_cmd(a); });

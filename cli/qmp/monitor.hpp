@@ -71,6 +71,8 @@ public:
     // A stopped source's guest waits here, paused, for QMP's cont (true) or
     // quit or a stop signal (false).
     migration::ContGate incoming_cont_gate();
+    // What migrate-incoming's TLS parameters said (tls-creds, tls-authz).
+    migration::tls::Options incoming_tls() const;
     void incoming_started(const std::string& listen);
     void incoming_done(const migration::ReceiveReport& r);
 
@@ -90,6 +92,7 @@ private:
     struct Params;
     struct Capabilities;
     struct DirtyRateJob;
+    struct QomObject;
     struct Rates {  // query-migrate's mbps and pages-per-second while active: over the last second
         struct Sample {
             double t_ms;
@@ -104,6 +107,11 @@ private:
     json stop_vm();
     json cont_vm();
     json query_version() const;
+    json object_add(const json& args);
+    json object_del(const json& args);
+    // The TLS options the parameters name, for a `client` (migrate) or a
+    // server (migrate-incoming) endpoint; QmpError when they name nothing usable.
+    migration::tls::Options tls_from_params(bool client) const;
     json getfd(const json& args);
     json closefd(const json& args);
     // "fd:NAME" -> "fd:N", the descriptor now the caller's (QEMU: a migration
@@ -163,6 +171,8 @@ private:
     bool incoming_started_ = false;
     bool held_for_cont_ = false, cont_requested_ = false;  // destination: a stopped guest, paused
     std::map<std::string, int> named_fds_;  // getfd's, until closefd or a migration takes one
+    std::map<std::string, QomObject> objects_;  // object-add's
+    migration::tls::Options incoming_tls_;      // migrate-incoming's, from tls-creds and tls-authz
     std::string incoming_phase_;
     std::optional<migration::ReceiveReport> received_;
     std::optional<migration::PostcopyDestinationFigures> incoming_postcopy_;

@@ -65,6 +65,14 @@ struct Monitor::Params {
     double timeout_s = 120;
     bool verify = true;
     double post_run_s = 2;
+    std::string tls_creds, tls_hostname, tls_authz;  // object ids (object-add), "" none
+};
+
+// object-add's objects a migration uses (QEMU's tls-creds-psk, tls-creds-x509,
+// authz-simple).
+struct Monitor::QomObject {
+    std::string type, endpoint, dir, username, identity;
+    bool verify_peer = true;
 };
 
 struct Monitor::Capabilities {

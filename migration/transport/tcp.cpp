@@ -52,6 +52,16 @@ std::string Endpoint::str() const
     return is_unix() ? "unix:" + path : fmt::format("tcp:{}:{}", host, port);
 }
 
+void check_tls_over(const std::string& option, const std::string& creds, const std::string& hostname,
+                    const Endpoint& ep)
+{
+    if (creds.empty() || (!ep.is_unix() && !ep.is_fd()) || creds.rfind("psk:", 0) == 0 || !hostname.empty())
+        return;
+    throw UsageError(fmt::format("{}: x509 over {} has no host name to check the receiver's certificate against; give "
+                                 "--tls-hostname (QMP: tls-hostname), or use psk",
+                                 option, ep.is_fd() ? "a connected socket (fd:)" : "a unix socket"));
+}
+
 int parse_fd_uri(const std::string& option, const std::string& spec)
 {
     if (spec.rfind("fd:", 0) != 0)

@@ -34,6 +34,12 @@ struct Endpoint {
 // tcp:HOST:PORT, unix:PATH or fd:N; throws UsageError naming `option`.
 Endpoint parse_endpoint(const std::string& option, const std::string& spec, bool port0_ok = false);
 
+// TLS to `ep`: over unix: or fd: there is no host to check an x509
+// certificate against, so x509 needs `hostname` there (QEMU's tls-hostname);
+// PSK needs none. Throws UsageError naming `option` when it cannot apply.
+void check_tls_over(const std::string& option, const std::string& creds, const std::string& hostname,
+                    const Endpoint& ep);
+
 // fd:N: N when it is an open stream socket; -1 when `spec` is not fd:;
 // UsageError naming `option` when N is not a number or not a stream socket.
 int parse_fd_uri(const std::string& option, const std::string& spec);

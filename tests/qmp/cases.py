@@ -32,7 +32,7 @@ def set_caps(q, caps):
 
 
 def start_pair(env, kind="tcp", caps=(), dst_caps=None, params=None, dst_params=None, incoming_args=None,
-               dirty_ring=False):
+               dirty_ring=False, hook=None):
     """A running source and a destination listening on a fresh URI (incoming defer, then the
     capabilities and parameters QEMU's case sets on each side, then migrate-incoming)."""
     src = env.vmm.start("src", dirty_ring=dirty_ring)
@@ -44,6 +44,8 @@ def start_pair(env, kind="tcp", caps=(), dst_caps=None, params=None, dst_params=
         src.cmd("migrate-set-parameters", **params)
     if dst_params:
         dst.cmd("migrate-set-parameters", **dst_params)
+    if hook:  # QEMU's start hooks: objects and parameters on both sides before migrate-incoming
+        hook(src, dst)
     dst.cmd("migrate-incoming", uri=u, **(incoming_args or {}))
     return src, dst, u
 
@@ -297,10 +299,78 @@ def case_getfd_errors(env):
     return " | ".join(e.desc for e in (e1, e2, e3, e4))
 
 
+# ---- tls-tests.c ---------------------------------------------------------------------------
+
+def psk_dir(env, name, key=None):
+    """A tls-creds-psk directory: keys.psk with QEMU's default username, 'qemu:HEXKEY'."""
+    d = os.path.join(env.tmp, name)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "keys.psk"), "w") as f:
+        f.write(f"qemu:{key or os.urandom(32).hex()}\n")
+    return d
+
+
+def psk_hook(env, mismatch=False):
+    """QEMU's PSK start hook: a client object on the source, a server object on the destination
+    (mismatch: another key), tls-creds on both."""
+    key = os.urandom(32).hex()
+    src_dir = psk_dir(env, "tlscredspsk0", key)
+    dst_dir = psk_dir(env, "tlscredspsk1") if mismatch else src_dir
+
+    def hook(src, dst):
+        src.cmd("object-add", **{"qom-type": "tls-creds-psk", "id": "tlscredspsk0", "endpoint": "client",
+                                 "dir": src_dir})
+        src.cmd("migrate-set-parameters", **{"tls-creds": "tlscredspsk0"})
+        dst.cmd("object-add", **{"qom-type": "tls-creds-psk", "id": "tlscredspsk0", "endpoint": "server",
+                                 "dir": dst_dir})
+        dst.cmd("migrate-set-parameters", **{"tls-creds": "tlscredspsk0"})
+    return hook
+
+
+def not_live(env, src, dst, u, name="dst"):
+    """QEMU's non-live flow: stop the source, migrate at full speed, cont the destination."""
+    src.cmd("stop")
+    src.wait_event("STOP", 60)
+    src.cmd("migrate-set-parameters", **CONVERGE)
+    src.cmd("migrate", uri=u)
+    return finish(env, src, dst, stopped_source=True, name=name)
+
+
+def expect_fail(env, src, dst, u, name="dst"):
+    """QEMU's MIG_TEST_FAIL: the source fails (setup/active/failed only) and runs on; the
+    destination stays alive."""
+    src.cmd("migrate", uri=u)
+    info = src.wait_status(FINAL, 120)
+    assert info["status"] == "failed", f"migration {info['status']}, not failed"
+    seen = set(statuses(src))
+    assert seen <= {"setup", "active", "failed"}, f"states other than setup/active/failed: {seen}"
+    assert src.cmd("query-status")["status"] == "running", "the source does not run on after the failure"
+    assert env.vmm.process(name).poll() is None, "the destination did not stay alive"
+    return f"failed ({info.get('error-desc', '')[:90]}); the source runs on, the destination is alive"
+
+
+def tls_psk(kind, multifd=False, mismatch=False):
+    def case(env):
+        caps, params = (("multifd",), MULTIFD) if multifd else ((), None)
+        src, dst, u = start_pair(env, kind, caps, params=params, dst_params=params, hook=psk_hook(env, mismatch))
+        return (expect_fail if mismatch else not_live)(env, src, dst, u)
+    return case
+
+
+def case_postcopy_tls_psk(env):
+    src, dst, u = start_pair(env, "tcp", ("postcopy-ram",), dst_caps=("postcopy-ram", "postcopy-blocktime"),
+                             hook=psk_hook(env))
+    return postcopy_flow(env, src, dst, u)
+
+
 # ---- postcopy-tests.c ----------------------------------------------------------------------
 
 def case_postcopy_plain(env):
     src, dst, u = start_pair(env, "tcp", ("postcopy-ram",), dst_caps=("postcopy-ram", "postcopy-blocktime"))
+    return postcopy_flow(env, src, dst, u)
+
+
+def postcopy_flow(env, src, dst, u):
     src.cmd("migrate-set-parameters", **NON_CONVERGE)
     src.cmd("migrate", uri=u)
     wait_pass(src)
@@ -386,6 +456,17 @@ CASES = [
     "failed": "nothing to cancel: stays failed, the source runs on",
 }.get(s, "source cancelled and running, destination failed"), cancel_after(s))
     for s in ("none", "setup", "cancelling", "cancelled", "active", "completed", "failed", "pre-switchover")] + [
+    ("/migration/precopy/tcp/tls/psk/match", "TLS with a pre-shared key (tls-creds-psk objects), TCP, not live",
+     tls_psk("tcp")),
+    ("/migration/precopy/unix/tls/psk", "TLS-PSK over a unix socket, not live", tls_psk("unix")),
+    ("/migration/precopy/tcp/tls/psk/mismatch",
+     "TLS-PSK, the destination has another key: the source fails and runs on, the destination stays alive",
+     tls_psk("tcp", mismatch=True)),
+    ("/migration/multifd/tcp/tls/psk/match", "multifd (16 channels) over TLS-PSK, not live",
+     tls_psk("tcp", multifd=True)),
+    ("/migration/multifd/tcp/tls/psk/mismatch", "multifd over TLS-PSK with another key: fails, both alive",
+     tls_psk("tcp", multifd=True, mismatch=True)),
+    ("/migration/postcopy/tls/psk", "postcopy over TLS-PSK: as /migration/postcopy/plain", case_postcopy_tls_psk),
     ("/migration/postcopy/plain", "postcopy after a dirty sync: STOP on the source, every page at the destination, "
      "postcopy-blocktime there", case_postcopy_plain),
     ("/migration/multifd/tcp/plain/zstd", "multifd, zstd level 2", case_multifd_zstd),
