@@ -180,13 +180,12 @@ ResultRecord InprocDestination::end_postcopy()
 
 // ---- minivmm receive over TCP -------------------------------------------------------
 
+// The credentials are loaded in open(), on the migration's thread: like a
+// connection that fails, credentials that do not apply fail the migration
+// (QMP: status failed, as QEMU's), not the command that started it.
 RemoteDestination::RemoteDestination(StressVm& src, Endpoint to, LinkOptions link)
     : src_(src), to_(std::move(to)), link_(std::move(link))
 {
-    if (link_.tls.enabled()) {
-        check_tls_over("--tls-creds", link_.tls.creds, link_.tls.hostname, to_);
-        tls_ = tls::Context::client(link_.tls, to_.host);
-    }
 }
 
 void RemoteDestination::connect_all(const StreamHeader& h)
@@ -221,6 +220,10 @@ void RemoteDestination::open(const StreamHeader& h)
     // memory moves.
     if (link_.wrapper)
         link_.wrapper->check(h.nr_channels);
+    if (link_.tls.enabled() && !tls_) {
+        check_tls_over("--tls-creds", link_.tls.creds, link_.tls.hostname, to_);
+        tls_ = tls::Context::client(link_.tls, to_.host);
+    }
     try {
         connect_all(h);
     } catch (const Error& e) {
