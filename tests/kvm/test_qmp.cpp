@@ -279,7 +279,7 @@ TEST(Qmp, ProtocolNegotiationErrorsEventsAndTheSocket)
     EXPECT_EQ(error_desc(r), "Parameter 'bogus' is unexpected");
     r = c.cmd("migrate-set-parameters", {{"max-bandwidth", "fast"}});
     EXPECT_EQ(error_desc(r), "Invalid parameter type for 'max-bandwidth', expected: integer") << r.dump();
-    r = c.cmd("migrate-set-parameters", {{"tls-creds", "tls0"}});
+    r = c.cmd("migrate-set-parameters", {{"xbzrle-cache-size", 1 << 20}});
     EXPECT_EQ(error_class(r), "GenericError");
     EXPECT_NE(error_desc(r).find("not supported"), std::string::npos) << r.dump();
     r = c.cmd("migrate-set-capabilities", {{"capabilities", {{{"capability", "postcopy-preempt"}, {"state", true}}}}});
@@ -288,6 +288,34 @@ TEST(Qmp, ProtocolNegotiationErrorsEventsAndTheSocket)
     EXPECT_EQ(error_desc(r), "need either 'uri' or 'channels' argument");
     r = c.cmd("migrate", {{"uri", "exec:cat"}});
     EXPECT_EQ(error_class(r), "GenericError");
+    // QMP objects: what a migration's TLS parameters name.
+    r = c.cmd("object-add", {{"qom-type", "memory-backend-ram"}, {"id", "m0"}});
+    EXPECT_NE(error_desc(r).find("not supported by minivmm"), std::string::npos) << r.dump();
+    r = c.cmd("object-add", {{"qom-type", "tls-creds-psk"}, {"id", "p0"}, {"endpoint", "client"}, {"dir", "/nonexistent"}});
+    EXPECT_TRUE(r.contains("return")) << r.dump();  // files are read when a migration uses them, as in QEMU
+    r = c.cmd("object-add", {{"qom-type", "tls-creds-psk"}, {"id", "p0"}, {"endpoint", "client"}, {"dir", "/x"}});
+    EXPECT_NE(error_desc(r).find("duplicate"), std::string::npos) << r.dump();
+    r = c.cmd("object-add", {{"qom-type", "tls-creds-x509"}, {"id", "x0"}, {"endpoint", "server"}, {"dir", "/x"},
+                             {"verify-peer", false}});
+    EXPECT_NE(error_desc(r).find("verify-peer false is not supported"), std::string::npos) << r.dump();
+    r = c.cmd("object-add", {{"qom-type", "tls-creds-psk"}, {"id", "p1"}, {"endpoint", "middle"}, {"dir", "/x"}});
+    EXPECT_EQ(error_desc(r), "Parameter 'endpoint' does not accept value 'middle'");
+    r = c.cmd("migrate-set-parameters", {{"tls-creds", "nosuch"}});
+    EXPECT_TRUE(r.contains("return")) << r.dump();  // looked up when a migration starts
+    r = c.cmd("migrate", {{"uri", "tcp:127.0.0.1:1"}});
+    EXPECT_EQ(error_desc(r), "No TLS credentials with id 'nosuch'");
+    r = c.cmd("migrate-set-parameters", {{"tls-creds", nullptr}});
+    EXPECT_TRUE(r.contains("return")) << r.dump();
+    r = c.cmd("object-del", {{"id", "p0"}});
+    EXPECT_TRUE(r.contains("return")) << r.dump();
+    r = c.cmd("object-del", {{"id", "p0"}});
+    EXPECT_EQ(error_desc(r), "object 'p0' not found");
+    r = c.cmd("query-migrate-parameters", json::object());
+    EXPECT_EQ(r["return"]["tls-creds"], "") << r.dump();
+    r = c.cmd("getfd", {{"fdname", "f"}});
+    EXPECT_EQ(error_desc(r), "No file descriptor supplied via SCM_RIGHTS");
+    r = c.cmd("getfd", {{"fdname", "1f"}});
+    EXPECT_EQ(error_desc(r), "Parameter 'fdname' expects a name not starting with a digit");
     c.send_raw("{\"execute\": \"query-status\", \"id\": \"str\"");  // incomplete: waits for the rest
     c.send_raw("}");
     json m = c.next();
