@@ -165,6 +165,7 @@ void Monitor::start_migration(const migration::MigrateOptions& o)
                 handed_over_ = true;
             } else {
                 run_state_ = paused_ ? "paused" : "running";  // given back as it was
+                reapply_vcpu_limits();
             }
             migrating_ = false;
         }
@@ -300,6 +301,8 @@ json Monitor::migrate_start_postcopy()
 void Monitor::tick()
 {
     std::lock_guard lk(mu_);
+    if (role_ == Role::Source)
+        sample_progress();
     if (!migrating_.load() || !sender_)
         return;
     const migration::LiveFigures l = sender_->live();

@@ -88,6 +88,9 @@ void Monitor::add_commands()
             v.push_back({{"name", n}});
         return v;
     });
+    server_.add("set-vcpu-dirty-limit", [this](const json& a) { return set_vcpu_dirty_limit(a); });
+    server_.add("cancel-vcpu-dirty-limit", [this](const json& a) { return cancel_vcpu_dirty_limit(a); });
+    no_args("query-vcpu-dirty-limit", member(&Monitor::query_vcpu_dirty_limit));
     server_.add("object-add", [this](const json& a) { return object_add(a); });
     server_.add("object-del", [this](const json& a) { return object_del(a); });
     server_.add("getfd", [this](const json& a) { return getfd(a); });

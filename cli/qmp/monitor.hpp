@@ -107,6 +107,12 @@ private:
     json stop_vm();
     json cont_vm();
     json query_version() const;
+    json set_vcpu_dirty_limit(const json& args);
+    json cancel_vcpu_dirty_limit(const json& args);
+    json query_vcpu_dirty_limit() const;
+    std::vector<uint32_t> limit_targets(const Args& a, const char* cmd) const;
+    void sample_progress();
+    void reapply_vcpu_limits();
     json object_add(const json& args);
     json object_del(const json& args);
     // The TLS options the parameters name, for a `client` (migrate) or a
@@ -172,6 +178,12 @@ private:
     bool held_for_cont_ = false, cont_requested_ = false;  // destination: a stopped guest, paused
     std::map<std::string, int> named_fds_;  // getfd's, until closefd or a migration takes one
     std::map<std::string, QomObject> objects_;  // object-add's
+    std::vector<uint64_t> vcpu_limit_mbs_;      // set-vcpu-dirty-limit's, MB/s per vCPU (0: none)
+    struct ProgressSample {
+        double t_s;
+        std::vector<uint64_t> pages;  // per vCPU, pages written
+    };
+    std::deque<ProgressSample> progress_window_;  // the last second, on the tick
     migration::tls::Options incoming_tls_;      // migrate-incoming's, from tls-creds and tls-authz
     std::string incoming_phase_;
     std::optional<migration::ReceiveReport> received_;

@@ -312,6 +312,11 @@ TEST(Qmp, ProtocolNegotiationErrorsEventsAndTheSocket)
     EXPECT_EQ(error_desc(r), "object 'p0' not found");
     r = c.cmd("query-migrate-parameters", json::object());
     EXPECT_EQ(r["return"]["tls-creds"], "") << r.dump();
+    r = c.cmd("set-vcpu-dirty-limit", {{"cpu-index", 99}, {"dirty-rate", 10}});
+    EXPECT_EQ(error_desc(r), "incorrect cpu index specified");
+    r = c.cmd("set-vcpu-dirty-limit", {{"dirty-rate", 0}});
+    EXPECT_NE(error_desc(r).find("dirty-rate"), std::string::npos) << r.dump();
+    EXPECT_EQ(ok(c, "query-vcpu-dirty-limit"), json::array()) << "no limit set: an empty list, as in QEMU";
     r = c.cmd("getfd", {{"fdname", "f"}});
     EXPECT_EQ(error_desc(r), "No file descriptor supplied via SCM_RIGHTS");
     r = c.cmd("getfd", {{"fdname", "1f"}});

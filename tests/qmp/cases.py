@@ -126,6 +126,45 @@ def case_dirty_ring(env):
     return live(env, *start_pair(env, "unix", dirty_ring=True))
 
 
+def ring_dirty_rate(q):
+    """One calc-dirty-rate in dirty-ring mode over 1 s: vCPU 0's dirty rate, MB/s."""
+    q.cmd("calc-dirty-rate", **{"calc-time": 1, "mode": "dirty-ring"})
+    r = wait_for(lambda: (lambda d: d if d.get("status") == "measured" else None)(q.cmd("query-dirty-rate")), 60,
+                 "query-dirty-rate to say measured", 0.1)
+    return r["vcpu-dirty-rate"][0]["dirty-rate"]
+
+
+def case_vcpu_dirty_limit(env):
+    """/migration/vcpu_dirty_limit (not a migration): the dirty ring measures vCPU 0's rate;
+    set-vcpu-dirty-limit at half of it must bring it below limit + 25 MB/s within 20
+    measurements, query-vcpu-dirty-limit says the limit; after cancel-vcpu-dirty-limit it must
+    rise above limit + 25 again within 20."""
+    vm = env.vmm.start("src", dirty_ring=True)
+    rate = ring_dirty_rate(vm)
+    assert rate > 0, "the dirty ring measured no dirty pages"
+    quota = rate // 2
+    vm.cmd("set-vcpu-dirty-limit", **{"dirty-rate": quota})
+    lim = vm.cmd("query-vcpu-dirty-limit")
+    assert lim and lim[0]["limit-rate"] == quota, f"query-vcpu-dirty-limit says {lim}, not limit-rate {quota}"
+    limited = None
+    for _ in range(20):
+        r = ring_dirty_rate(vm)
+        if r < quota + 25:
+            limited = r
+            break
+    assert limited is not None, f"the rate stayed at or above {quota + 25} MB/s with the limit {quota}"
+    vm.cmd("cancel-vcpu-dirty-limit")
+    assert vm.cmd("query-vcpu-dirty-limit") == [], "a limit is still listed after cancel-vcpu-dirty-limit"
+    back = None
+    for _ in range(20):
+        r = ring_dirty_rate(vm)
+        if r > quota + 25:
+            back = r
+            break
+    assert back is not None, f"the rate stayed at or below {quota + 25} MB/s after the cancel"
+    return f"{rate} MB/s, limit {quota}: {limited}, cancelled: {back}"
+
+
 def case_switchover_ack(env):
     # switchover-ack with a return path: the switchover must not wait for an ACK nothing sends.
     caps = ("return-path", "switchover-ack")
@@ -498,6 +537,9 @@ CASES = [
      "until cont", case_precopy_fd_tcp),
     ("(minivmm) getfd/closefd errors", "getfd with no descriptor, closefd of an unknown name, migrate to an unknown "
      "fd name: QMP errors, the guest runs on", case_getfd_errors),
+    ("/migration/vcpu_dirty_limit",
+     "not a migration: set-vcpu-dirty-limit at half the dirty-ring rate brings it under limit + 25 MB/s; "
+     "cancel-vcpu-dirty-limit lets it rise again", case_vcpu_dirty_limit),
     ("/migration/multifd/tcp/plain/zero-page/legacy", "multifd with zero-page-detection legacy, live",
      case_multifd_zero_page("legacy")),
     ("/migration/multifd/tcp/plain/zero-page/none", "multifd with zero-page-detection none, live",
