@@ -56,20 +56,22 @@ bool multifd_zstd(const std::string& c)
     throw QmpError(fmt::format("Parameter 'multifd-compression' does not accept value '{}'", c));
 }
 
-}  // namespace
+// The parameters migrate-set-parameters takes.
+constexpr const char* kKnownParams[] = {
+    "max-bandwidth",          "downtime-limit",   "multifd-channels", "multifd-compression",
+    "multifd-zstd-level",     "cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle",
+    "vcpu-dirty-limit",       "x-minivmm-max-iterations", "x-minivmm-timeout", "x-minivmm-verify",
+    "x-minivmm-post-run",     "zero-page-detection", "tls-creds", "tls-hostname", "tls-authz"};
 
-json Monitor::set_parameters(const json& args)
+// Every member one minivmm takes; one QEMU has and minivmm does not is named so.
+void check_parameter_names(const json& args)
 {
-    static constexpr const char* known[] = {
-        "max-bandwidth",          "downtime-limit",   "multifd-channels", "multifd-compression",
-        "multifd-zstd-level",     "cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle",
-        "vcpu-dirty-limit",       "x-minivmm-max-iterations", "x-minivmm-timeout", "x-minivmm-verify",
-        "x-minivmm-post-run",     "zero-page-detection", "tls-creds", "tls-hostname", "tls-authz"};
     if (!args.is_object())
         throw QmpError("QMP input member 'arguments' must be an object");
     for (const auto& item : args.items()) {
         const std::string k = item.key();
-        if (std::find_if(std::begin(known), std::end(known), [&](const char* n) { return k == n; }) != std::end(known))
+        if (std::find_if(std::begin(kKnownParams), std::end(kKnownParams), [&](const char* n) { return k == n; }) !=
+            std::end(kKnownParams))
             continue;
         for (const char* o : kOtherParams)
             if (k == o)
@@ -78,8 +80,32 @@ json Monitor::set_parameters(const json& args)
                                            k));
         throw QmpError(fmt::format("Parameter '{}' is unexpected", k));
     }
+}
+
+// tls-creds, tls-hostname, tls-authz: QEMU's StrOrNull, null being "" (off);
+// the objects are looked up when a migration starts, as QEMU does.
+void apply_tls_parameters(const Args& a, std::string& creds, std::string& hostname, std::string& authz)
+{
+    auto str_or_null = [&](const char* name, std::string& out) {
+        if (!a.has(name))
+            return;
+        const json& v = a.raw(name);
+        if (!v.is_null() && !v.is_string())
+            throw QmpError(fmt::format("Invalid parameter type for '{}', expected: string", name));
+        out = v.is_null() ? std::string() : v.get<std::string>();
+    };
+    str_or_null("tls-creds", creds);
+    str_or_null("tls-hostname", hostname);
+    str_or_null("tls-authz", authz);
+}
+
+}  // namespace
+
+json Monitor::set_parameters(const json& args)
+{
+    check_parameter_names(args);
     // Check everything first, then apply: a bad member changes nothing.
-    Args a(args, known);
+    Args a(args, kKnownParams);
     auto ranged = [&](const char* name, int64_t lo, int64_t hi) {
         const int64_t v = a.integer(name);
         if (v < lo || v > hi)
@@ -126,22 +152,7 @@ json Monitor::set_parameters(const json& args)
         p.verify = a.boolean_or("x-minivmm-verify", true);
     if (a.has("x-minivmm-post-run"))
         p.post_run_s = static_cast<double>(ranged("x-minivmm-post-run", 0, 3600));
-    // QEMU's StrOrNull: null is "" (off); the objects are looked up when a
-    // migration starts, as QEMU does.
-    auto str_or_null = [&](const char* name) {
-        const json& v = a.raw(name);
-        if (v.is_null())
-            return std::string();
-        if (!v.is_string())
-            throw QmpError(fmt::format("Invalid parameter type for '{}', expected: string", name));
-        return v.get<std::string>();
-    };
-    if (a.has("tls-creds"))
-        p.tls_creds = str_or_null("tls-creds");
-    if (a.has("tls-hostname"))
-        p.tls_hostname = str_or_null("tls-hostname");
-    if (a.has("tls-authz"))
-        p.tls_authz = str_or_null("tls-authz");
+    apply_tls_parameters(a, p.tls_creds, p.tls_hostname, p.tls_authz);
     if (p.compression.zstd && p.compression.level == 0)
         p.compression.level = 1;
     *params_ = p;
