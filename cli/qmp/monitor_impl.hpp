@@ -79,6 +79,21 @@ struct Monitor::Capabilities {
     bool auto_converge = false, dirty_limit = false, multifd = false, events = false;
     bool postcopy_ram = false, postcopy_blocktime = false, pause_before_switchover = false;
     bool return_path = false, switchover_ack = false, validate_uuid = false;
+    // Each one by QEMU's name, in query-migrate-capabilities' order.
+    template <class F>
+    void each(F f)
+    {
+        f("auto-converge", auto_converge);
+        f("dirty-limit", dirty_limit);
+        f("multifd", multifd);
+        f("events", events);
+        f("postcopy-ram", postcopy_ram);
+        f("postcopy-blocktime", postcopy_blocktime);
+        f("pause-before-switchover", pause_before_switchover);
+        f("return-path", return_path);
+        f("switchover-ack", switchover_ack);
+        f("validate-uuid", validate_uuid);
+    }
 };
 
 struct Monitor::DirtyRateJob {
