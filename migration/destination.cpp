@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include "base/error.hpp"
+#include "migration/file.hpp"
 #include "migration/postcopy.hpp"
 #include "migration/transport/tcp.hpp"
 
@@ -450,6 +451,8 @@ std::unique_ptr<Destination> make_destination(StressVm& src, const std::string& 
 {
     if (to == "inproc")
         return std::make_unique<InprocDestination>(src, verify, post_run_s);
+    if (auto f = parse_file_uri("--to", to))
+        return std::make_unique<FileDestination>(src, *f, link.compression, FileOptions{link.mapped_ram, link.direct_io});
     return std::make_unique<RemoteDestination>(src, parse_endpoint("--to", to, true), std::move(link));
 }
 

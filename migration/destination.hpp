@@ -50,6 +50,9 @@ public:
     virtual void enter_phase(const char*) {}
     // What the PAGES frames carried so far, all channels (none in-process).
     virtual PageCounts page_counts() const { return {}; }
+    // A file (file.hpp): nothing answers; the guest runs again only where it
+    // is restored, which checks it then.
+    virtual bool one_way() const { return false; }
 
     // ---- postcopy (postcopy.hpp) ----
     // Every pre-copy page sent and the source parked: the vCPU states and
@@ -133,6 +136,7 @@ struct LinkOptions {
     IoLimits::time_point deadline = IoLimits::time_point::max();
     std::string deadline_what;
     tls::Options tls;                           // --tls-creds, --tls-hostname: every channel over TLS
+    bool mapped_ram = false, direct_io = false;  // a file destination's layout (file.hpp)
     std::shared_ptr<TransportWrapper> wrapper;  // around every connection (tests' faults)
 };
 
@@ -181,7 +185,7 @@ private:
     bool reader_done_ = false;
 };
 
-// `to` is "inproc" or "tcp:HOST:PORT" (throws UsageError naming --to otherwise;
+// `to` is "inproc", "tcp:HOST:PORT", "unix:PATH", "fd:N" or a file (file.hpp) (throws UsageError naming --to otherwise;
 // compression applies to TCP only: the caller refuses it in-process).
 std::unique_ptr<Destination> make_destination(StressVm& src, const std::string& to, bool verify, double post_run_s,
                                               LinkOptions link = {});

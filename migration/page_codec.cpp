@@ -17,15 +17,6 @@ namespace {
 constexpr uint64_t kPage = 4096;
 constexpr uint64_t kIndexZero = 1;
 
-bool is_zero_page(const uint8_t* p)
-{
-    const auto* w = reinterpret_cast<const uint64_t*>(p);
-    uint64_t acc = 0;
-    for (size_t i = 0; i < kPage / 8; i += 8)
-        acc |= w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7];
-    return acc == 0;
-}
-
 double thread_cpu_s()
 {
     timespec ts{};
@@ -50,6 +41,15 @@ struct PageBuffer {
 };
 
 }  // namespace
+
+bool is_zero_page(const uint8_t* p)
+{
+    const auto* w = reinterpret_cast<const uint64_t*>(p);
+    uint64_t acc = 0;
+    for (size_t i = 0; i < kPage / 8; i += 8)
+        acc |= w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7];
+    return acc == 0;
+}
 
 // ---- --compress ------------------------------------------------------------------------
 

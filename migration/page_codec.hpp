@@ -51,6 +51,9 @@ struct PageCounts {
     void add(const PageCounts& o);
 };
 
+// The 4 KiB page at `p` is all zero bytes.
+bool is_zero_page(const uint8_t* p);
+
 class PageEncoder {
 public:
     explicit PageEncoder(Compression c);

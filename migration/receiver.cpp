@@ -13,6 +13,7 @@
 #include "base/error.hpp"
 #include "migration/admission.hpp"
 #include "migration/channels.hpp"
+#include "migration/file.hpp"
 #include "migration/page_codec.hpp"
 #include "migration/postcopy.hpp"
 #include "migration/resume.hpp"
@@ -32,8 +33,9 @@ class Receiver {
 public:
     Receiver(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, const PhaseHook& on_phase,
              PageHashes before, std::optional<Record> header, double post_run_s, const PostcopyHook& on_postcopy,
-             const ContGate& wait_cont)
+             const ContGate& wait_cont, bool from_file)
         : dst_(dst), ch_(std::move(channels)), on_phase_(on_phase), on_postcopy_(on_postcopy), wait_cont_(wait_cont),
+          from_file_(from_file),
           out_(*ch_[0]),
           landed_(std::move(before)), header_(std::move(header)), post_run_s_(post_run_s)
     {
@@ -75,6 +77,7 @@ private:
     const PhaseHook& on_phase_;
     const PostcopyHook& on_postcopy_;
     const ContGate& wait_cont_;
+    const bool from_file_;       // a restore: the guest's gap is the file's age, not a downtime
     bool hold_paused_ = false;  // the sender's guest was stopped and a gate waits for cont
     RecordWriter out_;  // to the sender, on channel 0
     std::mutex out_mu_;  // postcopy: the fault thread's REQUESTs and this thread's RESULTs
@@ -497,6 +500,9 @@ void Receiver::verify(RecordReader& in, const Resumed& at)
     if (hold_paused_) {  // no gap to measure: the guest was stopped before and stays so
         g.max_ms = -1;
         g.note = "the guest was stopped at the source and stays paused here until cont";
+    } else if (from_file_) {
+        g.max_ms = -1;
+        g.note = "restored from a file: the guest's gap is how long the file lay, not a downtime";
     } else {
         g = guest_gap(dst_, at, std::chrono::seconds(2));
     }
@@ -531,17 +537,19 @@ void Receiver::run_and_report(const Resumed& at, double post_run_s)
 
 ReceiveReport receive_from(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, double post_run_s,
                            const PhaseHook& on_phase, PageHashes before, std::optional<Record> header,
-                           const PostcopyHook& on_postcopy, const ContGate& wait_cont)
+                           const PostcopyHook& on_postcopy, const ContGate& wait_cont, bool from_file)
 {
     if (channels.empty())
         throw Error("receive: no connection");
     return Receiver(dst, std::move(channels), on_phase, std::move(before), std::move(header), post_run_s, on_postcopy,
-                    wait_cont)
+                    wait_cont, from_file)
         .run(post_run_s);
 }
 
 ReceiveReport receive(StressVm& dst, const ReceiveOptions& opt, const PhaseHook& on_phase)
 {
+    if (auto f = parse_file_uri("--listen", opt.listen))
+        return restore_file(dst, *f, opt, on_phase);
     AdmitOptions ao;
     ao.listen = opt.listen;
     ao.timeout_s = opt.accept_timeout_s;

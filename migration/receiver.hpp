@@ -26,7 +26,7 @@ using PostcopyHook = std::function<void(const PostcopyDestinationFigures&)>;
 using ContGate = std::function<bool()>;  // ReceiveOptions::wait_cont
 
 struct ReceiveOptions {
-    std::string listen;  // tcp:ADDR:PORT
+    std::string listen;  // tcp:ADDR:PORT, unix:PATH, fd:N, or a file to restore (file.hpp: file:PATH, fd:N)
     double post_run_s = 2;
     double accept_timeout_s = 300;  // until a sender is admitted (admission.hpp)
     double io_timeout_s = 30;       // a connection's admission; then each wait on the admitted sender
@@ -60,9 +60,11 @@ ReceiveReport receive(StressVm& dst, const ReceiveOptions& opt, const PhaseHook&
 // `before`: the hashes of dst's memory as it is now, when the caller took
 // them already (else they are taken once the layout is accepted).
 // `header`: channel 0's HEADER when admission read it already.
+// `from_file`: a restore (file.hpp): nobody reads the answers, and the guest's
+// gap since it stopped is how long the file lay, not a downtime.
 ReceiveReport receive_from(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, double post_run_s,
                            const PhaseHook& on_phase = {}, PageHashes before = {},
                            std::optional<Record> header = std::nullopt, const PostcopyHook& on_postcopy = {},
-                           const ContGate& wait_cont = {});
+                           const ContGate& wait_cont = {}, bool from_file = false);
 
 }  // namespace mvm::migration

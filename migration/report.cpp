@@ -420,7 +420,9 @@ std::string ReceiveReport::to_table() const
 {
     std::string o = fmt::format("receive {}: {} pages ({} zero, {}){}\n", status, pages, zero_pages,
                                 human_bytes(static_cast<double>(bytes)), error.empty() ? "" : "; " + error);
-    if (!peer.empty())
+    if (security == "file")
+        o += fmt::format("restored from {}\n", peer);
+    else if (!peer.empty())
         o += fmt::format("sender {} over {}{}{}\n", peer, security == "none" ? "plain TCP" : security,
                          peer_identity.empty() ? "" : fmt::format(" as '{}'", peer_identity),
                          dropped_connections ? fmt::format(", {} other connection{} dropped before it", dropped_connections,

@@ -191,8 +191,9 @@ struct ReceiveReport {
     uint32_t channels = 0;
     CompressionFigures compression;       // what PAGES_ZSTD frames carried, and decompressing them
     std::string guest = "never started";  // its state at the end
-    // Who sent it: channel 0's address, its TLS identity ("" plain), "tls" or
-    // "none", and the connections dropped before it was admitted.
+    // Who sent it: channel 0's address, its TLS identity ("" plain), "tls-psk",
+    // "tls-x509", "none", or "file" (a restore: peer names the file), and the
+    // connections dropped before it was admitted.
     std::string peer, peer_identity, security = "none";
     uint32_t dropped_connections = 0;
     bool postcopy = false;                 // the guest resumed here in postcopy

@@ -42,6 +42,8 @@ static LinkOptions link_options(const MigrateOptions& opt, std::shared_ptr<Trans
         l.deadline_what = fmt::format("--timeout {:g} s", opt.timeout_s);
     }
     l.tls = opt.tls;
+    l.mapped_ram = opt.mapped_ram;
+    l.direct_io = opt.direct_io;
     l.wrapper = std::move(wrapper);
     return l;
 }
@@ -59,6 +61,9 @@ Sender::Sender(StressVm& src, dirty::Tracker& tracker, const MigrateOptions& opt
     rep_.source_state = "running";
     rep_.destination_state = "none";
     rep_.postcopy.enabled = opt.postcopy;
+    if (dest_->one_way() && opt.postcopy)
+        throw UsageError(fmt::format("--postcopy: {} is a file; postcopy needs a destination that asks for pages",
+                                     opt.to));
     for (const auto& slot : src.memslots().regions())
         live_.total_bytes += slot.pages() * 4096;
 }

@@ -43,7 +43,7 @@ class PostcopySource;
 enum class Throttle { None, AutoConverge, DirtyLimit };
 
 struct MigrateOptions {
-    std::string to = "inproc";        // "inproc" or "tcp:HOST:PORT"
+    std::string to = "inproc";        // "inproc", tcp:HOST:PORT, unix:PATH, fd:N, file:PATH[,offset=N]
     dirty::Mode tracker = dirty::Mode::Bitmap;
     double max_downtime_ms = 300;
     uint32_t max_iterations = 30;
@@ -65,6 +65,9 @@ struct MigrateOptions {
     double post_run_s = 2;            // destination runs this long before its stamp check
     uint32_t channels = 0;            // 0: one per virtual node
     Compression compress;             // TCP only: PAGES_ZSTD frames
+    // A file destination (file.hpp, QEMU's mapped-ram capability and
+    // direct-io parameter): pages at fixed places, O_DIRECT page writes.
+    bool mapped_ram = false, direct_io = false;
     // Postcopy (postcopy.hpp; QEMU's postcopy-ram capability): instead of a
     // forced stop-and-copy, switch the guest over early and fetch the rest on
     // demand. It starts after postcopy_after pre-copy rounds, or (0) once the

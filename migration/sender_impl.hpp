@@ -20,9 +20,12 @@ inline double since(std::chrono::steady_clock::time_point t0)
 
 inline double ms_since(std::chrono::steady_clock::time_point t0) { return since(t0) * 1e3; }
 
-// --channels, or one per virtual node (fd:N: its one connection).
+// --channels, or one per virtual node (fd:N: its one connection; a file:
+// one stream, or with mapped-ram its writers, --channels or one).
 inline uint32_t channel_count(const StressVm& src, const MigrateOptions& opt)
 {
+    if (opt.to.rfind("file:", 0) == 0)
+        return opt.mapped_ram && opt.channels ? opt.channels : 1;
     if (!opt.channels && opt.to.rfind("fd:", 0) == 0)
         return 1;
     return opt.channels ? opt.channels : static_cast<uint32_t>(std::max<size_t>(1, src.config().nodes.size()));

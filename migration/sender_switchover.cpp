@@ -97,7 +97,7 @@ void Sender::handed_over()
     fill_rates();
     rep_.source_state = "parked";
     rep_.state_note = "the source is parked, its guest handed to the destination";
-    rep_.destination_state = opt_.source_stopped ? "paused" : "running";
+    rep_.destination_state = dest_->one_way() ? "file" : opt_.source_stopped ? "paused" : "running";
     verify_after_resume();
 }
 
@@ -137,6 +137,19 @@ void Sender::finish()
     require({Phase::Destination}, "finish");
     if (!switched_over_)
         throw std::logic_error("Sender::finish() called before switchover()");
+    if (dest_->one_way()) {
+        // A file: complete once it is on disk; the guest runs again where it
+        // is restored, which checks it against the digests in the file.
+        ResultRecord fin = dest_->finish();
+        rep_.destination_state = "file";
+        rep_.state_note = fin.text + "; the restore (receive --listen, run --restore, QMP migrate-incoming) checks "
+                                     "every page against the source's digests in it; the source stays parked";
+        rep_.verified = false;
+        rep_.status = "completed";
+        enter(Phase::Done);
+        rep_.phase.clear();
+        return;
+    }
     if (opt_.source_stopped) {
         // The destination holds the guest paused until cont; its post-run
         // stamp check comes after that and is in its own report.

@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <csignal>
+#include <cstring>
 #include <fmt/format.h>
 #include <thread>
 
@@ -17,6 +18,7 @@
 #include "cli/qmp/monitor.hpp"
 #include "cli/qmp/options.hpp"
 #include "cli/test_hooks.hpp"
+#include "migration/file.hpp"
 #include "migration/migrate.hpp"
 #include "migration/transport/fault.hpp"
 #include "numa/topology.hpp"
@@ -50,8 +52,13 @@ public:
                                                 "rounds while it runs, stop-and-copy, resume on the destination), "
                                                 "verify");
         vm_.add_to(*c);
-        c->add_option("--to", to_, "inproc (a second VM here), tcp:HOST:PORT or unix:PATH (minivmm receive there), or fd:N (a "
-                                "connected socket this process inherited; one channel)");
+        c->add_option("--to", to_, "inproc (a second VM here), tcp:HOST:PORT or unix:PATH (minivmm receive there), fd:N (a "
+                                "connected socket this process inherited; one channel), or file:PATH[,offset=BYTES] "
+                                "(restored later by receive --listen file:PATH or run --restore)");
+        c->add_flag("--mapped-ram", mapped_ram_,
+                    "with --to file: every page at a fixed place in the file, rewritten in place when dirtied again; "
+                    "--channels N writers (QEMU's mapped-ram)");
+        c->add_flag("--direct-io", direct_io_, "with --mapped-ram: write the pages with O_DIRECT (QEMU's direct-io)");
         c->add_option("--tracker", tracker_, "ring|bitmap")->capture_default_str();
         c->add_option("--ring", ring_, "with --tracker ring: bytes per vCPU ring (default 256K)");
         c->add_option("--max-downtime", max_downtime_, "ms the stop-and-copy may take at the measured bandwidth")
@@ -140,9 +147,10 @@ private:
     {
         MigrateOptions o;
         if (to_.empty())
-            throw UsageError("--to is required: inproc, tcp:HOST:PORT, unix:PATH or fd:N");
+            throw UsageError("--to is required: inproc, tcp:HOST:PORT, unix:PATH, fd:N or file:PATH");
         o.to = to_;
-        if (o.to != "inproc")
+        const bool to_file = migration::parse_file_uri("--to", o.to).has_value();
+        if (o.to != "inproc" && !to_file)
             parse_endpoint("--to", o.to);
         o.tracker = dirty::parse_mode_option("--tracker", tracker_, "tracker", "ring or bitmap");
         o.max_downtime_ms = parse_ms("--max-downtime", max_downtime_);
@@ -154,7 +162,7 @@ private:
         warmup_s_ = parse_seconds("--warmup", warmup_);
         o.post_run_s = parse_seconds("--post-run", post_run_);
         o.channels = static_cast<uint32_t>(parse_uint("--channels", channels_, 0, 64));
-        if (o.to.rfind("fd:", 0) == 0 && o.channels > 1)
+        if (o.to.rfind("fd:", 0) == 0 && o.channels > 1 && !(to_file && mapped_ram_))
             throw UsageError(fmt::format("--channels {}: --to {} is one connected socket, one channel; drop --channels "
                                          "or use tcp:/unix:",
                                          o.channels, o.to));
@@ -173,6 +181,7 @@ private:
             throw UsageError("--postcopy: not over TLS yet (the return path reads channel 0 while pages go out on "
                              "it, which one OpenSSL connection cannot do from two threads); drop --tls-creds or "
                              "--postcopy");
+        parse_file_target(o, to_file);
         if (o.tls.enabled()) {
             if (o.to == "inproc")
                 throw UsageError("--tls-creds: applies to a TCP destination (--to tcp:HOST:PORT)");
@@ -188,11 +197,45 @@ private:
         return o;
     }
 
+    // --to file: (file.hpp): one way, nothing asks for pages, nothing to
+    // encrypt on a wire; --mapped-ram and --direct-io belong to it.
+    void parse_file_target(MigrateOptions& o, bool to_file) const
+    {
+        o.mapped_ram = mapped_ram_;
+        o.direct_io = direct_io_;
+        if (!to_file) {
+            if (mapped_ram_ || direct_io_)
+                throw UsageError(fmt::format("{}: only with --to file:PATH", mapped_ram_ ? "--mapped-ram" : "--direct-io"));
+            return;
+        }
+        if (direct_io_ && !mapped_ram_)
+            throw UsageError("--direct-io: needs --mapped-ram (O_DIRECT writes pages at fixed, aligned places)");
+        if (o.postcopy)
+            throw UsageError(fmt::format("--postcopy: --to {} is a file, with no return path for the pages the guest "
+                                         "asks for; drop --postcopy",
+                                         o.to));
+        if (o.tls.enabled())
+            throw UsageError(fmt::format("--tls-creds: --to {} is a file, not a connection; drop --tls-creds", o.to));
+        if (o.channels > 1 && !mapped_ram_)
+            throw UsageError(fmt::format("--channels {}: --to {} is one stream; more writers need --mapped-ram (as "
+                                         "QEMU's multifd to a file)",
+                                         o.channels, o.to));
+        if (mapped_ram_ && o.compress.zstd)
+            throw UsageError("--compress: --mapped-ram writes each page in place, uncompressed (as QEMU's); drop one");
+        const auto f = migration::parse_file_uri("--to", o.to);
+        if (f->fd < 0) {
+            const size_t slash = f->path.rfind('/');
+            const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : f->path.substr(0, slash);
+            if (::access(dir.c_str(), W_OK) != 0)
+                throw UsageError(fmt::format("--to {}: cannot write in {}: {}", o.to, dir, std::strerror(errno)));
+        }
+    }
+
     // A TCP destination must answer before the guest boots: one connection,
     // closed before its first byte (receive skips it), or one line and exit 1.
     static void check_destination(const std::string& to)
     {
-        if (to == "inproc" || to.rfind("fd:", 0) == 0)  // a connected socket is the connection itself: no probe
+        if (to == "inproc" || to.rfind("fd:", 0) == 0 || to.rfind("file:", 0) == 0)  // no connection to probe
             return;
         ::close(connect_endpoint(parse_endpoint("--to", to), std::chrono::steady_clock::now() + std::chrono::seconds(30)));
     }
@@ -270,7 +313,7 @@ private:
     SenderHooks hooks_;
     std::string to_, tracker_ = "bitmap", ring_, max_downtime_ = "300", bandwidth_ = "0", max_iterations_ = "30",
                      timeout_ = "120", throttle_, warmup_ = "1", post_run_ = "2", channels_ = "0", compress_ = "none", json_;
-    bool no_verify_ = false, postcopy_ = false;
+    bool no_verify_ = false, postcopy_ = false, mapped_ram_ = false, direct_io_ = false;
     std::string postcopy_after_ = "0";
     double warmup_s_ = 1;
 };

@@ -17,6 +17,7 @@
 #include "cli/qmp/monitor.hpp"
 #include "cli/qmp/options.hpp"
 #include "cli/test_hooks.hpp"
+#include "migration/file.hpp"
 #include "migration/migrate.hpp"
 #include "numa/topology.hpp"
 #include "vmm/kvm/kvm.hpp"
@@ -35,8 +36,9 @@ public:
                                                 "resume the guest, check its stamps");
         vm_.add_to(*c);
         c->add_option("--listen", listen_,
-                      "tcp:ADDR:PORT or unix:PATH to listen on, fd:N (a connected socket to read the sender from), or "
-                      "defer (with --qmp): wait for QMP's migrate-incoming to name it");
+                      "tcp:ADDR:PORT or unix:PATH to listen on, fd:N (a connected socket to read the sender from), "
+                      "file:PATH[,offset=BYTES] (restore what migrate --to file: wrote), or defer (with --qmp): wait "
+                      "for QMP's migrate-incoming to name it");
         c->add_option("--post-run", post_run_, "seconds the guest runs here before its stamp check")
             ->capture_default_str();
         c->add_option("--timeout", timeout_,
@@ -61,7 +63,10 @@ public:
             throw UsageError("--listen defer: needs --qmp (QMP's migrate-incoming names the address)");
         // receive binds --listen only once the guest's memory is ready: a bad
         // or busy address is found here, before anything is allocated.
-        if (!deferred && migration::parse_fd_uri("--listen", listen_) < 0)
+        const auto file = deferred ? std::nullopt : migration::parse_file_uri("--listen", listen_);
+        if (file)
+            migration::check_restorable("--listen", *file);
+        else if (!deferred && migration::parse_fd_uri("--listen", listen_) < 0)
             ::close(bind_listener(listen_));
         o.listen = listen_;
         o.post_run_s = parse_seconds("--post-run", post_run_);
@@ -70,6 +75,9 @@ public:
             throw UsageError("--timeout: must be positive, e.g. 300");
         o.io_timeout_s = link_.io_timeout_s();
         o.tls = link_.tls();
+        if (file && o.tls.enabled())
+            throw UsageError(fmt::format("--tls-creds: --listen {} is a file, not a connection; drop --tls-creds",
+                                         listen_));
         if (o.tls.enabled())
             migration::tls::Context::server(o.tls);  // read and checked before the guest's memory is made
         MachineConfig cfg = vm_.parse(numa::host_topology());  // bad input refused before /dev/kvm is opened

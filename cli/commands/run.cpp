@@ -9,6 +9,8 @@
 #include "cli/qmp/monitor.hpp"
 #include "cli/qmp/options.hpp"
 #include "engines/run.hpp"
+#include "migration/file.hpp"
+#include "migration/receiver.hpp"
 #include "numa/topology.hpp"
 #include "vmm/kvm/kvm.hpp"
 
@@ -31,6 +33,9 @@ public:
                       "with --dirty-log ring: bytes per vCPU ring (default 64K); with --qmp: make the VM with dirty "
                       "rings, so QMP's migrations and calc-dirty-rate log with them (QEMU's dirty-ring-size)");
         c->add_option("--harvest-ms", harvest_ms_, "with --dirty-log: harvest period in ms")->capture_default_str();
+        c->add_option("--restore", restore_,
+                      "file:PATH[,offset=BYTES]: start from the guest migrate --to file: saved (every page checked "
+                      "against the source's digests in the file), run --duration, check its stamps");
         qmp_.add_to(*c);
         return c;
     }
@@ -45,9 +50,12 @@ public:
         if (qaddr && !dirty_log_.empty())
             throw UsageError("--dirty-log: not with --qmp (QMP's migrate and calc-dirty-rate turn logging on "
                              "themselves)");
+        const auto restore_from = restore_file_uri(qaddr.has_value());
         MachineConfig cfg = vm_.parse(numa::host_topology());  // bad input refused before /dev/kvm is opened
         Kvm kvm(kvm_device());
         check_host_resources(cfg, kvm);
+        if (restore_from)
+            return restore(cfg, kvm, duration);
         if (duration <= 0 && cfg.workload.max_passes == 0 && !qaddr)
             throw UsageError("--duration: must be positive unless --passes is given");
         if (qaddr && !ring_.empty())
@@ -118,10 +126,53 @@ public:
     }
 
 private:
+    // --restore's file, checked before anything is allocated.
+    std::optional<migration::FileUri> restore_file_uri(bool qmp) const
+    {
+        if (restore_.empty())
+            return std::nullopt;
+        if (qmp)
+            throw UsageError("--restore: not with --qmp; use receive --listen defer --qmp and QMP's migrate-incoming "
+                             "file:PATH");
+        if (!dirty_log_.empty())
+            throw UsageError("--dirty-log: not with --restore");
+        auto f = migration::parse_file_uri("--restore", restore_);
+        if (!f)
+            throw UsageError(fmt::format("--restore: '{}' is not file:PATH[,offset=BYTES] (or fd:N of a file)",
+                                         restore_));
+        migration::check_restorable("--restore", *f);
+        return f;
+    }
+
+    // The saved guest, restored as receive --listen file: restores it, runs --duration.
+    int restore(MachineConfig cfg, Kvm& kvm, double duration)
+    {
+        install_stop_signals();
+        for (auto& n : cfg.nodes)
+            n.prealloc = true;
+        cfg.show_progress = stderr_is_terminal();
+        StressVm dst(kvm, cfg);
+        migration::ReceiveOptions o;
+        o.listen = restore_;
+        o.post_run_s = duration > 0 ? duration : 3;
+        const migration::ReceiveReport r = migration::receive(dst, o);
+        fmt::print(table_stream(json_), "{}", r.to_table());
+        if (!json_.empty()) {
+            nlohmann::json j = r.to_json();
+            echo_config(j, dst.config());
+            write_json(json_, j);
+        }
+        if (r.status != "completed") {
+            fmt::print(stderr, "minivmm: run --restore failed: {}\n", r.error);
+            return kExitMigration;
+        }
+        return kExitOk;
+    }
+
     VmOptions vm_;
     qmp::QmpOptions qmp_;
     CLI::Option* duration_opt_ = nullptr;
-    std::string duration_ = "3", json_, dirty_log_, ring_, harvest_ms_ = "100";
+    std::string duration_ = "3", json_, dirty_log_, ring_, harvest_ms_ = "100", restore_;
     bool no_verify_ = false;
 };
 

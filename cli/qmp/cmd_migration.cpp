@@ -16,6 +16,7 @@
 #include "base/stop_signal.hpp"
 #include "memory/backing.hpp"
 #include "migration/transport/tcp.hpp"
+#include "migration/file.hpp"
 #include "numa/placement.hpp"
 #include "numa/policy.hpp"
 
@@ -39,6 +40,8 @@ migration::MigrateOptions Monitor::options_from_params(const std::string& uri) c
     o.post_run_s = p.post_run_s;
     o.channels = caps_->multifd ? p.multifd_channels : p.channels;
     o.compress = p.compression;
+    o.mapped_ram = caps_->mapped_ram;
+    o.direct_io = p.direct_io;
     o.throttle_initial = p.throttle_initial;
     o.throttle_increment = p.throttle_increment;
     o.throttle_max = p.throttle_max;
@@ -66,29 +69,30 @@ json Monitor::migrate_cmd(const json& args)
     if (a.boolean_or("blk", false) || a.boolean_or("inc", false))
         throw QmpError("migrate: block migration is not supported (minivmm's guest has no disks)");
     std::string uri = migration_uri(a);
-    if (uri.rfind("tcp:", 0) != 0 && uri.rfind("unix:", 0) != 0 && uri.rfind("fd:", 0) != 0)
+    if (uri.rfind("tcp:", 0) != 0 && uri.rfind("unix:", 0) != 0 && uri.rfind("fd:", 0) != 0 &&
+        uri.rfind("file:", 0) != 0)
         throw QmpError(fmt::format("migrate: uri '{}' is not supported; minivmm migrates over tcp:HOST:PORT, "
-                                   "unix:PATH or fd:NAME",
+                                   "unix:PATH, fd:NAME or file:PATH",
                                    uri));
-    if (uri.rfind("fd:", 0) == 0) {
-        std::lock_guard lk(mu_);
-        if (caps_->multifd)
-            throw QmpError("migrate: multifd over fd: is not supported: a socket descriptor carries one channel; turn "
-                           "the multifd capability off");
-    }
     const bool owned = uri.rfind("fd:", 0) == 0;
     uri = take_fd_uri(uri, "migrate");
     try {
-        try {
-            migration::parse_endpoint("uri", uri, true);  // port 0 as in QEMU: the migration fails to connect
-        } catch (const std::exception& e) {
-            throw QmpError(fmt::format("migrate: {}", e.what()));
+        const bool to_file = file_target(uri);
+        if (!to_file) {
+            try {
+                migration::parse_endpoint("uri", uri, true);  // port 0 as in QEMU: the migration fails to connect
+            } catch (const std::exception& e) {
+                throw QmpError(fmt::format("migrate: {}", e.what()));
+            }
         }
         migration::MigrateOptions o;
         {
             std::lock_guard lk(mu_);
+            if (owned && caps_->multifd && !(to_file && caps_->mapped_ram))
+                throw QmpError("migrate: multifd over fd: is not supported: a socket descriptor carries one channel; "
+                               "turn the multifd capability off");
             o = options_from_params(uri);
-            if (owned)
+            if (owned && !(to_file && caps_->mapped_ram))
                 o.channels = 1;
         }
         start_migration(o);
@@ -98,6 +102,38 @@ json Monitor::migrate_cmd(const json& args)
         throw;
     }
     return json::object();
+}
+
+// A file: URI (or fd: naming a file): true, once what QEMU refuses with one
+// is refused; mapped-ram without one is refused too.
+bool Monitor::file_target(const std::string& uri) const
+{
+    std::optional<migration::FileUri> f;
+    try {
+        f = migration::parse_file_uri("uri", uri);
+    } catch (const std::exception& e) {
+        throw QmpError(e.what());  // QEMU's "file URI has bad offset ..."
+    }
+    std::lock_guard lk(mu_);
+    if (!f) {
+        if (caps_->mapped_ram)
+            throw QmpError("Mapped-ram migration requires a file: URI (capability mapped-ram is on)");
+        return false;
+    }
+    if (caps_->postcopy_ram)
+        throw QmpError("migrate: postcopy-ram: a file has no return path for the pages the guest asks for; turn the "
+                       "capability off");
+    if (caps_->multifd && !caps_->mapped_ram)
+        throw QmpError("Migration requires multi-channel URIs (e.g. tcp): multifd to a file needs capability "
+                       "mapped-ram");
+    if (caps_->mapped_ram && params_->compression.zstd)
+        throw QmpError("Mapped-ram migration is incompatible with multifd compression");
+    if (params_->direct_io && !caps_->mapped_ram)
+        throw QmpError("direct-io needs capability mapped-ram");
+    if (!params_->tls_creds.empty())
+        throw QmpError(fmt::format("migrate: tls-creds '{}': a file is not a connection; set tls-creds to null",
+                                   params_->tls_creds));
+    return true;
 }
 
 void Monitor::start_migration(const migration::MigrateOptions& o)

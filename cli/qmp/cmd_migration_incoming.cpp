@@ -15,6 +15,7 @@
 #include "base/error.hpp"
 #include "base/stop_signal.hpp"
 #include "memory/backing.hpp"
+#include "migration/file.hpp"
 #include "migration/transport/tcp.hpp"
 #include "numa/placement.hpp"
 #include "numa/policy.hpp"
@@ -34,9 +35,10 @@ json Monitor::migrate_incoming(const json& args)
         if (incoming_started_ || !incoming_uri_.empty())
             throw QmpError("The incoming migration has already been started");
     }
-    if (uri.rfind("tcp:", 0) != 0 && uri.rfind("unix:", 0) != 0 && uri.rfind("fd:", 0) != 0)
-        throw QmpError(fmt::format("migrate-incoming: uri '{}' is not supported; use tcp:ADDR:PORT, unix:PATH or "
-                                   "fd:NAME",
+    if (uri.rfind("tcp:", 0) != 0 && uri.rfind("unix:", 0) != 0 && uri.rfind("fd:", 0) != 0 &&
+        uri.rfind("file:", 0) != 0)
+        throw QmpError(fmt::format("migrate-incoming: uri '{}' is not supported; use tcp:ADDR:PORT, unix:PATH, "
+                                   "fd:NAME or file:PATH",
                                    uri));
     migration::tls::Options tls;
     {
@@ -50,8 +52,16 @@ json Monitor::migrate_incoming(const json& args)
             throw QmpError(fmt::format("migrate-incoming: {}", e.what()));
         }
     }
-    uri = take_fd_uri(uri, "migrate-incoming");  // fd: the connected socket receive reads
-    if (uri.rfind("fd:", 0) != 0) {
+    uri = take_fd_uri(uri, "migrate-incoming");  // fd: the connected socket (or the file) receive reads
+    std::optional<migration::FileUri> file;
+    try {
+        file = migration::parse_file_uri("uri", uri);
+        if (file)
+            migration::check_restorable("migrate-incoming", *file);  // now, not on the receiving thread
+    } catch (const std::exception& e) {
+        throw QmpError(e.what());
+    }
+    if (!file && uri.rfind("fd:", 0) != 0) {
         try {
             ::close(migration::bind_listener(uri));  // bindable now (receive binds it again at once)
         } catch (const std::exception& e) {

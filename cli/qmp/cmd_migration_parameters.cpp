@@ -26,7 +26,7 @@ using migration::Phase;
 
 namespace {
 
-// The capabilities QEMU 9.2 knows besides the ten minivmm implements
+// The capabilities QEMU 9.2 knows besides the eleven minivmm implements
 // (Monitor::Capabilities; return-path and switchover-ack as settings only:
 // minivmm's stream always has a return path, the destination's RESULT
 // records, and nothing in its guest's state needs an ACK before the
@@ -34,14 +34,13 @@ namespace {
 const char* const kOtherCaps[] = {"xbzrle",           "rdma-pin-all",       "zero-blocks",
                                   "x-colo",           "release-ram",
                                   "dirty-bitmaps",    "late-block-activate", "x-ignore-shared",
-                                  "background-snapshot", "zero-copy-send",  "postcopy-preempt",
-                                  "mapped-ram"};
+                                  "background-snapshot", "zero-copy-send",  "postcopy-preempt"};
 // QEMU parameters minivmm does not implement (setting one is an error naming it).
 const char* const kOtherParams[] = {
     "announce-initial", "announce-max",     "announce-rounds",     "announce-step",     "throttle-trigger-threshold",
     "cpu-throttle-tailslow", "avail-switchover-bandwidth",
     "x-checkpoint-delay", "xbzrle-cache-size", "max-postcopy-bandwidth", "multifd-zlib-level", "multifd-qatzip-level",
-    "block-bitmap-mapping", "x-vcpu-dirty-limit-period", "mode", "direct-io"};
+    "block-bitmap-mapping", "x-vcpu-dirty-limit-period", "mode"};
 
 // QEMU's MultiFDCompression: none or zstd here (true: zstd); QmpError else.
 bool multifd_zstd(const std::string& c)
@@ -59,7 +58,7 @@ constexpr const char* kKnownParams[] = {
     "max-bandwidth",          "downtime-limit",   "multifd-channels", "multifd-compression",
     "multifd-zstd-level",     "cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle",
     "vcpu-dirty-limit",       "x-minivmm-max-iterations", "x-minivmm-timeout", "x-minivmm-verify",
-    "x-minivmm-post-run",     "zero-page-detection", "tls-creds", "tls-hostname", "tls-authz"};
+    "x-minivmm-post-run",     "zero-page-detection", "tls-creds", "tls-hostname", "tls-authz", "direct-io"};
 
 // Every member one minivmm takes; one QEMU has and minivmm does not is named so.
 void check_parameter_names(const json& args)
@@ -148,6 +147,8 @@ json Monitor::set_parameters(const json& args)
         p.timeout_s = static_cast<double>(ranged("x-minivmm-timeout", 1, 86400));
     if (a.has("x-minivmm-verify"))
         p.verify = a.boolean_or("x-minivmm-verify", true);
+    if (a.has("direct-io"))
+        p.direct_io = a.boolean_or("direct-io", false);
     if (a.has("x-minivmm-post-run"))
         p.post_run_s = static_cast<double>(ranged("x-minivmm-post-run", 0, 3600));
     apply_tls_parameters(a, p.tls_creds, p.tls_hostname, p.tls_authz);
@@ -182,6 +183,7 @@ json Monitor::query_parameters() const
             {"tls-creds", p.tls_creds},
             {"tls-hostname", p.tls_hostname},
             {"tls-authz", p.tls_authz},
+            {"direct-io", p.direct_io},
             {"x-minivmm-channels", p.channels},
             {"x-minivmm-max-iterations", p.max_iterations},
             {"x-minivmm-timeout", ms(p.timeout_s)},
@@ -223,6 +225,8 @@ json Monitor::set_capabilities(const json& args)
     }
     if (c.auto_converge && c.dirty_limit)
         throw QmpError("dirty-limit and auto-converge are mutually exclusive: enable one of them");
+    if (c.mapped_ram && c.postcopy_ram)
+        throw QmpError("Mapped-ram migration is incompatible with postcopy");
     if (c.switchover_ack && !c.return_path)
         throw QmpError("Capability 'switchover-ack' requires capability 'return-path'");
     *caps_ = c;

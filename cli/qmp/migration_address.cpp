@@ -10,6 +10,8 @@
 #include <cctype>
 #include <fmt/format.h>
 
+#include "migration/file.hpp"
+
 namespace mvm::qmp {
 
 namespace {
@@ -129,7 +131,8 @@ std::string Monitor::take_fd_uri(const std::string& uri, const char* cmd)
     }
     const std::string out = fmt::format("fd:{}", fd);
     try {
-        migration::parse_fd_uri(cmd, out);
+        if (!migration::parse_file_uri(cmd, out))  // a regular file: a migration to or from it
+            migration::parse_fd_uri(cmd, out);
     } catch (const std::exception& e) {
         ::close(fd);
         throw QmpError(e.what());

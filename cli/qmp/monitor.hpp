@@ -123,6 +123,7 @@ private:
     // "fd:NAME" -> "fd:N", the descriptor now the caller's (QEMU: a migration
     // takes its fd from the monitor); any other URI as it is.
     std::string take_fd_uri(const std::string& uri, const char* cmd);
+    bool file_target(const std::string& uri) const;
     json migrate_cmd(const json& args);
     json migrate_incoming(const json& args);
     json migrate_cancel();

@@ -65,6 +65,7 @@ struct Monitor::Params {
     double timeout_s = 120;
     bool verify = true;
     double post_run_s = 2;
+    bool direct_io = false;  // mapped-ram's page writes with O_DIRECT
     std::string tls_creds, tls_hostname, tls_authz;  // object ids (object-add), "" none
 };
 
@@ -78,7 +79,7 @@ struct Monitor::QomObject {
 struct Monitor::Capabilities {
     bool auto_converge = false, dirty_limit = false, multifd = false, events = false;
     bool postcopy_ram = false, postcopy_blocktime = false, pause_before_switchover = false;
-    bool return_path = false, switchover_ack = false, validate_uuid = false;
+    bool return_path = false, switchover_ack = false, validate_uuid = false, mapped_ram = false;
     // Each one by QEMU's name, in query-migrate-capabilities' order.
     template <class F>
     void each(F f)
@@ -93,6 +94,7 @@ struct Monitor::Capabilities {
         f("return-path", return_path);
         f("switchover-ack", switchover_ack);
         f("validate-uuid", validate_uuid);
+        f("mapped-ram", mapped_ram);
     }
 };
 

@@ -476,6 +476,83 @@ def case_multifd_zstd(env):
     return live(env, *start_pair(env, "tcp", ("multifd",), params=p, dst_params=p))
 
 
+# ---- file-tests.c --------------------------------------------------------------------------
+
+FILE_OFFSET, FILE_MARKER = 0x1000, b"X"
+MAPPED_RAM_MULTIFD = {"multifd-channels": 4}
+
+
+def file_flow(env, stop_src, caps=(), params=None, offset=False, fd=False):
+    """QEMU's test_file_common: the source migrates into a file (stopped first, or live until it
+    stops at the end) and completes; only then does the destination read it (migrate-incoming),
+    complete and run (on cont when the source was stopped); its memory is checked."""
+    path = os.path.join(env.tmp, "migfile")
+    if offset:
+        with open(path, "wb") as f:
+            f.write(FILE_MARKER * FILE_OFFSET)
+    u = f"file:{path}" + (f",offset={FILE_OFFSET}" if offset else "")
+    src = env.vmm.start("src")
+    dst = env.vmm.start("dst", incoming="defer")
+    for q in (src, dst):
+        set_caps(q, caps)
+        if params:
+            q.cmd("migrate-set-parameters", **params)
+    src.cmd("migrate-set-parameters", **CONVERGE)
+    if fd:  # the file opened twice, one descriptor passed to each side (getfd 'fd-mig')
+        fds = [os.open(path, os.O_CREAT | os.O_RDWR, 0o660) for _ in range(2)]
+        try:
+            dst.cmd("getfd", _fd=fds[0], fdname="fd-mig")
+            src.cmd("getfd", _fd=fds[1], fdname="fd-mig")
+        finally:
+            for x in fds:
+                os.close(x)
+        u = "fd:fd-mig"
+    if stop_src:
+        src.cmd("stop")
+    src.cmd("migrate", uri=u)
+    info = src.wait_status(FINAL, 300)
+    assert info["status"] == "completed", f"migration {info['status']}: {info.get('error-desc', '')}"
+    st = src.cmd("query-status")["status"]
+    assert st == "postmigrate" or (stop_src and st == "paused"), f"the source is {st}, not postmigrate"
+    dst.cmd("migrate-incoming", uri=u)
+    out = []
+    if fd:  # the migrations took the descriptors: closefd finds none (QEMU's check)
+        out.append("closefd after: " + " / ".join(q.error("closefd", fdname="fd-mig").desc for q in (src, dst)))
+    d = env.vmm.destination_status(dst, "dst", ("completed",))
+    assert d == "completed", f"the destination's migration is {d}"
+    pages, differing = env.vmm.check_restored(src, dst, "dst")
+    assert differing == 0, f"{differing} of {pages} pages differ at the destination"
+    out.insert(0, f"{pages} pages, 0 differ")
+    if offset:
+        with open(path, "rb") as f:
+            head = f.read(FILE_OFFSET + len(env.vmm.stream_magic))
+        assert head[:FILE_OFFSET] == FILE_MARKER * FILE_OFFSET, "the bytes before the offset changed"
+        assert head[FILE_OFFSET:] == env.vmm.stream_magic, f"the stream does not start at the offset: {head[FILE_OFFSET:]!r}"
+        out.append("the 4 KiB before the offset untouched, the stream starts there")
+    return "; ".join(out)
+
+
+def file_case(stop_src, caps=(), params=None, offset=False, fd=False, dio=False):
+    def case(env):
+        if dio:
+            probe = os.path.join(env.tmp, "dio-probe")
+            try:
+                os.close(os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600))
+            except OSError as e:
+                raise Skip(f"O_DIRECT is not supported in {env.tmp}: {e.strerror}")
+            os.unlink(probe)
+        return file_flow(env, stop_src, caps, params, offset, fd)
+    return case
+
+
+def case_file_offset_bad(env):
+    src = env.vmm.start("src")
+    set_caps(src, ())
+    e = src.error("migrate", uri=f"file:{os.path.join(env.tmp, 'migfile')},offset=0x20M")
+    assert src.cmd("query-status")["status"] == "running", "the guest does not run after the error"
+    return f"error: {e.desc}"
+
+
 # ---- misc-tests.c --------------------------------------------------------------------------
 
 def case_bad_dest(env):
@@ -588,6 +665,24 @@ CASES = [
     ("/migration/postcopy/plain", "postcopy after a dirty sync: STOP on the source, every page at the destination, "
      "postcopy-blocktime there", case_postcopy_plain),
     ("/migration/multifd/tcp/plain/zstd", "multifd, zstd level 2", case_multifd_zstd),
+    ("/migration/precopy/file", "into a file, the source stopped first; then the destination reads it "
+     "(migrate-incoming file:) and runs on cont", file_case(True)),
+    ("/migration/multifd/file/mapped-ram/dio", "mapped-ram, multifd 4 channels, direct-io (O_DIRECT), not live",
+     file_case(True, ("mapped-ram", "multifd"), dict(MAPPED_RAM_MULTIFD, **{"direct-io": True}), dio=True)),
+    ("/migration/precopy/file/offset", "into a file at offset 4096, live: the bytes before it untouched, the stream "
+     "starting there", file_case(False, offset=True)),
+    ("/migration/precopy/file/offset/bad", "file:PATH,offset=0x20M: a QMP error, the guest runs on",
+     case_file_offset_bad),
+    ("/migration/precopy/file/mapped-ram", "mapped-ram (every page at a fixed place in the file), not live",
+     file_case(True, ("mapped-ram",))),
+    ("/migration/precopy/file/mapped-ram/live", "mapped-ram, live: dirty pages rewritten in place",
+     file_case(False, ("mapped-ram",))),
+    ("/migration/multifd/file/mapped-ram", "mapped-ram with multifd: 4 channels writing their pages, not live",
+     file_case(True, ("mapped-ram", "multifd"), MAPPED_RAM_MULTIFD)),
+    ("/migration/multifd/file/mapped-ram/live", "mapped-ram with multifd 4 channels, live",
+     file_case(False, ("mapped-ram", "multifd"), MAPPED_RAM_MULTIFD)),
+    ("/migration/precopy/fd/file", "the file opened twice, each side given one (getfd): migrate and "
+     "migrate-incoming fd:fd-mig, not live; closefd then finds none", file_case(True, fd=True)),
     ("/migration/bad_dest", "migrate to port 0: only setup/failed, then failed; the source runs on", case_bad_dest),
     ("/migration/validate_uuid", "validate-uuid, both -uuid equal: completed", validate_uuid(UUID_SRC, UUID_SRC, False)),
     ("/migration/validate_uuid_error",

@@ -1,6 +1,7 @@
 """One adapter per VMM: how to start a source and a destination (a command line), how to tell
 that the guest runs, and how to check the destination's memory. Everything else a case does
 goes over QMP, the same for both."""
+import json
 import os
 import re
 import subprocess
@@ -122,6 +123,16 @@ class Qemu(Vmm):
         differing = sum(1 for off in range(0, len(s), 4096) if s[off:off + 4096] != d[off:off + 4096])
         return len(s) // 4096, differing
 
+    # The first bytes of QEMU's migration stream (QEMU_VM_FILE_MAGIC).
+    stream_magic = b"QEVM"
+
+    def check_restored(self, src, dst, name):
+        """A migration through a file: the destination's memory against the stopped source's,
+        then the destination runs."""
+        result = self.check_destination(src, dst)
+        self.run_destination(dst, name)
+        return result
+
     def run_destination(self, dst, name):
         """cont the paused destination (-S); its guest must make progress."""
         before = self.status(dst)["pages_written"]
@@ -149,8 +160,9 @@ class Minivmm(Vmm):
             vm += ["--ring", "64K"]
         if incoming is None:
             cmd = lambda sock: [self.binary, "run", "--qmp", f"unix:{sock}"] + vm + list(extra)
-        else:
-            cmd = lambda sock: [self.binary, "receive", "--listen", incoming, "--qmp", f"unix:{sock}"] + vm + list(extra)
+        else:  # its report as JSON too: a restore's check is the destination's own
+            cmd = lambda sock: [self.binary, "receive", "--listen", incoming, "--qmp", f"unix:{sock}",
+                                "--json", os.path.join(self.tmp, f"{name}.json")] + vm + list(extra)
         q = self._spawn(name, cmd)
         if incoming is None:
             wait_for(lambda: q.cmd("query-status")["status"] == "running", 30, f"{name}: the guest to run")
@@ -162,6 +174,24 @@ class Minivmm(Vmm):
         if not v.get("verified"):
             raise AssertionError(f"minivmm did not verify the migration: {v}")
         return v.get("switchover_pages_checked", 0), v.get("switchover_mismatches", 0) + v.get("stamp_mismatches", 0)
+
+    # A minivmm stream's first record is a HELLO: type 8, little-endian (migration/stream.hpp).
+    stream_magic = b"\x08\x00\x00\x00"
+
+    def check_restored(self, src, dst, name):
+        """A migration through a file: the source wrote it (its digests of the frozen memory in
+        it); the destination checked every page it restored against them, ran its post-run and
+        checked every stamp: its report (receive --json) says so once it exited."""
+        self.run_destination(dst, name)
+        p = self.process(name)
+        rc = wait_for(lambda: p.poll() is not None and (p.returncode,), 120, f"{name}: the restore's end")[0]
+        assert rc == 0, f"the restore failed (exit {rc}): {self.log(name)[-300:]}"
+        with open(os.path.join(self.tmp, f"{name}.json")) as f:
+            r = json.load(f)
+        v = r["verify"]
+        if not v["enabled"] or not v["switchover_pages_checked"] or not v["pages_checked"]:
+            raise AssertionError(f"the restore did not check the pages and the stamps: {v}")
+        return v["switchover_pages_checked"], v["switchover_mismatches"] + v["mismatches"]
 
     def run_destination(self, dst, name):
         """A destination holding a stopped guest paused gets cont, then runs its post-run check
