@@ -126,8 +126,10 @@ std::optional<FileUri> parse_file_uri(const std::string& option, const std::stri
         if (opt.rfind("offset=", 0) != 0)
             throw UsageError(fmt::format("{}: '{}': the only option of a file URI is offset=BYTES", option, spec));
         const auto off = parse_offset(opt.substr(7));
-        if (!off)  // QEMU's words
-            throw UsageError(fmt::format("file URI has bad offset {}", opt.substr(7)));
+        if (!off)  // QEMU's words, then the option
+            throw UsageError(fmt::format("file URI has bad offset {} ({}: offset=BYTES, a number, 0x hex, or with a "
+                                         "K/M/G suffix)",
+                                         opt.substr(7), option));
         f.offset = *off;
     }
     if (f.path.empty())
@@ -488,6 +490,42 @@ uint64_t load_slot(StressVm& dst, int fd, const FileUri& f, const MappedHead::Sl
 
 }  // namespace
 
+namespace {
+
+// Mapped-ram's pages, into `dst`: its layout checked first (the HEADER in
+// the tail), before a byte of memory moves. Returns where the tail starts.
+uint64_t load_mapped(StressVm& dst, int fd, const FileUri& at, const PhaseHook& on_phase, ReceiveReport& r)
+{
+    struct stat st {};
+    ::fstat(fd, &st);
+    const MappedHead h = read_head(fd, at, static_cast<uint64_t>(st.st_size));
+    FileTransport t(fd, at.offset + h.tail_off, at.str(), true);
+    RecordReader in(t);
+    Record rec = in.read();
+    if (rec.type == RecordType::Hello)
+        rec = in.read();
+    if (rec.type != RecordType::Header)
+        throw Error(fmt::format("{}: expected HEADER first in its tail, got {}", at.str(), record_name(rec.type)));
+    const StreamHeader sender = StreamHeader::decode(rec.payload);
+    if (auto why = StreamHeader::of(dst, 1).incompatibility(sender); !why.empty())
+        throw Error("incompatible stream: " + why);
+    r.failed_step = "memory";
+    if (on_phase)
+        on_phase("bulk");
+    const auto t0 = std::chrono::steady_clock::now();
+    uint64_t loaded = 0, zeros = 0;
+    for (const auto& s : h.slots)
+        loaded += load_slot(dst, fd, at, s, zeros);
+    r.memory_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    r.pages = loaded + zeros;
+    r.zero_pages = zeros;
+    r.bytes = loaded * kPage;
+    r.failed_step.clear();
+    return at.offset + h.tail_off;
+}
+
+}  // namespace
+
 ReceiveReport restore_file(StressVm& dst, const FileUri& f, const ReceiveOptions& opt, const PhaseHook& on_phase)
 {
     UniqueFd fd(f.fd >= 0 ? f.fd : ::open(f.path.c_str(), O_RDONLY | O_CLOEXEC));
@@ -496,49 +534,39 @@ ReceiveReport restore_file(StressVm& dst, const FileUri& f, const ReceiveOptions
     FileUri at = f;
     if (f.fd >= 0)
         at.offset = static_cast<uint64_t>(std::max<off_t>(0, ::lseek(f.fd, 0, SEEK_CUR)));
-    struct stat st {};
-    ::fstat(fd.get(), &st);
     char magic[8] = {};
     pread_all(fd.get(), magic, sizeof magic, at.offset, at.str());
     const bool mapped = std::memcmp(magic, kMappedMagic, 8) == 0;
     fmt::print(stderr, "receive: restoring from {}{}\n", at.str(), mapped ? " (mapped-ram)" : "");
-    uint64_t stream_at = at.offset, loaded = 0, zeros = 0;
-    double load_ms = 0;
-    PageHashes before;
+    ReceiveReport loaded;  // mapped-ram's pages, loaded before the stream
+    loaded.peer = at.str() + (mapped ? " (mapped-ram)" : "");
+    loaded.security = "file";
+    uint64_t stream_at = at.offset;
     if (mapped) {
-        const MappedHead h = read_head(fd.get(), at, static_cast<uint64_t>(st.st_size));
-        stream_at = at.offset + h.tail_off;
-        // The layout first, before a byte of memory moves.
-        FileTransport t(fd.get(), stream_at, at.str(), true);
-        RecordReader in(t);
-        Record rec = in.read();
-        if (rec.type == RecordType::Hello)
-            rec = in.read();
-        if (rec.type != RecordType::Header)
-            throw Error(fmt::format("{}: expected HEADER first in its tail, got {}", at.str(), record_name(rec.type)));
-        const StreamHeader sender = StreamHeader::decode(rec.payload);
-        if (auto why = StreamHeader::of(dst, 1).incompatibility(sender); !why.empty())
-            throw Error("incompatible stream: " + why);
-        if (on_phase)
-            on_phase("bulk");
         const auto t0 = std::chrono::steady_clock::now();
-        for (const auto& s : h.slots)
-            loaded += load_slot(dst, fd.get(), at, s, zeros);
-        load_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        try {
+            loaded.failed_step = "header";
+            stream_at = load_mapped(dst, fd.get(), at, on_phase, loaded);
+        } catch (const std::exception& e) {  // a failed restore, as a failed migration: its report
+            loaded.status = "failed";
+            loaded.error = e.what();
+            loaded.total_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+            if (loaded.failed_step == "memory")
+                loaded.memory_ms = loaded.total_ms;
+            return loaded;
+        }
     }
-    before = PageHashes::of_memory(dst);
+    PageHashes before = PageHashes::of_memory(dst);
     std::vector<std::unique_ptr<Transport>> ch;
     ch.push_back(std::make_unique<FileTransport>(fd.get(), stream_at, at.str(), true));
     ReceiveReport r = receive_from(dst, std::move(ch), opt.post_run_s, on_phase, std::move(before), std::nullopt,
                                    opt.on_postcopy, opt.wait_cont, true);
-    r.peer = at.str() + (mapped ? " (mapped-ram)" : "");
+    r.peer = loaded.peer;
     r.security = "file";
-    if (mapped) {
-        r.pages += loaded + zeros;
-        r.zero_pages += zeros;
-        r.bytes += loaded * kPage;
-        r.memory_ms += load_ms;
-    }
+    r.pages += loaded.pages;
+    r.zero_pages += loaded.zero_pages;
+    r.bytes += loaded.bytes;
+    r.memory_ms += loaded.memory_ms;
     return r;
 }
 

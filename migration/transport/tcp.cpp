@@ -96,7 +96,7 @@ Endpoint parse_endpoint(const std::string& option, const std::string& spec, bool
         return ep;
     }
     if (spec.rfind("tcp:", 0) != 0)
-        throw UsageError(fmt::format("{}: '{}' is not tcp:HOST:PORT, unix:PATH or fd:N (e.g. tcp:127.0.0.1:4444)", option,
+        throw UsageError(fmt::format("{}: '{}' is not tcp:HOST:PORT, unix:PATH, fd:N or file:PATH (e.g. tcp:127.0.0.1:4444)", option,
                                      spec));
     std::tie(ep.host, ep.port) = parse_tcp(option, spec, port0_ok);
     return ep;
