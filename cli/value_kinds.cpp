@@ -33,8 +33,8 @@ const std::map<std::string, const char*, std::less<>>& kinds()
         {"--dirty-log", "MODE"}, {"--throttle", "POLICY"}, {"--eager-split", "on|off"}, {"--variants", "LIST"},
         {"--enable-logging", "per-node|unbound|host-node:N"},
         // places
-        {"--json", "FILE|-"}, {"--timeline", "FILE"}, {"--to", "inproc|tcp:HOST:PORT|unix:PATH|fd:N"},
-        {"--listen", "tcp:ADDR:PORT|unix:PATH|fd:N|defer"}, {"--out", "FILE"}, {"--qmp", "unix:PATH|tcp:HOST:PORT"},
+        {"--json", "FILE|-"}, {"--timeline", "FILE"}, {"--to", "inproc|tcp:HOST:PORT|unix:PATH|fd:N|file:PATH"},
+        {"--listen", "tcp:ADDR:PORT|unix:PATH|fd:N|file:PATH|defer"}, {"--restore", "file:PATH"}, {"--out", "FILE"}, {"--qmp", "unix:PATH|tcp:HOST:PORT"},
         {"--tls-creds", "x509:DIR|psk:FILE"}, {"--uuid", "UUID"}, {"--tls-hostname", "NAME"}, {"--tls-authz", "IDENTITY"},
     };
     return t;
