@@ -18,6 +18,9 @@
 #include <thread>
 
 #include "base/error.hpp"
+#include "migration/file.hpp"
+#include "migration/receiver.hpp"
+#include "migration/transport/tcp.hpp"
 
 namespace mvm::migration {
 
@@ -372,6 +375,61 @@ Admitted Admission::run(int ls)
 Admitted admit(int listen_fd, const AdmitOptions& opt)
 {
     return Admission(opt).run(listen_fd);
+}
+
+// ---- receive(): the listener (or the socket, or the file) to the Receiver -----------------
+
+ReceiveReport receive(StressVm& dst, const ReceiveOptions& opt, const PhaseHook& on_phase)
+{
+    if (auto f = parse_file_uri("--listen", opt.listen))
+        return restore_file(dst, *f, opt, on_phase);
+    AdmitOptions ao;
+    ao.listen = opt.listen;
+    ao.timeout_s = opt.accept_timeout_s;
+    ao.io_timeout_s = opt.io_timeout_s;
+    if (opt.tls.enabled())
+        ao.tls = tls::Context::server(opt.tls);  // files checked before the listener opens
+    PageHashes before;
+    Admitted a;
+    if (const int fd = parse_fd_uri("--listen", opt.listen); fd >= 0) {
+        // A connected socket (inherited, or QMP's getfd): the sender is the peer.
+        before = PageHashes::of_memory(dst);
+        fmt::print(stderr, "receive: reading the connected socket {}\n", opt.listen);
+        auto raw = std::make_unique<FdTransport>(fd, opt.listen);
+        if (ao.tls) {
+            tls::Peer p = ao.tls->accept(std::move(raw));
+            a.identity = std::move(p.identity);
+            a.channels.push_back(std::move(p.transport));
+        } else {
+            a.channels.push_back(std::move(raw));
+        }
+        a.peer = opt.listen;
+    } else {
+        int ls = bind_listener(opt.listen);
+        FdTransport guard(ls, "listener");  // closed once a sender is admitted: later ones are refused
+        if (::listen(ls, 64) != 0)
+            throw SysError("listen", errno);
+        // Hashed while nobody waits: a sender's setup does not include it.
+        before = PageHashes::of_memory(dst);
+        fmt::print(stderr, "receive: listening on {}{}\n", opt.listen,
+                   ao.tls ? fmt::format(" (TLS: {})", ao.tls->describe()) : "");
+        a = admit(ls, ao);
+    }
+    // The admitted sender: every wait on it bounded by --io-timeout.
+    IoLimits l;
+    l.idle_s = opt.io_timeout_s;
+    for (auto& c : a.channels)
+        c->set_limits(l);
+    std::optional<Record> header;  // read by admission; a connected socket's is read by the Receiver
+    if (a.header.type == RecordType::Header)
+        header = std::move(a.header);
+    ReceiveReport r = receive_from(dst, std::move(a.channels), opt.post_run_s, on_phase, std::move(before),
+                                   std::move(header), opt.on_postcopy, opt.wait_cont);
+    r.peer = a.peer;
+    r.peer_identity = a.identity;
+    r.security = ao.tls ? (ao.tls->kind() == tls::Kind::X509 ? "tls-x509" : "tls-psk") : "none";
+    r.dropped_connections = a.dropped;
+    return r;
 }
 
 }  // namespace mvm::migration

@@ -1,4 +1,5 @@
-// migration/admission.hpp - who may send a guest to `minivmm receive`.
+// migration/admission.hpp - who may send a guest to `minivmm receive` (and, in
+// admission.cpp, receive() itself: listener, socket or file to the Receiver).
 //
 // The receiver listens until one sender is admitted: every connection of a
 // migration arrived (grouped by the session number in their HELLOs), each
