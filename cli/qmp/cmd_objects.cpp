@@ -30,9 +30,6 @@ json Monitor::object_add(const json& args)
         o.verify_peer = a.boolean_or("verify-peer", true);
         if (a.has("priority"))
             throw QmpError("tls-creds 'priority' is not supported by minivmm (TLS 1.3, OpenSSL's default ciphers)");
-        if (!o.verify_peer)
-            throw QmpError("tls-creds verify-peer false is not supported by minivmm: both ends are always verified "
-                           "(docs/tls.md)");
     } else if (type == "authz-simple") {
         Args a(args, {"qom-type", "id", "identity"});
         id = a.str("id");
@@ -81,6 +78,7 @@ migration::tls::Options Monitor::tls_from_params(bool client) const
         t.psk_user = c.username.empty() ? "qemu" : c.username;  // QEMU's default PSK username
     } else {
         t.creds = "x509:" + c.dir;
+        t.verify_peer = c.verify_peer;
     }
     if (client) {
         t.hostname = p.tls_hostname;

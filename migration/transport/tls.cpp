@@ -191,6 +191,8 @@ struct Context::Impl {
     std::map<std::string, std::vector<uint8_t>> keys;
     std::string psk_identity;
     bool server = false;
+    bool anonymous = false;   // an x509 client without a certificate
+    bool verify_peer = true;  // QEMU's verify-peer
     ~Impl() { SSL_CTX_free(ctx); }
 };
 
@@ -276,6 +278,41 @@ std::map<std::string, std::vector<uint8_t>> read_psk(const std::string& opt, con
 Context::Context(Kind k) : kind_(k), impl_(std::make_unique<Impl>()) {}
 Context::~Context() = default;
 
+// QEMU's directory layout into the context. A client without client-cert.pem
+// and client-key.pem is anonymous (QEMU: they are optional for a client).
+void load_x509(Context::Impl& im, const std::string& spec, const std::string& where, bool server, bool verify_peer)
+{
+    const std::string side = server ? "server" : "client";
+    const std::string ca = where + "/ca-cert.pem", cert = where + "/" + side + "-cert.pem",
+                      key = where + "/" + side + "-key.pem";
+    const bool anonymous = !server && !exists(cert) && !exists(key);
+    for (const auto& f : {ca, cert, key})
+        if (!exists(f) && !(anonymous && f != ca))
+            throw UsageError(fmt::format("--tls-creds {}: {} is missing (QEMU's layout: ca-cert.pem, "
+                                         "{}-cert.pem, {}-key.pem); make them with scripts/make-tls-creds {}",
+                                         spec, f, side, side, where));
+    if (SSL_CTX_load_verify_locations(im.ctx, ca.c_str(), nullptr) != 1)
+        throw UsageError(fmt::format("--tls-creds {}: {}: not a CA certificate ({})", spec, ca, ssl_reason()));
+    if (!anonymous) {
+        if (SSL_CTX_use_certificate_chain_file(im.ctx, cert.c_str()) != 1)
+            throw UsageError(fmt::format("--tls-creds {}: {}: not a certificate ({})", spec, cert, ssl_reason()));
+        if (SSL_CTX_use_PrivateKey_file(im.ctx, key.c_str(), SSL_FILETYPE_PEM) != 1)
+            throw UsageError(fmt::format("--tls-creds {}: {}: not a private key ({})", spec, key, ssl_reason()));
+        if (SSL_CTX_check_private_key(im.ctx) != 1)
+            throw UsageError(fmt::format("--tls-creds {}: {} does not belong to {} ({})", spec, key, cert,
+                                         ssl_reason()));
+    }
+    // By default the receiver insists on a client certificate from the same
+    // CA and the sender checks the receiver's; verify-peer false drops that.
+    if (!verify_peer)
+        SSL_CTX_set_verify(im.ctx, SSL_VERIFY_NONE, nullptr);
+    else
+        SSL_CTX_set_verify(im.ctx, server ? SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT : SSL_VERIFY_PEER,
+                           nullptr);
+    im.anonymous = anonymous;
+    im.verify_peer = verify_peer;
+}
+
 std::shared_ptr<Context> make_context(const Options& opts, bool server, const std::string& host)
 {
     const std::string& spec = opts.creds;
@@ -311,26 +348,7 @@ std::shared_ptr<Context> make_context(const Options& opts, bool server, const st
     SSL_CTX_set_default_read_buffer_len(im.ctx, kReadBuffer);
     SSL_CTX_set_mode(im.ctx, SSL_MODE_AUTO_RETRY);
     if (kind == Kind::X509) {
-        const std::string side = server ? "server" : "client";
-        const std::string ca = where + "/ca-cert.pem", cert = where + "/" + side + "-cert.pem",
-                          key = where + "/" + side + "-key.pem";
-        for (const auto& f : {ca, cert, key})
-            if (!exists(f))
-                throw UsageError(fmt::format("--tls-creds {}: {} is missing (QEMU's layout: ca-cert.pem, "
-                                             "{}-cert.pem, {}-key.pem); make them with scripts/make-tls-creds {}",
-                                             spec, f, side, side, where));
-        if (SSL_CTX_load_verify_locations(im.ctx, ca.c_str(), nullptr) != 1)
-            throw UsageError(fmt::format("--tls-creds {}: {}: not a CA certificate ({})", spec, ca, ssl_reason()));
-        if (SSL_CTX_use_certificate_chain_file(im.ctx, cert.c_str()) != 1)
-            throw UsageError(fmt::format("--tls-creds {}: {}: not a certificate ({})", spec, cert, ssl_reason()));
-        if (SSL_CTX_use_PrivateKey_file(im.ctx, key.c_str(), SSL_FILETYPE_PEM) != 1)
-            throw UsageError(fmt::format("--tls-creds {}: {}: not a private key ({})", spec, key, ssl_reason()));
-        if (SSL_CTX_check_private_key(im.ctx) != 1)
-            throw UsageError(fmt::format("--tls-creds {}: {} does not belong to {} ({})", spec, key, cert,
-                                         ssl_reason()));
-        // The receiver insists on a client certificate from the same CA.
-        SSL_CTX_set_verify(im.ctx, server ? SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT : SSL_VERIFY_PEER,
-                           nullptr);
+        load_x509(im, spec, where, server, opts.verify_peer);
     } else {
         im.keys = read_psk("--tls-creds", where, &im.psk_identity);
         if (!opts.psk_user.empty()) {
@@ -364,13 +382,17 @@ std::shared_ptr<Context> Context::server(const Options& opts)
 
 std::string Context::describe() const
 {
+    const Impl& im = *impl_;
+    if (kind_ == Kind::X509 && im.server)
+        return fmt::format("x509 {}{}", im.source,
+                           !im.verify_peer ? ", any client, certificate or not (verify-peer off)"
+                           : im.authz.empty()
+                               ? ", any client the CA signed"
+                               : fmt::format(", {} identit{} authorised", im.authz.size(), im.authz.size() == 1 ? "y" : "ies"));
     if (kind_ == Kind::X509)
-        return fmt::format("x509 {}{}", impl_->source,
-                           impl_->server ? (impl_->authz.empty() ? ", any client the CA signed"
-                                                                 : fmt::format(", {} identit{} authorised",
-                                                                               impl_->authz.size(),
-                                                                               impl_->authz.size() == 1 ? "y" : "ies"))
-                                         : fmt::format(", receiver must be '{}'", impl_->host));
+        return fmt::format("x509 {}{}{}", im.source, im.anonymous ? ", no client certificate (anonymous)" : "",
+                           im.verify_peer ? fmt::format(", receiver must be '{}'", im.host)
+                                          : ", receiver's certificate unchecked (verify-peer off)");
     return fmt::format("psk {}{}", impl_->source,
                        impl_->server ? fmt::format(", {} identit{}", impl_->keys.size(),
                                                    impl_->keys.size() == 1 ? "y" : "ies")

@@ -26,6 +26,11 @@ struct Options {
     std::string hostname;             // sender: the name the receiver's certificate must carry
     std::vector<std::string> authz;   // receiver: identities allowed to send (globs); empty = any verified peer
     std::string psk_user;             // sender with psk: the identity to use (default: the file's first)
+    // x509 (QEMU's verify-peer): false on the receiver admits senders without
+    // a certificate (anonymous clients); false on the sender takes any
+    // receiver's certificate unchecked. A sender whose directory has no
+    // client-cert.pem and client-key.pem is anonymous.
+    bool verify_peer = true;
     bool enabled() const { return !creds.empty(); }
 };
 

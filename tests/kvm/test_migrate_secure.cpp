@@ -26,6 +26,7 @@
 #include "base/error.hpp"
 #include "kvm_test_util.hpp"
 #include "migration/stream.hpp"
+#include "migration/transport/tls.hpp"
 
 using namespace mvm;
 using namespace mvm::migration;
@@ -421,4 +422,53 @@ TEST(MigrateTimeouts, ReceiverGivesUpOnAStalledSenderAfterIoTimeout)
     EXPECT_NE(out.find("(cut short by the failure)"), std::string::npos) << out;
     EXPECT_EQ(out.find("switchover"), std::string::npos) << out;
     EXPECT_EQ(out.find("verify"), std::string::npos) << out;
+}
+
+// QEMU's verify-peer and anonymous x509 clients (tls-tests.c allow-/reject-anon-client), at the
+// handshake itself over a socketpair (no KVM): a client whose directory holds only the CA's
+// certificate has none to show; a receiver with verify-peer false admits it (identity ""), one
+// with verify-peer true refuses it, and the sender hears why.
+TEST(TlsAnonymousClient, VerifyPeerDecidesWhetherItIsAdmitted)
+{
+    REQUIRE_CREDS();
+    const Creds& c = Creds::get();
+    const std::string anon = c.dir + "/anon";
+    fs::create_directories(anon);
+    fs::copy_file(c.good + "/ca-cert.pem", anon + "/ca-cert.pem", fs::copy_options::overwrite_existing);
+    tls::Options client;
+    client.creds = "x509:" + anon;
+    auto cctx = tls::Context::client(client, "127.0.0.1");
+    EXPECT_NE(cctx->describe().find("anonymous"), std::string::npos) << cctx->describe();
+    for (const bool verify : {false, true}) {
+        tls::Options server;
+        server.creds = "x509:" + c.good;
+        server.verify_peer = verify;
+        auto sctx = tls::Context::server(server);
+        int sv[2];
+        ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+        std::string server_error, identity = "unset";
+        std::thread srv([&] {
+            try {
+                tls::Peer p = sctx->accept(std::make_unique<FdTransport>(sv[0], "sender"));
+                identity = p.identity;
+            } catch (const std::exception& e) {
+                server_error = e.what();
+            }
+        });
+        std::string client_error;
+        try {
+            cctx->connect(std::make_unique<FdTransport>(sv[1], "receiver"));
+        } catch (const std::exception& e) {
+            client_error = e.what();
+        }
+        srv.join();
+        if (!verify) {
+            EXPECT_EQ(server_error, "");
+            EXPECT_EQ(client_error, "");
+            EXPECT_EQ(identity, "") << "an anonymous client has no identity";
+        } else {
+            EXPECT_NE(server_error.find("certificate"), std::string::npos) << server_error;
+            EXPECT_NE(client_error, "") << "the refused sender must fail";
+        }
+    }
 }

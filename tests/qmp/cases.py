@@ -6,6 +6,7 @@ the destination; a second sync means every page written before it was sent again
 converge (1 GB/s, 30 s) and check the destination's memory. One deviation: QEMU's 3 MB/s would
 take 20 s per bulk pass of our 64 MiB guest under emulation, so non-convergence is 32 MiB/s."""
 import os
+import shutil
 import socket
 
 from qmp import wait_for
@@ -397,13 +398,19 @@ def tls_psk(kind, multifd=False, mismatch=False):
     return case
 
 
-def x509_hook(env, server_set, client_set=None, hostname=None, authz=None):
+def x509_hook(env, server_set, client_set=None, hostname=None, authz=None, anon=None):
     """QEMU's x509 start hook: tls-creds-x509 objects (verify-peer on), tls-hostname on the
-    source when given, authz-simple + tls-authz on the destination when given."""
+    source when given, authz-simple + tls-authz on the destination when given. anon: the client
+    has no certificate (its directory only the CA's), the server's verify-peer is `anon`
+    ("allow": false, "reject": true)."""
     if not env.x509:
         raise Skip("no x509 credentials: openssl is missing here and no --x509 sets were given")
     sdir = os.path.join(env.x509, server_set)
     cdir = os.path.join(env.x509, client_set or server_set)
+    if anon:
+        cdir = os.path.join(env.tmp, "anon-client")
+        os.makedirs(cdir, exist_ok=True)
+        shutil.copy(os.path.join(sdir, "ca-cert.pem"), cdir)
 
     def hook(src, dst):
         src.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": "tlscredsx509client0", "endpoint": "client",
@@ -412,7 +419,7 @@ def x509_hook(env, server_set, client_set=None, hostname=None, authz=None):
         if hostname:
             src.cmd("migrate-set-parameters", **{"tls-hostname": hostname})
         dst.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": "tlscredsx509server0", "endpoint": "server",
-                                 "dir": sdir, "sanity-check": True, "verify-peer": True})
+                                 "dir": sdir, "sanity-check": True, "verify-peer": anon != "allow"})
         dst.cmd("migrate-set-parameters", **{"tls-creds": "tlscredsx509server0"})
         if authz:
             dst.cmd("object-add", **{"qom-type": "authz-simple", "id": "tlsauthz0", "identity": authz})
@@ -420,12 +427,12 @@ def x509_hook(env, server_set, client_set=None, hostname=None, authz=None):
     return hook
 
 
-def tls_x509(kind, server_set, client_set=None, hostname=None, authz=None, multifd=False, fails=None):
+def tls_x509(kind, server_set, client_set=None, hostname=None, authz=None, multifd=False, fails=None, anon=None):
     """fails: None (success, not live), "alive" (QEMU's MIG_TEST_FAIL) or "quit"
     (MIG_TEST_FAIL_DEST_QUIT_ERR: the source fails in setup, the destination exits non-zero)."""
     def case(env):
         caps, params = (("multifd",), MULTIFD) if multifd else ((), None)
-        hook = x509_hook(env, server_set, client_set, hostname, authz)
+        hook = x509_hook(env, server_set, client_set, hostname, authz, anon)
         src, dst, u = start_pair(env, kind, caps, params=params, dst_params=params, hook=hook)
         if fails == "alive":
             return expect_fail(env, src, dst, u)
@@ -655,6 +662,12 @@ CASES = [
     ("/migration/precopy/tcp/tls/x509/hostile-client",
      "x509 + tls-authz, the client's CN another: fails, the destination stays alive",
      tls_x509("tcp", "default", client_set="hostile", authz="CN=ACME QEMU Client", fails="alive")),
+    ("/migration/precopy/tcp/tls/x509/allow-anon-client",
+     "x509, the client without a certificate, the server's verify-peer false: not live",
+     tls_x509("tcp", "default", anon="allow")),
+    ("/migration/precopy/tcp/tls/x509/reject-anon-client",
+     "x509, the client without a certificate, the server's verify-peer true: fails, the destination stays alive",
+     tls_x509("tcp", "default", anon="reject", fails="alive")),
     ("/migration/multifd/tcp/tls/x509/default-host", "multifd over x509: not live",
      tls_x509("tcp", "default", multifd=True)),
     ("/migration/multifd/tcp/tls/x509/override-host", "multifd over x509, tls-hostname qemu.org",
@@ -662,6 +675,11 @@ CASES = [
     ("/migration/multifd/tcp/tls/x509/mismatch-host",
      "multifd over x509, the server certificate for 10.0.0.1: fails, the destination stays alive",
      tls_x509("tcp", "mismatch", multifd=True, fails="alive")),
+    ("/migration/multifd/tcp/tls/x509/allow-anon-client", "multifd over x509, an anonymous client allowed: not live",
+     tls_x509("tcp", "default", multifd=True, anon="allow")),
+    ("/migration/multifd/tcp/tls/x509/reject-anon-client",
+     "multifd over x509, an anonymous client refused: fails, the destination stays alive",
+     tls_x509("tcp", "default", multifd=True, anon="reject", fails="alive")),
     ("/migration/postcopy/plain", "postcopy after a dirty sync: STOP on the source, every page at the destination, "
      "postcopy-blocktime there", case_postcopy_plain),
     ("/migration/multifd/tcp/plain/zstd", "multifd, zstd level 2", case_multifd_zstd),
