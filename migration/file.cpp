@@ -99,27 +99,28 @@ T get(const std::vector<uint8_t>& b, size_t at)
 
 std::string FileUri::str() const
 {
-    if (fd >= 0)
-        return fmt::format("fd:{}", fd);
-    return offset ? fmt::format("file:{},offset={}", path, offset) : "file:" + path;
+    const std::string where = fd >= 0 ? fmt::format("fd:{}", fd) : "file:" + path;
+    return offset ? fmt::format("{},offset={}", where, offset) : where;
 }
 
 std::optional<FileUri> parse_file_uri(const std::string& option, const std::string& spec)
 {
     FileUri f;
     if (spec.rfind("fd:", 0) == 0) {
+        const size_t comma = std::min(spec.find(','), spec.size());
         int fd = -1;
-        const auto [end, ec] = std::from_chars(spec.data() + 3, spec.data() + spec.size(), fd);
+        const auto [end, ec] = std::from_chars(spec.data() + 3, spec.data() + comma, fd);
         struct stat st {};
-        if (ec != std::errc() || end != spec.data() + spec.size() || fd < 0 || ::fstat(fd, &st) != 0 ||
+        if (ec != std::errc() || end != spec.data() + comma || fd < 0 || ::fstat(fd, &st) != 0 ||
             !S_ISREG(st.st_mode))
             return std::nullopt;  // a socket, or nothing: the socket transports' parse words it
         f.fd = fd;
-        return f;
-    }
-    if (spec.rfind("file:", 0) != 0)
+        f.path = spec.substr(comma);  // its options, if any, parsed below
+    } else if (spec.rfind("file:", 0) == 0) {
+        f.path = spec.substr(5);
+    } else {
         return std::nullopt;
-    f.path = spec.substr(5);
+    }
     if (const size_t comma = f.path.find(','); comma != std::string::npos) {
         const std::string opt = f.path.substr(comma + 1);
         f.path.resize(comma);
@@ -131,6 +132,11 @@ std::optional<FileUri> parse_file_uri(const std::string& option, const std::stri
                                          "K/M/G suffix)",
                                          opt.substr(7), option));
         f.offset = *off;
+        f.has_offset = true;
+    }
+    if (f.fd >= 0) {
+        f.path.clear();
+        return f;
     }
     if (f.path.empty())
         throw UsageError(fmt::format("{}: '{}' names no file; use file:PATH[,offset=BYTES]", option, spec));
@@ -189,8 +195,6 @@ FileDestination::FileDestination(StressVm& src, FileUri uri, Compression c, File
 {
     if (opt_.direct_io && !opt_.mapped_ram)
         throw UsageError("direct-io: needs mapped-ram (pages at fixed, aligned places in the file)");
-    if (opt_.direct_io && uri_.fd >= 0)
-        throw UsageError(fmt::format("direct-io: needs file:PATH, not {} (O_DIRECT is opened on the path)", uri_.str()));
     if (opt_.direct_io && uri_.offset % kPage)
         throw UsageError(fmt::format("direct-io: the offset {} is not a multiple of 4096", uri_.offset));
     if (opt_.mapped_ram && c.zstd)
@@ -204,7 +208,10 @@ void FileDestination::open(const StreamHeader& h)
     const std::string name = uri_.str();
     if (uri_.fd >= 0) {
         fd_.reset(uri_.fd);  // the migration's now
-        uri_.offset = static_cast<uint64_t>(std::max<off_t>(0, ::lseek(uri_.fd, 0, SEEK_CUR)));
+        if (!uri_.has_offset)  // QEMU's fd: from where it stands; an fdset's file as a path (below)
+            uri_.offset = static_cast<uint64_t>(std::max<off_t>(0, ::lseek(uri_.fd, 0, SEEK_CUR)));
+        else if (::ftruncate(fd_.get(), static_cast<off_t>(uri_.offset)) != 0)
+            io_failed("truncating", name, errno);
     } else {
         fd_.reset(::open(uri_.path.c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0600));
         if (!fd_)
@@ -248,11 +255,13 @@ void FileDestination::open_mapped_ram(const StreamHeader& h)
     tail_off_ = align_up(pos, kPage);
     write_head(0);  // a file whose head says 0 is incomplete until the end
     if (opt_.direct_io) {
-        direct_fd_.reset(::open(uri_.path.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC));
+        // A descriptor's file is opened again (its own file status flags).
+        const std::string path = uri_.fd >= 0 ? fmt::format("/proc/self/fd/{}", fd_.get()) : uri_.path;
+        direct_fd_.reset(::open(path.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC));
         if (!direct_fd_)
             throw Error(fmt::format("direct-io: {} cannot be opened with O_DIRECT: {} (its file system may not "
-                                    "support it; tmpfs does not)",
-                                    uri_.path, std::strerror(errno)));
+                                    "support it)",
+                                    uri_.str(), std::strerror(errno)));
     }
     out_ = std::make_unique<FileTransport>(fd_.get(), uri_.offset + tail_off_, uri_.str() + " (tail)");
 }
@@ -532,7 +541,7 @@ ReceiveReport restore_file(StressVm& dst, const FileUri& f, const ReceiveOptions
     if (!fd)
         io_failed("opening", f.path, errno);
     FileUri at = f;
-    if (f.fd >= 0)
+    if (f.fd >= 0 && !f.has_offset)
         at.offset = static_cast<uint64_t>(std::max<off_t>(0, ::lseek(f.fd, 0, SEEK_CUR)));
     char magic[8] = {};
     pread_all(fd.get(), magic, sizeof magic, at.offset, at.str());

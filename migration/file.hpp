@@ -41,12 +41,14 @@ struct FileUri {
     std::string path;     // file:PATH
     int fd = -1;          // fd:N naming an open regular file
     uint64_t offset = 0;  // where the migration starts in the file
+    bool has_offset = false;  // fd:N without one: from its current position, nothing truncated
     std::string str() const;
 };
 
 // file:PATH[,offset=BYTES] (BYTES: a number, 0x hex, or with a K/M/G suffix),
-// or fd:N when N is an open regular file; nullopt for anything else. Throws
-// UsageError naming `option` for a bad path or offset.
+// or fd:N[,offset=BYTES] when N is an open regular file (QMP's fdsets resolve
+// to one); nullopt for anything else. Throws UsageError naming `option` for a
+// bad path or offset.
 std::optional<FileUri> parse_file_uri(const std::string& option, const std::string& spec);
 // A file URI whose file cannot be read (missing, not a file): UsageError
 // naming `option`, before anything is allocated for the restore.

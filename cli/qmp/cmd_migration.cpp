@@ -10,6 +10,7 @@
 #include <cmath>
 #include <ctime>
 #include <iterator>
+#include <cstdlib>
 #include <fmt/format.h>
 
 #include "base/error.hpp"
@@ -74,8 +75,8 @@ json Monitor::migrate_cmd(const json& args)
         throw QmpError(fmt::format("migrate: uri '{}' is not supported; minivmm migrates over tcp:HOST:PORT, "
                                    "unix:PATH, fd:NAME or file:PATH",
                                    uri));
-    const bool owned = uri.rfind("fd:", 0) == 0;
-    uri = take_fd_uri(uri, "migrate");
+    const bool owned = uri.rfind("fd:", 0) == 0 || uri.rfind("file:/dev/fdset/", 0) == 0;
+    uri = take_fdset_uri(take_fd_uri(uri, "migrate"), true, "migrate");
     try {
         const bool to_file = file_target(uri);
         if (!to_file) {
@@ -98,7 +99,7 @@ json Monitor::migrate_cmd(const json& args)
         start_migration(o);
     } catch (...) {
         if (owned)  // the descriptor is the migration's: one that did not start closes it
-            ::close(migration::parse_fd_uri("uri", uri));
+            ::close(std::atoi(uri.c_str() + 3));
         throw;
     }
     return json::object();

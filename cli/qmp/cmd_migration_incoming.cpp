@@ -52,7 +52,8 @@ json Monitor::migrate_incoming(const json& args)
             throw QmpError(fmt::format("migrate-incoming: {}", e.what()));
         }
     }
-    uri = take_fd_uri(uri, "migrate-incoming");  // fd: the connected socket (or the file) receive reads
+    // fd: the connected socket (or the file) receive reads; an fdset's file as fd: too.
+    uri = take_fdset_uri(take_fd_uri(uri, "migrate-incoming"), false, "migrate-incoming");
     std::optional<migration::FileUri> file;
     try {
         file = migration::parse_file_uri("uri", uri);

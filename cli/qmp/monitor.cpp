@@ -95,6 +95,9 @@ void Monitor::add_commands()
     server_.add("object-del", [this](const json& a) { return object_del(a); });
     server_.add("getfd", [this](const json& a) { return getfd(a); });
     server_.add("closefd", [this](const json& a) { return closefd(a); });
+    server_.add("add-fd", [this](const json& a) { return add_fd(a); });
+    server_.add("remove-fd", [this](const json& a) { return remove_fd(a); });
+    server_.add("query-fdsets", [this](const json&) { return query_fdsets(); });
     server_.add("migrate", [this](const json& a) { return migrate_cmd(a); });
     server_.add("migrate-incoming", [this](const json& a) { return migrate_incoming(a); });
     no_args("migrate_cancel", member(&Monitor::migrate_cancel));
@@ -127,6 +130,9 @@ void Monitor::shutdown()
         std::lock_guard lk(mu_);
         for (const auto& [name, fd] : std::exchange(named_fds_, {}))
             ::close(fd);
+        for (const auto& [id, fds] : std::exchange(fdsets_, {}))
+            for (const auto& f : fds)
+                ::close(f.fd);
     }
     if (rate_thread_.joinable())
         rate_thread_.join();

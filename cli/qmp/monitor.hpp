@@ -120,6 +120,13 @@ private:
     migration::tls::Options tls_from_params(bool client) const;
     json getfd(const json& args);
     json closefd(const json& args);
+    json add_fd(const json& args);
+    json remove_fd(const json& args);
+    json query_fdsets() const;
+    // "file:/dev/fdset/N[,...]" -> "fd:K[,...]": K a duplicate (the caller's)
+    // of a descriptor of fdset N open for writing (`write`) or reading; any
+    // other URI as it is.
+    std::string take_fdset_uri(const std::string& uri, bool write, const char* cmd);
     // "fd:NAME" -> "fd:N", the descriptor now the caller's (QEMU: a migration
     // takes its fd from the monitor); any other URI as it is.
     std::string take_fd_uri(const std::string& uri, const char* cmd);
@@ -178,6 +185,11 @@ private:
     bool incoming_started_ = false;
     bool held_for_cont_ = false, cont_requested_ = false;  // destination: a stopped guest, paused
     std::map<std::string, int> named_fds_;  // getfd's, until closefd or a migration takes one
+    struct FdsetFd {
+        int fd = -1;
+        std::string opaque;
+    };
+    std::map<int64_t, std::vector<FdsetFd>> fdsets_;  // add-fd's, until remove-fd
     std::map<std::string, QomObject> objects_;  // object-add's
     std::vector<uint64_t> vcpu_limit_mbs_;      // set-vcpu-dirty-limit's, MB/s per vCPU (0: none)
     struct ProgressSample {

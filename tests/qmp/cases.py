@@ -323,7 +323,8 @@ def case_precopy_fd_tcp(env):
 
 def case_getfd_errors(env):
     """Not a QEMU path: getfd without a descriptor, closefd of an unknown name, migrate to an fd
-    name never given: QMP errors, the guest untouched."""
+    name never given, add-fd without a descriptor, remove-fd of no set: QMP errors, the guest
+    untouched."""
     src = env.vmm.start("src")
     e1 = src.error("getfd", fdname="x")
     e2 = src.error("closefd", fdname="nope")
@@ -336,8 +337,12 @@ def case_getfd_errors(env):
     finally:
         a.close()
         b.close()
+    # fd sets: add-fd without a descriptor, remove-fd of a set never made, a migration to one.
+    e5 = src.error("add-fd", **{"fdset-id": 3})
+    e6 = src.error("remove-fd", **{"fdset-id": 3})
+    assert src.cmd("query-fdsets") == [], "query-fdsets lists a set after failed add-fds"
     assert src.cmd("query-status")["status"] == "running", "the guest does not run after the errors"
-    return " | ".join(e.desc for e in (e1, e2, e3, e4))
+    return " | ".join(e.desc for e in (e1, e2, e3, e4, e5, e6))
 
 
 # ---- tls-tests.c ---------------------------------------------------------------------------
@@ -489,15 +494,27 @@ FILE_OFFSET, FILE_MARKER = 0x1000, b"X"
 MAPPED_RAM_MULTIFD = {"multifd-channels": 4}
 
 
-def file_flow(env, stop_src, caps=(), params=None, offset=False, fd=False):
+def add_fdset(path, q, mode, count, dio):
+    """QEMU's fdset hooks: `count` descriptors of the file opened `mode` added to fdset 1 of
+    `q` (with dio, the ones after the first opened O_DIRECT)."""
+    for i in range(count):
+        fd = os.open(path, os.O_CREAT | mode | (os.O_DIRECT if dio and i else 0), 0o660)
+        try:
+            q.cmd("add-fd", _fd=fd, **{"fdset-id": 1})
+        finally:
+            os.close(fd)
+
+
+def file_flow(env, stop_src, caps=(), params=None, offset=False, fd=False, fdset=0, dio=False):
     """QEMU's test_file_common: the source migrates into a file (stopped first, or live until it
     stops at the end) and completes; only then does the destination read it (migrate-incoming),
-    complete and run (on cont when the source was stopped); its memory is checked."""
+    complete and run (on cont when the source was stopped); its memory is checked. fdset: the
+    file reached through /dev/fdset/1, that many descriptors added to each side (add-fd)."""
     path = os.path.join(env.tmp, "migfile")
     if offset:
         with open(path, "wb") as f:
             f.write(FILE_MARKER * FILE_OFFSET)
-    u = f"file:{path}" + (f",offset={FILE_OFFSET}" if offset else "")
+    u = (f"file:/dev/fdset/1" if fdset else f"file:{path}") + (f",offset={FILE_OFFSET}" if offset else "")
     src = env.vmm.start("src")
     dst = env.vmm.start("dst", incoming="defer")
     for q in (src, dst):
@@ -505,6 +522,9 @@ def file_flow(env, stop_src, caps=(), params=None, offset=False, fd=False):
         if params:
             q.cmd("migrate-set-parameters", **params)
     src.cmd("migrate-set-parameters", **CONVERGE)
+    if fdset:
+        add_fdset(path, src, os.O_WRONLY, fdset, dio)
+        add_fdset(path, dst, os.O_RDONLY, fdset, dio)
     if fd:  # the file opened twice, one descriptor passed to each side (getfd 'fd-mig')
         fds = [os.open(path, os.O_CREAT | os.O_RDWR, 0o660) for _ in range(2)]
         try:
@@ -531,15 +551,21 @@ def file_flow(env, stop_src, caps=(), params=None, offset=False, fd=False):
     assert differing == 0, f"{differing} of {pages} pages differ at the destination"
     out.insert(0, f"{pages} pages, 0 differ")
     if offset:
+        magic = env.vmm.stream_magic("mapped-ram" in caps)
         with open(path, "rb") as f:
-            head = f.read(FILE_OFFSET + len(env.vmm.stream_magic))
+            head = f.read(FILE_OFFSET + len(magic))
         assert head[:FILE_OFFSET] == FILE_MARKER * FILE_OFFSET, "the bytes before the offset changed"
-        assert head[FILE_OFFSET:] == env.vmm.stream_magic, f"the stream does not start at the offset: {head[FILE_OFFSET:]!r}"
+        assert head[FILE_OFFSET:] == magic, f"the stream does not start at the offset: {head[FILE_OFFSET:]!r}"
         out.append("the 4 KiB before the offset untouched, the stream starts there")
+    if fdset:  # QEMU's end hook: remove-fd empties the source's sets
+        src.cmd("remove-fd", **{"fdset-id": 1})
+        left = src.cmd("query-fdsets")
+        assert left == [], f"query-fdsets after remove-fd: {left}"
+        out.append("remove-fd, then query-fdsets []")
     return "; ".join(out)
 
 
-def file_case(stop_src, caps=(), params=None, offset=False, fd=False, dio=False):
+def file_case(stop_src, caps=(), params=None, offset=False, fd=False, dio=False, fdset=0):
     def case(env):
         if dio:
             probe = os.path.join(env.tmp, "dio-probe")
@@ -548,7 +574,7 @@ def file_case(stop_src, caps=(), params=None, offset=False, fd=False, dio=False)
             except OSError as e:
                 raise Skip(f"O_DIRECT is not supported in {env.tmp}: {e.strerror}")
             os.unlink(probe)
-        return file_flow(env, stop_src, caps, params, offset, fd)
+        return file_flow(env, stop_src, caps, params, offset, fd, fdset, dio)
     return case
 
 
@@ -620,7 +646,7 @@ CASES = [
      "getfd passes each end of a socketpair; migrate-incoming and migrate with fd:NAME; not live: paused there "
      "until cont", case_precopy_fd_tcp),
     ("(minivmm) getfd/closefd errors", "getfd with no descriptor, closefd of an unknown name, migrate to an unknown "
-     "fd name: QMP errors, the guest runs on", case_getfd_errors),
+     "fd name, add-fd with no descriptor, remove-fd of no set: QMP errors, the guest runs on", case_getfd_errors),
     ("/migration/vcpu_dirty_limit",
      "not a migration: set-vcpu-dirty-limit at half the dirty-ring rate brings it under limit + 25 MB/s; "
      "cancel-vcpu-dirty-limit lets it rise again", case_vcpu_dirty_limit),
@@ -689,6 +715,8 @@ CASES = [
      file_case(True, ("mapped-ram", "multifd"), dict(MAPPED_RAM_MULTIFD, **{"direct-io": True}), dio=True)),
     ("/migration/precopy/file/offset", "into a file at offset 4096, live: the bytes before it untouched, the stream "
      "starting there", file_case(False, offset=True)),
+    ("/migration/precopy/file/offset/fdset", "as /offset, the file reached through an fdset (add-fd, "
+     "file:/dev/fdset/1,offset=4096)", file_case(False, offset=True, fdset=1)),
     ("/migration/precopy/file/offset/bad", "file:PATH,offset=0x20M: a QMP error, the guest runs on",
      case_file_offset_bad),
     ("/migration/precopy/file/mapped-ram", "mapped-ram (every page at a fixed place in the file), not live",
@@ -699,6 +727,12 @@ CASES = [
      file_case(True, ("mapped-ram", "multifd"), MAPPED_RAM_MULTIFD)),
     ("/migration/multifd/file/mapped-ram/live", "mapped-ram with multifd 4 channels, live",
      file_case(False, ("mapped-ram", "multifd"), MAPPED_RAM_MULTIFD)),
+    ("/migration/multifd/file/mapped-ram/fdset", "mapped-ram, multifd 4, through an fdset of 2 descriptors per "
+     "side at offset 4096, not live; remove-fd empties the sets",
+     file_case(True, ("mapped-ram", "multifd"), MAPPED_RAM_MULTIFD, offset=True, fdset=2)),
+    ("/migration/multifd/file/mapped-ram/fdset/dio", "as /fdset, the second descriptors O_DIRECT, direct-io on",
+     file_case(True, ("mapped-ram", "multifd"), dict(MAPPED_RAM_MULTIFD, **{"direct-io": True}), offset=True,
+               fdset=2, dio=True)),
     ("/migration/precopy/fd/file", "the file opened twice, each side given one (getfd): migrate and "
      "migrate-incoming fd:fd-mig, not live; closefd then finds none", file_case(True, fd=True)),
     ("/migration/bad_dest", "migrate to port 0: only setup/failed, then failed; the source runs on", case_bad_dest),

@@ -123,8 +123,10 @@ class Qemu(Vmm):
         differing = sum(1 for off in range(0, len(s), 4096) if s[off:off + 4096] != d[off:off + 4096])
         return len(s) // 4096, differing
 
-    # The first bytes of QEMU's migration stream (QEMU_VM_FILE_MAGIC).
-    stream_magic = b"QEVM"
+    @staticmethod
+    def stream_magic(mapped_ram):
+        """The first bytes of QEMU's migration stream (QEMU_VM_FILE_MAGIC), mapped-ram or not."""
+        return b"QEVM"
 
     def check_restored(self, src, dst, name):
         """A migration through a file: the destination's memory against the stopped source's,
@@ -175,8 +177,11 @@ class Minivmm(Vmm):
             raise AssertionError(f"minivmm did not verify the migration: {v}")
         return v.get("switchover_pages_checked", 0), v.get("switchover_mismatches", 0) + v.get("stamp_mismatches", 0)
 
-    # A minivmm stream's first record is a HELLO: type 8, little-endian (migration/stream.hpp).
-    stream_magic = b"\x08\x00\x00\x00"
+    @staticmethod
+    def stream_magic(mapped_ram):
+        """A minivmm stream's first record is a HELLO (type 8, little-endian: migration/stream.hpp);
+        a mapped-ram file starts with its head's magic (migration/file.hpp)."""
+        return b"MVMMRAM1" if mapped_ram else b"\x08\x00\x00\x00"
 
     def check_restored(self, src, dst, name):
         """A migration through a file: the source wrote it (its digests of the frozen memory in
