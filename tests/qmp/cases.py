@@ -9,7 +9,7 @@ import os
 import shutil
 import socket
 
-from qmp import wait_for
+from qmp import QmpError, wait_for
 from vmms import Skip
 
 NON_CONVERGE = {"max-bandwidth": 32 << 20, "downtime-limit": 1}
@@ -468,6 +468,28 @@ def case_postcopy_plain(env):
     return postcopy_flow(env, src, dst, u)
 
 
+def postcopy_with(params):
+    """Not a QEMU 10.0 path (its postcopy refuses multifd; 10.1 added it): postcopy with the
+    multifd channels (and their compression) carrying the pushed and requested pages."""
+    def case(env):
+        try:
+            src, dst, u = start_pair(env, "tcp", ("postcopy-ram", "multifd"),
+                                     dst_caps=("postcopy-ram", "postcopy-blocktime", "multifd"),
+                                     params=params, dst_params=params)
+        except QmpError as e:
+            raise Skip(f"{env.vmm.name} refuses it: {e.desc}")
+        src.cmd("migrate-set-parameters", **NON_CONVERGE)
+        src.cmd("migrate", uri=u)
+        wait_pass(src)
+        src.cmd("migrate-start-postcopy")
+        src.wait_event("STOP", 120)
+        src.cmd("migrate-set-parameters", **CONVERGE)
+        d = wait_for(lambda: (lambda i: i if "postcopy-blocktime" in i else None)(dst.cmd("query-migrate")), 240,
+                     "postcopy-blocktime in the destination's query-migrate", 0.05)
+        return finish(env, src, dst) + f"; blocktime {d['postcopy-blocktime']} ms"
+    return case
+
+
 def postcopy_flow(env, src, dst, u):
     src.cmd("migrate-set-parameters", **NON_CONVERGE)
     src.cmd("migrate", uri=u)
@@ -708,6 +730,10 @@ CASES = [
      tls_x509("tcp", "default", multifd=True, anon="reject", fails="alive")),
     ("/migration/postcopy/plain", "postcopy after a dirty sync: STOP on the source, every page at the destination, "
      "postcopy-blocktime there", case_postcopy_plain),
+    ("(minivmm) postcopy with multifd", "postcopy, 4 multifd channels pushing and answering requests: every page "
+     "at the destination", postcopy_with({"multifd-channels": 4})),
+    ("(minivmm) postcopy with multifd zstd", "as above, the pages zstd-compressed (level 2)",
+     postcopy_with({"multifd-channels": 4, "multifd-compression": "zstd", "multifd-zstd-level": 2})),
     ("/migration/multifd/tcp/plain/zstd", "multifd, zstd level 2", case_multifd_zstd),
     ("/migration/precopy/file", "into a file, the source stopped first; then the destination reads it "
      "(migrate-incoming file:) and runs on cont", file_case(True)),
