@@ -122,6 +122,7 @@ struct LiveFigures {
     double expected_downtime_ms = 0;   // the last harvest's dirty set at the measured bandwidth
     uint32_t throttle_pct = 0;         // auto-converge share in effect
     uint64_t dirty_limit = 0;          // dirty-limit cap in effect, pages/s per vCPU (0: none)
+    double dirty_limit_cut_rate = 0;   // the highest rate (pages/s) a vCPU dirtied at when the cap cut it
     uint64_t precopy_bytes = 0;        // sent before the source parked
     uint64_t downtime_bytes = 0;       // sent while parked, before the destination ran
     uint64_t postcopy_bytes = 0;       // sent once the destination ran (postcopy)
@@ -253,6 +254,7 @@ private:
     uint64_t precopy_bytes_ = 0;
     double precopy_s_ = 0, bw_ = 0;
     uint32_t round_ = 1, throttle_pct_ = 0;
+    double dirty_limit_cut_rate_ = 0;
     std::optional<dirty::Harvest> pending_;
     // Harvest intervals, the round being sent (for a failure's true counts).
     clock::time_point last_harvest_, bulk_start_;

@@ -211,14 +211,17 @@ void Sender::throttle(const dirty::Harvest& h, double prev_s, RoundReport& rr)
                         per_vcpu[static_cast<size_t>(o)] += 1;
                 });
         for (uint32_t i = 0; i < src_.vcpu_count(); i++)
-            if (per_vcpu[i] / prev_s > static_cast<double>(opt_.dirty_limit))
+            if (per_vcpu[i] / prev_s > static_cast<double>(opt_.dirty_limit)) {
                 src_.set_rate(i, opt_.dirty_limit);
+                dirty_limit_cut_rate_ = std::max(dirty_limit_cut_rate_, per_vcpu[i] / prev_s);
+            }
         rr.dirty_limit = opt_.dirty_limit;
     }
     rr.throttle_pct = throttle_pct_;
     publish([&](LiveFigures& l) {
         l.throttle_pct = throttle_pct_;
         l.dirty_limit = rr.dirty_limit;
+        l.dirty_limit_cut_rate = dirty_limit_cut_rate_;
     });
 }
 

@@ -25,6 +25,13 @@ void Sender::stop_and_copy()
     if (!pending_)
         rep_.forced_by = "caller";  // stopped before pre-copy said it was done
     dirty::Harvest last = park_and_harvest();
+    const auto t_split = clock::now();
+    const ChannelPages per = final_pages(last);
+    const double split_ms = ms_since(t_split);  // part of the final send, before any pause-before-switchover wait
+    uint64_t n = 0;
+    for (const auto& v : per)
+        n += v.size();
+    publish([n](LiveFigures& l) { l.remaining_pages = n; });  // what pre-switchover's query-migrate says remains
     if (events_.before_switchover) {
         events_.before_switchover();
         check_cancel();
@@ -32,10 +39,6 @@ void Sender::stop_and_copy()
     const double interval_s = harvested() + pending_interval_s_;
     synced(last.dirty_pages, 0);
     auto t = clock::now();
-    const ChannelPages per = final_pages(last);
-    uint64_t n = 0;
-    for (const auto& v : per)
-        n += v.size();
     rep_.remaining_bytes = n * 4096;
     RoundReport fr = begin_round(static_cast<uint32_t>(rep_.rounds.size()), "stop", tdown_);
     fr.dirty_pages = n - rep_.untracked_bytes / 4096;  // distinct dirty pages of both last harvests
@@ -44,7 +47,7 @@ void Sender::stop_and_copy()
     fault_point("stop");
     final_bytes_ = send(per);
     end_send();
-    rep_.split.final_send_ms = ms_since(t);
+    rep_.split.final_send_ms = split_ms + ms_since(t);
     rep_.downtime_bytes = final_bytes_;
     fr.pages = n;
     fr.bytes = final_bytes_;

@@ -71,7 +71,11 @@ json Monitor::query_vcpu_dirty_limit() const
 {
     std::lock_guard lk(mu_);
     json out = json::array();
-    if (std::none_of(vcpu_limit_mbs_.begin(), vcpu_limit_mbs_.end(), [](uint64_t l) { return l != 0; }))
+    std::vector<uint64_t> limits = vcpu_limit_mbs_;
+    if (migrating_.load() && sender_)  // a migration's dirty-limit caps every vCPU (as QEMU shows it)
+        if (const uint64_t cap = sender_->live().dirty_limit; cap)
+            limits.assign(vm_.vcpu_count(), cap / kPagesPerMb);
+    if (std::none_of(limits.begin(), limits.end(), [](uint64_t l) { return l != 0; }))
         return out;
     const auto& w = progress_window_;
     const double s = w.size() >= 2 ? w.back().t_s - w.front().t_s : 0;
@@ -80,7 +84,7 @@ json Monitor::query_vcpu_dirty_limit() const
         if (s > 0.05)
             current = static_cast<uint64_t>(std::llround(
                 static_cast<double>(w.back().pages[i] - w.front().pages[i]) / s / kPagesPerMb));
-        out.push_back({{"cpu-index", i}, {"limit-rate", vcpu_limit_mbs_[i]}, {"current-rate", current}});
+        out.push_back({{"cpu-index", i}, {"limit-rate", limits[i]}, {"current-rate", current}});
     }
     return out;
 }

@@ -403,10 +403,12 @@ void Monitor::live_migration_info(json& j) const
     if (caps_->auto_converge)
         j["cpu-throttle-percentage"] = l.throttle_pct;
     if (caps_->dirty_limit && ring_entries && l.dirty_rate > 0) {
-        // QEMU's estimate: how long a vCPU's ring takes to fill at the
-        // current rate (per vCPU), and the idle the cap adds per fill.
-        const double per_vcpu = l.dirty_rate / std::max<uint32_t>(1, vm_.vcpu_count());
-        const double full_us = ring_entries / per_vcpu * 1e6;
+        // QEMU's figures: how long a vCPU's ring takes to fill at the rate
+        // it dirtied at before the cap (the current one if none was cut),
+        // and the idle the cap adds per fill for the vCPU it cut most.
+        const double natural = l.dirty_limit_cut_rate > 0 ? l.dirty_limit_cut_rate
+                                                         : l.dirty_rate / std::max<uint32_t>(1, vm_.vcpu_count());
+        const double full_us = ring_entries / natural * 1e6;
         j["dirty-limit-ring-full-time"] = static_cast<uint64_t>(full_us);
         const double capped_us = l.dirty_limit ? ring_entries / static_cast<double>(l.dirty_limit) * 1e6 : 0;
         j["dirty-limit-throttle-time-per-round"] = static_cast<uint64_t>(std::max(0.0, capped_us - full_us));

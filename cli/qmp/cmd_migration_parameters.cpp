@@ -40,7 +40,7 @@ const char* const kOtherParams[] = {
     "announce-initial", "announce-max",     "announce-rounds",     "announce-step",     "throttle-trigger-threshold",
     "cpu-throttle-tailslow", "avail-switchover-bandwidth",
     "x-checkpoint-delay", "xbzrle-cache-size", "max-postcopy-bandwidth", "multifd-zlib-level", "multifd-qatzip-level",
-    "block-bitmap-mapping", "x-vcpu-dirty-limit-period", "mode"};
+    "block-bitmap-mapping", "mode"};
 
 // QEMU's MultiFDCompression: none or zstd here (true: zstd); QmpError else.
 bool multifd_zstd(const std::string& c)
@@ -58,7 +58,8 @@ constexpr const char* kKnownParams[] = {
     "max-bandwidth",          "downtime-limit",   "multifd-channels", "multifd-compression",
     "multifd-zstd-level",     "cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle",
     "vcpu-dirty-limit",       "x-minivmm-max-iterations", "x-minivmm-timeout", "x-minivmm-verify",
-    "x-minivmm-post-run",     "zero-page-detection", "tls-creds", "tls-hostname", "tls-authz", "direct-io"};
+    "x-minivmm-post-run",     "zero-page-detection", "tls-creds", "tls-hostname", "tls-authz", "direct-io",
+    "x-vcpu-dirty-limit-period"};
 
 // Every member one minivmm takes; one QEMU has and minivmm does not is named so.
 void check_parameter_names(const json& args)
@@ -147,6 +148,8 @@ json Monitor::set_parameters(const json& args)
         p.timeout_s = static_cast<double>(ranged("x-minivmm-timeout", 1, 86400));
     if (a.has("x-minivmm-verify"))
         p.verify = a.boolean_or("x-minivmm-verify", true);
+    if (a.has("x-vcpu-dirty-limit-period"))  // a setting: minivmm re-checks the rates at every harvest
+        p.dirty_limit_period_ms = static_cast<uint32_t>(ranged("x-vcpu-dirty-limit-period", 1, 1000));
     if (a.has("direct-io"))
         p.direct_io = a.boolean_or("direct-io", false);
     if (a.has("x-minivmm-post-run"))
@@ -180,6 +183,7 @@ json Monitor::query_parameters() const
             {"cpu-throttle-increment", p.throttle_increment},
             {"max-cpu-throttle", p.throttle_max},
             {"vcpu-dirty-limit", p.dirty_limit_pages / 256},
+            {"x-vcpu-dirty-limit-period", p.dirty_limit_period_ms},
             {"tls-creds", p.tls_creds},
             {"tls-hostname", p.tls_hostname},
             {"tls-authz", p.tls_authz},

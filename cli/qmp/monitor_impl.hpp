@@ -59,6 +59,7 @@ struct Monitor::Params {
     migration::Compression compression;
     uint32_t throttle_initial = 20, throttle_increment = 10, throttle_max = 99;
     uint64_t dirty_limit_pages = 256;  // per vCPU, pages/s (vcpu-dirty-limit is MB/s: 256 pages per MiB)
+    uint32_t dirty_limit_period_ms = 1000;  // QEMU's x-vcpu-dirty-limit-period: a setting (rates re-checked per harvest)
     uint32_t channels = 0;             // without multifd: the command line's --channels (0: one per virtual node)
     uint32_t max_iterations = 30;
     std::string zero_page_detection = "multifd";  // QEMU's default since 9.0
