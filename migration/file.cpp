@@ -223,7 +223,7 @@ void FileDestination::open(const StreamHeader& h)
     StreamHeader one = h;
     one.nr_channels = 1;  // one stream of records, whatever wrote the pages
     if (opt_.mapped_ram) {
-        open_mapped_ram(h);
+        open_mapped_ram();
     } else {
         out_ = std::make_unique<FileTransport>(fd_.get(), uri_.offset, name);
         enc_ = std::make_unique<PageEncoder>(compression_);
@@ -233,9 +233,8 @@ void FileDestination::open(const StreamHeader& h)
     w.write(RecordType::Header, one.encode());
 }
 
-void FileDestination::open_mapped_ram(const StreamHeader& h)
+void FileDestination::open_mapped_ram()
 {
-    (void)h;
     const auto& regions = src_.memslots().regions();
     if (regions.size() > kMaxMappedSlots)
         throw Error(fmt::format("mapped-ram: {} memslots, the file's head holds {}", regions.size(), kMaxMappedSlots));

@@ -84,8 +84,8 @@ struct FileOptions {
 // The sender's destination for a file URI.
 class FileDestination : public Destination {
 public:
-    // Throws UsageError when the options do not fit the URI (direct-io
-    // without mapped-ram, or through fd:).
+    // Throws UsageError when the options do not fit (direct-io without
+    // mapped-ram or at an offset not 4 KiB-aligned, compression with it).
     FileDestination(StressVm& src, FileUri uri, Compression c, FileOptions f);
     ~FileDestination() override;
     void open(const StreamHeader& h) override;
@@ -109,7 +109,7 @@ private:
         std::unique_ptr<std::atomic<uint64_t>[]> bits;
         uint64_t words = 0;
     };
-    void open_mapped_ram(const StreamHeader& h);
+    void open_mapped_ram();
     void send_mapped(std::span<const uint64_t> gpas, uint64_t& bytes, uint64_t& zeros);
     void write_run(SlotArea& a, uint64_t first, uint64_t n);
     void write_head(uint64_t tail_bytes);

@@ -527,15 +527,7 @@ def postcopy_with(params):
                                      params=params, dst_params=params)
         except QmpError as e:
             raise Skip(f"{env.vmm.name} refuses it: {e.desc}")
-        src.cmd("migrate-set-parameters", **NON_CONVERGE)
-        src.cmd("migrate", uri=u)
-        wait_pass(src)
-        src.cmd("migrate-start-postcopy")
-        src.wait_event("STOP", 120)
-        src.cmd("migrate-set-parameters", **CONVERGE)
-        d = wait_for(lambda: (lambda i: i if "postcopy-blocktime" in i else None)(dst.cmd("query-migrate")), 240,
-                     "postcopy-blocktime in the destination's query-migrate", 0.05)
-        return finish(env, src, dst) + f"; blocktime {d['postcopy-blocktime']} ms"
+        return postcopy_flow(env, src, dst, u)
     return case
 
 
