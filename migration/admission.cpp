@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <fmt/format.h>
 #include <map>
 #include <mutex>
@@ -184,7 +185,15 @@ void Admission::work(Conn& c, int fd)
         if (h->channels == 0 || h->channels > 64 || h->channel >= h->channels)
             throw Error(fmt::format("its HELLO names channel {} of {} (at most 64 channels)", h->channel, h->channels));
         std::optional<Record> header;
-        if (h->channel == 0) {
+        if (opt_.resume_session && h->session != *opt_.resume_session)
+            throw Error("its HELLO names another migration than the paused one");
+        if (h->channel == 0 && opt_.resume_session) {
+            header = rr.read();
+            if (header->type != RecordType::Resume)
+                throw Error(fmt::format("{} where a recovering sender's RESUME belongs", record_name(header->type)));
+            if (resume_session_of(*header) != *opt_.resume_session)
+                throw Error("its RESUME names another migration than the paused one");
+        } else if (h->channel == 0) {
             header = rr.read();
             if (header->type != RecordType::Header)
                 throw Error(fmt::format("{} where channel 0's HEADER belongs", record_name(header->type)));
@@ -360,6 +369,7 @@ Admitted Admission::run(int ls)
     a.header = std::move(*s.header);
     a.peer = s.peer;
     a.identity = s.identity;
+    a.session = *admitted_;
     sessions_.erase(*admitted_);
     for (auto& [id, other] : sessions_)
         if (!opt_.quiet)
@@ -378,6 +388,72 @@ Admitted admit(int listen_fd, const AdmitOptions& opt)
 }
 
 // ---- receive(): the listener (or the socket, or the file) to the Receiver -----------------
+
+namespace {
+
+// A recovering sender's connections on `where` (postcopy recovery): only the
+// paused migration's (its session in HELLO and RESUME), bounded as a first
+// admission is; `taken` once a connection is in hand.
+std::vector<std::unique_ptr<Transport>> take_recovering(const std::string& where, uint64_t session, uint32_t channels,
+                                                        const AdmitOptions& first, const ReceiveOptions& opt,
+                                                        const std::function<void()>& taken)
+{
+    IoLimits l;
+    l.idle_s = opt.io_timeout_s;
+    std::vector<std::unique_ptr<Transport>> out;
+    if (const int fd = parse_fd_uri("migrate-recover", where); fd >= 0) {
+        if (channels != 1)
+            throw Error(fmt::format("{} carries one channel, the paused migration has {}", where, channels));
+        auto raw = std::make_unique<FdTransport>(fd, where);
+        raw->set_limits(l);
+        if (opt.pause_switch)
+            opt.pause_switch->attach(raw.get());  // migrate-pause ends the wait below
+        taken();
+        std::unique_ptr<Transport> t;
+        try {
+            if (first.tls)
+                t = first.tls->accept(std::move(raw)).transport;
+            else
+                t = std::move(raw);
+            RecordReader rr(*t);
+            Record hello = rr.read();
+            const auto h = hello.type == RecordType::Hello ? Hello::decode(hello.payload) : std::nullopt;
+            if (!h || h->session != session || h->channel != 0)
+                throw Error(fmt::format("{}: not the paused migration's sender ({} first)", where,
+                                        record_name(hello.type)));
+            Record r = rr.read();
+            if (r.type != RecordType::Resume || resume_session_of(r) != session)
+                throw Error(fmt::format("{}: {} where the paused migration's RESUME belongs", where,
+                                        record_name(r.type)));
+        } catch (...) {
+            if (opt.pause_switch)
+                opt.pause_switch->detach_all();
+            throw;
+        }
+        if (opt.pause_switch)
+            opt.pause_switch->detach_all();
+        out.push_back(std::move(t));
+        return out;
+    }
+    int ls = bind_listener(where);
+    FdTransport guard(ls, "listener");
+    if (::listen(ls, 64) != 0)
+        throw SysError("listen", errno);
+    fmt::print(stderr, "receive: waiting on {} for the paused migration's sender\n", where);
+    AdmitOptions ao = first;
+    ao.listen = where;
+    ao.resume_session = session;
+    Admitted a = admit(ls, ao);
+    taken();
+    if (a.channels.size() != channels)
+        throw Error(fmt::format("the recovering sender has {} channels, the paused migration {}", a.channels.size(),
+                                channels));
+    for (auto& c : a.channels)
+        c->set_limits(l);
+    return std::move(a.channels);
+}
+
+}  // namespace
 
 ReceiveReport receive(StressVm& dst, const ReceiveOptions& opt, const PhaseHook& on_phase)
 {
@@ -423,8 +499,18 @@ ReceiveReport receive(StressVm& dst, const ReceiveOptions& opt, const PhaseHook&
     std::optional<Record> header;  // read by admission; a connected socket's is read by the Receiver
     if (a.header.type == RecordType::Header)
         header = std::move(a.header);
+    Recovery rec;
+    rec.session = a.session;
+    rec.pause = opt.pause_switch;
+    if (opt.recover_listen)
+        rec.reconnect = [&](uint64_t session, uint32_t channels, const std::function<void()>& taken) {
+            const std::string where = opt.recover_listen("postcopy paused");
+            if (where.empty())
+                return std::vector<std::unique_ptr<Transport>>{};
+            return take_recovering(where, session, channels, ao, opt, taken);
+        };
     ReceiveReport r = receive_from(dst, std::move(a.channels), opt.post_run_s, on_phase, std::move(before),
-                                   std::move(header), opt.on_postcopy, opt.wait_cont);
+                                   std::move(header), opt.on_postcopy, opt.wait_cont, false, &rec);
     r.peer = a.peer;
     r.peer_identity = a.identity;
     r.security = ao.tls ? (ao.tls->kind() == tls::Kind::X509 ? "tls-x509" : "tls-psk") : "none";

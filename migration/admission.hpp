@@ -14,6 +14,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -29,11 +30,15 @@ struct AdmitOptions {
     std::shared_ptr<const tls::Context> tls;  // null: plain TCP
     uint32_t max_pending = 128;     // connections being admitted at once; more are closed at accept
     bool quiet = false;             // no line per dropped connection
+    // Postcopy recovery: only the paused migration's connections, channel 0
+    // carrying RESUME with this session where a new one carries HEADER.
+    std::optional<uint64_t> resume_session;
 };
 
 struct Admitted {
     std::vector<std::unique_ptr<Transport>> channels;  // channel 0 (control) first
-    Record header;                                     // channel 0's HEADER
+    Record header;                                     // channel 0's HEADER (RESUME when recovering)
+    uint64_t session = 0;                              // the HELLOs' session
     std::string peer;                                  // channel 0's address
     std::string identity;                              // its TLS identity ("" for plain TCP)
     uint32_t dropped = 0;                              // connections dropped before it

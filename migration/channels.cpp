@@ -138,7 +138,7 @@ uint64_t PageChannels::send_channel(Destination& dest, uint32_t c, const std::ve
     return sent;
 }
 
-uint64_t PageChannels::send_batch(Destination& dest, uint32_t c, std::span<const uint64_t> gpas)
+uint64_t PageChannels::send_batch(Destination& dest, uint32_t c, std::span<const uint64_t> gpas, bool paced)
 {
     uint64_t b = 0, zeros = 0;
     dest.send(c, gpas, b, zeros);
@@ -148,7 +148,8 @@ uint64_t PageChannels::send_batch(Destination& dest, uint32_t c, std::span<const
         std::lock_guard lk(mu_);
         zero_pages_ += zeros;
     }
-    pace(b);
+    if (paced)
+        pace(b);
     return b;
 }
 

@@ -72,8 +72,9 @@ public:
     uint64_t send(Destination& dest, const ChannelPages& per, const std::function<void()>& check);
 
     // One batch on channel c from the calling thread (postcopy's pushers),
-    // paced and counted like send()'s; returns its bytes.
-    uint64_t send_batch(Destination& dest, uint32_t c, std::span<const uint64_t> gpas);
+    // counted like send()'s and paced unless `paced` is false (the caller
+    // paces); returns its bytes.
+    uint64_t send_batch(Destination& dest, uint32_t c, std::span<const uint64_t> gpas, bool paced = true);
     const ChannelMap& map() const { return map_; }
 
     // bytes/s over all channels; 0 = unlimited. Safe while sending: the

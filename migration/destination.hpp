@@ -69,6 +69,16 @@ public:
     // Every page pushed: the destination's "postcopy complete" RESULT
     // (details: its PostcopyFigures as JSON). Throws when it is gone.
     virtual ResultRecord end_postcopy() = 0;
+
+    // ---- postcopy recovery (stream.hpp: RESUME, MISSING) ----
+    // A destination that can be reached again after a cut (a connection).
+    virtual bool can_recover() const { return false; }
+    // After a cut, the pushers and the return path stopped: connects anew
+    // to `uri` as the paused migration. Throws when that fails.
+    virtual void reconnect(const std::string& uri);
+    // Then: the units the destination still lacks; the return path runs
+    // again (requests() hears of its faults).
+    virtual std::vector<uint64_t> resume_postcopy();
 };
 
 // The return path's requests, from whichever thread learns of them to the
@@ -79,6 +89,7 @@ public:
     void end(std::exception_ptr error = nullptr);  // no more requests (error: why)
     bool pop(std::vector<uint64_t>& out, std::chrono::milliseconds wait);  // false once ended; throws its error
     bool ended() const;
+    void reset();  // a recovery's new return path: open again, empty
 
 private:
     mutable std::mutex mu_;
@@ -157,6 +168,9 @@ public:
     ResultRecord postcopy_resumed() override;
     bool requests(std::vector<uint64_t>& out, std::chrono::milliseconds wait) override;
     ResultRecord end_postcopy() override;
+    bool can_recover() const override { return true; }
+    void reconnect(const std::string& uri) override;
+    std::vector<uint64_t> resume_postcopy() override;
     ~RemoteDestination() override;
 
 private:
@@ -172,6 +186,9 @@ private:
     LinkOptions link_;
     std::shared_ptr<const tls::Context> tls_;
     double receiver_post_run_s_ = 0;  // told in its "resumed" RESULT
+    uint64_t session_ = 0;            // the HELLOs' (a recovery's RESUME names it)
+    uint32_t nch_ = 0;
+    Transport* connecting_ = nullptr;  // a recovery's connection in its TLS handshake (abort() cuts it)
     std::vector<std::unique_ptr<Transport>> ch_;
     std::vector<std::unique_ptr<PageEncoder>> enc_;  // one per channel, used by its thread only
     std::atomic<bool> frozen_{false};                // the source is parked: pages go unstaged

@@ -245,6 +245,25 @@ uint64_t FaultServer::missing() const
     return missing_.size();
 }
 
+std::vector<uint64_t> FaultServer::missing_units() const
+{
+    std::lock_guard lk(mu_);
+    std::vector<uint64_t> v(missing_.begin(), missing_.end());
+    std::sort(v.begin(), v.end());
+    return v;
+}
+
+std::vector<uint64_t> FaultServer::waited_units() const
+{
+    std::lock_guard lk(mu_);
+    std::vector<uint64_t> v;
+    for (const auto& [unit, w] : waiting_)
+        if (!w.empty() && !placed_.count(unit))
+            v.push_back(unit);
+    std::sort(v.begin(), v.end());
+    return v;
+}
+
 void FaultServer::finish()
 {
     if (finished_)
@@ -392,10 +411,64 @@ void PostcopySource::request(uint64_t gpa)
     ch.urgent.push_back(unit);
     // The background push goes on from here: pages near a fault come next.
     ch.cursor = static_cast<size_t>(std::lower_bound(ch.pages.begin(), ch.pages.end(), unit) - ch.pages.begin());
+    cv_.notify_all();
 }
 
-std::vector<uint64_t> PostcopySource::next(uint32_t c, size_t max_pages)
+void PostcopySource::wait(uint32_t c, std::chrono::steady_clock::time_point until)
 {
+    std::unique_lock lk(mu_);
+    const uint64_t w = wakes_;
+    cv_.wait_until(lk, until, [&] { return !ch_.at(c).urgent.empty() || wakes_ != w; });
+}
+
+void PostcopySource::wake()
+{
+    std::lock_guard lk(mu_);
+    wakes_++;
+    cv_.notify_all();
+}
+
+uint64_t PostcopySource::resume(const std::vector<uint64_t>& missing)
+{
+    std::lock_guard lk(mu_);
+    std::unordered_set<uint64_t> want;
+    for (uint64_t gpa : missing) {
+        const uint64_t unit = gpa & ~(FaultServer::unit_of(src_, gpa) - 1);
+        const MemoryRegion* r = nullptr;
+        for (const auto& reg : src_.memslots().regions())
+            if (reg.contains_gpa(unit))
+                r = &reg;
+        if (!r)
+            throw Error(fmt::format("postcopy recovery: the destination lacks GPA {:#x}, outside every memslot", gpa));
+        want.insert(unit);
+        Channel& ch = ch_.at(map_.channel_of(r->slot, unit));
+        auto it = std::lower_bound(ch.pages.begin(), ch.pages.end(), unit);
+        if (it == ch.pages.end() || *it != unit)
+            ch.pages.insert(it, unit);  // never sent in postcopy, yet missing there: it goes too
+    }
+    uint64_t resent = 0;
+    left_ = 0;
+    for (Channel& ch : ch_) {
+        ch.urgent.clear();  // the destination asks again for what its faults wait on
+        ch.cursor = 0;
+        for (uint64_t u : ch.pages) {
+            const uint64_t pages = FaultServer::unit_of(src_, u) / k4K;
+            if (!want.count(u)) {
+                sent_.insert(u);
+                continue;
+            }
+            if (sent_.erase(u))
+                resent += pages;
+            left_ += pages;
+        }
+    }
+    return resent;
+}
+
+std::vector<uint64_t> PostcopySource::next(uint32_t c, size_t max_pages, bool* urgent)
+{
+    if (urgent)
+        *urgent = false;
     std::unique_lock lk(mu_);
     Channel& ch = ch_.at(c);
     std::vector<uint64_t> out;
@@ -409,11 +482,17 @@ std::vector<uint64_t> PostcopySource::next(uint32_t c, size_t max_pages)
             expand(u, out);
             requested_pages_ += out.size() - before;
             left_ -= std::min<uint64_t>(left_, out.size() - before);
-            if (out.size() >= max_pages)
+            if (out.size() >= max_pages) {
+                if (urgent)
+                    *urgent = true;
                 return out;
+            }
         }
-        if (!out.empty())
+        if (!out.empty()) {
+            if (urgent)
+                *urgent = true;
             return out;  // requested pages alone: they go now
+        }
         // The background, wrapping once around from the cursor.
         const size_t n = ch.pages.size();
         for (size_t k = 0; k < n && out.size() < max_pages; k++) {

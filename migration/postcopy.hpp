@@ -18,10 +18,16 @@
 // A huge page (hugetlb2m) moves and lands whole: discards, requests and
 // placements are in units of the backing's page size.
 //
-// A broken connection in postcopy loses the guest: the destination runs
-// but lacks pages only the parked source holds, and the source may not
-// resume a guest that ran on elsewhere. Both sides say so and exit with
-// kExitGuestLost; nothing reports success with a page missing.
+// A broken connection in postcopy pauses both sides where they can recover
+// (QEMU's postcopy-paused: QMP always, the CLI with --postcopy-recover): the
+// destination's guest runs on, a fault on a missing page waits, and the
+// source parks until it reconnects (stream.hpp: RESUME, MISSING); then the
+// pages the destination still lacks (those in flight at the cut among them)
+// are pushed again, the waited ones first. Without recovery, or once it is
+// given up, the guest is lost: the destination lacks pages only the parked
+// source holds, and the source may not resume a guest that ran on
+// elsewhere. Both sides say so and exit with kExitGuestLost; nothing
+// reports success with a page missing.
 #pragma once
 
 #include <atomic>
@@ -79,6 +85,10 @@ public:
     // Thread-safe (the channels' threads). False: it was there already.
     bool place(uint64_t gpa, const uint8_t* data, uint64_t len);
     uint64_t missing() const;  // units not placed yet
+    // Postcopy recovery: the units not placed yet (sorted), and those of
+    // them a fault waits on (asked for; the request may have been lost).
+    std::vector<uint64_t> missing_units() const;
+    std::vector<uint64_t> waited_units() const;
     // Every page placed: stops the thread and the sampler, unregisters.
     // Throws Error when a page is still missing.
     void finish();
@@ -157,7 +167,16 @@ public:
     // Channel c's next pages (whole units, at most max_pages unless one unit
     // is larger), requested ones first. Empty: every page of c is sent (a
     // later request for one of them is already on its way).
-    std::vector<uint64_t> next(uint32_t c, size_t max_pages);
+    // *urgent: the batch is requested pages (they are never paced).
+    std::vector<uint64_t> next(uint32_t c, size_t max_pages, bool* urgent = nullptr);
+    // Pacing (max-postcopy-bandwidth): waits until `until`, or less once a
+    // request for channel c comes in or wake() is called.
+    void wait(uint32_t c, std::chrono::steady_clock::time_point until);
+    void wake();
+    // Postcopy recovery: `missing` (units) is what the destination still
+    // lacks; everything else is there. Returns the 4 KiB pages sent before
+    // the cut that must go again (they were in flight).
+    uint64_t resume(const std::vector<uint64_t>& missing);
     uint64_t requests() const { return requests_.load(); }          // requests received (QEMU's postcopy-requests)
     uint64_t requested_pages() const { return requested_pages_.load(); }  // pages sent because of one
     uint64_t left() const;  // 4 KiB pages not sent yet
@@ -172,6 +191,8 @@ private:
     const StressVm& src_;
     const ChannelMap& map_;
     mutable std::mutex mu_;
+    std::condition_variable cv_;  // wait(): a request came, or wake()
+    uint64_t wakes_ = 0;
     std::vector<Channel> ch_;
     std::unordered_set<uint64_t> sent_;  // units
     uint64_t left_ = 0;

@@ -7,6 +7,7 @@
 
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -25,6 +26,33 @@ using PostcopyHook = std::function<void(const PostcopyDestinationFigures&)>;
 
 using ContGate = std::function<bool()>;  // ReceiveOptions::wait_cont
 
+// QMP's migrate-pause on a destination: shuts down the connections postcopy
+// (or its recovery) reads now, so the receiver pauses as after a cut.
+class PauseSwitch {
+public:
+    bool pause();  // false: nothing to pause (no postcopy connection)
+    void attach(Transport* t);
+    void detach_all();
+
+private:
+    std::mutex mu_;
+    std::vector<Transport*> t_;
+};
+
+// Postcopy recovery on the receiving side (stream.hpp: RESUME, MISSING).
+struct Recovery {
+    // Blocks until the paused migration's sender connected again: its
+    // channels, channel 0's HELLO and RESUME read and checked. `taken` is
+    // called once a connection is in hand (QEMU's postcopy-recover). Empty:
+    // given up (the guest is lost). Throws Error for an attempt that failed
+    // (the receiver stays paused and asks again).
+    std::function<std::vector<std::unique_ptr<Transport>>(uint64_t session, uint32_t channels,
+                                                          const std::function<void()>& taken)>
+        reconnect;
+    std::shared_ptr<PauseSwitch> pause;  // may be null
+    uint64_t session = 0;                // the admitted sender's (0: channel 0's HELLO says)
+};
+
 struct ReceiveOptions {
     std::string listen;  // tcp:ADDR:PORT, unix:PATH, fd:N, or a file to restore (file.hpp: file:PATH, fd:N)
     double post_run_s = 2;
@@ -38,6 +66,12 @@ struct ReceiveOptions {
     // when it may run (QMP cont), false when it never will (quit). Without it
     // such a guest runs at once.
     ContGate wait_cont;
+    // Postcopy recovery: empty, a cut in postcopy loses the guest (exit 7).
+    // Else, once a cut paused postcopy here, the address the sender comes
+    // back to (tcp:, unix:, fd:; QMP's migrate-recover, the CLI's own
+    // --listen again), "" to give up. Waits as long as it likes.
+    std::function<std::string(const std::string& why)> recover_listen;
+    std::shared_ptr<PauseSwitch> pause_switch;  // QMP's migrate-pause
 };
 
 // Told where the stream is, from the thread of the channel that got there:
@@ -65,6 +99,7 @@ ReceiveReport receive(StressVm& dst, const ReceiveOptions& opt, const PhaseHook&
 ReceiveReport receive_from(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, double post_run_s,
                            const PhaseHook& on_phase = {}, PageHashes before = {},
                            std::optional<Record> header = std::nullopt, const PostcopyHook& on_postcopy = {},
-                           const ContGate& wait_cont = {}, bool from_file = false);
+                           const ContGate& wait_cont = {}, bool from_file = false,
+                           const Recovery* recovery = nullptr);
 
 }  // namespace mvm::migration

@@ -281,6 +281,8 @@ nlohmann::json PostcopyDestinationFigures::to_json() const
             {"vcpu_stall_ms", vcpu_stall_ms},
             {"duration_ms", duration_ms},
             {"units", units},
+            {"pauses", pauses},
+            {"paused_ms", paused_ms},
             {"guest_progress", progress_json(guest_progress)}};
 }
 
@@ -302,6 +304,8 @@ PostcopyDestinationFigures PostcopyDestinationFigures::from_json(const nlohmann:
     f.vcpu_stall_ms = j.value("vcpu_stall_ms", std::vector<double>{});
     f.duration_ms = j.value("duration_ms", 0.0);
     f.units = j.value("units", std::string{});
+    f.pauses = j.value("pauses", uint32_t{0});
+    f.paused_ms = j.value("paused_ms", 0.0);
     if (j.contains("guest_progress") && j["guest_progress"].is_array())
         for (const auto& p : j["guest_progress"])
             if (p.is_array() && p.size() == 2 && p[0].is_number() && p[1].is_number())
@@ -345,7 +349,10 @@ nlohmann::json PostcopyReport::to_json() const
                         {"pushed_pages", pushed_pages},
                         {"bytes", bytes},
                         {"duration_ms", duration_ms},
-                        {"resumed_ms", resumed_ms}};
+                        {"resumed_ms", resumed_ms},
+                        {"pauses", pauses},
+                        {"paused_ms", paused_ms},
+                        {"resent_pages", resent_pages}};
     j["destination"] = destination_reported ? destination.to_json() : nlohmann::json(nullptr);
     return j;
 }

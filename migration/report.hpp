@@ -79,6 +79,8 @@ struct PostcopyDestinationFigures {
     double duration_ms = 0;           // the guest resumed there -> the last page placed
     std::string units;                // what a fault moves: "4 KiB", "4 KiB + 2 MiB (hugetlb2m)"
     std::vector<ProgressPoint> guest_progress;  // the guest there, all vCPUs; t_ms since it resumed there
+    uint32_t pauses = 0;              // postcopy-paused by a cut (or migrate-pause), then recovered
+    double paused_ms = 0;             // paused -> resumed again, summed over the pauses
     nlohmann::json to_json() const;
     static PostcopyDestinationFigures from_json(const nlohmann::json& j);
     std::string to_table() const;
@@ -97,6 +99,9 @@ struct PostcopyReport {
     uint64_t bytes = 0;             // QEMU's postcopy-bytes
     double duration_ms = 0;         // the destination resumed -> it had every page
     double resumed_ms = 0;          // since the migration started: the destination said it resumed
+    uint32_t pauses = 0;            // postcopy-paused by a cut (or migrate-pause), then recovered
+    double paused_ms = 0;           // paused -> pushing again, summed over the pauses
+    uint64_t resent_pages = 0;      // sent before a cut but missing at the destination after it: sent again
     bool destination_reported = false;
     PostcopyDestinationFigures destination;
     nlohmann::json to_json() const;

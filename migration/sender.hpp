@@ -78,6 +78,10 @@ struct MigrateOptions {
     bool postcopy = false;
     uint32_t postcopy_after = 0;
     bool postcopy_on_request = false;  // only start_postcopy() starts it (QMP, as QEMU)
+    // The background push's bandwidth in postcopy, bytes/s (QEMU's
+    // max-postcopy-bandwidth, 0 unlimited); unset: `bandwidth` goes on.
+    // Requested pages are never paced.
+    std::optional<uint64_t> postcopy_bandwidth;
     bool progress = false;
 };
 
@@ -105,6 +109,14 @@ struct SenderEvents {
     // May wait (QEMU's pause-before-switchover until migrate-continue); a
     // cancel meanwhile is honoured when it returns. Its wait is downtime.
     std::function<void()> before_switchover;
+    // Postcopy recovery: a cut in postcopy pauses the migration (QEMU's
+    // postcopy-paused) and this blocks until the address to resume on
+    // (QMP's migrate resume:true, the CLI's --to again), "" to give up (the
+    // guest is lost). Unset: a cut loses the guest.
+    std::function<std::string(const std::string& why)> postcopy_paused;
+    // Postcopy's states as QEMU names them: postcopy-paused,
+    // postcopy-recover-setup, postcopy-recover, postcopy-active (again).
+    std::function<void(const char* status)> on_postcopy_status;
 };
 
 // What a migration has done so far: what QMP's query-migrate reads while it
@@ -171,6 +183,13 @@ public:
     void set_max_downtime_ms(double ms) { max_downtime_ms_ = ms; }
     void cancel() { cancel_requested_ = true; }
     void start_postcopy() { postcopy_requested_ = true; }  // QMP's migrate-start-postcopy (needs opt.postcopy)
+    // QMP's migrate-pause: cuts postcopy's connections as a network failure
+    // would (postcopy-active or postcopy-recover); false: not in either.
+    bool pause_postcopy();
+    void set_postcopy_bandwidth(uint64_t bytes_per_s);  // QEMU's max-postcopy-bandwidth (0: unlimited)
+    // "" outside postcopy, else postcopy-active, postcopy-paused,
+    // postcopy-recover-setup or postcopy-recover.
+    std::string postcopy_status() const;
     bool cancelled() const;
     LiveFigures live() const;
 
@@ -243,8 +262,22 @@ private:
     uint64_t pc_bytes0_ = 0;
     bool counted_ = false;
     void start_pushing();
+    void launch_pushers();
+    void push(uint32_t c, bool hook);
+    void pace_postcopy(uint32_t c, uint64_t bytes);
     void pushing_failed(std::exception_ptr e);
+    std::exception_ptr push_and_end(ResultRecord& done);
+    bool recover_after(std::exception_ptr cut);
+    void set_pc_status(int s);
     void join_pushing();
+    // Postcopy's state (postcopy_status()): 0 none, 1 active, 2 paused, 3 recover-setup, 4 recover.
+    std::atomic<int> pc_status_{0};
+    bool pc_launched_ = false;  // the tests' fault point fires in the first pushers only
+    std::atomic<uint64_t> pc_bw_{0};
+    std::atomic<bool> pc_bw_set_{false};
+    std::mutex pc_pace_mu_;
+    clock::time_point pc_paced_since_;
+    uint64_t pc_paced_bytes_ = 0;
     bool check_postcopy_due(uint64_t dirty_pages, double interval_s);
     void handed_over();
     bool tracking_ = false, parked_ = false, switched_over_ = false;

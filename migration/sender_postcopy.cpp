@@ -70,20 +70,21 @@ void Sender::start_pushing()
     postcopy_start_ = clock::now();
     pcs_ = std::make_unique<PostcopySource>(src_, channels_.map(), postcopy_pages_);
     pc_bytes0_ = channels_.sent_bytes();
+    if (opt_.postcopy_bandwidth && !pc_bw_set_.load())
+        set_postcopy_bandwidth(*opt_.postcopy_bandwidth);
+    set_pc_status(1);
+    launch_pushers();
+}
+
+void Sender::launch_pushers()
+{
+    const bool first = !std::exchange(pc_launched_, true);
     for (uint32_t c = 0; c < channels_.count(); c++)
-        pushers_.emplace_back([this, c] {
+        pushers_.emplace_back([this, c, first] {
             try {
                 std::optional<numa::ThreadPolicyScope> scope;
                 channels_.map().enter(c, scope);
-                bool first = true;
-                while (!pc_stop_.load()) {
-                    std::vector<uint64_t> batch = pcs_->next(c, kPostcopyBatch);
-                    if (batch.empty())
-                        break;
-                    channels_.send_batch(*dest_, c, batch);
-                    if (c == 0 && std::exchange(first, false))
-                        fault_point("postcopy");  // the tests' hook: the connection lost mid-postcopy
-                }
+                push(c, c == 0 && first);
             } catch (...) {
                 pushing_failed(std::current_exception());
             }
@@ -105,6 +106,86 @@ void Sender::start_pushing()
     });
 }
 
+// Channel c's pages until none is left; requested ones unpaced.
+void Sender::push(uint32_t c, bool hook)
+{
+    bool hooked = !hook;
+    while (!pc_stop_.load()) {
+        bool urgent = false;
+        std::vector<uint64_t> batch = pcs_->next(c, kPostcopyBatch, &urgent);
+        if (batch.empty())
+            break;
+        const uint64_t b = channels_.send_batch(*dest_, c, batch, false);
+        if (!std::exchange(hooked, true))
+            fault_point("postcopy");  // the tests' hook: the connection lost mid-postcopy
+        if (!urgent)
+            pace_postcopy(c, b);
+    }
+}
+
+// The background push at max-postcopy-bandwidth (else the pre-copy
+// bandwidth), all channels together; a request or a pause ends the wait.
+void Sender::pace_postcopy(uint32_t c, uint64_t bytes)
+{
+    const uint64_t bw = pc_bw_set_.load() ? pc_bw_.load() : channels_.bandwidth();
+    if (!bw)
+        return;
+    clock::time_point due;
+    {
+        std::lock_guard lk(pc_pace_mu_);
+        pc_paced_bytes_ += bytes;
+        due = pc_paced_since_ + std::chrono::duration_cast<clock::duration>(
+                                    std::chrono::duration<double>(static_cast<double>(pc_paced_bytes_) / bw));
+    }
+    if (due > clock::now())
+        pcs_->wait(c, due);
+}
+
+void Sender::set_postcopy_bandwidth(uint64_t bytes_per_s)
+{
+    {
+        std::lock_guard lk(pc_pace_mu_);
+        pc_bw_ = bytes_per_s;
+        pc_bw_set_ = true;
+        pc_paced_since_ = clock::now();
+        pc_paced_bytes_ = 0;
+    }
+    if (pcs_)
+        pcs_->wake();
+}
+
+void Sender::set_pc_status(int st)
+{
+    static const char* const kNames[] = {"", "postcopy-active", "postcopy-paused", "postcopy-recover-setup",
+                                         "postcopy-recover"};
+    if (pc_status_.exchange(st) != st && events_.on_postcopy_status)
+        events_.on_postcopy_status(kNames[st]);
+}
+
+std::string Sender::postcopy_status() const
+{
+    static const char* const kNames[] = {"", "postcopy-active", "postcopy-paused", "postcopy-recover-setup",
+                                         "postcopy-recover"};
+    return kNames[pc_status_.load()];
+}
+
+bool Sender::pause_postcopy()
+{
+    const int st = pc_status_.load();
+    if (st != 1 && st != 4)
+        return false;
+    {
+        std::lock_guard lk(pc_mu_);
+        if (!pc_err_)
+            pc_err_ = std::make_exception_ptr(Error("migrate-pause"));
+    }
+    pc_stop_ = true;
+    if (pcs_)
+        pcs_->wake();
+    dest_->abort();
+    return true;
+}
+
 void Sender::pushing_failed(std::exception_ptr e)
 {
     {
@@ -113,6 +194,8 @@ void Sender::pushing_failed(std::exception_ptr e)
             pc_err_ = e;
     }
     pc_stop_ = true;
+    if (pcs_)
+        pcs_->wake();
     dest_->abort();  // unblocks every channel and the return path
 }
 
@@ -131,7 +214,7 @@ void Sender::join_pushing()
     rep_.postcopy.requests = pcs_->requests();
     rep_.postcopy.requested_pages = pcs_->requested_pages();
     rep_.postcopy.bytes = channels_.sent_bytes() - pc_bytes0_;
-    const uint64_t sent = rep_.postcopy.discarded_pages - pcs_->left();
+    const uint64_t sent = rep_.postcopy.discarded_pages - pcs_->left() + rep_.postcopy.resent_pages;
     rep_.postcopy.pushed_pages = sent - std::min(sent, rep_.postcopy.requested_pages);
     RoundReport pr = begin_round(static_cast<uint32_t>(rep_.rounds.size()), "postcopy", postcopy_start_);
     pr.pages = sent;
@@ -144,9 +227,38 @@ void Sender::join_pushing()
 void Sender::postcopy()
 {
     require({Phase::Postcopy}, "postcopy");
+    ResultRecord done;
+    for (;;) {
+        std::exception_ptr err = push_and_end(done);
+        if (!err)
+            break;
+        if (!recover_after(err)) {
+            join_pushing();
+            std::rethrow_exception(err);
+        }
+    }
+    join_pushing();
+    set_pc_status(0);
+    if (!done.ok)
+        throw Error("the destination failed in postcopy: " + done.text);
+    if (!done.details.empty()) {
+        rep_.postcopy.destination = PostcopyDestinationFigures::from_json(nlohmann::json::parse(done.details));
+        rep_.postcopy.destination_reported = true;
+    }
+    rep_.postcopy.duration_ms = ms_since(postcopy_resumed_);
+    postcopy_done_ = true;
+    rep_.total_ms = since(t0_) * 1e3;  // QEMU's total-time: postcopy ends when the destination has every page
+    enter(Phase::Destination);
+    handed_over();
+}
+
+// The pushers to their end, then the destination's "postcopy complete";
+// the return path stopped either way. The error that cut it short, if any.
+std::exception_ptr Sender::push_and_end(ResultRecord& done)
+{
     for (auto& t : pushers_)
         t.join();
-    ResultRecord done;
+    pushers_.clear();
     bool have_err;
     {
         std::lock_guard lk(pc_mu_);
@@ -159,23 +271,61 @@ void Sender::postcopy()
             pushing_failed(std::current_exception());
         }
     }
-    join_pushing();
-    {
-        std::lock_guard lk(pc_mu_);
-        if (pc_err_)
-            std::rethrow_exception(pc_err_);
+    if (return_path_.joinable())
+        return_path_.join();
+    std::lock_guard lk(pc_mu_);
+    return std::exchange(pc_err_, nullptr);
+}
+
+// A cut in postcopy with recovery on: QEMU's postcopy-paused until an address
+// to resume on, postcopy-recover-setup while connecting, postcopy-recover
+// until the destination said what it lacks, then postcopy-active again.
+// False: no recovery here, or it was given up (the guest is lost).
+bool Sender::recover_after(std::exception_ptr cut)
+{
+    if (!events_.postcopy_paused || !dest_->can_recover())
+        return false;
+    std::string why = "the connection broke";
+    try {
+        std::rethrow_exception(cut);
+    } catch (const std::exception& e) {
+        why = e.what();
+    } catch (...) {
     }
-    if (!done.ok)
-        throw Error("the destination failed in postcopy: " + done.text);
-    if (!done.details.empty()) {
-        rep_.postcopy.destination = PostcopyDestinationFigures::from_json(nlohmann::json::parse(done.details));
-        rep_.postcopy.destination_reported = true;
+    const auto t = clock::now();
+    set_pc_status(2);
+    fmt::print(stderr, "migrate: postcopy paused ({}): {} page(s) not yet sent; the source stays parked\n", why,
+               pcs_->left());
+    for (;;) {
+        const std::string uri = events_.postcopy_paused(why);
+        if (uri.empty())
+            return false;
+        set_pc_status(3);
+        try {
+            dest_->reconnect(uri);
+            set_pc_status(4);
+            const std::vector<uint64_t> missing = dest_->resume_postcopy();
+            rep_.postcopy.resent_pages += pcs_->resume(missing);
+        } catch (const std::exception& e) {
+            why = e.what();
+            fmt::print(stderr, "migrate: postcopy recovery on {} failed: {}; still paused\n", uri, why);
+            dest_->abort();
+            set_pc_status(2);
+            continue;
+        }
+        rep_.postcopy.pauses++;
+        rep_.postcopy.paused_ms += ms_since(t);
+        fmt::print(stderr, "migrate: postcopy recovered on {} after {:.0f} ms: {} page(s) left\n", uri, ms_since(t),
+                   pcs_->left());
+        pc_stop_ = false;
+        {
+            std::lock_guard lk(pc_mu_);
+            pc_err_ = nullptr;  // a pause during the handshake
+        }
+        set_pc_status(1);
+        launch_pushers();
+        return true;
     }
-    rep_.postcopy.duration_ms = ms_since(postcopy_resumed_);
-    postcopy_done_ = true;
-    rep_.total_ms = since(t0_) * 1e3;  // QEMU's total-time: postcopy ends when the destination has every page
-    enter(Phase::Destination);
-    handed_over();
 }
 
 }  // namespace mvm::migration

@@ -66,6 +66,8 @@ const char* record_name(RecordType t)
     case RecordType::Discard: return "DISCARD";
     case RecordType::PostcopyRun: return "POSTCOPY_RUN";
     case RecordType::Request: return "REQUEST";
+    case RecordType::Resume: return "RESUME";
+    case RecordType::Missing: return "MISSING";
     }
     return "UNKNOWN";
 }
@@ -212,6 +214,22 @@ std::optional<Hello> Hello::decode(std::span<const uint8_t> p)
     std::memcpy(&h.channels, p.data() + 8, 4);
     std::memcpy(&h.session, p.data() + 12, 8);
     return h;
+}
+
+uint64_t resume_session_of(const Record& r)
+{
+    if (r.payload.size() != 8)
+        throw Error(fmt::format("a RESUME of {} bytes, not 8", r.payload.size()));
+    uint64_t s;
+    std::memcpy(&s, r.payload.data(), 8);
+    return s;
+}
+
+std::vector<uint8_t> encode_resume(uint64_t session)
+{
+    std::vector<uint8_t> p(8);
+    std::memcpy(p.data(), &session, 8);
+    return p;
 }
 
 uint64_t new_session_id()

@@ -44,6 +44,14 @@
 // here) on channel 0 for the pages its faults wait on; RESULT ("postcopy
 // complete", with the figures) ends them. DIGESTS and the last two RESULTs
 // follow as after END.
+//
+// Postcopy recovery (QEMU's postcopy-paused / migrate-recover / resume): a
+// connection cut while pages are missing pauses both sides. The sender then
+// connects anew (every channel, HELLO with the paused migration's session)
+// and sends RESUME (u64 session) on channel 0 instead of HEADER; the
+// receiver answers MISSING (as DISCARD: the pages it still lacks, whatever
+// was in flight when the cut came), then REQUESTs for the faults that wait,
+// and postcopy goes on from there.
 #pragma once
 
 #include <sys/uio.h>
@@ -78,8 +86,10 @@ enum class RecordType : uint32_t {
     Discard = 10,      // postcopy: pages the receiver drops (they come later)
     PostcopyRun = 11,  // postcopy: resume now, pages on demand
     Request = 12,      // postcopy, receiver -> sender: pages faults wait on
+    Resume = 13,       // postcopy recovery, sender -> receiver: the paused migration's session
+    Missing = 14,      // postcopy recovery, receiver -> sender: the pages it still lacks
 };
-constexpr uint32_t kLastRecordType = static_cast<uint32_t>(RecordType::Request);
+constexpr uint32_t kLastRecordType = static_cast<uint32_t>(RecordType::Missing);
 const char* record_name(RecordType t);
 
 // The frame's checksum of a record whose payload is `payload` (see above).
@@ -126,7 +136,11 @@ struct Hello {
 // A fresh random session number for a migration's HELLOs.
 uint64_t new_session_id();
 
-// DISCARD and REQUEST: u32 count, then count x u64 GPA.
+// RESUME: the paused migration's session (resume_session_of throws Error
+// for a payload that is not 8 bytes).
+std::vector<uint8_t> encode_resume(uint64_t session);
+
+// DISCARD, REQUEST and MISSING: u32 count, then count x u64 GPA.
 std::vector<uint8_t> encode_gpas(std::span<const uint64_t> gpas);
 std::vector<uint64_t> decode_gpas(std::span<const uint8_t> p, const char* what);
 
@@ -241,6 +255,8 @@ struct Record {
     RecordType type{};
     std::vector<uint8_t> payload;
 };
+
+uint64_t resume_session_of(const Record& r);
 
 // A frame's head, read and checked (known type, length under the limit).
 struct FrameHead {
