@@ -443,6 +443,8 @@ std::vector<std::unique_ptr<Transport>> take_recovering(const std::string& where
     AdmitOptions ao = first;
     ao.listen = where;
     ao.resume_session = session;
+    if (opt.recover_timeout_s > 0)
+        ao.timeout_s = opt.recover_timeout_s;
     Admitted a = admit(ls, ao);
     taken();
     if (a.channels.size() != channels)

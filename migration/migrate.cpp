@@ -8,7 +8,23 @@ namespace mvm::migration {
 MigrateReport migrate(StressVm& src, dirty::Tracker& tracker, const MigrateOptions& opt, const std::atomic<int>* cancel,
                       const SenderHooks& hooks)
 {
-    Sender s(src, tracker, opt, cancel, hooks);
+    SenderEvents ev;
+    if (opt.postcopy_recover_s > 0) {
+        // The receiver listens on its address again: try it every second.
+        ev.postcopy_paused = [&opt, cancel, until = std::optional<std::chrono::steady_clock::time_point>()](
+                                 const std::string&) mutable -> std::string {
+            const auto now = std::chrono::steady_clock::now();
+            if (!until)
+                until = now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                  std::chrono::duration<double>(opt.postcopy_recover_s));
+            for (int i = 0; i < 10 && !(cancel && cancel->load()); i++)
+                std::this_thread::sleep_for(std::chrono::milliseconds(100));
+            if ((cancel && cancel->load()) || std::chrono::steady_clock::now() > *until)
+                return "";
+            return opt.to;
+        };
+    }
+    Sender s(src, tracker, opt, cancel, hooks, std::move(ev));
     run_phases(s);
     return s.report();
 }

@@ -72,6 +72,7 @@ struct ReceiveOptions {
     // --listen again), "" to give up. Waits as long as it likes.
     std::function<std::string(const std::string& why)> recover_listen;
     std::shared_ptr<PauseSwitch> pause_switch;  // QMP's migrate-pause
+    double recover_timeout_s = 0;  // each wait for the sender to come back (0: accept_timeout_s)
 };
 
 // Told where the stream is, from the thread of the channel that got there:

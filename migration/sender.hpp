@@ -82,6 +82,11 @@ struct MigrateOptions {
     // max-postcopy-bandwidth, 0 unlimited); unset: `bandwidth` goes on.
     // Requested pages are never paced.
     std::optional<uint64_t> postcopy_bandwidth;
+    // The command line's postcopy recovery (migrate --postcopy-recover): a
+    // cut in postcopy pauses, and the sender connects to `to` again every
+    // second for this long (0: a cut loses the guest). QMP resumes on
+    // migrate resume:true instead (SenderEvents::postcopy_paused).
+    double postcopy_recover_s = 0;
     bool progress = false;
 };
 

@@ -87,6 +87,11 @@ public:
                       "with --postcopy: start it after N pre-copy rounds; 0 = once the dirty rate stays above the "
                       "link rate or pre-copy runs out of rounds")
             ->capture_default_str();
+        c->add_option("--postcopy-recover", postcopy_recover_,
+                      "with --postcopy: a connection cut in postcopy pauses instead of losing the guest, and the "
+                      "source connects to --to again every second for up to SECONDS (receive needs the same option); "
+                      "0 = a cut loses the guest")
+            ->capture_default_str();
         link_.add_to(*c, true);
         c->add_option("--json", json_, "also write the report as JSON to FILE, or - for stdout");
         qmp_.add_to(*c);
@@ -177,6 +182,15 @@ private:
         o.postcopy_after = static_cast<uint32_t>(parse_uint("--postcopy-after", postcopy_after_, 0, 100000));
         if (!postcopy_ && postcopy_after_ != "0")
             throw UsageError("--postcopy-after: only with --postcopy");
+        o.postcopy_recover_s = parse_seconds("--postcopy-recover", postcopy_recover_);
+        if (o.postcopy_recover_s < 0)
+            throw UsageError("--postcopy-recover: seconds must be 0 or more, e.g. 60");
+        if (o.postcopy_recover_s > 0 && !postcopy_)
+            throw UsageError("--postcopy-recover: only with --postcopy");
+        if (o.postcopy_recover_s > 0 && o.to.rfind("tcp:", 0) != 0 && o.to.rfind("unix:", 0) != 0)
+            throw UsageError(fmt::format("--postcopy-recover: --to {} cannot be connected to again; use "
+                                         "tcp:HOST:PORT or unix:PATH",
+                                         o.to));
         if (o.postcopy && o.tls.enabled())
             throw UsageError("--postcopy: not over TLS yet (the return path reads channel 0 while pages go out on "
                              "it, which one OpenSSL connection cannot do from two threads); drop --tls-creds or "
@@ -314,7 +328,7 @@ private:
     std::string to_, tracker_ = "bitmap", ring_, max_downtime_ = "300", bandwidth_ = "0", max_iterations_ = "30",
                      timeout_ = "120", throttle_, warmup_ = "1", post_run_ = "2", channels_ = "0", compress_ = "none", json_;
     bool no_verify_ = false, postcopy_ = false, mapped_ram_ = false, direct_io_ = false;
-    std::string postcopy_after_ = "0";
+    std::string postcopy_after_ = "0", postcopy_recover_ = "0";
     double warmup_s_ = 1;
 };
 

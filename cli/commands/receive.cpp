@@ -46,6 +46,11 @@ public:
             ->capture_default_str();
         c->add_option("--json", json_, "also write the report as JSON to FILE, or - for stdout");
         c->add_flag("--no-prealloc", no_prealloc_, "do not populate the guest memory before receiving");
+        c->add_option("--postcopy-recover", postcopy_recover_,
+                      "a connection cut in postcopy pauses instead of losing the guest: listen on --listen again for "
+                      "up to SECONDS for the sender (migrate --postcopy-recover) to come back; 0 = a cut loses the "
+                      "guest (with --qmp: QMP's migrate-recover names where)")
+            ->capture_default_str();
         link_.add_to(*c, false);
         qmp_.add_to(*c);
         return c;
@@ -75,6 +80,25 @@ public:
             throw UsageError("--timeout: must be positive, e.g. 300");
         o.io_timeout_s = link_.io_timeout_s();
         o.tls = link_.tls();
+        const double recover_s = parse_seconds("--postcopy-recover", postcopy_recover_);
+        if (recover_s < 0)
+            throw UsageError("--postcopy-recover: seconds must be 0 or more, e.g. 60");
+        if (recover_s > 0) {
+            if (listen_.rfind("tcp:", 0) != 0 && listen_.rfind("unix:", 0) != 0)
+                throw UsageError(fmt::format("--postcopy-recover: --listen {} cannot be listened on again; use "
+                                             "tcp:ADDR:PORT or unix:PATH",
+                                             listen_));
+            o.recover_timeout_s = recover_s;
+            o.recover_listen = [listen = listen_, recover_s,
+                                until = std::optional<std::chrono::steady_clock::time_point>()](
+                                   const std::string&) mutable -> std::string {
+                const auto now = std::chrono::steady_clock::now();
+                if (!until)
+                    until = now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                      std::chrono::duration<double>(recover_s));
+                return now > *until ? std::string() : listen;
+            };
+        }
         if (file && o.tls.enabled())
             throw UsageError(fmt::format("--tls-creds: --listen {} is a file, not a connection; drop --tls-creds",
                                          listen_));
@@ -124,6 +148,9 @@ public:
                 o.tls = mon->incoming_tls();  // QMP's tls-creds / tls-authz (object-add), as QEMU takes them
             mon->incoming_started(o.listen);
             o.on_postcopy = mon->incoming_postcopy_hook();
+            if (!o.recover_listen)
+                o.recover_listen = mon->incoming_recover_listen();  // QEMU: a cut in postcopy always pauses
+            o.pause_switch = mon->incoming_pause_switch();
             o.wait_cont = mon->incoming_cont_gate();
             hook = [die = std::move(hook), mh = mon->incoming_hook()](const char* p) {
                 mh(p);
@@ -190,7 +217,7 @@ private:
     VmOptions vm_;
     LinkCliOptions link_;
     qmp::QmpOptions qmp_;
-    std::string listen_, post_run_ = "2", timeout_ = "300", json_;
+    std::string listen_, post_run_ = "2", timeout_ = "300", json_, postcopy_recover_ = "0";
     bool no_prealloc_ = false;
 };
 

@@ -56,6 +56,7 @@ migration::MigrateOptions Monitor::options_from_params(const std::string& uri) c
     // migrate-start-postcopy asks for it.
     o.postcopy = caps_->postcopy_ram;
     o.postcopy_on_request = true;
+    o.postcopy_bandwidth = p.max_postcopy_bandwidth;
     return o;
 }
 
@@ -65,8 +66,7 @@ json Monitor::migrate_cmd(const json& args)
     if (role_ == Role::Destination)
         throw QmpError("migrate: this is a destination (minivmm receive); migrate from the source");
     if (a.boolean_or("resume", false))
-        throw QmpError("migrate: resume is for a paused postcopy migration; minivmm does not recover one (a postcopy "
-                       "that broke off loses the guest: docs/postcopy.md)");
+        return migrate_resume(migration_uri(a));
     if (a.boolean_or("blk", false) || a.boolean_or("inc", false))
         throw QmpError("migrate: block migration is not supported (minivmm's guest has no disks)");
     std::string uri = migration_uri(a);
@@ -171,6 +171,8 @@ void Monitor::start_migration(const migration::MigrateOptions& o)
         if (events)
             server_.emit("MIGRATION_PASS", {{"pass", n}});
     };
+    ev.postcopy_paused = [this](const std::string&) { return wait_resume(); };
+    ev.on_postcopy_status = [this](const char* st) { set_status(st); };
     ev.on_source = [this](bool running) {
         set_run_state(running ? "running" : "finish-migrate");
         server_.emit(running ? "RESUME" : "STOP");
@@ -313,6 +315,62 @@ json Monitor::migrate_continue(const json& args)
         throw QmpError(fmt::format("Migration not in expected state: {}", now));
     continue_requested_ = true;
     cv_.notify_all();
+    return json::object();
+}
+
+// QEMU's migrate with resume: true: a paused postcopy goes on over `uri`.
+json Monitor::migrate_resume(const std::string& uri)
+{
+    if (role_ == Role::Destination)
+        throw QmpError("migrate: this is a destination; recover it with migrate-recover, resume on the source");
+    {
+        std::lock_guard lk(mu_);
+        if (!migrating_.load() || !sender_ || sender_->postcopy_status() != "postcopy-paused")
+            throw QmpError("Cannot resume if there is no paused migration");
+    }
+    if (uri.rfind("tcp:", 0) != 0 && uri.rfind("unix:", 0) != 0 && uri.rfind("fd:", 0) != 0)
+        throw QmpError(fmt::format("migrate: uri '{}': a paused postcopy resumes over tcp:HOST:PORT, unix:PATH or "
+                                   "fd:NAME",
+                                   uri));
+    const std::string u = take_fd_uri(uri, "migrate");
+    try {
+        migration::parse_endpoint("uri", u, true);
+    } catch (const std::exception& e) {
+        if (u.rfind("fd:", 0) == 0)
+            ::close(std::atoi(u.c_str() + 3));
+        throw QmpError(fmt::format("migrate: {}", e.what()));
+    }
+    std::lock_guard lk(mu_);
+    resume_uri_ = u;
+    cv_.notify_all();
+    return json::object();
+}
+
+// The migrating thread, paused in postcopy: until migrate resume:true names
+// an address ("" on quit or a stop signal: the guest is lost).
+std::string Monitor::wait_resume()
+{
+    std::unique_lock lk(mu_);
+    while (resume_uri_.empty() && !quit_.load() && !g_stop_signal.load())
+        cv_.wait_for(lk, std::chrono::milliseconds(100));
+    return std::exchange(resume_uri_, std::string());
+}
+
+// QEMU's migrate-pause: cuts postcopy's connection as a network failure
+// would; both sides pause (postcopy-paused), nothing is lost.
+json Monitor::migrate_pause()
+{
+    const char* const kOnly = "migrate-pause is currently only supported during postcopy-active or postcopy-recover "
+                              "state";
+    std::lock_guard lk(mu_);
+    if (role_ == Role::Destination) {
+        if ((status_ != "postcopy-active" && status_ != "postcopy-recover") || !pause_switch_ ||
+            !pause_switch_->pause())
+            throw QmpError(kOnly);
+        return json::object();
+    }
+    if (!migrating_.load() || !sender_ || !sender_->pause_postcopy())
+        throw QmpError(kOnly);
     return json::object();
 }
 

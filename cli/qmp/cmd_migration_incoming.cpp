@@ -77,6 +77,57 @@ json Monitor::migrate_incoming(const json& args)
     return json::object();
 }
 
+// QEMU's migrate-recover: a paused postcopy destination takes the source
+// back on `uri` (runs out-of-band in QEMU; minivmm's monitor never blocks).
+json Monitor::migrate_recover(const json& args)
+{
+    Args a(args, {"uri"});
+    const std::string uri = a.str("uri");
+    if (role_ == Role::Source)
+        throw QmpError("migrate-recover: this is a source; resume it with migrate and resume: true");
+    {
+        std::lock_guard lk(mu_);
+        if (status_ != "postcopy-paused")
+            throw QmpError("Migrate recover can only be run when postcopy is paused.");
+        if (!recover_uri_.empty())
+            throw QmpError("Migrate recovery is triggered already");
+    }
+    if (uri.rfind("tcp:", 0) != 0 && uri.rfind("unix:", 0) != 0 && uri.rfind("fd:", 0) != 0)
+        throw QmpError(fmt::format("migrate-recover: uri '{}' is not supported; use tcp:ADDR:PORT, unix:PATH or "
+                                   "fd:NAME",
+                                   uri));
+    const std::string u = take_fd_uri(uri, "migrate-recover");
+    if (u.rfind("fd:", 0) != 0) {
+        try {
+            ::close(migration::bind_listener(u));  // bindable now (the receiver binds it again at once)
+        } catch (const std::exception& e) {
+            throw QmpError(fmt::format("migrate-recover: {}", e.what()));
+        }
+    }
+    std::lock_guard lk(mu_);
+    recover_uri_ = u;
+    cv_.notify_all();
+    return json::object();
+}
+
+std::function<std::string(const std::string&)> Monitor::incoming_recover_listen()
+{
+    return [this](const std::string&) {
+        std::unique_lock lk(mu_);
+        while (recover_uri_.empty() && !quit_.load() && !g_stop_signal.load())
+            cv_.wait_for(lk, std::chrono::milliseconds(100));
+        return std::exchange(recover_uri_, std::string());
+    };
+}
+
+std::shared_ptr<migration::PauseSwitch> Monitor::incoming_pause_switch()
+{
+    std::lock_guard lk(mu_);
+    if (!pause_switch_)
+        pause_switch_ = std::make_shared<migration::PauseSwitch>();
+    return pause_switch_;
+}
+
 std::string Monitor::wait_incoming(double timeout_s)
 {
     std::unique_lock lk(mu_);
@@ -133,10 +184,15 @@ migration::PhaseHook Monitor::incoming_hook()
                 if (caps_->events)
                     server_.emit("MIGRATION", {{"status", "active"}});
             }
-            if (status_ == "active" && phase == "postcopy") {
+            if ((status_ == "active" || status_ == "postcopy-recover") && phase == "postcopy") {
                 status_ = "postcopy-active";
                 if (caps_->events)
                     server_.emit("MIGRATION", {{"status", "postcopy-active"}});
+            }
+            if (phase == "postcopy-paused" || phase == "postcopy-recover") {
+                status_ = phase;
+                if (caps_->events)
+                    server_.emit("MIGRATION", {{"status", phase}});
             }
             if (phase == "paused") {  // a stopped source's guest: the migration is complete, the guest paused
                 run_state_ = "paused";

@@ -39,7 +39,7 @@ const char* const kOtherCaps[] = {"xbzrle",           "rdma-pin-all",       "zer
 const char* const kOtherParams[] = {
     "announce-initial", "announce-max",     "announce-rounds",     "announce-step",     "throttle-trigger-threshold",
     "cpu-throttle-tailslow", "avail-switchover-bandwidth",
-    "x-checkpoint-delay", "xbzrle-cache-size", "max-postcopy-bandwidth", "multifd-zlib-level", "multifd-qatzip-level",
+    "x-checkpoint-delay", "xbzrle-cache-size", "multifd-zlib-level", "multifd-qatzip-level",
     "block-bitmap-mapping", "mode"};
 
 // QEMU's MultiFDCompression: none or zstd here (true: zstd); QmpError else.
@@ -59,7 +59,7 @@ constexpr const char* kKnownParams[] = {
     "multifd-zstd-level",     "cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle",
     "vcpu-dirty-limit",       "x-minivmm-max-iterations", "x-minivmm-timeout", "x-minivmm-verify",
     "x-minivmm-post-run",     "zero-page-detection", "tls-creds", "tls-hostname", "tls-authz", "direct-io",
-    "x-vcpu-dirty-limit-period"};
+    "x-vcpu-dirty-limit-period", "max-postcopy-bandwidth"};
 
 // Every member one minivmm takes; one QEMU has and minivmm does not is named so.
 void check_parameter_names(const json& args)
@@ -116,6 +116,8 @@ json Monitor::set_parameters(const json& args)
     Params p = *params_;
     if (a.has("max-bandwidth"))
         p.max_bandwidth = static_cast<uint64_t>(ranged("max-bandwidth", 0, INT64_MAX));
+    if (a.has("max-postcopy-bandwidth"))
+        p.max_postcopy_bandwidth = static_cast<uint64_t>(ranged("max-postcopy-bandwidth", 0, INT64_MAX));
     if (a.has("downtime-limit"))
         p.downtime_limit_ms = static_cast<double>(ranged("downtime-limit", 0, 2000000));
     if (a.has("multifd-channels"))
@@ -165,6 +167,8 @@ json Monitor::set_parameters(const json& args)
             sender_->set_bandwidth(p.max_bandwidth);
         if (a.has("downtime-limit"))
             sender_->set_max_downtime_ms(p.downtime_limit_ms);
+        if (a.has("max-postcopy-bandwidth"))
+            sender_->set_postcopy_bandwidth(p.max_postcopy_bandwidth);
     }
     return json::object();
 }
@@ -174,6 +178,7 @@ json Monitor::query_parameters() const
     std::lock_guard lk(mu_);
     const Params& p = *params_;
     return {{"max-bandwidth", p.max_bandwidth},
+            {"max-postcopy-bandwidth", p.max_postcopy_bandwidth},
             {"downtime-limit", ms(p.downtime_limit_ms)},
             {"multifd-channels", p.multifd_channels},
             {"multifd-compression", p.compression.zstd ? "zstd" : "none"},

@@ -103,6 +103,8 @@ void Monitor::add_commands()
     no_args("migrate_cancel", member(&Monitor::migrate_cancel));
     no_args("migrate-start-postcopy", member(&Monitor::migrate_start_postcopy));
     server_.add("migrate-continue", [this](const json& a) { return migrate_continue(a); });
+    no_args("migrate-pause", member(&Monitor::migrate_pause));
+    server_.add("migrate-recover", [this](const json& a) { return migrate_recover(a); });
     no_args("query-migrate", member(&Monitor::query_migrate));
     server_.add("migrate-set-parameters", [this](const json& a) { return set_parameters(a); });
     no_args("query-migrate-parameters", member(&Monitor::query_parameters));

@@ -75,6 +75,10 @@ public:
     migration::tls::Options incoming_tls() const;
     void incoming_started(const std::string& listen);
     void incoming_done(const migration::ReceiveReport& r);
+    // Postcopy recovery: until migrate-recover names the address ("" on quit
+    // or a stop signal), and what migrate-pause cuts.
+    std::function<std::string(const std::string&)> incoming_recover_listen();
+    std::shared_ptr<migration::PauseSwitch> incoming_pause_switch();
 
     // ---- both ----
     bool quit_requested() const { return quit_.load(); }
@@ -136,6 +140,10 @@ private:
     json migrate_cancel();
     json migrate_start_postcopy();
     json migrate_continue(const json& args);
+    json migrate_resume(const std::string& uri);
+    std::string wait_resume();
+    json migrate_pause();
+    json migrate_recover(const json& args);
     json query_migrate() const;
     json source_migration_info() const;
     void live_migration_info(json& j) const;
@@ -199,6 +207,9 @@ private:
     std::deque<ProgressSample> progress_window_;  // the last second, on the tick
     migration::tls::Options incoming_tls_;      // migrate-incoming's, from tls-creds and tls-authz
     std::string incoming_phase_;
+    std::string resume_uri_;   // source: migrate resume:true's address, until the paused migration takes it
+    std::string recover_uri_;  // destination: migrate-recover's, until the paused receiver takes it
+    std::shared_ptr<migration::PauseSwitch> pause_switch_;  // destination: migrate-pause
     std::optional<migration::ReceiveReport> received_;
     std::optional<migration::PostcopyDestinationFigures> incoming_postcopy_;
     std::condition_variable cv_;

@@ -54,6 +54,7 @@ inline int64_t ms(double v) { return static_cast<int64_t>(std::llround(v)); }
 
 struct Monitor::Params {
     uint64_t max_bandwidth = 0;  // bytes/s, 0: unlimited
+    uint64_t max_postcopy_bandwidth = 0;  // bytes/s in postcopy's background push, 0: unlimited (QEMU's)
     double downtime_limit_ms = 300;
     uint32_t multifd_channels = 2;
     migration::Compression compression;

@@ -384,8 +384,8 @@ void Server::accept_client()
         return;
     auto c = std::make_unique<Client>();
     c->fd = fd;
-    // The greeting (docs/interop/qmp-spec "Server Greeting"): no optional capabilities (no out-of-band).
-    send(*c, {{"QMP", {{"version", version_}, {"capabilities", json::array()}}}});
+    // The greeting (docs/interop/qmp-spec "Server Greeting"): out-of-band execution may be enabled.
+    send(*c, {{"QMP", {{"version", version_}, {"capabilities", json::array({"oob"})}}}});
     std::lock_guard lk(mu_);
     clients_.push_back(std::move(c));
 }
@@ -480,24 +480,44 @@ json Server::dispatch(Client& c, const json& req)
     if (!req.is_object())
         throw QmpError("QMP input must be a JSON object");
     for (const auto& [k, v] : req.items())
-        if (k != "execute" && k != "arguments" && k != "id")
+        if (k != "execute" && k != "exec-oob" && k != "arguments" && k != "id")
             throw QmpError(fmt::format("QMP input member '{}' is unexpected", k));
-    if (!req.contains("execute"))
+    // exec-oob (qmp-spec "Out-of-band execution"): once negotiated, for the
+    // commands QEMU allows it for. minivmm's commands never block the
+    // monitor, so an out-of-band one runs at once like any other.
+    const bool oob = req.contains("exec-oob");
+    if (oob && req.contains("execute"))
+        throw QmpError("QMP input must not contain both 'execute' and 'exec-oob'");
+    const char* const key = oob ? "exec-oob" : "execute";
+    if (!req.contains(key))
         throw QmpError("QMP input lacks member 'execute'");
-    if (!req["execute"].is_string())
-        throw QmpError("QMP input member 'execute' must be a string");
+    if (!req[key].is_string())
+        throw QmpError(fmt::format("QMP input member '{}' must be a string", key));
     if (req.contains("arguments") && !req["arguments"].is_object())
         throw QmpError("QMP input member 'arguments' must be an object");
-    const std::string name = req["execute"].get<std::string>();
+    const std::string name = req[key].get<std::string>();
+    if (oob) {
+        if (!c.oob)
+            throw QmpError("QMP input member 'exec-oob' is unexpected (enable capability 'oob' with qmp_capabilities)");
+        if (name != "migrate-recover" && name != "migrate-pause" && name != "x-oob-test")
+            throw QmpError(fmt::format("The command {} does not support OOB", name));
+    }
     const json& args = req.contains("arguments") ? req["arguments"] : empty_object();
     if (name == "qmp_capabilities") {
         if (c.negotiated)
             throw QmpError("Capabilities negotiation is already complete, command ignored", "CommandNotFound");
         Args a(args, {"enable"});
-        if (a.has("enable") && !a.array("enable").empty())
-            throw QmpError(fmt::format("Capability '{}' not available", a.raw("enable")[0].dump()));
+        bool want_oob = false;
+        if (a.has("enable"))
+            for (const json& cap : a.array("enable")) {
+                if (cap != "oob")
+                    throw QmpError(fmt::format("Capability '{}' not available", cap.is_string() ? cap.get<std::string>()
+                                                                                               : cap.dump()));
+                want_oob = true;
+            }
         std::lock_guard lk(mu_);
         c.negotiated = true;
+        c.oob = want_oob;
         return json::object();
     }
     if (!c.negotiated)

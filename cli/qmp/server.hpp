@@ -118,6 +118,7 @@ private:
         std::string in;           // the loop's
         std::string out;          // under mu_: owed to the client
         bool negotiated = false;  // under mu_
+        bool oob = false;  // qmp_capabilities enabled out-of-band execution
         bool dead = false;        // under mu_: gone or not reading; the loop drops it
         std::deque<int> fds;      // the loop's: passed with SCM_RIGHTS, not yet taken (getfd)
         ~Client();                // closes those
