@@ -24,7 +24,7 @@ const std::map<std::string, const char*, std::less<>>& kinds()
         {"--max-downtime", "MS"}, {"--scan-period", "MS|kernel"}, {"--harvest-ms", "MS"}, {"--threshold-ms", "MS"}, {"--watchdog-ms", "MS"},
         // counts
         {"--vcpus", "N"}, {"-v", "N"}, {"-i", "N"}, {"-x", "N"}, {"--passes", "N"}, {"--seed", "N"},
-        {"--max-iterations", "N"}, {"--postcopy-after", "N"}, {"--channels", "N"}, {"--compress", "none|zstd[:LEVEL]"}, {"--sample", "PAGES"}, {"--sample-pages", "PAGES"},
+        {"--max-iterations", "N"}, {"--postcopy-after", "N"}, {"--postcopy-recover", "SECONDS"}, {"--channels", "N"}, {"--compress", "none|zstd[:LEVEL]"}, {"--sample", "PAGES"}, {"--sample-pages", "PAGES"},
         {"--repeat", "N"}, {"--write-pct", "PCT"}, {"-w", "PCT"},
         // choices and lists
         {"--backing", "KIND"}, {"-s", "KIND"}, {"--pattern", "seq|random"}, {"--touch", "qword|page"},

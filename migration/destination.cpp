@@ -386,16 +386,16 @@ void RemoteDestination::read_return_path()
                 throw Error(fmt::format("migration stream: {} on the return path, where REQUEST or RESULT belongs",
                                         record_name(rec.type)));
             ResultRecord res = ResultRecord::decode(rec.payload);
-            size_t n;
             {
                 std::lock_guard lk(result_mu_);
                 results_.push_back(res);
-                n = results_.size();
                 result_cv_.notify_all();
             }
             if (!res.ok)
                 throw Error("the destination failed in postcopy: " + res.text);
-            if (n == 2) {
+            // "resumed" first; "postcopy complete" ends it (a recovered cut
+            // may have taken "resumed" with it).
+            if (res.text == "postcopy complete") {
                 requests_.end();
                 break;
             }
@@ -425,9 +425,9 @@ ResultRecord RemoteDestination::end_postcopy()
     std::vector<uint64_t> rest;
     requests_.pop(rest, std::chrono::milliseconds(0));  // throws the reader's error
     std::lock_guard lk(result_mu_);
-    if (results_.size() < 2)
+    if (results_.empty() || results_.back().text != "postcopy complete")
         throw Error("postcopy's return path ended without the destination's RESULT");
-    return results_[1];
+    return results_.back();
 }
 
 void Destination::reconnect(const std::string&)

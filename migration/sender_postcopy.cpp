@@ -46,17 +46,31 @@ void Sender::postcopy_switch()
     resume_mark_ = channels_.sent_bytes();
     rep_.postcopy.started = true;
     start_pushing();  // resuming touches guest memory: faults are served from now
-    ResultRecord sw = dest_->postcopy_resumed();
+    ResultRecord sw;
+    bool cut = false;
+    try {
+        sw = dest_->postcopy_resumed();
+    } catch (...) {
+        // Cut before the destination said it resumed: with recovery on,
+        // postcopy() pauses and takes it up again (the guest may run there).
+        if (!events_.postcopy_paused || !dest_->can_recover())
+            throw;
+        pushing_failed(std::current_exception());
+        cut = true;
+    }
     rep_.split.restore_ms = ms_since(t);
     rep_.downtime_ms = ms_since(tdown_);
     rep_.split.destination_restore_ms = sw.restore_ms;
     rep_.refused_msrs = sw.refused_msrs;
-    if (!sw.ok)
+    if (!cut && !sw.ok)
         throw Error("the destination did not resume in postcopy: " + sw.text);
     postcopy_resumed_ = clock::now();
     rep_.postcopy.resumed_ms = ms_since(t0_);
     rep_.destination_state = "running (postcopy)";
     rep_.state_note = "postcopy: the destination runs the guest and fetches the rest from the parked source";
+    if (cut)
+        rep_.state_note += "; the connection was cut before the destination said it resumed: the downtime is up to "
+                           "the cut, the destination's restore time unknown";
 }
 
 // Pages per postcopy batch: 64 KiB, so a requested page waits behind at
