@@ -394,10 +394,11 @@ namespace {
 // A recovering sender's connections on `where` (postcopy recovery): only the
 // paused migration's (its session in HELLO and RESUME), bounded as a first
 // admission is; `taken` once a connection is in hand.
-std::vector<std::unique_ptr<Transport>> take_recovering(const std::string& where, uint64_t session, uint32_t channels,
+std::vector<std::unique_ptr<Transport>> take_recovering(const RecoverAt& at, uint64_t session, uint32_t channels,
                                                         const AdmitOptions& first, const ReceiveOptions& opt,
                                                         const std::function<void()>& taken)
 {
+    const std::string& where = at.uri;
     IoLimits l;
     l.idle_s = opt.io_timeout_s;
     std::vector<std::unique_ptr<Transport>> out;
@@ -435,7 +436,7 @@ std::vector<std::unique_ptr<Transport>> take_recovering(const std::string& where
         out.push_back(std::move(t));
         return out;
     }
-    int ls = bind_listener(where);
+    const int ls = at.listen_fd >= 0 ? at.listen_fd : bind_listener(where);
     FdTransport guard(ls, "listener");
     if (::listen(ls, 64) != 0)
         throw SysError("listen", errno);
@@ -506,10 +507,10 @@ ReceiveReport receive(StressVm& dst, const ReceiveOptions& opt, const PhaseHook&
     rec.pause = opt.pause_switch;
     if (opt.recover_listen)
         rec.reconnect = [&](uint64_t session, uint32_t channels, const std::function<void()>& taken) {
-            const std::string where = opt.recover_listen("postcopy paused");
-            if (where.empty())
+            const RecoverAt at = opt.recover_listen("postcopy paused");
+            if (at.uri.empty())
                 return std::vector<std::unique_ptr<Transport>>{};
-            return take_recovering(where, session, channels, ao, opt, taken);
+            return take_recovering(at, session, channels, ao, opt, taken);
         };
     ReceiveReport r = receive_from(dst, std::move(a.channels), opt.post_run_s, on_phase, std::move(before),
                                    std::move(header), opt.on_postcopy, opt.wait_cont, false, &rec);

@@ -597,7 +597,14 @@ Resumed Receiver::resume_here(const std::vector<VcpuState>& states)
     r.post_run_s = post_run_s_;  // the sender waits that much longer for the last RESULT
     r.restore_ms = at.restore_ms;
     r.refused_msrs = at.refused_msrs;
-    write_out(RecordType::Result, r.encode());
+    try {
+        write_out(RecordType::Result, r.encode());
+    } catch (...) {
+        // Postcopy with recovery: the cut shows in the channels' reads (the
+        // guest runs here now), and a recovery goes on without this RESULT.
+        if (!rep_.postcopy || !recovery_ || !recovery_->reconnect)
+            throw;
+    }
     return at;
 }
 

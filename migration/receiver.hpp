@@ -39,6 +39,14 @@ private:
     std::vector<Transport*> t_;
 };
 
+// Where a paused receiver takes its sender back: tcp:, unix: or fd:, with
+// the listening socket already bound when the caller made it (QMP's
+// migrate-recover listens before it returns, as QEMU's), else -1.
+struct RecoverAt {
+    std::string uri;
+    int listen_fd = -1;  // owned by the receiver once returned
+};
+
 // Postcopy recovery on the receiving side (stream.hpp: RESUME, MISSING).
 struct Recovery {
     // Blocks until the paused migration's sender connected again: its
@@ -67,10 +75,10 @@ struct ReceiveOptions {
     // such a guest runs at once.
     ContGate wait_cont;
     // Postcopy recovery: empty, a cut in postcopy loses the guest (exit 7).
-    // Else, once a cut paused postcopy here, the address the sender comes
-    // back to (tcp:, unix:, fd:; QMP's migrate-recover, the CLI's own
-    // --listen again), "" to give up. Waits as long as it likes.
-    std::function<std::string(const std::string& why)> recover_listen;
+    // Else, once a cut paused postcopy here, where the sender comes back
+    // (QMP's migrate-recover, the CLI's own --listen again); an empty uri
+    // gives up. Waits as long as it likes.
+    std::function<RecoverAt(const std::string& why)> recover_listen;
     std::shared_ptr<PauseSwitch> pause_switch;  // QMP's migrate-pause
     double recover_timeout_s = 0;  // each wait for the sender to come back (0: accept_timeout_s)
 };

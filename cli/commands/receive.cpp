@@ -91,12 +91,12 @@ public:
             o.recover_timeout_s = recover_s;
             o.recover_listen = [listen = listen_, recover_s,
                                 until = std::optional<std::chrono::steady_clock::time_point>()](
-                                   const std::string&) mutable -> std::string {
+                                   const std::string&) mutable -> migration::RecoverAt {
                 const auto now = std::chrono::steady_clock::now();
                 if (!until)
                     until = now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                                       std::chrono::duration<double>(recover_s));
-                return now > *until ? std::string() : listen;
+                return {now > *until ? std::string() : listen, -1};
             };
         }
         if (file && o.tls.enabled())

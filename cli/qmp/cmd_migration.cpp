@@ -157,7 +157,14 @@ void Monitor::start_migration(const migration::MigrateOptions& o)
     ev.on_phase = [this, pause](Phase p) {
         if (p == Phase::Stop)
             set_run_state("finish-migrate");
-        if (p != Phase::Done && !(p == Phase::Stop && pause))  // pre-switchover comes first, then device
+        // pre-switchover comes first, then device; postcopy-active once its pages flow (on_postcopy_status)
+        bool after_postcopy;
+        {
+            std::lock_guard lk2(mu_);
+            after_postcopy = status_ == "postcopy-active";  // QEMU: postcopy-active, then completed
+        }
+        if (p != Phase::Done && p != Phase::Postcopy && !(p == Phase::Stop && pause) &&
+            !(p == Phase::Destination && after_postcopy))
             set_status(status_of(p));
     };
     if (pause)
@@ -172,7 +179,10 @@ void Monitor::start_migration(const migration::MigrateOptions& o)
             server_.emit("MIGRATION_PASS", {{"pass", n}});
     };
     ev.postcopy_paused = [this](const std::string&) { return wait_resume(); };
-    ev.on_postcopy_status = [this](const char* st) { set_status(st); };
+    ev.on_postcopy_status = [this](const char* st) {
+        if (*st)
+            set_status(st);
+    };
     ev.on_source = [this](bool running) {
         set_run_state(running ? "running" : "finish-migrate");
         server_.emit(running ? "RESUME" : "STOP");

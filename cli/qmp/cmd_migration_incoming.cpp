@@ -89,7 +89,7 @@ json Monitor::migrate_recover(const json& args)
         std::lock_guard lk(mu_);
         if (status_ != "postcopy-paused")
             throw QmpError("Migrate recover can only be run when postcopy is paused.");
-        if (!recover_uri_.empty())
+        if (!recover_at_.uri.empty())
             throw QmpError("Migrate recovery is triggered already");
     }
     if (uri.rfind("tcp:", 0) != 0 && uri.rfind("unix:", 0) != 0 && uri.rfind("fd:", 0) != 0)
@@ -97,26 +97,31 @@ json Monitor::migrate_recover(const json& args)
                                    "fd:NAME",
                                    uri));
     const std::string u = take_fd_uri(uri, "migrate-recover");
+    int ls = -1;
     if (u.rfind("fd:", 0) != 0) {
         try {
-            ::close(migration::bind_listener(u));  // bindable now (the receiver binds it again at once)
+            ls = migration::bind_listener(u);  // listening when this returns: the source may resume at once
+            if (::listen(ls, 64) != 0)
+                throw SysError("listen", errno);
         } catch (const std::exception& e) {
+            if (ls >= 0)
+                ::close(ls);
             throw QmpError(fmt::format("migrate-recover: {}", e.what()));
         }
     }
     std::lock_guard lk(mu_);
-    recover_uri_ = u;
+    recover_at_ = {u, ls};
     cv_.notify_all();
     return json::object();
 }
 
-std::function<std::string(const std::string&)> Monitor::incoming_recover_listen()
+std::function<migration::RecoverAt(const std::string&)> Monitor::incoming_recover_listen()
 {
     return [this](const std::string&) {
         std::unique_lock lk(mu_);
-        while (recover_uri_.empty() && !quit_.load() && !g_stop_signal.load())
+        while (recover_at_.uri.empty() && !quit_.load() && !g_stop_signal.load())
             cv_.wait_for(lk, std::chrono::milliseconds(100));
-        return std::exchange(recover_uri_, std::string());
+        return std::exchange(recover_at_, migration::RecoverAt{});
     };
 }
 

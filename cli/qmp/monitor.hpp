@@ -77,7 +77,7 @@ public:
     void incoming_done(const migration::ReceiveReport& r);
     // Postcopy recovery: until migrate-recover names the address ("" on quit
     // or a stop signal), and what migrate-pause cuts.
-    std::function<std::string(const std::string&)> incoming_recover_listen();
+    std::function<migration::RecoverAt(const std::string&)> incoming_recover_listen();
     std::shared_ptr<migration::PauseSwitch> incoming_pause_switch();
 
     // ---- both ----
@@ -208,7 +208,7 @@ private:
     migration::tls::Options incoming_tls_;      // migrate-incoming's, from tls-creds and tls-authz
     std::string incoming_phase_;
     std::string resume_uri_;   // source: migrate resume:true's address, until the paused migration takes it
-    std::string recover_uri_;  // destination: migrate-recover's, until the paused receiver takes it
+    migration::RecoverAt recover_at_;  // destination: migrate-recover's, until the paused receiver takes it
     std::shared_ptr<migration::PauseSwitch> pause_switch_;  // destination: migrate-pause
     std::optional<migration::ReceiveReport> received_;
     std::optional<migration::PostcopyDestinationFigures> incoming_postcopy_;

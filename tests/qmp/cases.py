@@ -34,11 +34,11 @@ def set_caps(q, caps):
 
 
 def start_pair(env, kind="tcp", caps=(), dst_caps=None, params=None, dst_params=None, incoming_args=None,
-               dirty_ring=False, hook=None):
+               dirty_ring=False, hook=None, oob=False):
     """A running source and a destination listening on a fresh URI (incoming defer, then the
     capabilities and parameters QEMU's case sets on each side, then migrate-incoming)."""
-    src = env.vmm.start("src", dirty_ring=dirty_ring)
-    dst = env.vmm.start("dst", incoming="defer", dirty_ring=dirty_ring)
+    src = env.vmm.start("src", dirty_ring=dirty_ring, oob=oob)
+    dst = env.vmm.start("dst", incoming="defer", dirty_ring=dirty_ring, oob=oob)
     u = uri(env, kind)
     set_caps(src, caps)
     set_caps(dst, caps if dst_caps is None else dst_caps)
@@ -544,6 +544,78 @@ def postcopy_flow(env, src, dst, u):
     return finish(env, src, dst) + f"; blocktime {d['postcopy-blocktime']} ms"
 
 
+def postcopy_recovery(fail=None, tls=False):
+    """QEMU's test_postcopy_recovery_common: postcopy at 4 KiB/s (max-postcopy-bandwidth) so it
+    cannot end by itself, migrate-pause on the source cuts it: both sides postcopy-paused (the
+    destination's guest runs on). fail="handshake": each side gets an end of two unrelated
+    socket pairs (getfd fd-mig), migrate-recover (out-of-band) and migrate resume:true on them
+    reach postcopy-recover and hang; migrate-pause on each side brings it back to paused.
+    fail="reconnect": the source's peer is closed, so its resume fails and it pauses again by
+    itself (QEMU's case waits for postcopy-recover-setup, then postcopy-paused). Then migrate-recover on a fresh unix
+    socket, migrate resume:true on it, max-postcopy-bandwidth unlimited: completed, every page
+    at the destination."""
+    def case(env):
+        src, dst, u = start_pair(env, "tcp", ("postcopy-ram",), dst_caps=("postcopy-ram", "postcopy-blocktime"),
+                                 hook=psk_hook(env) if tls else None, oob=True)
+        src.cmd("migrate-set-parameters", **NON_CONVERGE)
+        src.cmd("migrate", uri=u)
+        wait_pass(src)
+        src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 4096})
+        src.cmd("migrate-start-postcopy")
+        src.wait_status(("postcopy-active",), 120)
+        src.cmd("migrate-pause")
+        dst.wait_status(("postcopy-paused",), 60)
+        src.wait_status(("postcopy-paused",), 60)
+        note = ""
+        if fail:
+            note = recover_fail(src, dst, fail)
+        src.events.clear()
+        ru = uri(env, "unix")
+        dst.cmd_oob("migrate-recover", uri=ru)
+        src.cmd("migrate", uri=ru, resume=True)
+        src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+        src.cmd("migrate-set-parameters", **CONVERGE)
+        d = wait_for(lambda: (lambda i: i if "postcopy-blocktime" in i else None)(dst.cmd("query-migrate")), 240,
+                     "postcopy-blocktime in the destination's query-migrate", 0.05)
+        done = finish(env, src, dst)
+        seen = statuses(src)
+        for st in ("postcopy-recover-setup", "postcopy-recover", "postcopy-active", "completed"):
+            assert st in seen, f"the source's MIGRATION events after the resume lack {st}: {seen}"
+        return (f"{done}; paused on both sides by migrate-pause{note}, recovered over {ru}; "
+                f"blocktime {d['postcopy-blocktime']} ms")
+    return case
+
+
+def recover_fail(src, dst, stage):
+    """QEMU's postcopy_recover_fail: a recovery that cannot work, then both sides paused again."""
+    a0, a1 = socket.socketpair()
+    b0, b1 = socket.socketpair()
+    try:
+        src.cmd("getfd", _fd=a0.fileno(), fdname="fd-mig")
+        dst.cmd("getfd", _fd=b0.fileno(), fdname="fd-mig")
+        b1.send(b"\x08")  # QEMU_VM_COMMAND: the first byte of a recovery, then nothing
+        if stage == "reconnect":
+            a1.close()  # the source fails while connecting: postcopy-recover is never reached
+        src.events.clear()
+        dst.cmd_oob("migrate-recover", uri="fd:fd-mig")
+        src.cmd("migrate", uri="fd:fd-mig", resume=True)
+        src.wait_event("MIGRATION", 60, lambda e: e["status"] == "postcopy-recover-setup")
+        if stage == "reconnect":
+            src.wait_event("MIGRATION", 60, lambda e: e["status"] == "postcopy-paused")
+        else:
+            src.wait_event("MIGRATION", 60, lambda e: e["status"] == "postcopy-recover")
+            src.wait_status(("postcopy-recover",), 60)
+            src.cmd("migrate-pause")
+        src.wait_status(("postcopy-paused",), 60)
+        dst.wait_status(("postcopy-recover",), 60)
+        dst.cmd_oob("migrate-pause")
+        dst.wait_status(("postcopy-paused",), 60)
+    finally:
+        for s in (a0, a1, b0, b1):
+            s.close()
+    return f", a recovery on unpaired sockets failed ({stage}) and was paused on both sides"
+
+
 # ---- compression-tests.c -------------------------------------------------------------------
 
 def case_multifd_zstd(env):
@@ -774,6 +846,16 @@ CASES = [
      tls_x509("tcp", "default", multifd=True, anon="reject", fails="alive")),
     ("/migration/postcopy/plain", "postcopy after a dirty sync: STOP on the source, every page at the destination, "
      "postcopy-blocktime there", case_postcopy_plain),
+    ("/migration/postcopy/recovery/plain", "postcopy at 4 KiB/s cut by migrate-pause: both sides postcopy-paused; "
+     "migrate-recover (out-of-band) on a new socket and migrate resume:true: completed, every page there",
+     postcopy_recovery()),
+    ("/migration/postcopy/recovery/tls/psk", "as /migration/postcopy/recovery/plain over TLS-PSK (the recovery's "
+     "connection too)", postcopy_recovery(tls=True)),
+    ("/migration/postcopy/recovery/double-failures/handshake", "a recovery on unpaired sockets reaches "
+     "postcopy-recover on both sides and hangs; migrate-pause on each brings it back to paused; then a good one",
+     postcopy_recovery(fail="handshake")),
+    ("/migration/postcopy/recovery/double-failures/reconnect", "the source's recovery socket is closed: after postcopy-recover-setup "
+     "its resume fails and it pauses again by itself; then a good one", postcopy_recovery(fail="reconnect")),
     ("(minivmm) postcopy with multifd", "postcopy, 4 multifd channels pushing and answering requests: every page "
      "at the destination", postcopy_with({"multifd-channels": 4})),
     ("(minivmm) postcopy with multifd zstd", "as above, the pages zstd-compressed (level 2)",

@@ -26,7 +26,7 @@ def wait_for(cond, timeout_s, what, interval_s=0.02):
 
 
 class Qmp:
-    def __init__(self, path, timeout_s=30):
+    def __init__(self, path, timeout_s=30, oob=False):
         self.sock = socket.socket(socket.AF_UNIX)
         wait_for(lambda: self.sock.connect_ex(path) == 0, timeout_s, f"the QMP socket {path}", 0.05)
         # Two file objects: a TextIOWrapper opened "rw" drops the lines it has read
@@ -34,7 +34,9 @@ class Qmp:
         self.r, self.w = self.sock.makefile("r"), self.sock.makefile("w")
         self.greeting = json.loads(self.r.readline())
         self.events = []
-        self.cmd("qmp_capabilities")
+        self.oob_id = 0
+        # oob: out-of-band execution (exec-oob), as QEMU's recovery tests enable it
+        self.cmd("qmp_capabilities", **({"enable": ["oob"]} if oob else {}))
 
     def _read(self):
         line = self.r.readline()
@@ -62,6 +64,22 @@ class Qmp:
             if "return" in r:
                 return r["return"]
             if "error" in r:
+                raise QmpError(name, r["error"])
+
+    def cmd_oob(self, name, **args):
+        """As cmd(), out-of-band (exec-oob, with an id): the monitor must have enabled oob."""
+        self.oob_id += 1
+        ident = f"oob-{self.oob_id}"
+        msg = {"exec-oob": name, "id": ident}
+        if args:
+            msg["arguments"] = args
+        self.w.write(json.dumps(msg) + "\n")
+        self.w.flush()
+        while True:
+            r = self._read()
+            if r.get("id") == ident and "return" in r:
+                return r["return"]
+            if r.get("id") == ident and "error" in r:
                 raise QmpError(name, r["error"])
 
     def error(self, name, **args):

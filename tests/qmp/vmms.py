@@ -24,7 +24,7 @@ class Vmm:
         self.root, self.tmp = root, tmp
         self.procs = []
 
-    def _spawn(self, name, cmd):
+    def _spawn(self, name, cmd, oob=False):
         sock = os.path.join(self.tmp, f"{name}.qmp")
         if os.path.exists(sock):
             os.unlink(sock)
@@ -32,7 +32,7 @@ class Vmm:
         p = subprocess.Popen(cmd(sock), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.procs.append((name, p))
         try:
-            return Qmp(sock)
+            return Qmp(sock, oob=oob)
         except Exception:
             raise RuntimeError(f"{name} did not serve QMP: {self.log(name)}")
 
@@ -82,7 +82,7 @@ class Qemu(Vmm):
         self.version = m.group(1) if m else "?"
         self.name = f"QEMU {self.version}"
 
-    def start(self, name, incoming=None, extra=(), uuid=None, dirty_ring=False):
+    def start(self, name, incoming=None, extra=(), uuid=None, dirty_ring=False, oob=False):
         if dirty_ring and not self.kvm:
             raise Skip("QEMU's dirty ring is KVM's: no /dev/kvm here (QEMU runs under TCG)")
         kvm = "kvm,dirty-ring-size=4096" if dirty_ring else "kvm"
@@ -94,7 +94,7 @@ class Qemu(Vmm):
         if incoming is not None:
             args += ["-incoming", incoming, "-S"]
         q = self._spawn(name, lambda sock: [self.binary] + accel + args + list(extra) +
-                        ["-qmp", f"unix:{sock},server=on,wait=off"])
+                        ["-qmp", f"unix:{sock},server=on,wait=off"], oob)
         if incoming is None:
             wait_for(lambda: self.status(q)["passes"] >= 1, 120, f"{name}: the guest's first pass", 0.1)
         return q
@@ -156,7 +156,7 @@ class Minivmm(Vmm):
         self.name = "minivmm"
         self.version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.strip()
 
-    def start(self, name, incoming=None, extra=(), uuid=None, dirty_ring=False):
+    def start(self, name, incoming=None, extra=(), uuid=None, dirty_ring=False, oob=False):
         vm = ["--vcpus", "1", "--mem", f"{MEM_MIB}M"] + (["--uuid", uuid] if uuid else [])
         if dirty_ring and incoming is None:  # 4096 entries of 16 bytes, as QEMU's dirty-ring-size=4096
             vm += ["--ring", "64K"]
@@ -165,7 +165,7 @@ class Minivmm(Vmm):
         else:  # its report as JSON too: a restore's check is the destination's own
             cmd = lambda sock: [self.binary, "receive", "--listen", incoming, "--qmp", f"unix:{sock}",
                                 "--json", os.path.join(self.tmp, f"{name}.json")] + vm + list(extra)
-        q = self._spawn(name, cmd)
+        q = self._spawn(name, cmd, oob)
         if incoming is None:
             wait_for(lambda: q.cmd("query-status")["status"] == "running", 30, f"{name}: the guest to run")
         return q
