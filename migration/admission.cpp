@@ -89,6 +89,7 @@ public:
 
 private:
     void work(Conn& c, int fd);
+    std::optional<Record> read_channel0(RecordReader& rr, const Hello& h) const;
     void take(Conn& c, std::unique_ptr<Transport> t, const Hello& h, std::optional<Record> header,
               const std::string& identity);
     void drop(const std::string& peer, const std::string& why);
@@ -121,6 +122,30 @@ void Admission::drop_locked(const std::string& peer, const std::string& why)
     last_drop_ = fmt::format("{}: {}", peer, why);
     if (!opt_.quiet)
         fmt::print(stderr, "receive: dropped the connection from {}: {}\n", peer, why);
+}
+
+// Channel 0's record after its HELLO: a new sender's HEADER, or the paused
+// migration's RESUME when recovering.
+std::optional<Record> Admission::read_channel0(RecordReader& rr, const Hello& h) const
+{
+    std::optional<Record> header;
+    if (opt_.resume_session && h.session != *opt_.resume_session)
+        throw Error("its HELLO names another migration than the paused one");
+    if (h.channel == 0 && opt_.resume_session) {
+        header = rr.read();
+        if (header->type != RecordType::Resume)
+            throw Error(fmt::format("{} where a recovering sender's RESUME belongs", record_name(header->type)));
+        if (resume_session_of(*header) != *opt_.resume_session)
+            throw Error("its RESUME names another migration than the paused one");
+    } else if (h.channel == 0) {
+        header = rr.read();
+        if (header->type != RecordType::Header)
+            throw Error(fmt::format("{} where channel 0's HEADER belongs", record_name(header->type)));
+        const StreamHeader sh = StreamHeader::decode(header->payload);
+        if (sh.nr_channels != h.channels)
+            throw Error(fmt::format("its HEADER says {} channels, its HELLO {}", sh.nr_channels, h.channels));
+    }
+    return header;
 }
 
 // One connection: its first byte, TLS, its HELLO (and channel 0's HEADER),
@@ -184,23 +209,7 @@ void Admission::work(Conn& c, int fd)
                                     h->version, kStreamVersion));
         if (h->channels == 0 || h->channels > 64 || h->channel >= h->channels)
             throw Error(fmt::format("its HELLO names channel {} of {} (at most 64 channels)", h->channel, h->channels));
-        std::optional<Record> header;
-        if (opt_.resume_session && h->session != *opt_.resume_session)
-            throw Error("its HELLO names another migration than the paused one");
-        if (h->channel == 0 && opt_.resume_session) {
-            header = rr.read();
-            if (header->type != RecordType::Resume)
-                throw Error(fmt::format("{} where a recovering sender's RESUME belongs", record_name(header->type)));
-            if (resume_session_of(*header) != *opt_.resume_session)
-                throw Error("its RESUME names another migration than the paused one");
-        } else if (h->channel == 0) {
-            header = rr.read();
-            if (header->type != RecordType::Header)
-                throw Error(fmt::format("{} where channel 0's HEADER belongs", record_name(header->type)));
-            const StreamHeader sh = StreamHeader::decode(header->payload);
-            if (sh.nr_channels != h->channels)
-                throw Error(fmt::format("its HEADER says {} channels, its HELLO {}", sh.nr_channels, h->channels));
-        }
+        std::optional<Record> header = read_channel0(rr, *h);
         t->set_limits({});  // the receiver sets its own once admitted
         take(c, std::move(t), *h, std::move(header), identity);
     } catch (const Probe&) {

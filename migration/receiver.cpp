@@ -1,4 +1,4 @@
-#include "migration/receiver.hpp"
+#include "migration/receiver_impl.hpp"
 
 #include <sys/socket.h>
 
@@ -22,81 +22,8 @@
 
 namespace mvm::migration {
 
-namespace {
+namespace detail {
 
-using clock = std::chrono::steady_clock;
-
-// One incoming migration into `dst` from connected channels, channel 0
-// (the control channel) first.
-class Receiver {
-public:
-    Receiver(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, const PhaseHook& on_phase,
-             PageHashes before, std::optional<Record> header, double post_run_s, const PostcopyHook& on_postcopy,
-             const ContGate& wait_cont, bool from_file, const Recovery* recovery)
-        : dst_(dst), ch_(std::move(channels)), on_phase_(on_phase), on_postcopy_(on_postcopy), wait_cont_(wait_cont),
-          from_file_(from_file), recovery_(recovery), session_(recovery ? recovery->session : 0),
-          landed_(std::move(before)), header_(std::move(header)), post_run_s_(post_run_s)
-    {
-        out_.emplace(*ch_[0]);
-        for (const auto& r : dst_.memslots().regions())
-            layout_pages_ += r.pages();
-    }
-    ReceiveReport run(double post_run_s);
-    ReceiveReport& report() { return rep_; }
-
-private:
-    void check_header(RecordReader& in);
-    void receive_memory();
-    void receive_postcopy(FaultServer& faults, const std::function<void()>& started);
-    std::exception_ptr pump_postcopy(FaultServer& faults, const std::function<void()>& launched);
-    bool recover(FaultServer& faults, std::exception_ptr cut);
-    bool reconnected(FaultServer& faults, std::vector<std::unique_ptr<Transport>> nc);
-    void pump(uint32_t c, bool skip_hello, FaultServer* postcopy);
-    struct Handover {
-        std::vector<VcpuState> states;
-        bool postcopy = false;
-        std::vector<uint64_t> discard;
-    };
-    Handover read_state(RecordReader& in);
-    void postcopy(RecordReader& in, Handover& h, double post_run_s);
-    void request(uint64_t gpa);
-    void write_out(RecordType type, std::span<const uint8_t> payload);
-    void check_guest();
-    Resumed resume_here(const std::vector<VcpuState>& states);
-    bool held_until_cont(Resumed& at);
-    void verify(RecordReader& in, const Resumed& at);
-    void run_and_report(const Resumed& at, double post_run_s);
-    double ms_since(clock::time_point t) const { return std::chrono::duration<double, std::milli>(clock::now() - t).count(); }
-    void send_result(const ResultRecord& r);
-    void phase(const char* p) const
-    {
-        if (on_phase_)
-            on_phase_(p);
-    }
-
-    StressVm& dst_;
-    std::vector<std::unique_ptr<Transport>> ch_;
-    const PhaseHook& on_phase_;
-    const PostcopyHook& on_postcopy_;
-    const ContGate& wait_cont_;
-    const bool from_file_;       // a restore: the guest's gap is the file's age, not a downtime
-    const Recovery* recovery_;   // postcopy recovery (null: a cut loses the guest)
-    uint64_t session_;           // the sender's HELLOs' session (what its RESUME must name)
-    std::atomic<bool> fatal_{false};  // the failure is here (not the connection's): nothing to recover
-    uint32_t pauses_ = 0;
-    double paused_ms_ = 0;
-    bool hold_paused_ = false;  // the sender's guest was stopped and a gate waits for cont
-    std::optional<RecordWriter> out_;  // to the sender, on channel 0 (a recovery's new one after a cut)
-    std::mutex out_mu_;  // postcopy: the fault thread's REQUESTs and this thread's RESULTs
-    uint64_t layout_pages_ = 0;
-    std::atomic<uint64_t> received_{0};
-    std::mutex mu_;  // guards rep_ while the channels pump
-    ReceiveReport rep_;
-    PageHashes landed_;  // every page as it landed
-    std::optional<Record> header_;  // channel 0's HEADER, when admission read it
-    double post_run_s_;
-    const clock::time_point t0_ = clock::now();
-};
 
 ReceiveReport Receiver::run(double post_run_s)
 {
@@ -179,65 +106,6 @@ void Receiver::write_out(RecordType type, std::span<const uint8_t> payload)
     out_->write(type, payload);
 }
 
-// On the fault thread: ask the sender for the page a fault waits on (a
-// broken connection shows in the channels' reads).
-void Receiver::request(uint64_t gpa)
-{
-    try {
-        write_out(RecordType::Request, encode_gpas({&gpa, 1}));
-    } catch (...) {
-    }
-}
-
-// The guest resumes here before all of its memory arrived: pages come on
-// demand (FaultServer) while the sender pushes the rest on every channel.
-void Receiver::postcopy(RecordReader& in, Handover& h, double post_run_s)
-{
-    check_guest();  // reads guest memory: before any page is missing
-    rep_.postcopy = true;
-    FaultServer faults(dst_, [this](uint64_t gpa) { request(gpa); });
-    Resumed at;
-    try {
-        faults.arm(h.discard);
-        const auto t = clock::now();
-        // The channels are read before the guest resumes: resuming touches
-        // its memory, and a fault needs the page to come in.
-        receive_postcopy(faults, [&] {
-            at = resume_here(h.states);
-            faults.guest_started();
-            rep_.switchover_ms += ms_since(t);
-            phase("running");
-        });
-        faults.finish();  // throws when a page is missing
-        rep_.postcopy_ms = ms_since(t);
-    } catch (...) {
-        rep_.postcopy_figures = faults.figures();
-        rep_.postcopy_figures.pauses = pauses_;
-        rep_.postcopy_figures.paused_ms = paused_ms_;
-        if (faults.missing()) {
-            rep_.guest_lost = true;
-            faults.abandon();  // a vCPU waiting on a page would never leave KVM_RUN
-            rep_.guest = "killed: postcopy broke off with pages missing here (the guest is lost)";
-        }
-        if (dst_.started())
-            dst_.kill();
-        throw;
-    }
-    rep_.postcopy_figures = faults.figures();
-    rep_.postcopy_figures.pauses = pauses_;
-    rep_.postcopy_figures.paused_ms = paused_ms_;
-    if (on_postcopy_)
-        on_postcopy_(rep_.postcopy_figures);
-    ResultRecord done;
-    done.ok = 1;
-    done.text = "postcopy complete";
-    done.details = rep_.postcopy_figures.to_json().dump();
-    write_out(RecordType::Result, done.encode());
-    RecordReader now(*ch_[0]);  // a recovery's channel 0 after a cut
-    verify(pauses_ ? now : in, at);
-    run_and_report(at, post_run_s);
-}
-
 // The sender's layout against ours, before a byte of memory.
 void Receiver::check_header(RecordReader& in)
 {
@@ -269,182 +137,6 @@ void Receiver::check_header(RecordReader& in)
     accepted.ok = 1;
     accepted.text = "layout accepted";
     out_->write(RecordType::Result, accepted.encode());
-}
-
-// Postcopy: every channel on its own thread placing pages while the guest
-// resumes on another (`started`: resuming touches guest memory, and a fault
-// there may wait across a recovery). A cut pauses here when recovery is on
-// (recover()); else, or once it is given up, the pages still missing will
-// not come: every thread that waits on one is released before the guest is
-// killed.
-void Receiver::receive_postcopy(FaultServer& faults, const std::function<void()>& started)
-{
-    std::exception_ptr start_err;
-    std::thread starter;
-    auto join_starter = [&] {
-        if (starter.joinable())
-            starter.join();
-    };
-    auto launch = [&] {
-        if (starter.joinable() || start_err)
-            return;
-        starter = std::thread([&] {
-            try {
-                started();
-            } catch (...) {
-                start_err = std::current_exception();
-                fatal_ = true;
-                std::lock_guard lk(mu_);
-                for (auto& ch : ch_)
-                    ch->shutdown();  // the pumps stop: the guest did not resume
-            }
-        });
-    };
-    for (;;) {
-        std::exception_ptr err = pump_postcopy(faults, launch);
-        if (!err)
-            break;
-        if (!recover(faults, err)) {
-            if (faults.missing())
-                faults.abandon();  // the resume may wait on a page that will not come
-            join_starter();
-            std::rethrow_exception(start_err ? start_err : err);
-        }
-    }
-    join_starter();
-    if (start_err)
-        std::rethrow_exception(start_err);
-    if (recovery_ && recovery_->pause)
-        recovery_->pause->detach_all();
-}
-
-// One set of channels up to their CHANNEL_DONE or the first error (returned);
-// meanwhile this thread tells the sender it is still here while nothing
-// faults (its --io-timeout).
-std::exception_ptr Receiver::pump_postcopy(FaultServer& faults, const std::function<void()>& launched)
-{
-    std::exception_ptr err;
-    std::vector<std::thread> threads;
-    std::atomic<size_t> done{0};
-    if (recovery_ && recovery_->pause)
-        for (auto& ch : ch_)
-            recovery_->pause->attach(ch.get());
-    for (size_t c = 0; c < ch_.size(); c++)
-        threads.emplace_back([&, c] {
-            try {
-                pump(static_cast<uint32_t>(c), false, &faults);
-            } catch (...) {
-                std::lock_guard lk(mu_);
-                if (!err)
-                    err = std::current_exception();
-                for (auto& ch : ch_)
-                    ch->shutdown();
-            }
-            done++;
-        });
-    launched();
-    auto beat = clock::now();
-    while (done.load() < ch_.size()) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-        if (clock::now() - beat > std::chrono::seconds(1)) {
-            beat = clock::now();
-            try {
-                write_out(RecordType::Request, encode_gpas({}));
-            } catch (...) {
-            }
-        }
-    }
-    for (auto& t : threads)
-        t.join();
-    if (recovery_ && recovery_->pause)
-        recovery_->pause->detach_all();
-    return err;
-}
-
-// A cut in postcopy with recovery on: QEMU's postcopy-paused until the
-// sender connects again (postcopy-recover), then postcopy-active on the new
-// channels. False: no recovery here, or it was given up.
-bool Receiver::recover(FaultServer& faults, std::exception_ptr cut)
-{
-    if (!recovery_ || !recovery_->reconnect || fatal_.load())
-        return false;
-    std::string why = "the connection broke";
-    try {
-        std::rethrow_exception(cut);
-    } catch (const std::exception& e) {
-        why = e.what();
-    } catch (...) {
-    }
-    const auto t = clock::now();
-    fmt::print(stderr, "receive: postcopy paused ({}): {} page(s) missing here; the guest runs on, a fault on one "
-                       "waits for the sender to resume\n",
-               why, faults.missing());
-    phase("postcopy-paused");
-    for (;;) {
-        std::vector<std::unique_ptr<Transport>> nc;
-        bool taken = false;
-        try {
-            nc = recovery_->reconnect(session_, static_cast<uint32_t>(ch_.size()), [&] {
-                taken = true;
-                phase("postcopy-recover");
-            });
-        } catch (const std::exception& e) {
-            fmt::print(stderr, "receive: postcopy recovery failed: {}; still paused\n", e.what());
-            phase("postcopy-paused");
-            continue;
-        }
-        if (nc.empty())
-            return false;
-        if (!taken)
-            phase("postcopy-recover");
-        if (!reconnected(faults, std::move(nc))) {
-            phase("postcopy-paused");
-            continue;
-        }
-        pauses_++;
-        paused_ms_ += ms_since(t);
-        fmt::print(stderr, "receive: postcopy recovered after {:.0f} ms: {} page(s) still to come\n", ms_since(t),
-                   faults.missing());
-        phase("postcopy");
-        return true;
-    }
-}
-
-// The new channels in place of the cut ones, and the sender told what is
-// still missing here, then which of it faults wait on. False: that failed.
-bool Receiver::reconnected(FaultServer& faults, std::vector<std::unique_ptr<Transport>> nc)
-{
-    if (nc.size() != ch_.size()) {
-        fmt::print(stderr, "receive: postcopy recovery: {} connections, the migration has {}; still paused\n",
-                   nc.size(), ch_.size());
-        return false;
-    }
-    try {
-        // Under out_mu_: the fault thread's REQUESTs come after MISSING.
-        std::lock_guard lk(out_mu_);
-        {
-            std::lock_guard lk2(mu_);
-            ch_ = std::move(nc);
-        }
-        out_.emplace(*ch_[0]);
-        if (recovery_->pause)
-            recovery_->pause->attach(ch_[0].get());
-        const std::vector<uint64_t> missing = faults.missing_units();
-        constexpr size_t kPerRecord = 512 * 1024;
-        for (size_t i = 0; i < missing.size(); i += kPerRecord)
-            out_->write(RecordType::Missing,
-                        encode_gpas(std::span(missing).subspan(i, std::min(kPerRecord, missing.size() - i))));
-        out_->write(RecordType::Missing, encode_gpas({}));
-        const std::vector<uint64_t> waited = faults.waited_units();
-        if (!waited.empty())
-            out_->write(RecordType::Request, encode_gpas(waited));
-    } catch (const std::exception& e) {
-        fmt::print(stderr, "receive: postcopy recovery: {}; still paused\n", e.what());
-        if (recovery_->pause)
-            recovery_->pause->detach_all();
-        return false;
-    }
-    return true;
 }
 
 // Memory: one thread per data channel; channel 0's pages on this thread.
@@ -679,7 +371,7 @@ void Receiver::run_and_report(const Resumed& at, double post_run_s)
         rep_.error = fin.text;
 }
 
-}  // namespace
+}  // namespace detail
 
 ReceiveReport receive_from(StressVm& dst, std::vector<std::unique_ptr<Transport>> channels, double post_run_s,
                            const PhaseHook& on_phase, PageHashes before, std::optional<Record> header,
@@ -688,29 +380,9 @@ ReceiveReport receive_from(StressVm& dst, std::vector<std::unique_ptr<Transport>
 {
     if (channels.empty())
         throw Error("receive: no connection");
-    return Receiver(dst, std::move(channels), on_phase, std::move(before), std::move(header), post_run_s, on_postcopy,
+    return detail::Receiver(dst, std::move(channels), on_phase, std::move(before), std::move(header), post_run_s, on_postcopy,
                     wait_cont, from_file, recovery)
         .run(post_run_s);
-}
-
-bool PauseSwitch::pause()
-{
-    std::lock_guard lk(mu_);
-    for (Transport* t : t_)
-        t->shutdown();
-    return !t_.empty();
-}
-
-void PauseSwitch::attach(Transport* t)
-{
-    std::lock_guard lk(mu_);
-    t_.push_back(t);
-}
-
-void PauseSwitch::detach_all()
-{
-    std::lock_guard lk(mu_);
-    t_.clear();
 }
 
 }  // namespace mvm::migration

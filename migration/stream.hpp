@@ -205,6 +205,7 @@ public:
     void set_limits(const IoLimits& limits) override;
     int fd() const { return fd_; }
     const std::string& peer() const { return peer_; }
+    const IoLimits& limits() const { return limits_; }
 
     // For a layer that does its own I/O on fd() (TLS): before each blocking
     // call, arm() fits the socket's timeouts to the limits (throws once one

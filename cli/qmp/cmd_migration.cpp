@@ -137,21 +137,10 @@ bool Monitor::file_target(const std::string& uri) const
     return true;
 }
 
-void Monitor::start_migration(const migration::MigrateOptions& o)
+// What the migrating thread tells the monitor: statuses and events as QEMU's,
+// pre-switchover's wait, postcopy's pauses (mu_ held by the caller).
+migration::SenderEvents Monitor::sender_events()
 {
-    if (!tracker_)
-        throw QmpError("migrate: this command's guest cannot be migrated");
-    if (!migrating_.load())
-        join_migration();  // the previous one, finished (its thread may still be saying so)
-    std::lock_guard lk(mu_);
-    if (migrating_.load())
-        throw QmpError("There's a migration process in progress");
-    if (run_state_ == "postmigrate")
-        throw QmpError("migrate: the guest was migrated away already; this source is parked for good");
-    if (rate_->status == "measuring" && rate_->mode != "page-sampling")
-        throw QmpError("migrate: calc-dirty-rate is logging dirty pages; wait for query-dirty-rate to say measured");
-    if (migration_thread_.joinable())
-        throw QmpError("There's a migration process in progress");  // finishing, right now
     migration::SenderEvents ev;
     const bool pause = caps_->pause_before_switchover;
     ev.on_phase = [this, pause](Phase p) {
@@ -187,6 +176,25 @@ void Monitor::start_migration(const migration::MigrateOptions& o)
         set_run_state(running ? "running" : "finish-migrate");
         server_.emit(running ? "RESUME" : "STOP");
     };
+    return ev;
+}
+
+void Monitor::start_migration(const migration::MigrateOptions& o)
+{
+    if (!tracker_)
+        throw QmpError("migrate: this command's guest cannot be migrated");
+    if (!migrating_.load())
+        join_migration();  // the previous one, finished (its thread may still be saying so)
+    std::lock_guard lk(mu_);
+    if (migrating_.load())
+        throw QmpError("There's a migration process in progress");
+    if (run_state_ == "postmigrate")
+        throw QmpError("migrate: the guest was migrated away already; this source is parked for good");
+    if (rate_->status == "measuring" && rate_->mode != "page-sampling")
+        throw QmpError("migrate: calc-dirty-rate is logging dirty pages; wait for query-dirty-rate to say measured");
+    if (migration_thread_.joinable())
+        throw QmpError("There's a migration process in progress");  // finishing, right now
+    migration::SenderEvents ev = sender_events();
     // The Sender's constructor opens nothing (setup() connects): a bad
     // address is found on the migration's thread and reported as failed.
     migration::MigrateOptions opt = o;

@@ -141,6 +141,7 @@ private:
     json migrate_start_postcopy();
     json migrate_continue(const json& args);
     json migrate_resume(const std::string& uri);
+    migration::SenderEvents sender_events();
     std::string wait_resume();
     json migrate_pause();
     json migrate_recover(const json& args);

@@ -1,7 +1,11 @@
+#include <poll.h>
+
+#include <mutex>
 #include "migration/transport/tls.hpp"
 
 #include <arpa/inet.h>
 #include <fnmatch.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 
@@ -17,6 +21,7 @@
 #include <fmt/format.h>
 #include <fstream>
 #include <map>
+#include <mutex>
 
 #include "base/error.hpp"
 
@@ -62,8 +67,12 @@ public:
     TlsTransport(std::unique_ptr<FdTransport> raw, SSL* ssl) : raw_(std::move(raw)), ssl_(ssl) {}
     ~TlsTransport() override { SSL_free(ssl_); }
 
+    // One thread may read while another writes (postcopy's return path on
+    // channel 0): OpenSSL's SSL object is not safe for that, so every call
+    // into it holds ssl_mu_, and a reader waits for bytes without it.
     void write_all(const void* data, size_t len) override
     {
+        std::lock_guard lk(ssl_mu_);
         put(static_cast<const uint8_t*>(data), len);
         flush();
     }
@@ -74,6 +83,7 @@ public:
     // SSL_write would cost a record and a flush apiece).
     void writev_all(std::span<const iovec> iov) override
     {
+        std::lock_guard lk(ssl_mu_);
         size_t i = 0;
         while (i < iov.size()) {
             const auto* base = static_cast<const uint8_t*>(iov[i].iov_base);
@@ -102,12 +112,36 @@ public:
     {
         auto* p = static_cast<uint8_t*>(data);
         while (len) {
+            wait_readable();
+            std::lock_guard lk(ssl_mu_);
             raw_->arm(false);
             size_t n = 0;
             if (SSL_read_ex(ssl_, p, len, &n) <= 0)
                 fail(false);
             p += n;
             len -= n;
+        }
+    }
+
+    // Until OpenSSL holds bytes already or the socket has some (or hung up),
+    // without ssl_mu_: a writer goes on meanwhile. Past the idle limit the
+    // read itself times out (its message names the limit).
+    void wait_readable()
+    {
+        {
+            std::lock_guard lk(ssl_mu_);
+            if (SSL_has_pending(ssl_))
+                return;
+        }
+        const auto since = std::chrono::steady_clock::now();
+        const double idle_s = raw_->limits().idle_s;
+        for (;;) {
+            pollfd pf{raw_->fd(), POLLIN, 0};
+            const int rc = ::poll(&pf, 1, 100);
+            if (rc != 0)
+                return;  // readable, hung up, or an error the read reports
+            if (idle_s > 0 && std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count() > idle_s)
+                return;
         }
     }
 
@@ -173,6 +207,7 @@ private:
 
     std::unique_ptr<FdTransport> raw_;
     SSL* ssl_;
+    std::mutex ssl_mu_;
     std::vector<uint8_t> gather_ = [] {
         std::vector<uint8_t> v;
         v.reserve(256 << 10);
