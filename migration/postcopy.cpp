@@ -375,8 +375,8 @@ ChannelPages postcopy_units(const StressVm& m, const ChannelPages& pages)
     return out;
 }
 
-PostcopySource::PostcopySource(const StressVm& src, const ChannelMap& map, ChannelPages remaining)
-    : src_(src), map_(map), ch_(remaining.size())
+PostcopySource::PostcopySource(const StressVm& src, const ChannelMap& map, ChannelPages remaining, bool preempt)
+    : src_(src), map_(map), preempt_(preempt), ch_(remaining.size())
 {
     ChannelPages units = postcopy_units(src, remaining);
     for (size_t c = 0; c < units.size(); c++) {
@@ -408,10 +408,42 @@ void PostcopySource::request(uint64_t gpa)
         return;  // on its way already
     const uint32_t c = map_.channel_of(r->slot, unit);
     Channel& ch = ch_.at(c);
-    ch.urgent.push_back(unit);
+    (preempt_ ? urgent_ : ch.urgent).push_back(unit);
     // The background push goes on from here: pages near a fault come next.
     ch.cursor = static_cast<size_t>(std::lower_bound(ch.pages.begin(), ch.pages.end(), unit) - ch.pages.begin());
     cv_.notify_all();
+}
+
+std::vector<uint64_t> PostcopySource::next_urgent(size_t max_pages)
+{
+    std::unique_lock lk(mu_);
+    const uint64_t w = wakes_;
+    cv_.wait(lk, [&] { return !urgent_.empty() || closed_ || wakes_ != w; });
+    std::vector<uint64_t> out;
+    while (!urgent_.empty() && out.size() < max_pages) {
+        const uint64_t u = urgent_.front();
+        urgent_.erase(urgent_.begin());
+        if (!sent_.insert(u).second)
+            continue;  // pushed meanwhile
+        const uint64_t before = out.size();
+        expand(u, out);
+        requested_pages_ += out.size() - before;
+        left_ -= std::min<uint64_t>(left_, out.size() - before);
+    }
+    return out;
+}
+
+void PostcopySource::close()
+{
+    std::lock_guard lk(mu_);
+    closed_ = true;
+    cv_.notify_all();
+}
+
+bool PostcopySource::closed() const
+{
+    std::lock_guard lk(mu_);
+    return closed_;
 }
 
 void PostcopySource::wait(uint32_t c, std::chrono::steady_clock::time_point until)
@@ -448,6 +480,8 @@ uint64_t PostcopySource::resume(const std::vector<uint64_t>& missing)
     }
     uint64_t resent = 0;
     left_ = 0;
+    urgent_.clear();
+    closed_ = false;
     for (Channel& ch : ch_) {
         ch.urgent.clear();  // the destination asks again for what its faults wait on
         ch.cursor = 0;

@@ -161,7 +161,15 @@ private:
 class PostcopySource {
 public:
     // `remaining`: the pages not on the destination (its discards), per channel.
-    PostcopySource(const StressVm& src, const ChannelMap& map, ChannelPages remaining);
+    // `preempt`: requested pages wait for next_urgent() (their own channel),
+    // next() gives the background only.
+    PostcopySource(const StressVm& src, const ChannelMap& map, ChannelPages remaining, bool preempt = false);
+    // Postcopy-preempt: the next requested pages (whole units, at most
+    // max_pages unless one unit is larger); waits for one. Empty once
+    // close() or wake() was called with nothing requested.
+    std::vector<uint64_t> next_urgent(size_t max_pages);
+    void close();  // every background page sent: next_urgent() stops waiting
+    bool closed() const;
     // A fault at the destination wants gpa: its unit goes first on its channel.
     void request(uint64_t gpa);
     // Channel c's next pages (whole units, at most max_pages unless one unit
@@ -193,6 +201,9 @@ private:
     mutable std::mutex mu_;
     std::condition_variable cv_;  // wait(): a request came, or wake()
     uint64_t wakes_ = 0;
+    const bool preempt_;
+    std::vector<uint64_t> urgent_;  // preempt: requested units, every channel's
+    bool closed_ = false;
     std::vector<Channel> ch_;
     std::unordered_set<uint64_t> sent_;  // units
     uint64_t left_ = 0;

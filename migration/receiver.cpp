@@ -129,6 +129,7 @@ void Receiver::check_header(RecordReader& in)
     if (ch_.size() != sender.nr_channels)
         throw Error(fmt::format("the sender uses {} channels but {} connected", sender.nr_channels, ch_.size()));
     rep_.channels = sender.nr_channels;
+    data_channels_ = sender.data_channels();
     // Our memory before any arrives: what a page never sent still holds
     // (receive() hashed it before the sender connected: not in its setup).
     if (landed_.empty())
@@ -180,7 +181,8 @@ void Receiver::pump(uint32_t c, bool skip_hello, FaultServer* postcopy)
     if (postcopy)
         placer.emplace(dst_, *postcopy);
     std::optional<numa::ThreadPolicyScope> scope;
-    ChannelMap(dst_, static_cast<uint32_t>(ch_.size())).enter(c, scope);
+    if (c < data_channels_)  // the preempt channel's pages are anyone's
+        ChannelMap(dst_, data_channels_).enter(c, scope);
     RecordReader r(*ch_[c]);
     PageDecoder dec;
     // What this channel got counts in the report even when the stream breaks (issue 14).

@@ -81,6 +81,7 @@ private:
     const bool from_file_;       // a restore: the guest's gap is the file's age, not a downtime
     const Recovery* recovery_;   // postcopy recovery (null: a cut loses the guest)
     uint64_t session_;           // the sender's HELLOs' session (what its RESUME must name)
+    uint32_t data_channels_ = 1;  // the channels pages are mapped to (a preempt channel comes after them)
     std::atomic<bool> fatal_{false};  // the failure is here (not the connection's): nothing to recover
     uint32_t pauses_ = 0;
     double paused_ms_ = 0;

@@ -340,6 +340,7 @@ nlohmann::json PostcopyReport::to_json() const
 {
     nlohmann::json j = {{"enabled", enabled},
                         {"started", started},
+                        {"preempt", preempt},
                         {"trigger", trigger},
                         {"after_rounds", after_rounds},
                         {"discarded_pages", discarded_pages},

@@ -90,6 +90,7 @@ struct PostcopyDestinationFigures {
 struct PostcopyReport {
     bool enabled = false;           // --postcopy (QEMU's postcopy-ram capability)
     bool started = false;           // the guest switched to the destination in postcopy
+    bool preempt = false;           // requested pages on a connection of their own (postcopy-preempt)
     std::string trigger;            // why it started: "after N rounds", "dirty rate above the link", ...
     uint32_t after_rounds = 0;      // pre-copy rounds before it
     uint64_t discarded_pages = 0;   // pages the destination dropped at the switch (sent in postcopy)

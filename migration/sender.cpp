@@ -61,6 +61,10 @@ Sender::Sender(StressVm& src, dirty::Tracker& tracker, const MigrateOptions& opt
     rep_.source_state = "running";
     rep_.destination_state = "none";
     rep_.postcopy.enabled = opt.postcopy;
+    if (opt.postcopy && opt.postcopy_preempt && (!dest_->can_recover() || opt.to.rfind("fd:", 0) == 0))
+        throw UsageError(fmt::format("--postcopy-preempt: --to {} has no room for a second connection; use "
+                                     "tcp:HOST:PORT or unix:PATH",
+                                     opt.to));
     if (dest_->one_way() && opt.postcopy)
         throw UsageError(fmt::format("--postcopy: {} is a file; postcopy needs a destination that asks for pages",
                                      opt.to));

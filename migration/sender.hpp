@@ -87,6 +87,10 @@ struct MigrateOptions {
     // second for this long (0: a cut loses the guest). QMP resumes on
     // migrate resume:true instead (SenderEvents::postcopy_paused).
     double postcopy_recover_s = 0;
+    // Postcopy-preempt (QEMU's capability): one more connection that carries
+    // only requested pages, so a fault's page never queues behind the
+    // background push. Needs a remote destination.
+    bool postcopy_preempt = false;
     bool progress = false;
 };
 
@@ -269,6 +273,7 @@ private:
     void start_pushing();
     void launch_pushers();
     void push(uint32_t c, bool hook);
+    void push_urgent();
     void pace_postcopy(uint32_t c, uint64_t bytes);
     void pushing_failed(std::exception_ptr e);
     std::exception_ptr push_and_end(ResultRecord& done);

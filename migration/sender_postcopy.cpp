@@ -82,7 +82,7 @@ constexpr size_t kPostcopyBatch = 16;
 void Sender::start_pushing()
 {
     postcopy_start_ = clock::now();
-    pcs_ = std::make_unique<PostcopySource>(src_, channels_.map(), postcopy_pages_);
+    pcs_ = std::make_unique<PostcopySource>(src_, channels_.map(), postcopy_pages_, rep_.postcopy.preempt);
     pc_bytes0_ = channels_.sent_bytes();
     if (opt_.postcopy_bandwidth && !pc_bw_set_.load())
         set_postcopy_bandwidth(*opt_.postcopy_bandwidth);
@@ -99,6 +99,14 @@ void Sender::launch_pushers()
                 std::optional<numa::ThreadPolicyScope> scope;
                 channels_.map().enter(c, scope);
                 push(c, c == 0 && first);
+            } catch (...) {
+                pushing_failed(std::current_exception());
+            }
+        });
+    if (rep_.postcopy.preempt)
+        pushers_.emplace_back([this] {  // last: push_and_end() joins it once the background is sent
+            try {
+                push_urgent();
             } catch (...) {
                 pushing_failed(std::current_exception());
             }
@@ -134,6 +142,22 @@ void Sender::push(uint32_t c, bool hook)
             fault_point("postcopy");  // the tests' hook: the connection lost mid-postcopy
         if (!urgent)
             pace_postcopy(c, b);
+    }
+}
+
+// Postcopy-preempt: requested pages alone, on the connection after the
+// data channels, as soon as they are asked for.
+void Sender::push_urgent()
+{
+    const uint32_t pc = channels_.count();
+    while (!pc_stop_.load()) {
+        std::vector<uint64_t> batch = pcs_->next_urgent(kPostcopyBatch);
+        if (batch.empty()) {
+            if (pcs_->closed())
+                break;
+            continue;
+        }
+        channels_.send_batch(*dest_, pc, batch, false);
     }
 }
 
@@ -270,8 +294,11 @@ void Sender::postcopy()
 // the return path stopped either way. The error that cut it short, if any.
 std::exception_ptr Sender::push_and_end(ResultRecord& done)
 {
-    for (auto& t : pushers_)
-        t.join();
+    for (size_t i = 0; i < pushers_.size(); i++) {
+        if (i == channels_.count())
+            pcs_->close();  // the background is sent: the preempt channel's thread ends
+        pushers_[i].join();
+    }
     pushers_.clear();
     bool have_err;
     {

@@ -26,6 +26,11 @@ void Sender::setup()
     if (!opt_.validate_uuid)
         h.uuid.clear();
     h.guest_stopped = opt_.source_stopped;
+    if (opt_.postcopy && opt_.postcopy_preempt) {
+        h.preempt = true;
+        h.nr_channels++;  // the last: requested pages only (sender_postcopy.cpp)
+        rep_.postcopy.preempt = true;
+    }
     dest_->open(h);
     rep_.setup_destination_ms = since(t0_) * 1e3;
     rep_.destination_state = "receiving";

@@ -125,7 +125,7 @@ std::vector<uint8_t> StreamHeader::encode() const
     }
     put(out, static_cast<uint32_t>(uuid.size()));
     out.insert(out.end(), uuid.begin(), uuid.end());
-    put(out, static_cast<uint8_t>(guest_stopped));
+    put(out, static_cast<uint8_t>((guest_stopped ? 1 : 0) | (preempt ? 2 : 0)));
     return out;
 }
 
@@ -161,10 +161,15 @@ StreamHeader StreamHeader::decode(std::span<const uint8_t> p)
         throw Error(fmt::format("migration stream: HEADER's UUID has {} characters, not 36", u));
     for (uint32_t i = 0; i < u; i++)
         h.uuid.push_back(static_cast<char>(r.get<uint8_t>()));
-    const auto stopped = r.get<uint8_t>();
-    if (stopped > 1)
-        throw Error(fmt::format("migration stream: HEADER's guest-stopped flag is {}, not 0 or 1", stopped));
-    h.guest_stopped = stopped == 1;
+    const auto flags = r.get<uint8_t>();
+    if (flags > 3)
+        throw Error(fmt::format("migration stream: HEADER's flags are {:#x}: only guest-stopped (1) and preempt (2) "
+                                "exist",
+                                flags));
+    h.guest_stopped = flags & 1;
+    h.preempt = flags & 2;
+    if (h.preempt && h.nr_channels < 2)
+        throw Error("migration stream: HEADER says preempt with one channel (it needs one beside the pages')");
     if (r.left())
         throw Error("migration stream: HEADER has trailing bytes");
     return h;

@@ -115,6 +115,10 @@ struct StreamHeader {
     // The source's guest was stopped (QMP stop) before the migration: the
     // destination keeps it paused until cont, as QEMU does.
     bool guest_stopped = false;
+    // Postcopy-preempt (QEMU's capability): the last of nr_channels carries
+    // only the pages the destination's faults ask for in postcopy.
+    bool preempt = false;
+    uint32_t data_channels() const { return nr_channels - (preempt ? 1 : 0); }
 
     static StreamHeader of(const StressVm& m, uint32_t channels);
     std::vector<uint8_t> encode() const;

@@ -87,6 +87,9 @@ public:
                       "with --postcopy: start it after N pre-copy rounds; 0 = once the dirty rate stays above the "
                       "link rate or pre-copy runs out of rounds")
             ->capture_default_str();
+        c->add_flag("--postcopy-preempt", postcopy_preempt_,
+                    "with --postcopy: one more connection that carries only the pages the destination's faults ask "
+                    "for, so they never queue behind the background push (QEMU's postcopy-preempt)");
         c->add_option("--postcopy-recover", postcopy_recover_,
                       "with --postcopy: a connection cut in postcopy pauses instead of losing the guest, and the "
                       "source connects to --to again every second for up to SECONDS (receive needs the same option); "
@@ -182,6 +185,9 @@ private:
         o.postcopy_after = static_cast<uint32_t>(parse_uint("--postcopy-after", postcopy_after_, 0, 100000));
         if (!postcopy_ && postcopy_after_ != "0")
             throw UsageError("--postcopy-after: only with --postcopy");
+        o.postcopy_preempt = postcopy_preempt_;
+        if (postcopy_preempt_ && !postcopy_)
+            throw UsageError("--postcopy-preempt: only with --postcopy");
         o.postcopy_recover_s = parse_seconds("--postcopy-recover", postcopy_recover_);
         if (o.postcopy_recover_s < 0)
             throw UsageError("--postcopy-recover: seconds must be 0 or more, e.g. 60");
@@ -327,7 +333,7 @@ private:
     SenderHooks hooks_;
     std::string to_, tracker_ = "bitmap", ring_, max_downtime_ = "300", bandwidth_ = "0", max_iterations_ = "30",
                      timeout_ = "120", throttle_, warmup_ = "1", post_run_ = "2", channels_ = "0", compress_ = "none", json_;
-    bool no_verify_ = false, postcopy_ = false, mapped_ram_ = false, direct_io_ = false;
+    bool no_verify_ = false, postcopy_ = false, postcopy_preempt_ = false, mapped_ram_ = false, direct_io_ = false;
     std::string postcopy_after_ = "0", postcopy_recover_ = "0";
     double warmup_s_ = 1;
 };

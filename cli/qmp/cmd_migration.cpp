@@ -57,6 +57,7 @@ migration::MigrateOptions Monitor::options_from_params(const std::string& uri) c
     o.postcopy = caps_->postcopy_ram;
     o.postcopy_on_request = true;
     o.postcopy_bandwidth = p.max_postcopy_bandwidth;
+    o.postcopy_preempt = caps_->postcopy_ram && caps_->postcopy_preempt;
     return o;
 }
 
@@ -89,6 +90,9 @@ json Monitor::migrate_cmd(const json& args)
         migration::MigrateOptions o;
         {
             std::lock_guard lk(mu_);
+            if (owned && caps_->postcopy_preempt && caps_->postcopy_ram)
+                throw QmpError("migrate: postcopy-preempt over fd: is not supported: a socket descriptor carries "
+                               "one channel, preempt needs a second; use tcp: or unix:");
             if (owned && caps_->multifd && !(to_file && caps_->mapped_ram))
                 throw QmpError("migrate: multifd over fd: is not supported: a socket descriptor carries one channel; "
                                "turn the multifd capability off");

@@ -34,7 +34,7 @@ namespace {
 const char* const kOtherCaps[] = {"xbzrle",           "rdma-pin-all",       "zero-blocks",
                                   "x-colo",           "release-ram",
                                   "dirty-bitmaps",    "late-block-activate", "x-ignore-shared",
-                                  "background-snapshot", "zero-copy-send",  "postcopy-preempt"};
+                                  "background-snapshot", "zero-copy-send"};
 // QEMU parameters minivmm does not implement (setting one is an error naming it).
 const char* const kOtherParams[] = {
     "announce-initial", "announce-max",     "announce-rounds",     "announce-step",     "throttle-trigger-threshold",
@@ -236,6 +236,8 @@ json Monitor::set_capabilities(const json& args)
         throw QmpError("dirty-limit and auto-converge are mutually exclusive: enable one of them");
     if (c.mapped_ram && c.postcopy_ram)
         throw QmpError("Mapped-ram migration is incompatible with postcopy");
+    if (c.postcopy_preempt && !c.postcopy_ram)
+        throw QmpError("Postcopy preempt requires postcopy-ram");
     if (c.switchover_ack && !c.return_path)
         throw QmpError("Capability 'switchover-ack' requires capability 'return-path'");
     *caps_ = c;

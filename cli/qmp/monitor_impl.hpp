@@ -82,6 +82,7 @@ struct Monitor::Capabilities {
     bool auto_converge = false, dirty_limit = false, multifd = false, events = false;
     bool postcopy_ram = false, postcopy_blocktime = false, pause_before_switchover = false;
     bool return_path = false, switchover_ack = false, validate_uuid = false, mapped_ram = false;
+    bool postcopy_preempt = false;
     // Each one by QEMU's name, in query-migrate-capabilities' order.
     template <class F>
     void each(F f)
@@ -97,6 +98,7 @@ struct Monitor::Capabilities {
         f("switchover-ack", switchover_ack);
         f("validate-uuid", validate_uuid);
         f("mapped-ram", mapped_ram);
+        f("postcopy-preempt", postcopy_preempt);
     }
 };
 
