@@ -192,6 +192,7 @@ bool Receiver::recover(FaultServer& faults, std::exception_ptr cut)
         } catch (const std::exception& e) {
             fmt::print(stderr, "receive: postcopy recovery failed: {}; still paused\n", e.what());
             phase("postcopy-paused");
+            std::this_thread::sleep_for(std::chrono::milliseconds(200));  // a busy address: not in a tight loop
             continue;
         }
         if (nc.empty())

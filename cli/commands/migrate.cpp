@@ -188,6 +188,10 @@ private:
         o.postcopy_preempt = postcopy_preempt_;
         if (postcopy_preempt_ && !postcopy_)
             throw UsageError("--postcopy-preempt: only with --postcopy");
+        if (postcopy_preempt_ && o.to.rfind("tcp:", 0) != 0 && o.to.rfind("unix:", 0) != 0)
+            throw UsageError(fmt::format("--postcopy-preempt: --to {} has no room for a second connection; use "
+                                         "tcp:HOST:PORT or unix:PATH",
+                                         o.to));
         o.postcopy_recover_s = parse_seconds("--postcopy-recover", postcopy_recover_);
         if (o.postcopy_recover_s < 0)
             throw UsageError("--postcopy-recover: seconds must be 0 or more, e.g. 60");

@@ -165,6 +165,28 @@ INSTANTIATE_TEST_SUITE_P(EachPathAndTracker, MigratePostcopy,
                                            Path{"tcp", "ring"}),
                          [](const auto& info) { return fmt::format("{}_{}", info.param.to, info.param.tracker); });
 
+// --postcopy-preempt: one more connection carries only the requested pages
+// (the receiver counts it among its channels), and faults are served there.
+TEST(MigratePostcopyPreempt, RequestedPagesOnTheirOwnChannelCompleteVerified)
+{
+    REQUIRE_KVM();
+    const uint16_t port = free_port();
+    Receiver rx(fmt::format("{} --listen tcp:127.0.0.1:{} --post-run 0.5 --timeout 60 --json -", kVm, port));
+    const CmdResult r = run_minivmm(fmt::format("migrate --to tcp:127.0.0.1:{} {} {} --channels 1 --postcopy "
+                                                "--postcopy-after 1 --postcopy-preempt --json -",
+                                                port, kVm, kLink));
+    ASSERT_EQ(r.exit_code, 0) << r.err << rx.output();
+    const auto j = parse(r.out);
+    expect_postcopy_completed(j, true);
+    EXPECT_TRUE(j["postcopy"]["preempt"].get<bool>());
+    EXPECT_GT(j["postcopy"]["pages_sent_for_requests"].get<uint64_t>(), 0u) << j["postcopy"];
+    ASSERT_EQ(rx.wait(), 0) << rx.output();
+    const auto rj = parse(rx.result().out);
+    EXPECT_EQ(rj["channels"], 2u) << "the pages' channel and the preempt channel";
+    EXPECT_EQ(rj["verify"]["mismatches"], 0u);
+    EXPECT_EQ(rj["postcopy"]["placed_pages"], j["postcopy"]["discarded_pages"]);
+}
+
 // Over TCP, so the receiver's own placement runs: 4 KiB pages one by one,
 // a hugetlb2m page only once all of its 512 pieces arrived.
 class MigratePostcopyBacking : public ::testing::TestWithParam<const char*> {};
@@ -248,9 +270,9 @@ TEST(MigratePostcopyCut, RecoverOnBothSidesCompletesWithEveryPage)
                                                 "--postcopy-recover 30 --json -",
                                                 port, kVm, kLink),
                                     "env MINIVMM_TEST_FAIL_IN=postcopy");
-    ASSERT_EQ(r.exit_code, 0) << r.err;
+    ASSERT_EQ(r.exit_code, 0) << r.err << rx.output();
     EXPECT_LT(since_s(t0), 60) << "no hang";
-    EXPECT_NE(r.err.find("postcopy paused"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("postcopy paused"), std::string::npos) << r.err << rx.output();
     EXPECT_NE(r.err.find("postcopy recovered"), std::string::npos) << r.err;
     const auto j = parse(r.out);
     expect_postcopy_completed(j, false);

@@ -544,7 +544,18 @@ def postcopy_flow(env, src, dst, u):
     return finish(env, src, dst) + f"; blocktime {d['postcopy-blocktime']} ms"
 
 
-def postcopy_recovery(fail=None, tls=False):
+def postcopy_preempt(tls=False):
+    """/migration/postcopy/preempt/plain (and tls/psk): as /migration/postcopy/plain with the
+    postcopy-preempt capability on both sides (requested pages on a channel of their own)."""
+    def case(env):
+        caps = ("postcopy-ram", "postcopy-preempt")
+        src, dst, u = start_pair(env, "tcp", caps, dst_caps=caps + ("postcopy-blocktime",),
+                                 hook=psk_hook(env) if tls else None)
+        return postcopy_flow(env, src, dst, u)
+    return case
+
+
+def postcopy_recovery(fail=None, tls=False, preempt=False):
     """QEMU's test_postcopy_recovery_common: postcopy at 4 KiB/s (max-postcopy-bandwidth) so it
     cannot end by itself, migrate-pause on the source cuts it: both sides postcopy-paused (the
     destination's guest runs on). fail="handshake": each side gets an end of two unrelated
@@ -555,13 +566,16 @@ def postcopy_recovery(fail=None, tls=False):
     socket, migrate resume:true on it, max-postcopy-bandwidth unlimited: completed, every page
     at the destination."""
     def case(env):
-        src, dst, u = start_pair(env, "tcp", ("postcopy-ram",), dst_caps=("postcopy-ram", "postcopy-blocktime"),
+        caps = ("postcopy-ram",) + (("postcopy-preempt",) if preempt else ())
+        src, dst, u = start_pair(env, "tcp", caps, dst_caps=caps + ("postcopy-blocktime",),
                                  hook=psk_hook(env) if tls else None, oob=True)
         src.cmd("migrate-set-parameters", **NON_CONVERGE)
         src.cmd("migrate", uri=u)
         wait_pass(src)
         src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 4096})
         src.cmd("migrate-start-postcopy")
+        src.wait_event("STOP", 120)  # QEMU's migrate_postcopy_start: the source stops, the destination resumes
+        dst.wait_event("RESUME", 120)
         src.wait_status(("postcopy-active",), 120)
         src.cmd("migrate-pause")
         dst.wait_status(("postcopy-paused",), 60)
@@ -851,6 +865,14 @@ CASES = [
      postcopy_recovery()),
     ("/migration/postcopy/recovery/tls/psk", "as /migration/postcopy/recovery/plain over TLS-PSK (the recovery's "
      "connection too)", postcopy_recovery(tls=True)),
+    ("/migration/postcopy/preempt/plain", "as /migration/postcopy/plain with postcopy-preempt (requested pages on "
+     "a channel of their own)", postcopy_preempt()),
+    ("/migration/postcopy/preempt/tls/psk", "as /migration/postcopy/preempt/plain over TLS-PSK",
+     postcopy_preempt(tls=True)),
+    ("/migration/postcopy/preempt/recovery/plain", "as /migration/postcopy/recovery/plain with postcopy-preempt "
+     "(both channels recovered)", postcopy_recovery(preempt=True)),
+    ("/migration/postcopy/preempt/recovery/tls/psk", "as /migration/postcopy/preempt/recovery/plain over TLS-PSK",
+     postcopy_recovery(tls=True, preempt=True)),
     ("/migration/postcopy/recovery/double-failures/handshake", "a recovery on unpaired sockets reaches "
      "postcopy-recover on both sides and hangs; migrate-pause on each brings it back to paused; then a good one",
      postcopy_recovery(fail="handshake")),
