@@ -574,8 +574,7 @@ def postcopy_recovery(fail=None, tls=False, preempt=False):
         wait_pass(src)
         src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 4096})
         src.cmd("migrate-start-postcopy")
-        src.wait_event("STOP", 120)  # QEMU's migrate_postcopy_start: the source stops, the destination resumes
-        dst.wait_event("RESUME", 120)
+        src.wait_event("STOP", 120)  # QEMU's migrate_postcopy_start (its destination, started with -S here, stays paused)
         src.wait_status(("postcopy-active",), 120)
         src.cmd("migrate-pause")
         dst.wait_status(("postcopy-paused",), 60)
