@@ -149,6 +149,19 @@ int main(int argc, char** argv)
         r.rec(RecordType::Header, StreamHeader::of(m, 1).encode());
         r.rec(RecordType::Request, encode_gpas(gpas));
         save("stream", "request-where-pages-belong", r.bytes());
+        Stream q;  // postcopy recovery's records out of place: RESUME where HEADER belongs, MISSING in postcopy
+        q.rec(RecordType::Resume, encode_resume(0x1234));
+        save("stream", "resume-where-header-belongs", q.bytes());
+        Stream k;
+        k.rec(RecordType::Header, StreamHeader::of(m, 1).encode());
+        k.rec(RecordType::Pages, pages(gpas));
+        k.rec(RecordType::ChannelDone, {});
+        k.rec(RecordType::Vcpu, vcpu0);
+        k.rec(RecordType::Vcpu, vcpu1);
+        k.rec(RecordType::Discard, encode_gpas(gpas2));
+        k.rec(RecordType::PostcopyRun, {});
+        k.rec(RecordType::Missing, encode_gpas(gpas2));
+        save("stream", "missing-where-pages-belong", k.bytes());
     }
     {  // Wrong things in the right frames.
         Stream s;
