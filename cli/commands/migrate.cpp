@@ -201,10 +201,6 @@ private:
             throw UsageError(fmt::format("--postcopy-recover: --to {} cannot be connected to again; use "
                                          "tcp:HOST:PORT or unix:PATH",
                                          o.to));
-        if (o.postcopy && o.tls.enabled())
-            throw UsageError("--postcopy: not over TLS yet (the return path reads channel 0 while pages go out on "
-                             "it, which one OpenSSL connection cannot do from two threads); drop --tls-creds or "
-                             "--postcopy");
         parse_file_target(o, to_file);
         if (o.tls.enabled()) {
             if (o.to == "inproc")
