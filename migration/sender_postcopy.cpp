@@ -188,7 +188,7 @@ void Sender::set_postcopy_bandwidth(uint64_t bytes_per_s)
         pc_paced_since_ = clock::now();
         pc_paced_bytes_ = 0;
     }
-    if (pcs_)
+    if (pc_status_.load() != 0)  // pcs_ is made before the status leaves 0 (another thread may be asking)
         pcs_->wake();
 }
 
