@@ -594,7 +594,7 @@ def postcopy_recovery(fail=None, tls=False, preempt=False):
         seen = statuses(src)
         for st in ("postcopy-recover-setup", "postcopy-recover", "postcopy-active", "completed"):
             assert st in seen, f"the source's MIGRATION events after the resume lack {st}: {seen}"
-        return (f"{done}; paused on both sides by migrate-pause{note}, recovered over {ru}; "
+        return (f"{done}; paused on both sides by migrate-pause{note}, recovered over a new unix socket; "
                 f"blocktime {d['postcopy-blocktime']} ms")
     return case
 
