@@ -62,6 +62,13 @@ def statuses(q):
     return [e["data"]["status"] for e in q.poll_events() if e["event"] == "MIGRATION"]
 
 
+def source_state(src):
+    """The source's run state once it left finish-migrate: QEMU says completed a moment before its
+    run state becomes postmigrate (its migration thread's cleanup), which a loaded host can see."""
+    return wait_for(lambda: (lambda st: st if st != "finish-migrate" else None)(src.cmd("query-status")["status"]),
+                    10, "the source's run state to leave finish-migrate", 0.02)
+
+
 def finish(env, src, dst, stopped_source=False, name="dst"):
     """Completed, the source postmigrate (or still paused), every page at the destination, which
     then runs (a stopped source's guest only once cont says so)."""
@@ -74,7 +81,7 @@ def finish(env, src, dst, stopped_source=False, name="dst"):
         assert st == "paused", f"the stopped guest is {st} at the destination before cont, not paused"
     pages, differing = env.vmm.check_destination(src, dst)
     assert differing == 0, f"{differing} of {pages} pages differ at the destination"
-    st = src.cmd("query-status")["status"]
+    st = source_state(src)
     assert st == "postmigrate" or (stopped_source and st == "paused"), f"the source is {st}, not postmigrate"
     env.vmm.run_destination(dst, name)
     return f"{pages} pages, 0 differ" + ("; paused there until cont, then ran" if stopped_source else "")
@@ -687,7 +694,7 @@ def file_flow(env, stop_src, caps=(), params=None, offset=False, fd=False, fdset
     src.cmd("migrate", uri=u)
     info = src.wait_status(FINAL, 300)
     assert info["status"] == "completed", f"migration {info['status']}: {info.get('error-desc', '')}"
-    st = src.cmd("query-status")["status"]
+    st = source_state(src)
     assert st == "postmigrate" or (stop_src and st == "paused"), f"the source is {st}, not postmigrate"
     dst.cmd("migrate-incoming", uri=u)
     out = []
