@@ -2,6 +2,8 @@
 // names what failed and, where the user can act, how to fix it.
 #pragma once
 
+#include <exception>
+
 #include <stdexcept>
 #include <string>
 
@@ -62,5 +64,18 @@ public:
 };
 
 std::string errno_text(int err);
+
+// What an exception_ptr says (its what()), or `otherwise` for one that is not
+// a std::exception.
+inline std::string what_of(std::exception_ptr e, const std::string& otherwise)
+{
+    try {
+        std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+        return x.what();
+    } catch (...) {
+    }
+    return otherwise;
+}
 
 }  // namespace mvm

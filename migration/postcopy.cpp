@@ -396,10 +396,7 @@ void PostcopySource::expand(uint64_t unit, std::vector<uint64_t>& out) const
 void PostcopySource::request(uint64_t gpa)
 {
     const uint64_t unit = gpa & ~(FaultServer::unit_of(src_, gpa) - 1);
-    const MemoryRegion* r = nullptr;
-    for (const auto& reg : src_.memslots().regions())
-        if (reg.contains_gpa(unit))
-            r = &reg;
+    const MemoryRegion* r = src_.memslots().by_gpa(unit);
     if (!r)
         throw Error(fmt::format("postcopy: the destination asked for GPA {:#x}, outside every memslot", gpa));
     requests_++;
@@ -466,10 +463,7 @@ uint64_t PostcopySource::resume(const std::vector<uint64_t>& missing)
     std::unordered_set<uint64_t> want;
     for (uint64_t gpa : missing) {
         const uint64_t unit = gpa & ~(FaultServer::unit_of(src_, gpa) - 1);
-        const MemoryRegion* r = nullptr;
-        for (const auto& reg : src_.memslots().regions())
-            if (reg.contains_gpa(unit))
-                r = &reg;
+        const MemoryRegion* r = src_.memslots().by_gpa(unit);
         if (!r)
             throw Error(fmt::format("postcopy recovery: the destination lacks GPA {:#x}, outside every memslot", gpa));
         want.insert(unit);

@@ -169,13 +169,7 @@ bool Receiver::recover(FaultServer& faults, std::exception_ptr cut)
 {
     if (!recovery_ || !recovery_->reconnect || fatal_.load())
         return false;
-    std::string why = "the connection broke";
-    try {
-        std::rethrow_exception(cut);
-    } catch (const std::exception& e) {
-        why = e.what();
-    } catch (...) {
-    }
+    std::string why = what_of(cut, "the connection broke");
     const auto t = clock::now();
     fmt::print(stderr, "receive: postcopy paused ({}): {} page(s) missing here; the guest runs on, a fault on one "
                        "waits for the sender to resume\n",

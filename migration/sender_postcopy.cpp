@@ -326,13 +326,7 @@ bool Sender::recover_after(std::exception_ptr cut)
 {
     if (!events_.postcopy_paused || !dest_->can_recover())
         return false;
-    std::string why = "the connection broke";
-    try {
-        std::rethrow_exception(cut);
-    } catch (const std::exception& e) {
-        why = e.what();
-    } catch (...) {
-    }
+    std::string why = what_of(cut, "the connection broke");
     const auto t = clock::now();
     set_pc_status(2);
     fmt::print(stderr, "migrate: postcopy paused ({}): {} page(s) not yet sent; the source stays parked\n", why,
